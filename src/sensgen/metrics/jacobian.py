@@ -1,0 +1,194 @@
+"""Per-point Frobenius norm of the input–output Jacobian (paper §2.1).
+
+For a network with logits z(x) ∈ R^C and p = softmax(z), the paper's sensitivity metric
+at a point x is ‖J(x)‖_F with J(x) = ∂p/∂x ∈ R^{C×d}: the Jacobian of the *softmax
+output*, not of the logits. By the chain rule J = S(p) J_z with
+
+    S(p) = diag(p) − p pᵀ   (symmetric, C×C),     J_z = ∂z/∂x   (C×d),
+
+so with the logit Gram matrix K = J_z J_zᵀ (C×C):
+
+    ‖J‖_F² = tr(S K S) = Σ_ij (S K)_ij S_ij,      ‖J_z‖_F² = tr K.
+
+Both paths below produce K, then contract with S in float64:
+
+* closed form for sensgen `MLP`s: J_z = W_L D_{L−1} W_{L−1} ··· D_1 W_1 with
+  D_l = diag(φ'(h_l(x))). We build M = W_L D_{L−1} ··· W_2 D_1 (C×n_1) from the left,
+  batched over points, and use the Gram trick K = M G Mᵀ with G = W_1 W_1ᵀ computed once
+  (cheaper than forming M W_1 when n_1 < d).
+* autodiff for any `nn.Module` returning logits: `vmap(jacrev)` of the logits, K = J_z J_zᵀ.
+
+Why float64 for S: at a confident point p_y rounds to 1 in float32 and S_yy = p_y(1 − p_y)
+cancels to 0, so every float32 method loses the small norms that the paper plots on log
+axes. We compute p in float64 with a max-shifted softmax and 1 − p_i as Σ_{j≠i} p_j.
+
+The input x is whatever the model consumes; for sensgen datasets that is the flattened,
+standardised input, so norms are per unit of standardised input (they scale as 1/scale).
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+import torch
+from torch import nn
+from torch.func import functional_call, jacrev, vmap
+
+from sensgen.errors import UserError
+from sensgen.models import DERIVATIVES, MLP
+
+# Elements allowed in the largest per-chunk intermediate (about 64 MiB in float32).
+_CHUNK_ELEMENTS = 2**24
+
+
+class Output(StrEnum):
+    """Which output the Jacobian is taken of."""
+
+    SOFTMAX = "softmax"
+    LOGITS = "logits"
+
+
+class Method(StrEnum):
+    """How the logit Gram matrix is computed."""
+
+    AUTO = "auto"  # closed form for sensgen MLPs, autodiff otherwise
+    CLOSED_FORM = "closed_form"
+    AUTODIFF = "autodiff"
+
+
+def _parse(enum: type[StrEnum], value: str, what: str) -> StrEnum:
+    try:
+        return enum(value)
+    except ValueError:
+        allowed = ", ".join(repr(m.value) for m in enum)
+        raise UserError(f"Unknown {what} {value!r}: choose one of {allowed}.") from None
+
+
+def jacobian_norm(
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    output: str = "softmax",
+    chunk_size: int | None = None,
+    method: str = "auto",
+) -> torch.Tensor:
+    """Exact per-point Frobenius norm of the input–output Jacobian (paper §2.1).
+
+    ‖J(x)‖_F with J = ∂softmax(f(x))/∂x (``output="softmax"``, the paper's metric) or
+    J = ∂f(x)/∂x (``output="logits"``), one value per point. The model Jbar of the paper
+    is the mean of these values over the test set; averaging is the caller's job.
+
+    Args:
+        model: any module mapping a batch [B, ...] to logits [B, C]. Call ``model.eval()``
+            first if it has dropout or batch norm; its parameters and ``.grad`` are not
+            touched.
+        x: inputs [B, ...] (for sensgen MLPs [B, d]).
+        output: "softmax" or "logits".
+        chunk_size: points per chunk; None picks one that bounds memory (~64 MiB per
+            intermediate). Results do not depend on it.
+        method: "auto" (closed form for sensgen `MLP`, autodiff otherwise),
+            "closed_form" or "autodiff".
+
+    Returns:
+        float64 tensor [B] on x's device.
+
+    Example:
+        >>> net = MLP(784, 10, width=64, depth=2)
+        >>> jacobian_norm(net, torch.randn(8, 784)).shape
+        torch.Size([8])
+    """
+    output = _parse(Output, output, "output")
+    method = _parse(Method, method, "method")
+    if method is Method.AUTO:
+        method = Method.CLOSED_FORM if isinstance(model, MLP) else Method.AUTODIFF
+    if method is Method.CLOSED_FORM and not isinstance(model, MLP):
+        raise UserError(
+            f"method='closed_form' needs a sensgen MLP, got {type(model).__name__}; "
+            "use method='autodiff' (or 'auto') for other modules."
+        )
+    if chunk_size is not None and chunk_size < 1:
+        raise UserError(f"chunk_size must be a positive integer, got {chunk_size}.")
+    if x.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.float64, device=x.device)
+    gram_fn = _mlp_logit_gram if method is Method.CLOSED_FORM else _autodiff_logit_gram
+    size = chunk_size or _default_chunk_size(model, x)
+    norms = []
+    for chunk in torch.split(x, size):
+        with torch.no_grad():
+            logits, gram = gram_fn(model, chunk)
+        norms.append(_contract(logits, gram, output))
+    return torch.cat(norms)
+
+
+def softmax_jacobian_factor(logits: torch.Tensor) -> torch.Tensor:
+    """S(p) = diag(p) − p pᵀ in float64, accurate at confident points.
+
+    Args:
+        logits: [B, C], any float dtype.
+
+    Returns:
+        float64 [B, C, C]. The diagonal uses 1 − p_i = Σ_{j≠i} p_j, so S_yy stays
+        accurate when p_y is within float32 rounding of 1.
+    """
+    z = logits.to(torch.float64)
+    p = torch.softmax(z - z.amax(dim=-1, keepdim=True), dim=-1)  # [B, C]
+    eye = torch.eye(p.shape[-1], dtype=torch.bool, device=p.device)
+    others = p.unsqueeze(-2).masked_fill(eye, 0.0).sum(dim=-1)  # [B, C]: Σ_{j≠i} p_j
+    s = -p.unsqueeze(-1) * p.unsqueeze(-2)  # [B, C, C]
+    s.diagonal(dim1=-2, dim2=-1).copy_(p * others)
+    return s
+
+
+def _contract(logits: torch.Tensor, gram: torch.Tensor, output: Output) -> torch.Tensor:
+    """‖J‖_F from the logit Gram K [B, C, C]: sqrt(tr K) or sqrt(tr(S K S))."""
+    gram = gram.to(torch.float64)
+    if output is Output.LOGITS:
+        squared = gram.diagonal(dim1=-2, dim2=-1).sum(-1)
+    else:
+        s = softmax_jacobian_factor(logits)
+        squared = ((s @ gram) * s).sum(dim=(-2, -1))  # tr(S K S) with S symmetric
+    return squared.clamp_min(0.0).sqrt()
+
+
+def _mlp_logit_gram(model: MLP, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Closed form: logits [B, C] and K = J_z J_zᵀ [B, C, C] for a sensgen MLP."""
+    hidden, logits = model.preactivations(x)
+    derivative = DERIVATIVES[model.nonlinearity]
+    weights = [layer.weight for layer in model.layers]  # W_1 [n1, d] ... W_L [C, n_{L-1}]
+    m = weights[-1].expand(x.shape[0], -1, -1)  # [B, C, n_{L-1}]
+    for h, w in zip(reversed(hidden[1:]), reversed(weights[1:-1]), strict=True):
+        m = (m * derivative(h).unsqueeze(1)) @ w  # [B, C, n_{l-1}]
+    m = m * derivative(hidden[0]).unsqueeze(1)  # [B, C, n1] = W_L D_{L-1} ... W_2 D_1
+    w1 = weights[0]
+    if w1.shape[0] < w1.shape[1]:  # n1 < d: the Gram trick is cheaper
+        gram = (m @ (w1 @ w1.T)) @ m.transpose(1, 2)
+    else:
+        jz = m @ w1  # [B, C, d]
+        gram = jz @ jz.transpose(1, 2)
+    return logits, gram
+
+
+def _autodiff_logit_gram(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generic path: logits [B, C] and K [B, C, C] from `vmap(jacrev)` of the logits."""
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    buffers = {name: b.detach() for name, b in model.named_buffers()}
+
+    def logits_of_one(xi: torch.Tensor) -> torch.Tensor:
+        return functional_call(model, (params, buffers), (xi.unsqueeze(0),)).squeeze(0)
+
+    logits = functional_call(model, (params, buffers), (x,))
+    if logits.ndim != 2:
+        raise UserError(
+            f"jacobian_norm expects the model to return logits of shape [B, C]; "
+            f"{type(model).__name__} returned shape {tuple(logits.shape)}."
+        )
+    jz = vmap(jacrev(logits_of_one))(x).flatten(start_dim=2)  # [B, C, d]
+    return logits, jz @ jz.transpose(1, 2)
+
+
+def _default_chunk_size(model: nn.Module, x: torch.Tensor) -> int:
+    """Points per chunk so the largest [chunk, C, n] intermediate stays near 64 MiB."""
+    widths = [p.shape[0] for p in model.parameters() if p.ndim == 2]
+    widest = max([*widths, x[0].numel()]) if widths else x[0].numel()
+    n_out = widths[-1] if widths else 1
+    return max(1, _CHUNK_ELEMENTS // max(1, n_out * widest))

@@ -1,0 +1,221 @@
+"""Packed training: N same-shape MLPs trained together with `torch.func` (paper §4).
+
+A *pack* is M models that share an architecture, optimiser and batch size but may differ in
+seed (initial weights and data order), learning rate, init scale and labels. Their
+parameters are stacked along a leading model axis (`stack_module_state`) and one step is
+
+    losses = vmap(loss_of_one)(params, x_batch [M, B, d], y_batch [M, B])   # [M]
+    grads  = ∂(Σ_m losses_m)/∂params
+
+so model m's gradient is exactly the gradient of its own mean batch loss: the models do
+not interact. Each model stops on its own (masked updates) when it reaches 100% training
+accuracy (checked every `eval_every` steps, if `stop_at_fit`), when its step budget runs
+out, or when its loss stops being finite (diverged).
+
+Randomness: model m's initial weights come from `torch.Generator().manual_seed(seed_m)`;
+its data order from a generator seeded by `derive_seed(seed_m, "order")`. A model trained
+alone and the same model trained in a pack therefore see the same batches and end with the
+same parameters (tests check this).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad_and_value, stack_module_state, vmap
+
+from sensgen.models import MLP, Nonlinearity
+from sensgen.optim import OPTIMIZERS, OptimizerName
+
+
+def derive_seed(seed: int, purpose: str) -> int:
+    """A 63-bit seed for one purpose ("order", "labels", ...) derived from a run's seed."""
+    digest = hashlib.sha256(f"{seed}:{purpose}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+@dataclass(frozen=True)
+class PackShape:
+    """What every model in a pack shares."""
+
+    in_dim: int
+    n_classes: int
+    width: int
+    depth: int
+    nonlinearity: Nonlinearity
+    optimizer: OptimizerName
+    batch_size: int | None  # None: full batch
+    max_steps: int
+    eval_every: int
+    stop_at_fit: bool
+
+
+@dataclass(frozen=True)
+class Member:
+    """What one model in a pack has of its own."""
+
+    seed: int
+    lr: float
+    init_scale: float
+
+
+@dataclass(frozen=True)
+class PackOutcome:
+    """The end of a pack's training.
+
+    Attributes:
+        params: stacked parameters, each [M, ...], as `stack_module_state` names them.
+        steps: [M] int64, updates applied to each model.
+        diverged: [M] bool, whose loss became non-finite (their params are the last finite ones).
+    """
+
+    params: dict[str, torch.Tensor]
+    steps: torch.Tensor
+    diverged: torch.Tensor
+
+
+def init_pack(shape: PackShape, members: Sequence[Member]) -> tuple[MLP, dict[str, torch.Tensor]]:
+    """Build each member's MLP from its own seed and stack them.
+
+    Returns a template MLP (for `functional_call`) and the stacked parameters [M, ...].
+    """
+    nets = [
+        MLP(
+            shape.in_dim,
+            shape.n_classes,
+            shape.width,
+            shape.depth,
+            shape.nonlinearity,
+            m.init_scale,
+            generator=torch.Generator().manual_seed(m.seed),
+        )
+        for m in members
+    ]
+    params, _ = stack_module_state(nets)
+    return nets[0], {k: v.detach().clone() for k, v in params.items()}
+
+
+def _batch_indices(
+    generators: list[torch.Generator], orders: list[torch.Tensor], cursor: int, n: int, b: int
+) -> tuple[torch.Tensor, list[torch.Tensor], int]:
+    """Next [M, b] indices: each model walks its own permutation, redrawn every epoch.
+
+    An epoch is ⌊n / b⌋ batches; the remainder of each permutation is dropped.
+    """
+    if cursor + b > n or not orders:
+        orders = [torch.randperm(n, generator=g) for g in generators]
+        cursor = 0
+    idx = torch.stack([o[cursor : cursor + b] for o in orders])
+    return idx, orders, cursor + b
+
+
+def train_pack(
+    shape: PackShape,
+    members: Sequence[Member],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    on_step: Callable[[int], None] | None = None,
+) -> PackOutcome:
+    """Train a pack of models until each fits, diverges or exhausts `max_steps`.
+
+    Args:
+        shape: what the models share.
+        members: one entry per model (M of them).
+        x: training inputs [N, d], shared by all models.
+        y: training labels [M, N] (each model may have its own, e.g. random labels).
+        on_step: called after every step with the step index (for progress bars).
+
+    Returns:
+        A `PackOutcome`.
+    """
+    n_models, n = len(members), x.shape[0]
+    if y.shape != (n_models, n):
+        raise ValueError(f"y must be [M, N] = [{n_models}, {n}], got {tuple(y.shape)}")
+    template, params = init_pack(shape, members)
+    optimizer = OPTIMIZERS[shape.optimizer]
+    state = optimizer.init(params)
+    lr = torch.tensor([m.lr for m in members], dtype=torch.float64)
+    steps = torch.zeros(n_models, dtype=torch.int64)
+    active = torch.ones(n_models, dtype=torch.bool)
+    diverged = torch.zeros(n_models, dtype=torch.bool)
+    gens = [torch.Generator().manual_seed(derive_seed(m.seed, "order")) for m in members]
+    orders: list[torch.Tensor] = []
+    cursor, batch = 0, shape.batch_size or n
+
+    def loss_of_one(p, xb, yb):
+        return F.cross_entropy(functional_call(template, p, (xb,)), yb)
+
+    step_fn = vmap(grad_and_value(loss_of_one), in_dims=(0, 0, 0))
+    for step in range(shape.max_steps):
+        if shape.batch_size is None:
+            xb, yb = x.expand(n_models, -1, -1), y
+        else:
+            idx, orders, cursor = _batch_indices(gens, orders, cursor, n, batch)
+            xb, yb = x[idx], torch.gather(y, 1, idx)
+        grads, losses = step_fn(params, xb, yb)
+        finite = torch.isfinite(losses)
+        diverged |= active & ~finite
+        active &= finite
+        new_params, new_state = optimizer.update(params, grads, state, lr, steps)
+        params = _masked(active, new_params, params)
+        state = {k: _masked(active, new_state[k], state[k]) for k in new_state}
+        steps += active.long()
+        if on_step is not None:
+            on_step(step)
+        if (step + 1) % shape.eval_every == 0 or step + 1 == shape.max_steps:
+            if shape.stop_at_fit:
+                active &= ~fits_training_set(template, params, x, y)
+            if not active.any():
+                break
+    return PackOutcome(params=params, steps=steps, diverged=diverged)
+
+
+def _masked(
+    active: torch.Tensor, new: dict[str, torch.Tensor], old: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Take `new` for active models and keep `old` for stopped ones (per leading index)."""
+    out = {}
+    for k, v in new.items():
+        mask = active.view(-1, *([1] * (v.ndim - 1)))
+        out[k] = torch.where(mask, v, old[k])
+    return out
+
+
+@torch.no_grad()
+def predict_pack(
+    template: MLP, params: dict[str, torch.Tensor], x: torch.Tensor, chunk_size: int = 4096
+) -> torch.Tensor:
+    """Logits of every model on shared inputs: [M, N, C]."""
+
+    def logits_of_one(p, xb):
+        return functional_call(template, p, (xb,))
+
+    batched = vmap(logits_of_one, in_dims=(0, None))
+    return torch.cat([batched(params, xc) for xc in torch.split(x, chunk_size)], dim=1)
+
+
+def fits_training_set(
+    template: MLP, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor
+) -> torch.Tensor:
+    """[M] bool: whether each model classifies every training point correctly (own labels)."""
+    predictions = predict_pack(template, params, x).argmax(dim=-1)  # [M, N]
+    return (predictions == y).all(dim=1)
+
+
+def unstack(template: MLP, params: dict[str, torch.Tensor], index: int) -> MLP:
+    """Model `index` of a pack as a standalone MLP (a copy; the pack is not touched)."""
+    net = MLP(
+        template.layers[0].in_features,
+        template.layers[-1].out_features,
+        template.layers[0].out_features,
+        len(template.layers) - 1,
+        template.nonlinearity,
+        template.init_scale,
+    )
+    net.load_state_dict({k: v[index].clone() for k, v in params.items()})
+    return net

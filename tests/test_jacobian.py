@@ -1,0 +1,210 @@
+"""The Jacobian norm is exact: closed forms, autodiff, finite differences (paper §2.1, §7)."""
+
+import pytest
+import torch
+from torch import nn
+
+from sensgen.errors import UserError
+from sensgen.metrics import jacobian_norm, softmax_jacobian_factor
+from sensgen.models import MLP, Nonlinearity
+
+ALL_NONLINEARITIES = list(Nonlinearity)
+
+
+def _mlp(nonlinearity, depth=2, *, d=9, c=4, width=7, seed=0, dtype=torch.float64):
+    net = MLP(d, c, width, depth, nonlinearity, 2.0, generator=torch.Generator().manual_seed(seed))
+    # Non-zero biases so breakpoints are not all at the origin.
+    with torch.no_grad():
+        for layer in net.layers:
+            layer.bias.normal_(0, 0.3, generator=torch.Generator().manual_seed(seed + 1))
+    return net.to(dtype)
+
+
+def _points(n, d, seed=1, dtype=torch.float64):
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def test_linear_net_logits_norm_is_weight_norm():
+    # Pitfall: a norm over the wrong axis. Non-square W with C >= 3: ‖J‖_F = ‖W‖_F per point.
+    net = nn.Linear(11, 5).double()
+    x = _points(6, 11)
+    expected = torch.linalg.matrix_norm(net.weight.detach()).expand(6)
+    torch.testing.assert_close(jacobian_norm(net, x, output="logits"), expected)
+
+
+def test_linear_net_softmax_jacobian_is_S_times_W():
+    # Pitfall: logits instead of softmax. J = (diag p − p pᵀ) W exactly.
+    net = nn.Linear(11, 5).double()
+    x = _points(6, 11)
+    p = torch.softmax(net(x), -1).detach()
+    s = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
+    expected = torch.linalg.matrix_norm(s @ net.weight.detach())
+    torch.testing.assert_close(jacobian_norm(net, x), expected)
+
+
+def test_mlp_in_its_linear_regime_is_product_of_weights():
+    # hard_tanh with all |h| < 1 is the identity: J_z = W_2 W_1 for every point.
+    net = _mlp("hard_tanh", depth=1, d=6, c=3, width=8)
+    with torch.no_grad():
+        net.layers[0].weight.mul_(0.01)
+        net.layers[0].bias.zero_()
+    x = _points(5, 6)
+    product = net.layers[1].weight @ net.layers[0].weight
+    got = jacobian_norm(net, x, output="logits", method="closed_form")
+    torch.testing.assert_close(got, torch.linalg.matrix_norm(product.detach()).expand(5))
+
+
+def _finite_difference_norm(net, x, output, h=1e-6):
+    """‖J‖_F from float64 central differences, one column per input coordinate."""
+    f = (lambda v: torch.softmax(net(v), -1)) if output == "softmax" else net
+    eye = torch.eye(x.shape[1], dtype=torch.float64)
+    with torch.no_grad():
+        cols = [(f(x + h * e) - f(x - h * e)) / (2 * h) for e in eye]  # each [B, C]
+    return torch.linalg.matrix_norm(torch.stack(cols, dim=-1))
+
+
+BREAKPOINTS = {
+    "relu": [0.0],
+    "relu6": [0.0, 6.0],
+    "hard_tanh": [-1.0, 1.0],
+    "hard_sigmoid": [-3.0, 3.0],
+}
+
+
+def _far_from_breakpoints(net, x, margin=1e-3):
+    """No pre-activation within `margin` of a kink, so differences see one linear piece."""
+    breakpoints = torch.tensor(BREAKPOINTS.get(net.nonlinearity.value, []), dtype=torch.float64)
+    if breakpoints.numel() == 0:
+        return True
+    hidden, _ = net.preactivations(x)
+    distances = [(h.unsqueeze(-1) - breakpoints).abs().min() for h in hidden]
+    return min(distances).item() > margin
+
+
+@pytest.mark.parametrize("nonlinearity", ALL_NONLINEARITIES)
+@pytest.mark.parametrize("depth", [1, 2, 3, 4])
+@pytest.mark.parametrize("output", ["softmax", "logits"])
+def test_closed_form_autodiff_and_finite_differences_agree(nonlinearity, depth, output):
+    net = _mlp(nonlinearity, depth, seed=depth)
+    x = _points(12, 9, seed=depth)
+    assert _far_from_breakpoints(net, x)
+    closed = jacobian_norm(net, x, output=output, method="closed_form")
+    auto = jacobian_norm(net, x, output=output, method="autodiff")
+    fd = _finite_difference_norm(net, x, output)
+    assert closed.shape == (12,) and closed.dtype == torch.float64
+    # torch's hardsigmoid backward rounds its 1/6 slope, so autodiff is off by ~1e-7 there;
+    # the finite differences side with the closed form.
+    rtol_auto = 1e-6 if nonlinearity is Nonlinearity.HARD_SIGMOID else 1e-10
+    torch.testing.assert_close(auto, closed, rtol=rtol_auto, atol=0)
+    torch.testing.assert_close(fd, closed, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("nonlinearity", ["relu", "tanh", "hard_sigmoid"])
+def test_float32_closed_form_and_autodiff_agree(nonlinearity):
+    net = _mlp(nonlinearity, 3, d=30, c=10, width=40, dtype=torch.float32)
+    x = _points(50, 30, dtype=torch.float32)
+    closed = jacobian_norm(net, x, method="closed_form")
+    auto = jacobian_norm(net, x, method="autodiff")
+    torch.testing.assert_close(auto, closed, rtol=1e-4, atol=0)
+
+
+def test_gram_trick_equals_direct_product():
+    # width 40 < d = 50 uses the Gram trick; width 60 > d = 50 the direct product. Same net
+    # function either way once padded: compare each against autodiff instead.
+    for width in (40, 60):
+        net = _mlp("relu", 2, d=50, c=6, width=width)
+        x = _points(10, 50)
+        torch.testing.assert_close(
+            jacobian_norm(net, x, method="closed_form"),
+            jacobian_norm(net, x, method="autodiff"),
+            rtol=1e-10,
+            atol=0,
+        )
+
+
+def test_confident_points_keep_their_accuracy_in_float32():
+    # The float32 pitfall: p_y rounds to 1 and S_yy = p_y(1 − p_y) cancels.
+    net32 = _mlp("relu", 2, d=20, c=10, width=32, seed=5, dtype=torch.float32)
+    with torch.no_grad():
+        net32.layers[-1].weight.mul_(10.0)  # very confident logits
+    net64 = _mlp("relu", 2, d=20, c=10, width=32, seed=5)
+    net64.load_state_dict({k: v.double() for k, v in net32.state_dict().items()})
+    x32 = _points(400, 20, seed=9, dtype=torch.float32)
+    reference = jacobian_norm(net64, x32.double())  # same weights and inputs, float64 maths
+    got = jacobian_norm(net32, x32)
+    tail = reference < 1e-4
+    assert tail.sum() >= 20, "the test needs confident points"
+    assert reference[tail].min() < 1e-8
+    rel = ((got - reference).abs() / reference)[tail]
+    assert rel.max() < 1e-4
+    # A plain float32 softmax Jacobian loses these points entirely.
+    p32 = torch.softmax(net32(x32), -1)
+    assert (p32.max(-1).values == 1.0)[tail].any()
+
+
+def test_softmax_factor_closed_form():
+    logits = torch.tensor([[0.0, 1.0, 2.0], [40.0, 0.0, 0.0]], dtype=torch.float32)
+    s = softmax_jacobian_factor(logits)
+    p = torch.softmax(logits.double(), -1)
+    torch.testing.assert_close(s[0], torch.diag(p[0]) - torch.outer(p[0], p[0]))
+    # Confident row: S_00 = p_0 (p_1 + p_2) = 2e^{-40}/(1+2e^{-40})², not 0.
+    eps = torch.exp(torch.tensor(-40.0, dtype=torch.float64))
+    torch.testing.assert_close(s[1, 0, 0], 2 * eps / (1 + 2 * eps) ** 2, rtol=1e-12, atol=0)
+    torch.testing.assert_close(s.sum(-1), torch.zeros(2, 3, dtype=torch.float64))
+
+
+def test_chunking_and_batch_order_do_not_matter():
+    net = _mlp("relu6", 3)
+    x = _points(23, 9)  # 23 is not a multiple of any chunk size below
+    full = jacobian_norm(net, x)
+    for chunk in (1, 4, 7, 100):
+        torch.testing.assert_close(jacobian_norm(net, x, chunk_size=chunk), full)
+    perm = torch.randperm(23, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(jacobian_norm(net, x[perm]), full[perm])
+    # Per point, not a batch statistic: each point alone gives the same value.
+    singles = torch.cat([jacobian_norm(net, x[i : i + 1]) for i in range(23)])
+    torch.testing.assert_close(singles, full)
+
+
+class _TinyConvNet(nn.Module):
+    """A user's own model: images in, logits out."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3)
+        self.head = nn.Linear(3 * 4 * 4, 5)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.conv(x)).flatten(1))
+
+
+def test_any_module_against_per_point_autograd():
+    torch.manual_seed(0)
+    net = _TinyConvNet().double()
+    x = torch.randn(4, 2, 6, 6, dtype=torch.float64)
+    got = jacobian_norm(net, x)
+    for i in range(4):
+        j = torch.autograd.functional.jacobian(lambda v: torch.softmax(net(v), -1), x[i : i + 1])
+        torch.testing.assert_close(got[i], torch.linalg.norm(j.flatten()), rtol=1e-10, atol=0)
+
+
+def test_model_and_its_gradients_are_untouched():
+    net = _mlp("relu", 2, dtype=torch.float32)
+    net.layers[0].weight.grad = torch.ones_like(net.layers[0].weight)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    jacobian_norm(net, _points(5, 9, dtype=torch.float32), method="autodiff")
+    jacobian_norm(net, _points(5, 9, dtype=torch.float32), method="closed_form")
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert torch.equal(net.layers[0].weight.grad, torch.ones_like(net.layers[0].weight))
+
+
+def test_bad_arguments_are_user_errors():
+    net = _mlp("relu", 1)
+    x = _points(3, 9)
+    with pytest.raises(UserError, match="'softmax', 'logits'"):
+        jacobian_norm(net, x, output="probabilities")
+    with pytest.raises(UserError, match="chunk_size"):
+        jacobian_norm(net, x, chunk_size=0)
+    with pytest.raises(UserError, match="closed_form"):
+        jacobian_norm(nn.Linear(9, 3).double(), x, method="closed_form")
+    assert jacobian_norm(net, x[:0]).shape == (0,)

@@ -1,0 +1,162 @@
+"""Packed training: a pack equals its members trained alone, and equals plain torch.optim."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sensgen.models import MLP, Nonlinearity
+from sensgen.optim import OptimizerName
+from sensgen.train import (
+    Member,
+    PackShape,
+    derive_seed,
+    fits_training_set,
+    init_pack,
+    predict_pack,
+    train_pack,
+    unstack,
+)
+
+N, D, C = 240, 12, 3
+
+
+def _data(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, D, generator=g)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()  # learnable, 3 classes
+    noisy = torch.randint(0, C, (N,), generator=g)
+    return x, torch.stack([y, noisy, y])
+
+
+def _shape(optimizer, *, max_steps=120, stop_at_fit=True, batch_size=32):
+    return PackShape(
+        D, C, 16, 2, Nonlinearity.RELU, optimizer, batch_size, max_steps, 20, stop_at_fit
+    )
+
+
+def _lr(optimizer):
+    return {OptimizerName.SGD: 0.3, OptimizerName.MOMENTUM: 0.05}.get(optimizer, 0.01)
+
+
+MEMBERS_LR_SCALE = (1.0, 0.5, 1.5)
+
+
+def _members(optimizer):
+    return [
+        Member(seed=7 + i, lr=_lr(optimizer) * s, init_scale=1.0 + i / 2)
+        for i, s in enumerate(MEMBERS_LR_SCALE)
+    ]
+
+
+@pytest.mark.parametrize("optimizer", list(OptimizerName))
+def test_pack_equals_single_model_runs(optimizer):
+    x, ys = _data()
+    shape = _shape(optimizer, max_steps=400)
+    members = _members(optimizer)
+    pack = train_pack(shape, members, x, ys)
+    for i, member in enumerate(members):
+        alone = train_pack(shape, [member], x, ys[i : i + 1])
+        assert alone.steps[0] == pack.steps[i]
+        for name, value in pack.params.items():
+            torch.testing.assert_close(value[i], alone.params[name][0], rtol=1e-6, atol=1e-7)
+    # The clean-label models stop early at 100% train accuracy; the noisy one cannot.
+    assert pack.steps[1] == 400
+    assert (pack.steps[[0, 2]] < 400).all()
+
+
+def _reference_run(shape, member, x, y):
+    """One model trained with nn.Module + torch.optim, the plain PyTorch way."""
+    net = MLP(
+        D,
+        C,
+        shape.width,
+        shape.depth,
+        shape.nonlinearity,
+        member.init_scale,
+        generator=torch.Generator().manual_seed(member.seed),
+    )
+    make = {
+        OptimizerName.SGD: lambda p: torch.optim.SGD(p, lr=member.lr),
+        OptimizerName.MOMENTUM: lambda p: torch.optim.SGD(p, lr=member.lr, momentum=0.9),
+        OptimizerName.ADAM: lambda p: torch.optim.Adam(p, lr=member.lr),
+        OptimizerName.RMSPROP: lambda p: torch.optim.RMSprop(p, lr=member.lr),
+    }
+    opt = make[shape.optimizer](net.parameters())
+    order = torch.Generator().manual_seed(derive_seed(member.seed, "order"))
+    perm, cursor = None, N
+    for _ in range(shape.max_steps):
+        if cursor + shape.batch_size > N:
+            perm, cursor = torch.randperm(N, generator=order), 0
+        idx = perm[cursor : cursor + shape.batch_size]
+        cursor += shape.batch_size
+        opt.zero_grad()
+        F.cross_entropy(net(x[idx]), y[idx]).backward()
+        opt.step()
+    return net
+
+
+@pytest.mark.parametrize("optimizer", list(OptimizerName))
+def test_pack_matches_plain_torch_optim(optimizer):
+    x, ys = _data(1)
+    shape = _shape(optimizer, max_steps=60, stop_at_fit=False)
+    members = _members(optimizer)
+    pack = train_pack(shape, members, x, ys)
+    for i, member in enumerate(members):
+        net = _reference_run(shape, member, x, ys[i])
+        for name, value in net.state_dict().items():
+            torch.testing.assert_close(pack.params[name][i], value, rtol=1e-4, atol=1e-5)
+
+
+def test_full_batch_is_exact_gradient_descent():
+    x, ys = _data(2)
+    shape = _shape(OptimizerName.SGD, max_steps=5, stop_at_fit=False, batch_size=None)
+    member = Member(seed=3, lr=0.1, init_scale=2.0)
+    pack = train_pack(shape, [member], x, ys[:1])
+    net = MLP(D, C, 16, 2, "relu", 2.0, generator=torch.Generator().manual_seed(3))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    for _ in range(5):
+        opt.zero_grad()
+        F.cross_entropy(net(x), ys[0]).backward()
+        opt.step()
+    for name, value in net.state_dict().items():
+        torch.testing.assert_close(pack.params[name][0], value, rtol=1e-5, atol=1e-6)
+
+
+def test_divergence_is_flagged_and_freezes_only_that_model():
+    x, ys = _data(3)
+    shape = _shape(OptimizerName.SGD, max_steps=50, stop_at_fit=False)
+    members = [Member(1, 0.05, 1.0), Member(2, 1e30, 1.0)]
+    out = train_pack(shape, members, x, ys[:2])
+    assert out.diverged.tolist() == [False, True]
+    assert out.steps[0] == 50 and out.steps[1] < 50
+    assert all(torch.isfinite(v).all() for v in out.params.values())
+
+
+def test_initialisation_statistics():
+    shape = PackShape(2000, 10, 500, 1, Nonlinearity.RELU, OptimizerName.SGD, 32, 1, 1, True)
+    _, params = init_pack(shape, [Member(0, 0.1, 4.0)])
+    w = params["layers.0.weight"][0]
+    assert w.shape == (500, 2000)
+    # W ~ N(0, σ_w²/fan_in): the sample variance of 1e6 draws is within 1% of 4/2000.
+    assert abs(w.var().item() / (4.0 / 2000) - 1) < 0.01
+    assert (params["layers.0.bias"] == 0).all()
+
+
+def test_predict_fit_and_unstack_agree():
+    x, ys = _data(4)
+    shape = _shape(OptimizerName.ADAM, max_steps=300)
+    members = _members(OptimizerName.ADAM)
+    template, _ = init_pack(shape, members)
+    out = train_pack(shape, members, x, ys)
+    logits = predict_pack(template, out.params, x, chunk_size=7)
+    assert logits.shape == (3, N, C)
+    for i in range(3):
+        torch.testing.assert_close(unstack(template, out.params, i)(x), logits[i])
+    fits = fits_training_set(template, out.params, x, ys)
+    assert fits.tolist() == [(logits[i].argmax(-1) == ys[i]).all().item() for i in range(3)]
+
+
+def test_labels_shape_is_checked():
+    x, ys = _data()
+    with pytest.raises(ValueError, match=r"\[M, N\]"):
+        train_pack(_shape(OptimizerName.SGD), _members(OptimizerName.SGD), x, ys[:2])
