@@ -1,0 +1,218 @@
+"""sensgen.analysis.write_report: the files it writes, the HTML page, and a real store."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from sensgen.analysis import write_report
+from test_analysis import synthetic_runs
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+FIGURE_NAMES = ("gap_vs_jacobian", "gap_vs_params", "gap_vs_train_loss")
+
+
+class PageParser(HTMLParser):
+    """Collects tags, image sources, links and the row count of each table by id."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[str] = []
+        self.images: list[str] = []
+        self.links: list[str] = []
+        self.rows: dict[str, int] = {}
+        self._table: str | None = None
+        self._in_body = False
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        self.tags.append(tag)
+        if tag == "img":
+            self.images.append(attrs["src"])
+        elif tag == "a":
+            self.links.append(attrs["href"])
+        elif tag == "table":
+            self._table = attrs.get("id")
+            self.rows[self._table] = 0
+        elif tag == "tbody":
+            self._in_body = True
+        elif tag == "tr" and self._in_body:
+            self.rows[self._table] += 1
+
+    def handle_endtag(self, tag):
+        if tag == "tbody":
+            self._in_body = False
+
+
+def parse(path: Path) -> PageParser:
+    parser = PageParser()
+    parser.feed(path.read_text(encoding="utf-8"))
+    parser.close()
+    return parser
+
+
+def synthetic_points(runs: pd.DataFrame, n: int = 20, seed: int = 0) -> pd.DataFrame:
+    """Per-test-point rows for the done runs: norm rises with loss; high-loss points wrong."""
+    rng = np.random.default_rng(seed)
+    frames = []
+    for run_id in runs.loc[runs["status"] == "done", "run_id"]:
+        loss = np.sort(rng.exponential(0.5, n))
+        frames.append(
+            pd.DataFrame(
+                {
+                    "run_id": run_id,
+                    "split": "test",
+                    "index": np.arange(n),
+                    "label": rng.integers(0, 10, n),
+                    "loss": loss,
+                    "correct": loss < np.log(2),
+                    "p_y": np.exp(-loss),
+                    "margin": 1.0 - loss,
+                    "jacobian_norm": 0.1 * loss + 1e-4,
+                    "jacobian_norm_logits": loss + 1.0,
+                }
+            )
+        )
+    return pd.concat(frames, ignore_index=True)
+
+
+def check_report(index: Path, n_done: int) -> PageParser:
+    """Asserts the report folder is complete and consistent with ``n_done`` models."""
+    report = index.parent
+    assert index.name == "index.html" and report.name == "report"
+    for name in FIGURE_NAMES:
+        assert (report / f"{name}.png").read_bytes().startswith(PNG_MAGIC)
+        assert b"<svg" in (report / f"{name}.svg").read_bytes()[:1000]
+    assert len(pd.read_csv(report / "models.csv")) == n_done
+    assert not list(report.glob(".*")), "temporary files left behind"
+    page = parse(index)
+    assert sorted(page.images) == sorted(f"{name}.png" for name in FIGURE_NAMES)
+    for target in [*page.images, *page.links]:
+        assert (report / target).is_file(), target
+    assert page.rows["models"] == n_done
+    assert not {"script", "link", "iframe"} & set(page.tags), "page must be self-contained"
+    return page
+
+
+def test_write_report_writes_every_file_and_a_consistent_page(tmp_path):
+    runs = synthetic_runs(10, datasets=("digits", "mnist"))
+    runs.loc[[0, 11], "status"] = ["failed", "diverged"]
+    index = write_report(tmp_path, runs=runs, points=synthetic_points(runs))
+    page = check_report(index, n_done=18)
+    assert page.rows["correlations"] == 6
+    assert page.rows["per-point"] == 2
+    summary = json.loads((index.parent / "summary.json").read_text())
+    assert summary["status_counts"]["done"] == 18
+    assert summary["status_counts"]["failed"] == summary["status_counts"]["diverged"] == 1
+    jacobian = [r for r in summary["correlations"] if r["predictor"] == "jacobian_norm"]
+    assert [r["spearman_rho"] for r in jacobian] == pytest.approx([1.0, 1.0])
+    assert summary["per_point"][0]["median_auroc_error"] == pytest.approx(1.0)
+    text = index.read_text()
+    assert "Fig. 5" in text and "softmax" in text and "standardised" in text
+
+
+def test_write_report_escapes_strings(tmp_path):
+    evil = "<script>alert(1)</script>"
+    runs = synthetic_runs(4).assign(dataset=evil, nonlinearity='relu" onload="x')
+    index = write_report(tmp_path, runs=runs)
+    text = index.read_text()
+    assert "<script>" not in text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text
+    assert 'onload="x"' not in text
+    check_report(index, n_done=4)
+
+
+def test_write_report_twice_overwrites_cleanly(tmp_path):
+    write_report(tmp_path, runs=synthetic_runs(6), points=pd.DataFrame())
+    index = write_report(tmp_path, runs=synthetic_runs(3, seed=1))
+    check_report(index, n_done=3)
+    assert "per-point" not in parse(index).rows
+
+
+def test_write_report_without_done_runs_writes_a_page_and_removes_old_figures(tmp_path):
+    write_report(tmp_path, runs=synthetic_runs(4))
+    runs = synthetic_runs(4).assign(status="pending")
+    index = write_report(tmp_path, runs=runs)
+    page = parse(index)
+    assert page.images == []
+    assert "No finished models yet" in index.read_text()
+    assert not list(index.parent.glob("*.png")) and not list(index.parent.glob("*.svg"))
+    summary = json.loads((index.parent / "summary.json").read_text())
+    assert summary["status_counts"]["pending"] == 4 and summary["correlations"] == []
+    assert pd.read_csv(index.parent / "models.csv").empty
+
+
+def test_write_report_reads_a_real_store(tmp_path):
+    store_module = pytest.importorskip("sensgen.store")
+    runs = synthetic_runs(5, datasets=("digits",))
+    points = synthetic_points(runs, n=8)
+    spec_fields = ["dataset", "width", "depth", "nonlinearity", "optimizer", "lr"]
+    spec_fields += ["batch_size", "init_scale", "random_labels", "seed"]
+    metrics = ["steps", "n_params", "train_loss", "train_acc", "test_acc", "gap"]
+    metrics += ["jacobian_norm"]
+    planned = [
+        store_module.PlannedRun(
+            row.run_id, "pack0", json.dumps(_plain(row[spec_fields]), sort_keys=True)
+        )
+        for _, row in runs.iterrows()
+    ]
+    planned.append(store_module.PlannedRun("broken", "pack0", '{"dataset": "digits"}'))
+    results = [
+        store_module.RunResult(row.run_id, "done", _plain(row[metrics]))
+        for _, row in runs.iterrows()
+    ]
+    results.append(store_module.RunResult("broken", "failed", error="boom"))
+    with store_module.Store.open(tmp_path) as store:
+        store.add_runs(planned)
+        store.finish_pack("pack0", results, points=points)
+
+    index = write_report(tmp_path)
+    page = check_report(index, n_done=5)
+    assert page.rows["per-point"] == 1
+    summary = json.loads((index.parent / "summary.json").read_text())
+    assert summary["status_counts"] == {
+        "pending": 0,
+        "running": 0,
+        "done": 5,
+        "failed": 1,
+        "diverged": 0,
+    }
+    (jacobian,) = [r for r in summary["correlations"] if r["predictor"] == "jacobian_norm"]
+    assert jacobian["n"] == 5 and jacobian["spearman_rho"] == pytest.approx(1.0)
+
+
+def _plain(row: pd.Series) -> dict:
+    """A row as JSON-ready Python values (NaN dropped: a missing batch size is full batch)."""
+    values = {key: value.item() if hasattr(value, "item") else value for key, value in row.items()}
+    return {key: value for key, value in values.items() if value == value}
+
+
+CHROMIUM = shutil.which("chromium")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not on PATH")
+def test_report_renders_in_headless_chromium(tmp_path):
+    index = write_report(tmp_path / "study", runs=synthetic_runs(6))
+    screenshot = tmp_path / "page.png"
+    command = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        f"--screenshot={screenshot}",
+        "--window-size=1200,1600",
+        index.resolve().as_uri(),
+    ]
+    subprocess.run(command, check=True, capture_output=True, timeout=120)
+    assert screenshot.read_bytes().startswith(PNG_MAGIC)
