@@ -126,7 +126,7 @@ def train_pack(
     Args:
         shape: what the models share.
         members: one entry per model (M of them).
-        x: training inputs [N, d], shared by all models.
+        x: training inputs [N, d], shared by all models; training runs on x's device.
         y: training labels [M, N] (each model may have its own, e.g. random labels).
         on_step: called after every step with the step index (for progress bars).
 
@@ -136,13 +136,15 @@ def train_pack(
     n_models, n = len(members), x.shape[0]
     if y.shape != (n_models, n):
         raise ValueError(f"y must be [M, N] = [{n_models}, {n}], got {tuple(y.shape)}")
-    template, params = init_pack(shape, members)
+    device = x.device
+    template, params = init_pack(shape, members)  # drawn on the CPU: same weights anywhere
+    params = {k: v.to(device) for k, v in params.items()}
     optimizer = OPTIMIZERS[shape.optimizer]
     state = optimizer.init(params)
-    lr = torch.tensor([m.lr for m in members], dtype=torch.float64)
-    steps = torch.zeros(n_models, dtype=torch.int64)
-    active = torch.ones(n_models, dtype=torch.bool)
-    diverged = torch.zeros(n_models, dtype=torch.bool)
+    lr = torch.tensor([m.lr for m in members], dtype=torch.float64, device=device)
+    steps = torch.zeros(n_models, dtype=torch.int64, device=device)
+    active = torch.ones(n_models, dtype=torch.bool, device=device)
+    diverged = torch.zeros(n_models, dtype=torch.bool, device=device)
     gens = [torch.Generator().manual_seed(derive_seed(m.seed, "order")) for m in members]
     orders: list[torch.Tensor] = []
     cursor, batch = 0, shape.batch_size or n
@@ -156,6 +158,7 @@ def train_pack(
             xb, yb = x.expand(n_models, -1, -1), y
         else:
             idx, orders, cursor = _batch_indices(gens, orders, cursor, n, batch)
+            idx = idx.to(device)
             xb, yb = x[idx], torch.gather(y, 1, idx)
         grads, losses = step_fn(params, xb, yb)
         finite = torch.isfinite(losses)

@@ -4,6 +4,12 @@
 softmax-output input–output Jacobian at each point.
 """
 
-from sensgen.metrics.jacobian import Method, Output, jacobian_norm, softmax_jacobian_factor
+from sensgen.metrics.jacobian import (
+    Method,
+    Output,
+    jacobian_norm,
+    jacobian_norms,
+    softmax_jacobian_factor,
+)
 
-__all__ = ["Method", "Output", "jacobian_norm", "softmax_jacobian_factor"]
+__all__ = ["Method", "Output", "jacobian_norm", "jacobian_norms", "softmax_jacobian_factor"]

@@ -98,6 +98,23 @@ def jacobian_norm(
         torch.Size([8])
     """
     output = _parse(Output, output, "output")
+    return jacobian_norms(model, x, outputs=(output,), chunk_size=chunk_size, method=method)[output]
+
+
+def jacobian_norms(
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    outputs: tuple[str, ...] = ("softmax", "logits"),
+    chunk_size: int | None = None,
+    method: str = "auto",
+) -> dict[Output, torch.Tensor]:
+    """Several Jacobian norms from one pass: {Output: float64 [B]}.
+
+    Same contract as `jacobian_norm`; both norms share the logit Gram matrix K, so asking
+    for "softmax" and "logits" together costs the same as asking for one.
+    """
+    wanted = [_parse(Output, o, "output") for o in outputs]
     method = _parse(Method, method, "method")
     if method is Method.AUTO:
         method = Method.CLOSED_FORM if isinstance(model, MLP) else Method.AUTODIFF
@@ -108,16 +125,16 @@ def jacobian_norm(
         )
     if chunk_size is not None and chunk_size < 1:
         raise UserError(f"chunk_size must be a positive integer, got {chunk_size}.")
-    if x.shape[0] == 0:
-        return torch.zeros(0, dtype=torch.float64, device=x.device)
     gram_fn = _mlp_logit_gram if method is Method.CLOSED_FORM else _autodiff_logit_gram
     size = chunk_size or _default_chunk_size(model, x)
-    norms = []
+    parts: dict[Output, list[torch.Tensor]] = {o: [] for o in wanted}
     for chunk in torch.split(x, size):
         with torch.no_grad():
             logits, gram = gram_fn(model, chunk)
-        norms.append(_contract(logits, gram, output))
-    return torch.cat(norms)
+        for o in wanted:
+            parts[o].append(_contract(logits, gram, o))
+    empty = torch.zeros(0, dtype=torch.float64, device=x.device)
+    return {o: torch.cat(p) if p else empty for o, p in parts.items()}
 
 
 def softmax_jacobian_factor(logits: torch.Tensor) -> torch.Tensor:

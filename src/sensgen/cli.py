@@ -1,0 +1,164 @@
+"""The `sensgen` command line: the only module that parses argv.
+
+Each command calls one library function. Exit codes: 0 ok; 2 bad input (study file,
+dataset, argument), with a one-paragraph message naming what is wrong and the fix; 1 an
+internal error (a bug: please report it with the traceback).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from sensgen.errors import UserError
+
+app = typer.Typer(
+    name="sensgen",
+    help="Sensitivity and generalization in neural networks (Novak et al., ICLR 2018).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+datasets_app = typer.Typer(help="List, fetch and verify datasets.", no_args_is_help=True)
+app.add_typer(datasets_app, name="datasets")
+
+out_console = Console()
+err_console = Console(stderr=True)
+
+
+def _parse_sets(assignments: list[str]) -> dict[str, str]:
+    overrides = {}
+    for item in assignments:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set {item!r} is not KEY=VALUE; write e.g. --set grid.seed=[0,1,2].")
+        overrides[key.strip()] = value.strip()
+    return overrides
+
+
+@app.command()
+def run(
+    study: Annotated[str, typer.Argument(help="A study TOML file or a preset name.")],
+    out: Annotated[Path | None, typer.Option(help="Study directory [default: runs/NAME].")] = None,
+    executor: Annotated[str, typer.Option(help="local | ray")] = "local",
+    workers: Annotated[int, typer.Option(help="Packs trained at once.")] = 1,
+    device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a study key: KEY=VALUE.")
+    ] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Run (or resume) a study, then write its report."""
+    from sensgen import study as study_module
+    from sensgen.runner import run as run_study
+
+    loaded = study_module.load(study, _parse_sets(set_ or []))
+    out_dir = out or Path("runs") / loaded.name
+    result = run_study(
+        loaded, out_dir, executor=executor, workers=workers, device=device, progress=progress
+    )
+    counts = ", ".join(f"{n} {status}" for status, n in sorted(result.counts.items()))
+    if result.n_trained == 0:
+        out_console.print(
+            f"Nothing to do: all {result.n_runs} runs of study {loaded.name!r} in {out_dir} "
+            f"are already finished ({counts})."
+        )
+    else:
+        out_console.print(
+            f"Trained {result.n_trained} models in {result.wall_s:.1f} s; study "
+            f"{loaded.name!r} in {out_dir}: {counts}."
+        )
+    if result.report is not None:
+        out_console.print(f"Report: {result.report}")
+
+
+@app.command()
+def status(directory: Annotated[Path, typer.Argument(help="A study directory.")]) -> None:
+    """Show done / running / failed / pending per pack, and an ETA."""
+    from sensgen.runner import study_status
+
+    summary = study_status(directory)
+    table = Table(title=f"{directory} ({summary.study_name})")
+    for column in ("pack", "runs", "done", "failed", "diverged", "running", "pending", "status"):
+        table.add_column(column)
+    for row in summary.packs:
+        table.add_row(*(str(v) for v in row))
+    out_console.print(table)
+    out_console.print(summary.headline())
+
+
+@app.command()
+def report(directory: Annotated[Path, typer.Argument(help="A study directory.")]) -> None:
+    """Write figures, statistics and report/index.html for a study directory."""
+    from sensgen.analysis import write_report
+    from sensgen.store import open_results
+
+    open_results(directory).close()  # a clear error if DIR is not a study directory
+    out_console.print(f"Report: {write_report(directory)}")
+
+
+@datasets_app.command("list")
+def datasets_list() -> None:
+    """List the datasets sensgen knows, and whether their files are here."""
+    from sensgen import data
+
+    table = Table()
+    for column in ("name", "train", "test", "classes", "source", "found at"):
+        table.add_column(column)
+    for name in data.names():
+        info = data.describe(name)
+        where = data.locate(name)
+        table.add_row(
+            name,
+            str(info.n_train),
+            str(info.n_test),
+            str(info.n_classes),
+            info.source,
+            str(where) if where else "— (sensgen datasets fetch " + name + ")",
+        )
+    out_console.print(table)
+
+
+@datasets_app.command("fetch")
+def datasets_fetch(name: Annotated[str, typer.Argument(help="Dataset name.")]) -> None:
+    """Download (if needed) and verify a dataset's files."""
+    from sensgen import data
+
+    out_console.print(f"{name}: verified files in {data.fetch(name)}")
+
+
+@datasets_app.command("verify")
+def datasets_verify(
+    name: Annotated[str | None, typer.Argument(help="Dataset name [default: all found].")] = None,
+) -> None:
+    """Check the checksums of a dataset's files (or of every dataset found locally)."""
+    from sensgen import data
+
+    names = [name] if name else [n for n in data.names() if data.locate(n) is not None]
+    bad = 0
+    for n in names:
+        report = data.verify(n)
+        for f in report.files:
+            mark = "ok" if f.ok else f"FAILED: {f.problem}"
+            out_console.print(f"{n}: {f.path}: {mark}")
+        bad += not report.ok
+    if bad:
+        raise UserError(f"{bad} dataset(s) failed verification; see the lines above for the fix.")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point. Usage errors exit 2 (typer); a `UserError` prints its message, exits 2."""
+    try:
+        app(args=argv, prog_name="sensgen")
+    except UserError as err:
+        err_console.print(f"[bold red]error:[/] {err}", highlight=False)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

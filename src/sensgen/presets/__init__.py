@@ -1,0 +1,1 @@
+"""Built-in studies, one TOML file each (`sensgen run NAME`)."""

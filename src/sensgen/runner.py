@@ -1,0 +1,294 @@
+"""Run a study into a study directory: plan, train pack by pack, store, report. Resumable.
+
+`run` is idempotent. It registers every run of the study in DIR/results.db (existing rows
+are kept), re-queues runs a crashed earlier process left `running`, and trains only the
+packs still pending. A pack is stored atomically once finished, so an interruption loses
+at most the packs in flight; running the same command again picks up where it stopped.
+Failures are recorded per pack (status `failed`, with the error) and never stop the sweep.
+
+The driver (this process) is the only writer of the store; workers return results.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from sensgen import data
+from sensgen import study as study_module
+from sensgen.errors import UserError
+from sensgen.execute import PackResult, execute_pack, failed_results
+from sensgen.store import PlannedRun, Status, Store
+from sensgen.study import RunSpec, Study, plan_packs
+
+STUDY_FILE = "study.toml"
+
+
+class Executor(StrEnum):
+    LOCAL = "local"
+    RAY = "ray"
+
+
+@dataclass(frozen=True)
+class StudyResult:
+    """What a call to `run` did and where things stand now."""
+
+    out_dir: Path
+    n_runs: int  # runs in this study
+    n_trained: int  # runs finished by this call
+    counts: dict[str, int]  # status -> runs of this study
+    report: Path | None
+    wall_s: float
+
+    @property
+    def complete(self) -> bool:
+        return self.counts.get(Status.PENDING, 0) + self.counts.get(Status.RUNNING, 0) == 0
+
+
+@dataclass(frozen=True)
+class _PendingPack:
+    pack_id: str
+    specs: tuple[RunSpec, ...]
+
+
+def run(
+    study: Study | str | Path,
+    out_dir: str | Path,
+    *,
+    executor: str = "local",
+    workers: int = 1,
+    device: str = "cpu",
+    progress: bool = True,
+    report: bool = True,
+    console: Console | None = None,
+) -> StudyResult:
+    """Run (or resume) a study into `out_dir` and write its report.
+
+    Args:
+        study: a `Study`, a study TOML path or a preset name.
+        out_dir: the study directory (created if needed).
+        executor: "local" (this machine). "ray" arrives with cluster support.
+        workers: packs trained at once on this machine (1: in this process).
+        device: "cpu" or "cuda".
+        progress: show a progress bar with an ETA.
+        report: write DIR/report/ at the end.
+
+    Returns:
+        A `StudyResult`. Per-run failures are recorded, not raised.
+
+    Raises:
+        UserError: bad study, options or datasets; nothing already stored is touched.
+    """
+    started = time.perf_counter()
+    console = console or Console(stderr=True)
+    study = study if isinstance(study, Study) else study_module.load(study)
+    _check_options(executor, workers, device)
+    out = Path(out_dir)
+    _check_same_study(out, study)
+    specs = study.specs()
+    with Store.open(out) as store:
+        _write_study_file(out, study)
+        packs = plan_packs(specs, study.execution.pack_size)
+        store.add_runs(
+            PlannedRun(s.run_id, p.pack_id, s.canonical_json()) for p in packs for s in p.specs
+        )
+        store.reset_stale()
+        pending = _pending_packs(store, {s.run_id for s in specs})
+        if pending:
+            _preflight({p.specs[0].dataset for p in pending})
+            _train(store, pending, workers=workers, device=device, show=progress, console=console)
+        counts = _counts(store, {s.run_id for s in specs})
+    report_path = None
+    index = out / "report" / "index.html"
+    if report and (pending or not index.exists()):
+        from sensgen.analysis import write_report
+
+        report_path = write_report(out)
+    elif index.exists():
+        report_path = index
+    n_trained = sum(len(p.specs) for p in pending)
+    return StudyResult(
+        out, len(specs), n_trained, counts, report_path, time.perf_counter() - started
+    )
+
+
+def _check_options(executor: str, workers: int, device: str) -> None:
+    try:
+        executor = Executor(executor)
+    except ValueError:
+        raise UserError(f"--executor {executor!r} is unknown; use 'local' or 'ray'.") from None
+    if executor is Executor.RAY:
+        raise UserError(
+            "--executor ray is not available in this version of sensgen; use --executor "
+            "local (the default), with --workers N to train N packs at once."
+        )
+    if workers < 1:
+        raise UserError(f"--workers must be at least 1, got {workers}.")
+    if device not in ("cpu", "cuda"):
+        raise UserError(f"--device {device!r} is unknown; use 'cpu' or 'cuda'.")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError(
+            "--device cuda was asked for, but PyTorch sees no CUDA GPU here "
+            f"(torch {torch.__version__}); run with --device cpu or on a GPU machine."
+        )
+
+
+def _check_same_study(out: Path, study: Study) -> None:
+    """Refuse to mix two different studies in one directory (extending one is fine)."""
+    path = out / STUDY_FILE
+    if not path.exists():
+        return
+    try:
+        previous = study_module.load(path)
+    except UserError:
+        return  # an unreadable copy is rewritten below; results.db stays authoritative
+    if previous.name != study.name:
+        raise UserError(
+            f"{out} already holds study {previous.name!r}, not {study.name!r}. Choose another "
+            "--out directory, or run the same study to resume it."
+        )
+
+
+def _write_study_file(out: Path, study: Study) -> None:
+    tmp = out / f".{STUDY_FILE}.tmp-{os.getpid()}"
+    tmp.write_text(study.to_toml(), encoding="utf-8")
+    os.replace(tmp, out / STUDY_FILE)
+
+
+def _pending_packs(store: Store, run_ids: set[str]) -> list[_PendingPack]:
+    """Pending runs of this study grouped by the pack the catalogue gave them."""
+    runs = store.runs()
+    if runs.empty:
+        return []
+    rows = runs[(runs["status"] == Status.PENDING) & runs["run_id"].isin(run_ids)]
+    packs = []
+    for pack_id, group in rows.groupby("pack_id", sort=False):
+        specs = tuple(RunSpec.from_json(text) for text in group.sort_values("run_id")["spec"])
+        packs.append(_PendingPack(str(pack_id), specs))
+    return packs
+
+
+def _preflight(datasets: set[str]) -> None:
+    """Load every dataset once before training, so a missing file fails fast (exit 2)."""
+    for name in sorted(datasets):
+        data.load(name, split="train")
+        data.load(name, split="test")
+
+
+def _counts(store: Store, run_ids: set[str]) -> dict[str, int]:
+    runs = store.runs()
+    if runs.empty:
+        return {}
+    mine = runs[runs["run_id"].isin(run_ids)]
+    return {str(k): int(v) for k, v in mine["status"].value_counts().items()}
+
+
+def _train(
+    store: Store,
+    packs: Sequence[_PendingPack],
+    *,
+    workers: int,
+    device: str,
+    show: bool,
+    console: Console,
+) -> None:
+    total = sum(p.specs[0].max_steps for p in packs)
+    with _progress_bar(show, console) as bar:
+        task = bar.add_task(f"{len(packs)} packs", total=total)
+        if workers == 1:
+            for i, pack in enumerate(packs):
+                bar.update(task, description=f"pack {i + 1}/{len(packs)}")
+                store.mark_running(s.run_id for s in pack.specs)
+                result = _execute_safely(pack, device, on_step=lambda _: bar.advance(task))
+                store.finish_pack(
+                    pack.pack_id, result.results, points=result.points, weights=result.weights
+                )
+                bar.update(task, completed=sum(p.specs[0].max_steps for p in packs[: i + 1]))
+        else:
+            from sensgen.parallel import train_in_processes
+
+            train_in_processes(store, packs, workers=workers, device=device, bar=bar, task=task)
+
+
+def _execute_safely(pack: _PendingPack, device: str, on_step=None) -> PackResult:
+    """Run a pack; any exception becomes a `failed` status for its runs, not a crash."""
+    try:
+        return execute_pack(pack.specs, device=device, on_step=on_step)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as error:  # one bad pack never stops a sweep
+        return PackResult(failed_results(pack.specs, error), None, None)
+
+
+@contextmanager
+def _progress_bar(show: bool, console: Console) -> Iterator[Progress]:
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("steps"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, disable=not show, transient=False) as bar:
+        yield bar
+
+
+@dataclass(frozen=True)
+class StatusSummary:
+    """Where a study directory stands: one row per pack and the totals."""
+
+    study_name: str
+    packs: list[tuple]  # (pack_id, runs, done, failed, diverged, running, pending, status)
+    counts: dict[str, int]
+    eta_s: float | None  # from the mean wall time of finished packs
+
+    def headline(self) -> str:
+        total = sum(self.counts.values())
+        parts = ", ".join(f"{self.counts.get(s, 0)} {s}" for s in Status)
+        eta = "" if self.eta_s is None else f"; ETA {self.eta_s / 60:.1f} min at one pack at a time"
+        return f"{total} runs: {parts}{eta}."
+
+
+def study_status(out_dir: str | Path) -> StatusSummary:
+    """Summarise DIR/results.db (read-only; safe while a run is writing)."""
+    from sensgen.store import open_results
+
+    out = Path(out_dir)
+    with open_results(out) as results:
+        packs = results.pack_status()
+    name = "?"
+    if (out / STUDY_FILE).exists():
+        try:
+            name = study_module.load(out / STUDY_FILE).name
+        except UserError:
+            name = "unreadable study.toml"
+    columns = ("n_done", "n_failed", "n_diverged", "n_running", "n_pending")
+    rows = [
+        (r.pack_id, r.n_runs, *(int(getattr(r, c)) for c in columns), r.status)
+        for r in packs.itertuples()
+    ]
+    counts = {str(s): int(packs[f"n_{s}"].sum()) for s in Status} if len(packs) else {}
+    finished = packs[packs["n_pending"] + packs["n_running"] == 0]
+    open_packs = len(packs) - len(finished)
+    eta = None
+    if open_packs and len(finished) and finished["wall_s"].sum() > 0:
+        eta = open_packs * float(finished["wall_s"].sum()) / len(finished)
+    return StatusSummary(name, rows, counts, eta)
