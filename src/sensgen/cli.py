@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, prog_name="sensgen")
     except UserError as err:
-        err_console.print(f"[bold red]error:[/] {err}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
 

@@ -46,7 +46,10 @@ def train_in_processes(
             futures[pool.submit(_worker, pack.specs, device, threads)] = pack
         for future in as_completed(futures):
             pack = futures[future]
-            result = future.result()
+            try:
+                result = future.result()
+            except Exception as error:  # a worker that died (e.g. killed for memory)
+                result = PackResult(failed_results(pack.specs, error), None, None)
             store.finish_pack(
                 pack.pack_id, result.results, points=result.points, weights=result.weights
             )

@@ -34,7 +34,7 @@ from sensgen import data
 from sensgen import study as study_module
 from sensgen.errors import UserError
 from sensgen.execute import PackResult, execute_pack, failed_results
-from sensgen.store import PlannedRun, Status, Store
+from sensgen.store import FINAL, PlannedRun, Status, Store
 from sensgen.study import RunSpec, Study, plan_packs
 
 STUDY_FILE = "study.toml"
@@ -103,6 +103,7 @@ def run(
     _check_same_study(out, study)
     specs = study.specs()
     with Store.open(out) as store:
+        _preflight(_unfinished_datasets(store, specs))  # fail fast, before touching DIR
         _write_study_file(out, study)
         packs = plan_packs(specs, study.execution.pack_size)
         store.add_runs(
@@ -111,7 +112,6 @@ def run(
         store.reset_stale()
         pending = _pending_packs(store, {s.run_id for s in specs})
         if pending:
-            _preflight({p.specs[0].dataset for p in pending})
             _train(store, pending, workers=workers, device=device, show=progress, console=console)
         counts = _counts(store, {s.run_id for s in specs})
     report_path = None
@@ -182,6 +182,13 @@ def _pending_packs(store: Store, run_ids: set[str]) -> list[_PendingPack]:
         specs = tuple(RunSpec.from_json(text) for text in group.sort_values("run_id")["spec"])
         packs.append(_PendingPack(str(pack_id), specs))
     return packs
+
+
+def _unfinished_datasets(store: Store, specs: Sequence[RunSpec]) -> set[str]:
+    """Datasets of the runs not yet in a final status (those that will need their data)."""
+    runs = store.runs()
+    final = set(runs.loc[runs["status"].isin(list(FINAL)), "run_id"]) if len(runs) else set()
+    return {s.dataset for s in specs if s.run_id not in final}
 
 
 def _preflight(datasets: set[str]) -> None:

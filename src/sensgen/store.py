@@ -156,6 +156,10 @@ class RunResult:
         if unknown := set(self.metrics) - set(_METRICS):
             raise ValueError(f"unknown metrics {sorted(unknown)}; known: {list(_METRICS)}")
 
+    def __reduce__(self) -> tuple:
+        # Workers send results to the driver by pickle; a mappingproxy cannot be pickled.
+        return (type(self), (self.run_id, self.status, dict(self.metrics), self.error))
+
 
 def _sql_value(kind: type, value: object) -> float | int | None:
     """A metric as stored: NaN and None become NULL; ints must be integral."""

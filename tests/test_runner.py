@@ -1,0 +1,214 @@
+"""End to end: a real study through the CLI into a study directory, resumed and reported."""
+
+import gzip
+import sqlite3
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from safetensors.torch import load_file
+
+from sensgen import study as study_module
+from sensgen.cli import main
+from sensgen.execute import execute_pack
+from sensgen.metrics import jacobian_norm
+from sensgen.models import MLP
+from sensgen.runner import run, study_status
+from sensgen.store import open_results
+
+TINY = """
+name = "tiny"
+[base]
+dataset = "digits"
+optimizer = "sgd"
+lr = 0.1
+batch_size = 32
+max_steps = 40
+eval_every = 20
+[grid]
+width = [8, 16]
+depth = [1, 2]
+random_labels = [0.0, 1.0]
+"""
+N_RUNS, N_TEST = 8, 360
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY, encoding="utf-8")
+    return path
+
+
+def _cli(*args):
+    """Run the CLI in-process; return its exit code."""
+    with pytest.raises(SystemExit) as info:
+        main([*args])
+        raise SystemExit(0)
+    return info.value.code
+
+
+def test_run_fills_the_study_directory(tiny, tmp_path):
+    out = tmp_path / "out"
+    assert _cli("run", str(tiny), "--out", str(out), "--no-progress") == 0
+    runs = open_results(out).runs()
+    assert len(runs) == N_RUNS and (runs["status"] == "done").all()
+    metrics = ["train_acc", "test_acc", "gap", "loss_gap", "jacobian_norm", "train_loss"]
+    assert np.isfinite(runs[metrics].to_numpy()).all()
+    np.testing.assert_allclose(runs["gap"], runs["train_acc"] - runs["test_acc"])
+    # Random labels: test accuracy near chance, so the gap is large.
+    random = runs[runs["random_labels"] == 1.0]
+    assert (random["test_acc"] < 0.3).all()
+    points = open_results(out).points()
+    assert len(points) == N_RUNS * N_TEST
+    per_run = points.groupby("run_id")["jacobian_norm"].mean()
+    np.testing.assert_allclose(per_run[runs["run_id"]].to_numpy(), runs["jacobian_norm"])
+    assert (out / "study.toml").exists() and (out / "report" / "index.html").exists()
+    # The directory is readable without sensgen: sqlite3, pandas and safetensors alone.
+    with sqlite3.connect(out / "results.db") as conn:
+        assert conn.execute("SELECT COUNT(*) FROM runs WHERE status='done'").fetchone()[0] == 8
+    conn.close()
+    assert len(pd.read_parquet(next((out / "points").glob("*.parquet")))) > 0
+
+
+def test_stored_weights_reproduce_the_stored_jacobian_norm(tiny, tmp_path):
+    from sensgen import data
+
+    out = tmp_path / "out"
+    run(study_module.load(tiny), out, progress=False, report=False)
+    row = open_results(out).runs().iloc[0]
+    weights = load_file(next((out / "weights").glob(f"{row['pack_id']}.safetensors")))
+    mine = {k.split(".", 1)[1]: v for k, v in weights.items() if k.startswith(row["run_id"])}
+    net = MLP(64, 10, int(row["width"]), int(row["depth"]), row["nonlinearity"])
+    net.load_state_dict(mine)
+    test = data.load("digits", split="test")
+    assert jacobian_norm(net, test.x).mean().item() == pytest.approx(row["jacobian_norm"])
+
+
+def test_second_run_does_nothing_and_says_so(tiny, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _cli("run", str(tiny), "--out", str(out), "--no-progress") == 0
+    before = open_results(out).runs()
+    capsys.readouterr()
+    assert _cli("run", str(tiny), "--out", str(out), "--no-progress") == 0
+    assert "Nothing to do" in capsys.readouterr().out
+    pd.testing.assert_frame_equal(open_results(out).runs(), before)
+
+
+def test_resume_after_a_crash_equals_an_uninterrupted_run(tiny, tmp_path):
+    out = tmp_path / "out"
+    run(study_module.load(tiny), out, progress=False, report=False)
+    full = open_results(out).runs().set_index("run_id")
+    pack = full["pack_id"].iloc[0]
+    # What a kill -9 mid-pack leaves: rows `running`, no metrics, maybe a stray temp file.
+    with sqlite3.connect(out / "results.db") as conn:
+        conn.execute(
+            "UPDATE runs SET status='running', gap=NULL, jacobian_norm=NULL, finished_at=NULL"
+            " WHERE pack_id=?",
+            (pack,),
+        )
+    conn.close()
+    (out / "points" / f"{pack}.parquet").unlink()
+    result = run(study_module.load(tiny), out, progress=False, report=False)
+    assert result.n_trained == (full["pack_id"] == pack).sum()
+    again = open_results(out).runs().set_index("run_id")
+    assert (again["status"] == "done").all()
+    for column in ("train_acc", "test_acc", "gap", "jacobian_norm", "steps"):
+        pd.testing.assert_series_equal(again[column], full[column], check_exact=False)
+
+
+def test_a_failing_pack_is_recorded_and_the_sweep_goes_on(tiny, tmp_path, monkeypatch):
+    def flaky(specs, **kwargs):
+        if specs[0].width == 16:
+            raise RuntimeError("simulated worker crash")
+        return execute_pack(specs, **kwargs)
+
+    monkeypatch.setattr("sensgen.runner.execute_pack", flaky)
+    out = tmp_path / "out"
+    result = run(study_module.load(tiny), out, progress=False, report=True)
+    runs = open_results(out).runs()
+    failed = runs[runs["status"] == "failed"]
+    assert len(failed) == 4 and (failed["width"] == 16).all()
+    assert failed["error"].str.contains("simulated worker crash").all()
+    assert result.counts == {"done": 4, "failed": 4}
+    summary = study_status(out)
+    assert summary.counts["failed"] == 4 and summary.counts["done"] == 4
+
+
+def test_parallel_workers_match_a_serial_run(tiny, tmp_path):
+    serial, parallel = tmp_path / "serial", tmp_path / "parallel"
+    run(study_module.load(tiny), serial, progress=False, report=False)
+    run(study_module.load(tiny), parallel, workers=2, progress=False, report=False)
+    a = open_results(serial).runs().set_index("run_id")
+    b = open_results(parallel).runs().set_index("run_id")
+    for column in ("test_acc", "gap", "jacobian_norm"):
+        np.testing.assert_allclose(b.loc[a.index, column], a[column], rtol=1e-5)
+
+
+def test_status_and_report_commands(tiny, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _cli("run", str(tiny), "--out", str(out), "--no-progress") == 0
+    (out / "report" / "index.html").unlink()
+    capsys.readouterr()
+    assert _cli("status", str(out)) == 0
+    assert "8 done" in capsys.readouterr().out
+    assert _cli("report", str(out)) == 0
+    assert (out / "report" / "index.html").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run", "nosuchpreset"], "nosuchpreset"),
+        (["run", "quickstart", "--set", "widht=3"], "widht"),
+        (["run", "quickstart", "--set", "novalue"], "KEY=VALUE"),
+        (["run", "quickstart", "--executor", "slurm"], "--executor"),
+        (["run", "quickstart", "--device", "tpu"], "--device"),
+        (["run", "quickstart", "--workers", "0"], "--workers"),
+        (["status", "/nonexistent/dir"], "not a sensgen study directory"),
+        (["report", "/nonexistent/dir"], "not a sensgen study directory"),
+        (["datasets", "fetch", "imagenet"], "imagenet"),
+    ],
+)
+def test_user_errors_exit_2_with_a_message(args, message, capsys):
+    assert _cli(*args) == 2
+    err = capsys.readouterr().err
+    assert message in err.replace("\n", " ") and "Traceback" not in err
+
+
+def test_unknown_key_in_a_study_file_exits_2(tiny, tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(TINY.replace("batch_size", "batchsize"), encoding="utf-8")
+    assert _cli("run", str(bad), "--out", str(tmp_path / "o")) == 2
+    assert "'batchsize'" in capsys.readouterr().err
+
+
+def test_corrupt_dataset_exits_2_and_keeps_finished_work(tiny, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    run(study_module.load(tiny), out, progress=False, report=False)
+    before = open_results(out).runs()
+    cache = tmp_path / "cache"
+    (cache / "mnist").mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"):
+        (cache / "mnist" / f"{name}.gz").write_bytes(gzip.compress(b"not an idx file"))
+    monkeypatch.setenv("SENSGEN_DATA", str(cache))
+    monkeypatch.setenv("SENSGEN_MIRROR", "http://127.0.0.1:9/")  # never reached
+    code = _cli("run", str(tiny), "--out", str(out), "--set", "dataset=mnist", "--no-progress")
+    assert code == 2
+    err = capsys.readouterr().err.replace("\n", " ")
+    assert "train-images-idx3-ubyte.gz" in err
+    # Nothing registered, nothing lost: the directory is exactly as before.
+    pd.testing.assert_frame_equal(open_results(out).runs(), before)
+
+
+def test_console_script_exit_codes(tmp_path):
+    """The installed `sensgen` entry point, as a user runs it."""
+    script = [sys.executable, "-m", "sensgen.cli"]
+    bad = subprocess.run([*script, "run", "nosuchpreset"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "nosuchpreset" in bad.stderr
+    usage = subprocess.run([*script, "run"], capture_output=True, text=True)
+    assert usage.returncode == 2
+    ok = subprocess.run([*script, "datasets", "list"], capture_output=True, text=True)
+    assert ok.returncode == 0 and "mnist_sample" in ok.stdout

@@ -1,0 +1,125 @@
+"""Study files: validation, run identity, grid expansion, packing, overrides."""
+
+import pytest
+
+from sensgen import study
+from sensgen.errors import UserError
+from sensgen.study import RunSpec, plan_packs
+
+
+def _write(tmp_path, text, name="s.toml"):
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+TINY = """
+name = "tiny"
+[base]
+dataset = "digits"
+optimizer = "sgd"
+lr = 0.1
+[grid]
+width = [8, 16]
+depth = [1, 2]
+seed = [0, 1]
+"""
+
+
+def test_golden_run_id():
+    # The identity of a run must never change silently: stored studies depend on it.
+    spec = RunSpec(dataset="mnist_sample", width=256, depth=2, lr=1e-3, seed=0)
+    assert spec.canonical_json() == (
+        '{"batch_size":128,"dataset":"mnist_sample","depth":2,"eval_every":100,'
+        '"init_scale":2.0,"lr":0.001,"max_steps":10000,"nonlinearity":"relu",'
+        '"optimizer":"adam","random_labels":0.0,"schema":1,"seed":0,"stop_at_fit":true,'
+        '"train_subset":null,"width":256}'
+    )
+    assert spec.run_id == "5b9a4ab3b2a1961d"
+
+
+def test_run_id_depends_only_on_result_deciding_fields():
+    a = RunSpec(dataset="digits", lr=0.1, width=8)
+    b = RunSpec(width=8, lr=0.1, dataset="digits")
+    assert a.run_id == b.run_id
+    assert RunSpec(dataset="digits", lr=0.2, width=8).run_id != a.run_id
+    assert RunSpec.from_json(a.canonical_json()) == a
+
+
+def test_full_means_none_and_round_trips():
+    spec = RunSpec(dataset="digits", batch_size="full", train_subset="full")
+    assert spec.batch_size is None and spec.train_subset is None
+    assert RunSpec.from_json(spec.canonical_json()).batch_size is None
+
+
+def test_grid_expands_and_packs_group_by_shape(tmp_path):
+    s = study.load(_write(tmp_path, TINY))
+    specs = s.specs()
+    assert len(specs) == 8 and len({x.run_id for x in specs}) == 8
+    packs = plan_packs(specs, pack_size=16)
+    assert len(packs) == 4  # (width, depth) shapes; seeds share a pack
+    assert all(len(p.specs) == 2 for p in packs)
+    assert [p.pack_id for p in packs] == [p.pack_id for p in plan_packs(specs, pack_size=16)]
+    small = plan_packs(specs, pack_size=1)
+    assert len(small) == 8 and len({p.pack_id for p in small}) == 8
+
+
+def test_duplicate_grid_points_are_deduplicated(tmp_path):
+    text = TINY.replace("seed = [0, 1]", "seed = [0, 0, 1]")
+    assert len(study.load(_write(tmp_path, text)).specs()) == 8
+
+
+@pytest.mark.parametrize(
+    ("edit", "names"),
+    [
+        (("width = [8, 16]", "widht = [8, 16]"), "'widht'"),
+        (("[base]", "[bsae]\nx = 1\n[base]"), "'bsae'"),
+        (("lr = 0.1", "lr = -0.1"), "lr"),
+        (("lr = 0.1", "lr = 0.1\nnonlinearity = 'swish'"), "nonlinearity"),
+        (('dataset = "digits"', 'dataset = "imagenet"'), "imagenet"),
+        (("seed = [0, 1]", "seed = []"), "grid.seed"),
+        (("lr = 0.1", "lr = 0.1\ntrain_subset = 99999"), "train_subset"),
+        (("lr = 0.1", "lr = 0.1\nbatch_size = 5000"), "batch_size"),
+        (("[grid]", "[grid"), "not valid TOML"),
+    ],
+)
+def test_bad_study_files_name_the_problem(tmp_path, edit, names):
+    path = _write(tmp_path, TINY.replace(*edit))
+    with pytest.raises(UserError, match=names) as info:
+        study.load(path)
+    assert str(path) in str(info.value)
+
+
+def test_missing_file_and_unknown_preset(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        study.load(tmp_path / "nope.toml")
+    with pytest.raises(UserError, match="quickstart"):
+        study.load("nosuchpreset")
+
+
+def test_overrides(tmp_path):
+    path = _write(tmp_path, TINY)
+    s = study.load(path, {"width": "32", "grid.seed": "[0, 1, 2]", "execution.pack_size": "2"})
+    specs = s.specs()
+    assert {x.width for x in specs} == {32} and {x.seed for x in specs} == {0, 1, 2}
+    assert len(specs) == 6 and s.execution.pack_size == 2
+    assert study.load(path, {"base.optimizer": "adam"}).specs()[0].optimizer == "adam"
+    with pytest.raises(UserError, match="'widht'"):
+        study.load(path, {"widht": "3"})
+    with pytest.raises(UserError, match="lr"):
+        study.load(path, {"lr": "abc"})
+
+
+def test_resolved_study_round_trips_through_toml(tmp_path):
+    s = study.load(_write(tmp_path, TINY))
+    again = study.load(_write(tmp_path, s.to_toml(), "resolved.toml"))
+    assert [x.run_id for x in again.specs()] == [x.run_id for x in s.specs()]
+
+
+def test_quickstart_preset_spans_the_factors():
+    specs = study.load("quickstart").specs()
+    assert len(specs) >= 24
+    assert {s.dataset for s in specs} == {"mnist_sample"}
+    for field in ("width", "depth", "lr", "random_labels"):
+        assert len({getattr(s, field) for s in specs}) >= 2, field
+    assert "quickstart" in study.preset_names()
