@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from sensgen.errors import UserError
-from sensgen.metrics import jacobian_norm, softmax_jacobian_factor
+from sensgen.metrics import jacobian_norm, jacobian_norms, softmax_jacobian_factor
 from sensgen.models import MLP, Nonlinearity
 
 ALL_NONLINEARITIES = list(Nonlinearity)
@@ -208,3 +208,13 @@ def test_bad_arguments_are_user_errors():
     with pytest.raises(UserError, match="closed_form"):
         jacobian_norm(nn.Linear(9, 3).double(), x, method="closed_form")
     assert jacobian_norm(net, x[:0]).shape == (0,)
+
+
+def test_both_norms_from_one_pass_match_single_calls():
+    net = _mlp("hard_tanh", 2)
+    x = _points(10, 9)
+    both = jacobian_norms(net, x)
+    for output in ("softmax", "logits"):
+        torch.testing.assert_close(both[output], jacobian_norm(net, x, output=output))
+    # Softmax sensitivity is bounded by the logits': ‖S J_z‖_F ≤ ‖S‖_2 ‖J_z‖_F ≤ ½ ‖J_z‖_F.
+    assert (both["softmax"] <= 0.5 * both["logits"] + 1e-12).all()

@@ -206,6 +206,7 @@ def _autodiff_logit_gram(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tenso
 def _default_chunk_size(model: nn.Module, x: torch.Tensor) -> int:
     """Points per chunk so the largest [chunk, C, n] intermediate stays near 64 MiB."""
     widths = [p.shape[0] for p in model.parameters() if p.ndim == 2]
-    widest = max([*widths, x[0].numel()]) if widths else x[0].numel()
+    input_size = max(1, x[0].numel()) if len(x) else 1
+    widest = max([*widths, input_size])
     n_out = widths[-1] if widths else 1
     return max(1, _CHUNK_ELEMENTS // max(1, n_out * widest))
