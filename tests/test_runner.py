@@ -212,3 +212,68 @@ def test_console_script_exit_codes(tmp_path):
     assert usage.returncode == 2
     ok = subprocess.run([*script, "datasets", "list"], capture_output=True, text=True)
     assert ok.returncode == 0 and "mnist_sample" in ok.stdout
+
+
+def test_out_that_cannot_be_a_directory_exits_2(tiny, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("", encoding="utf-8")
+    assert _cli("run", str(tiny), "--out", str(afile / "sub"), "--no-progress") == 2
+    err = capsys.readouterr().err.replace("\n", " ")
+    assert "--out" in err and "Traceback" not in err
+
+
+def test_a_second_driver_on_the_same_directory_is_refused(tiny, tmp_path, capsys):
+    import fcntl
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / ".lock", "a+") as held:  # what a live `sensgen run` on `out` holds
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert _cli("run", str(tiny), "--out", str(out), "--no-progress") == 2
+        assert "in use by another" in capsys.readouterr().err.replace("\n", " ")
+    assert _cli("run", str(tiny), "--out", str(out), "--no-progress") == 0
+
+
+def test_packs_planned_by_a_larger_version_of_the_study_are_trained_whole(tiny, tmp_path):
+    from sensgen.store import PlannedRun, Store
+    from sensgen.study import plan_packs
+
+    out = tmp_path / "out"
+    larger = study_module.load(tiny)
+    with Store.open(out) as store:  # an interrupted run of the larger study left these
+        packs = plan_packs(larger.specs(), larger.execution.pack_size)
+        store.add_runs(
+            PlannedRun(s.run_id, p.pack_id, s.canonical_json()) for p in packs for s in p.specs
+        )
+    smaller = study_module.load(tiny, {"random_labels": "0.0"})  # half of every pack
+    result = run(smaller, out, progress=False, report=False)
+    assert result.complete and result.counts == {"done": N_RUNS // 2}
+    assert (open_results(out).runs()["status"] == "done").all()
+
+
+def test_a_dead_worker_leaves_its_packs_pending_for_the_next_run(tiny, tmp_path, monkeypatch):
+    from concurrent.futures import Future
+    from concurrent.futures.process import BrokenProcessPool
+
+    class DeadPool:  # every worker is killed (say, for memory) before it returns
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def submit(self, *args):
+            future = Future()
+            future.set_exception(BrokenProcessPool("a worker died"))
+            return future
+
+    monkeypatch.setattr("sensgen.parallel.ProcessPoolExecutor", DeadPool)
+    out = tmp_path / "out"
+    result = run(study_module.load(tiny), out, workers=2, progress=False, report=False)
+    assert result.counts == {"pending": N_RUNS} and not result.complete
+    monkeypatch.undo()
+    again = run(study_module.load(tiny), out, progress=False, report=False)
+    assert again.n_trained == N_RUNS and again.counts == {"done": N_RUNS}

@@ -97,6 +97,15 @@ def test_missing_file_and_unknown_preset(tmp_path):
         study.load("nosuchpreset")
 
 
+def test_unreadable_study_files_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="is a directory"):
+        study.load(tmp_path)
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes(b'name = "caf\xe9"\n')
+    with pytest.raises(UserError, match="UTF-8"):
+        study.load(latin1)
+
+
 def test_overrides(tmp_path):
     path = _write(tmp_path, TINY)
     s = study.load(path, {"width": "32", "grid.seed": "[0, 1, 2]", "execution.pack_size": "2"})

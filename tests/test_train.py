@@ -160,3 +160,17 @@ def test_labels_shape_is_checked():
     x, ys = _data()
     with pytest.raises(ValueError, match=r"\[M, N\]"):
         train_pack(_shape(OptimizerName.SGD), _members(OptimizerName.SGD), x, ys[:2])
+
+
+def test_non_finite_update_is_divergence_and_keeps_the_last_finite_params():
+    # A finite loss whose update overflows: the model stops at once, with its initial weights.
+    x, ys = _data(5)
+    shape = _shape(OptimizerName.SGD, max_steps=10, stop_at_fit=False)
+    members = [Member(1, 0.05, 1.0), Member(2, float("inf"), 1.0)]
+    _, initial = init_pack(shape, members)
+    out = train_pack(shape, members, x, ys[:2])
+    assert out.diverged.tolist() == [False, True]
+    assert out.steps.tolist() == [10, 0]
+    for name, value in out.params.items():
+        assert torch.isfinite(value).all()
+        torch.testing.assert_close(value[1], initial[name][1], rtol=0, atol=0)

@@ -135,7 +135,7 @@ def _evaluate(specs, shape, template, outcome: PackOutcome, x_train, labels, tes
         finite = all(pd.notna(v) and abs(v) != float("inf") for v in metrics.values())
         diverged = bool(outcome.diverged[i]) or not finite
         status = Status.DIVERGED if diverged else Status.DONE
-        error = "loss became non-finite during training" if diverged else None
+        error = "loss or parameters became non-finite during training" if diverged else None
         results.append(RunResult(spec.run_id, status, metrics, error))
         points.append(frame)
     return results, points

@@ -61,12 +61,8 @@ def _sgd_update(params, grads, state, lr, step):
 
 
 def _momentum_update(params, grads, state, lr, step):
-    first = _per_model(step == 0, params[next(iter(params))]).bool()
-    velocity = {}
-    for k, g in grads.items():
-        # torch.optim.SGD starts the buffer at the first gradient, not at μ·0 + g: same value.
-        v = torch.where(first.view(-1, *([1] * (g.ndim - 1))), g, MOMENTUM * state["v"][k] + g)
-        velocity[k] = v
+    # torch.optim.SGD starts the buffer at the first gradient; with v = 0, μ·0 + g is exactly g.
+    velocity = {k: MOMENTUM * state["v"][k] + g for k, g in grads.items()}
     new = {k: p - _per_model(lr, p) * velocity[k] for k, p in params.items()}
     return new, {"v": velocity}
 

@@ -6,12 +6,16 @@ packs still pending. A pack is stored atomically once finished, so an interrupti
 at most the packs in flight; running the same command again picks up where it stopped.
 Failures are recorded per pack (status `failed`, with the error) and never stop the sweep.
 
-The driver (this process) is the only writer of the store; workers return results.
+The driver (this process) is the only writer of the store; workers return results. It
+holds an exclusive lock on DIR/.lock while it writes, so a second `sensgen run` on the same
+DIR is refused (exit 2) instead of re-queueing and retraining the first one's packs. The
+operating system drops the lock when the driver dies, even by SIGKILL.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -38,6 +42,7 @@ from sensgen.store import FINAL, PlannedRun, Status, Store
 from sensgen.study import RunSpec, Study, plan_packs
 
 STUDY_FILE = "study.toml"
+LOCK_FILE = ".lock"
 
 
 class Executor(StrEnum):
@@ -102,8 +107,9 @@ def run(
     out = Path(out_dir)
     _check_same_study(out, study)
     specs = study.specs()
-    with Store.open(out) as store:
-        _preflight(_unfinished_datasets(store, specs))  # fail fast, before touching DIR
+    with Store.open(out) as store, _driver_lock(out):
+        # Fail fast on a missing or corrupt dataset, before any run is registered or trained.
+        _preflight(_unfinished_datasets(store, specs))
         _write_study_file(out, study)
         packs = plan_packs(specs, study.execution.pack_size)
         store.add_runs(
@@ -165,6 +171,33 @@ def _check_same_study(out: Path, study: Study) -> None:
         )
 
 
+@contextmanager
+def _driver_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive, non-blocking lock on DIR/.lock: one driver per study directory.
+
+    Without it a second driver's `Store.reset_stale` would re-queue (and both would then
+    train) the packs the first one is running. flock locks die with their process.
+    """
+    if sys.platform == "win32":  # no flock; one driver per directory is then up to the user
+        yield
+        return
+    import fcntl
+
+    with open(out / LOCK_FILE, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(
+                f"{out} is in use by another `sensgen run` (it holds {out / LOCK_FILE}). Wait "
+                f"for it to finish (`sensgen status {out}` shows its progress), or choose "
+                "another --out directory."
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _write_study_file(out: Path, study: Study) -> None:
     tmp = out / f".{STUDY_FILE}.tmp-{os.getpid()}"
     tmp.write_text(study.to_toml(), encoding="utf-8")
@@ -172,11 +205,17 @@ def _write_study_file(out: Path, study: Study) -> None:
 
 
 def _pending_packs(store: Store, run_ids: set[str]) -> list[_PendingPack]:
-    """Pending runs of this study grouped by the pack the catalogue gave them."""
+    """Pending packs holding a run of this study, each with all its pending runs.
+
+    A pack is finished as a whole (`Store.finish_pack`), so a pack planned by an earlier,
+    larger version of the study is trained with all its runs, not only this study's.
+    """
     runs = store.runs()
     if runs.empty:
         return []
-    rows = runs[(runs["status"] == Status.PENDING) & runs["run_id"].isin(run_ids)]
+    pending = runs[runs["status"] == Status.PENDING]
+    mine = set(pending.loc[pending["run_id"].isin(run_ids), "pack_id"])
+    rows = pending[pending["pack_id"].isin(mine)]
     packs = []
     for pack_id, group in rows.groupby("pack_id", sort=False):
         specs = tuple(RunSpec.from_json(text) for text in group.sort_values("run_id")["spec"])
@@ -227,10 +266,33 @@ def _train(
                     pack.pack_id, result.results, points=result.points, weights=result.weights
                 )
                 bar.update(task, completed=sum(p.specs[0].max_steps for p in packs[: i + 1]))
+                if show and not console.is_terminal:  # logs and CI: one line per pack
+                    console.print(_pack_line(i + 1, len(packs), bar.tasks[task]), highlight=False)
         else:
             from sensgen.parallel import train_in_processes
 
-            train_in_processes(store, packs, workers=workers, device=device, bar=bar, task=task)
+            lost = train_in_processes(
+                store, packs, workers=workers, device=device, bar=bar, task=task
+            )
+            if lost:
+                console.print(
+                    f"[bold yellow]warning:[/] a worker process died (killed for memory?), so "
+                    f"{lost} pack(s) did not finish; they stay pending. Run the same command "
+                    "again to train them, with fewer --workers if memory is short.",
+                    highlight=False,
+                )
+
+
+def _pack_line(done: int, total: int, task) -> str:
+    """'pack 3/8 done, 0:42 elapsed, ETA 1:30' for output that is not a terminal."""
+    remaining = task.time_remaining
+    eta = "" if remaining is None else f", ETA {_clock(remaining)}"
+    return f"pack {done}/{total} done, {_clock(task.elapsed or 0.0)} elapsed{eta}"
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes}:{secs:02d}"
 
 
 def _execute_safely(pack: _PendingPack, device: str, on_step=None) -> PackResult:

@@ -244,9 +244,18 @@ class Results:
                 f"{root} is not a sensgen study directory: no {DB_NAME}; "
                 f"run `sensgen run STUDY --out {root}` first."
             )
-        for sub in (root, root / "points", root / "weights") if create else ():
-            sub.mkdir(parents=True, exist_ok=True)
-        store = cls(root, sqlite3.connect(db, timeout=30.0, isolation_level=None))
+        if db.exists() and not db.is_file():
+            raise UserError(f"{db} is not a file; move it away or choose another --out DIR.")
+        try:
+            for sub in (root, root / "points", root / "weights") if create else ():
+                sub.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(db, timeout=30.0, isolation_level=None)
+        except (OSError, sqlite3.OperationalError) as exc:
+            raise UserError(
+                f"Cannot create or open the study directory {root} ({exc}); choose a writable "
+                "--out DIR."
+            ) from exc
+        store = cls(root, conn)
         try:
             store._prepare(create)
         except BaseException as exc:

@@ -233,11 +233,18 @@ def _read_study_text(path_or_preset: str | Path) -> tuple[str, str]:
     path = Path(path_or_preset)
     if path.suffix == ".toml" or path.exists():
         if not path.is_file():
+            what = "is a directory, not a file" if path.is_dir() else "does not exist"
             raise UserError(
-                f"Study file {path} does not exist. Pass an existing .toml file or a preset "
+                f"Study file {path} {what}. Pass an existing .toml file or a preset "
                 f"name ({', '.join(preset_names())})."
             )
-        return str(path), path.read_text(encoding="utf-8")
+        try:
+            return str(path), path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise UserError(
+                f"Study file {path} cannot be read as UTF-8 text ({err}). Pass a readable "
+                "TOML file (TOML files are UTF-8)."
+            ) from None
     name = str(path_or_preset)
     if name not in preset_names():
         raise UserError(

@@ -10,7 +10,8 @@ parameters are stacked along a leading model axis (`stack_module_state`) and one
 so model m's gradient is exactly the gradient of its own mean batch loss: the models do
 not interact. Each model stops on its own (masked updates) when it reaches 100% training
 accuracy (checked every `eval_every` steps, if `stop_at_fit`), when its step budget runs
-out, or when its loss stops being finite (diverged).
+out, or when its loss or its next parameters stop being finite (diverged; it keeps its
+last finite parameters).
 
 Randomness: model m's initial weights come from `torch.Generator().manual_seed(seed_m)`;
 its data order from a generator seeded by `derive_seed(seed_m, "order")`. A model trained
@@ -70,7 +71,8 @@ class PackOutcome:
     Attributes:
         params: stacked parameters, each [M, ...], as `stack_module_state` names them.
         steps: [M] int64, updates applied to each model.
-        diverged: [M] bool, whose loss became non-finite (their params are the last finite ones).
+        diverged: [M] bool, whose loss or update became non-finite (their params are the
+            last finite ones).
     """
 
     params: dict[str, torch.Tensor]
@@ -161,10 +163,10 @@ def train_pack(
             idx = idx.to(device)
             xb, yb = x[idx], torch.gather(y, 1, idx)
         grads, losses = step_fn(params, xb, yb)
-        finite = torch.isfinite(losses)
+        new_params, new_state = optimizer.update(params, grads, state, lr, steps)
+        finite = torch.isfinite(losses) & _all_finite(new_params)
         diverged |= active & ~finite
         active &= finite
-        new_params, new_state = optimizer.update(params, grads, state, lr, steps)
         params = _masked(active, new_params, params)
         state = {k: _masked(active, new_state[k], state[k]) for k in new_state}
         steps += active.long()
@@ -176,6 +178,12 @@ def train_pack(
             if not active.any():
                 break
     return PackOutcome(params=params, steps=steps, diverged=diverged)
+
+
+def _all_finite(params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[M] bool: whether every parameter of each model is finite."""
+    per_tensor = [torch.isfinite(v).flatten(start_dim=1).all(dim=1) for v in params.values()]
+    return torch.stack(per_tensor).all(dim=0)
 
 
 def _masked(
