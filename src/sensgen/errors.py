@@ -7,6 +7,26 @@ turns it into exit code 2 without a traceback; anything else is an internal erro
 
 from __future__ import annotations
 
+from enum import StrEnum
+from typing import TypeVar
+
+Choice = TypeVar("Choice", bound=StrEnum)
+
 
 class UserError(ValueError):
     """Bad user input: the message names the field or file and the fix."""
+
+
+def parse_choice(enum: type[Choice], value: str | Choice, what: str) -> Choice:
+    """Turn a user string into a member of `enum`, or raise a UserError listing the choices.
+
+    Example:
+        >>> from sensgen.models import Nonlinearity
+        >>> parse_choice(Nonlinearity, "relu", "nonlinearity")
+        <Nonlinearity.RELU: 'relu'>
+    """
+    try:
+        return enum(value)
+    except ValueError:
+        allowed = ", ".join(repr(m.value) for m in enum)
+        raise UserError(f"Unknown {what} {value!r}: choose one of {allowed}.") from None

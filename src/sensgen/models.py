@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sensgen.errors import UserError
+from sensgen.errors import parse_choice
 
 
 class Nonlinearity(StrEnum):
@@ -43,11 +43,7 @@ class Nonlinearity(StrEnum):
     @classmethod
     def parse(cls, value: str | Nonlinearity) -> Nonlinearity:
         """Turn a user string into a member, or raise a UserError listing the choices."""
-        try:
-            return cls(value)
-        except ValueError:
-            allowed = ", ".join(m.value for m in cls)
-            raise UserError(f"Unknown nonlinearity {value!r}. Choose one of: {allowed}.") from None
+        return parse_choice(cls, value, "nonlinearity")
 
 
 def _hard_sigmoid_derivative(h: torch.Tensor) -> torch.Tensor:
