@@ -28,13 +28,15 @@ standardised input, so norms are per unit of standardised input (they scale as 1
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import StrEnum
+from functools import partial
 
 import torch
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
-from sensgen.errors import UserError
+from sensgen.errors import UserError, parse_choice
 from sensgen.models import DERIVATIVES, MLP
 
 # Elements allowed in the largest per-chunk intermediate (about 64 MiB in float32).
@@ -55,13 +57,6 @@ class Method(StrEnum):
     CLOSED_FORM = "closed_form"
     AUTODIFF = "autodiff"
 
-
-def _parse(enum: type[StrEnum], value: str, what: str) -> StrEnum:
-    try:
-        return enum(value)
-    except ValueError:
-        allowed = ", ".join(repr(m.value) for m in enum)
-        raise UserError(f"Unknown {what} {value!r}: choose one of {allowed}.") from None
 
 
 def jacobian_norm(
@@ -97,7 +92,7 @@ def jacobian_norm(
         >>> jacobian_norm(net, torch.randn(8, 784)).shape
         torch.Size([8])
     """
-    output = _parse(Output, output, "output")
+    output = parse_choice(Output, output, "output")
     return jacobian_norms(model, x, outputs=(output,), chunk_size=chunk_size, method=method)[output]
 
 
@@ -114,8 +109,8 @@ def jacobian_norms(
     Same contract as `jacobian_norm`; both norms share the logit Gram matrix K, so asking
     for "softmax" and "logits" together costs the same as asking for one.
     """
-    wanted = [_parse(Output, o, "output") for o in outputs]
-    method = _parse(Method, method, "method")
+    wanted = [parse_choice(Output, o, "output") for o in outputs]
+    method = parse_choice(Method, method, "method")
     if method is Method.AUTO:
         method = Method.CLOSED_FORM if isinstance(model, MLP) else Method.AUTODIFF
     if method is Method.CLOSED_FORM and not isinstance(model, MLP):
@@ -125,16 +120,22 @@ def jacobian_norms(
         )
     if chunk_size is not None and chunk_size < 1:
         raise UserError(f"chunk_size must be a positive integer, got {chunk_size}.")
-    gram_fn = _mlp_logit_gram if method is Method.CLOSED_FORM else _autodiff_logit_gram
+    empty = torch.zeros(0, dtype=torch.float64, device=x.device)
+    if x.shape[0] == 0:
+        return dict.fromkeys(wanted, empty)
     size = chunk_size or _default_chunk_size(model, x)
     parts: dict[Output, list[torch.Tensor]] = {o: [] for o in wanted}
+    with torch.no_grad():
+        if method is Method.CLOSED_FORM:
+            gram_fn = _mlp_gram_fn(model)
+        else:
+            gram_fn = partial(_autodiff_logit_gram, model)
     for chunk in torch.split(x, size):
         with torch.no_grad():
-            logits, gram = gram_fn(model, chunk)
+            logits, gram = gram_fn(chunk)
         for o in wanted:
             parts[o].append(_contract(logits, gram, o))
-    empty = torch.zeros(0, dtype=torch.float64, device=x.device)
-    return {o: torch.cat(p) if p else empty for o, p in parts.items()}
+    return {o: torch.cat(p) for o, p in parts.items()}
 
 
 def softmax_jacobian_factor(logits: torch.Tensor) -> torch.Tensor:
@@ -167,22 +168,30 @@ def _contract(logits: torch.Tensor, gram: torch.Tensor, output: Output) -> torch
     return squared.clamp_min(0.0).sqrt()
 
 
-def _mlp_logit_gram(model: MLP, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Closed form: logits [B, C] and K = J_z J_zᵀ [B, C, C] for a sensgen MLP."""
-    hidden, logits = model.preactivations(x)
+def _mlp_gram_fn(model: MLP) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """Closed form for a sensgen MLP: chunk [B, d] → (logits [B, C], K = J_z J_zᵀ [B, C, C]).
+
+    G = W_1 W_1ᵀ is formed once per call, not once per chunk. Products with a shared weight
+    matrix are done as one [B·C, n] @ [n, m] GEMM rather than B small batched ones.
+    """
     derivative = DERIVATIVES[model.nonlinearity]
-    weights = [layer.weight for layer in model.layers]  # W_1 [n1, d] ... W_L [C, n_{L-1}]
-    m = weights[-1].expand(x.shape[0], -1, -1)  # [B, C, n_{L-1}]
-    for h, w in zip(reversed(hidden[1:]), reversed(weights[1:-1]), strict=True):
-        m = (m * derivative(h).unsqueeze(1)) @ w  # [B, C, n_{l-1}]
-    m = m * derivative(hidden[0]).unsqueeze(1)  # [B, C, n1] = W_L D_{L-1} ... W_2 D_1
+    weights = [layer.weight.detach() for layer in model.layers]  # W_1 [n1, d] ... W_L [C, n]
     w1 = weights[0]
-    if w1.shape[0] < w1.shape[1]:  # n1 < d: the Gram trick is cheaper
-        gram = (m @ (w1 @ w1.T)) @ m.transpose(1, 2)
-    else:
-        jz = m @ w1  # [B, C, d]
-        gram = jz @ jz.transpose(1, 2)
-    return logits, gram
+    use_gram = w1.shape[0] < w1.shape[1]  # n1 < d: the Gram trick is cheaper
+    second = w1 @ w1.T if use_gram else w1  # G [n1, n1], or W_1 [n1, d]
+
+    def gram_of(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden, logits = model.preactivations(x)
+        b, c = x.shape[0], weights[-1].shape[0]
+        m = weights[-1] * derivative(hidden[-1]).unsqueeze(1)  # [B, C, n_{L-1}]
+        for h, w in zip(reversed(hidden[:-1]), reversed(weights[1:-1]), strict=True):
+            m = (m.reshape(b * c, -1) @ w).reshape(b, c, -1) * derivative(h).unsqueeze(1)
+        # m = W_L D_{L-1} ... W_2 D_1  [B, C, n1];  K = m G mᵀ  or  (m W_1)(m W_1)ᵀ
+        right = (m.reshape(b * c, -1) @ second).reshape(b, c, -1)
+        other = m if use_gram else right
+        return logits, right @ other.transpose(1, 2)
+
+    return gram_of
 
 
 def _autodiff_logit_gram(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
