@@ -58,7 +58,6 @@ class Method(StrEnum):
     AUTODIFF = "autodiff"
 
 
-
 def jacobian_norm(
     model: nn.Module,
     x: torch.Tensor,

@@ -447,4 +447,3 @@ def _check_path(path: torch.Tensor) -> None:
         raise UserError(
             f"path must hold at least 2 points as [k, ...], got shape {tuple(path.shape)}."
         )
-
