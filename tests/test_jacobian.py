@@ -5,7 +5,12 @@ import torch
 from torch import nn
 
 from sensgen.errors import UserError
-from sensgen.metrics import jacobian_norm, jacobian_norms, softmax_jacobian_factor
+from sensgen.metrics import (
+    jacobian_norm,
+    jacobian_norm_estimate,
+    jacobian_norms,
+    softmax_jacobian_factor,
+)
 from sensgen.models import MLP, Nonlinearity
 
 ALL_NONLINEARITIES = list(Nonlinearity)
@@ -218,3 +223,33 @@ def test_both_norms_from_one_pass_match_single_calls():
         torch.testing.assert_close(both[output], jacobian_norm(net, x, output=output))
     # Softmax sensitivity is bounded by the logits': ‖S J_z‖_F ≤ ‖S‖_2 ‖J_z‖_F ≤ ½ ‖J_z‖_F.
     assert (both["softmax"] <= 0.5 * both["logits"] + 1e-12).all()
+
+
+@pytest.mark.parametrize("output", ["softmax", "logits"])
+def test_random_projection_estimate_is_unbiased_within_its_stated_variance(output):
+    # E‖vᵀJ‖² = ‖J‖_F² and the relative std of a k-sample mean is at most √(2/k).
+    net = _mlp("relu", 2, d=30, c=100, width=40, seed=3)
+    x = _points(6, 30, seed=4)
+    exact = jacobian_norm(net, x, output=output) ** 2
+    k = 4000
+    g = torch.Generator().manual_seed(0)
+    estimate = jacobian_norm_estimate(net, x, n_projections=k, generator=g, output=output)
+    assert estimate.shape == (6,) and estimate.dtype == torch.float64
+    assert ((estimate / exact - 1).abs() < 5 * (2 / k) ** 0.5).all()
+    again = jacobian_norm_estimate(
+        net, x, n_projections=k, generator=torch.Generator().manual_seed(0), output=output
+    )
+    torch.testing.assert_close(again, estimate, rtol=0, atol=0)
+
+
+def test_random_projection_with_a_single_output():
+    # C = 1, logits: vᵀJ = v·J_z with v ~ N(0, 1), so the estimate is mean(v²)·‖J_z‖².
+    net = _mlp("tanh", 1, d=5, c=1, width=6)
+    x = _points(3, 5)
+    est = jacobian_norm_estimate(
+        net, x, n_projections=20000, generator=torch.Generator().manual_seed(1), output="logits"
+    )
+    exact = jacobian_norm(net, x, output="logits") ** 2
+    assert ((est / exact - 1).abs() < 5 * (2 / 20000) ** 0.5).all()
+    with pytest.raises(UserError, match="n_projections"):
+        jacobian_norm_estimate(net, x, n_projections=0, generator=torch.Generator())

@@ -9,6 +9,8 @@ from torch import nn
 
 from sensgen.errors import UserError
 from sensgen.metrics.codes import BREAKPOINTS, activation_codes, hidden_preactivations
+from sensgen.metrics.profiles import angle_bins, bin_arc_length, transition_profile
+from sensgen.metrics.trajectories import ellipse_axes
 from sensgen.metrics.transitions import (
     crossing_angles,
     ellipse_transitions_exact,
@@ -244,3 +246,28 @@ def test_user_model_is_untouched():
     transitions(net, _ellipse(*_circle_anchors(), 24))
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
     assert all(v.dtype == torch.float32 for v in net.state_dict().values())
+
+
+@pytest.mark.parametrize("density", ["per_bin", "per_radian", "arc_length"])
+def test_transition_profile_redistributes_the_exact_count(density):
+    # Summing density × normaliser over the bins recovers every crossing on the circle.
+    net = _circle_net("relu")
+    anchors = _circle_anchors()
+    profile = transition_profile(net, *anchors, sides=2048, n_bins=60, density=density)
+    exact, _ = _analytic_circle_count(net)
+    edges, _ = angle_bins(60)
+    if density == "per_bin":
+        scale = torch.ones(60, dtype=torch.float64)
+    elif density == "per_radian":
+        scale = edges[1:] - edges[:-1]
+    else:
+        scale = bin_arc_length(*ellipse_axes(*anchors), edges)
+        # On a circle of radius r a bin's arc is r·Δφ.
+        torch.testing.assert_close(scale, RADIUS * (edges[1:] - edges[:-1]))
+    assert profile.values.shape == (60,) and len(profile.angles) == exact
+    assert round(float((profile.values * scale).sum())) == exact
+
+
+def test_transition_profile_rejects_unknown_density():
+    with pytest.raises(UserError, match="arc_length"):
+        transition_profile(_circle_net("relu"), *_circle_anchors(), density="per_metre")

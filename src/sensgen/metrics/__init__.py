@@ -19,6 +19,7 @@ from sensgen.metrics.jacobian import (
     Method,
     Output,
     jacobian_norm,
+    jacobian_norm_estimate,
     jacobian_norms,
     softmax_jacobian_factor,
 )
@@ -85,6 +86,7 @@ __all__ = [
     "hidden_preactivations",
     "is_piecewise_linear",
     "jacobian_norm",
+    "jacobian_norm_estimate",
     "jacobian_norms",
     "jacobian_profile",
     "layer_activation_codes",
