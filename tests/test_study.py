@@ -30,12 +30,12 @@ def test_golden_run_id():
     # The identity of a run must never change silently: stored studies depend on it.
     spec = RunSpec(dataset="mnist_sample", width=256, depth=2, lr=1e-3, seed=0)
     assert spec.canonical_json() == (
-        '{"batch_size":128,"dataset":"mnist_sample","depth":2,"eval_every":100,'
-        '"init_scale":2.0,"lr":0.001,"max_steps":10000,"nonlinearity":"relu",'
-        '"optimizer":"adam","random_labels":0.0,"schema":1,"seed":0,"stop_at_fit":true,'
+        '{"augment":false,"batch_size":128,"dataset":"mnist_sample","depth":2,'
+        '"eval_every":100,"init_scale":2.0,"lr":0.001,"max_steps":10000,"nonlinearity":"relu",'
+        '"optimizer":"adam","random_labels":0.0,"schema":2,"seed":0,"stop_at_fit":true,'
         '"train_subset":null,"width":256}'
     )
-    assert spec.run_id == "5b9a4ab3b2a1961d"
+    assert spec.run_id == "a27ce2582e9c8d37"
 
 
 def test_run_id_depends_only_on_result_deciding_fields():

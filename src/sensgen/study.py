@@ -43,7 +43,7 @@ from sensgen.errors import UserError
 from sensgen.models import Nonlinearity
 from sensgen.optim import OptimizerName
 
-SPEC_SCHEMA = 1
+SPEC_SCHEMA = 2  # v2 added `augment`
 FULL = "full"
 
 
@@ -54,8 +54,9 @@ class RunSpec(BaseModel):
     (fraction of training labels replaced by uniform draws), `width`, `depth` (hidden
     layers), `nonlinearity`, `init_scale` (σ_w²), `optimizer`, `lr`, `batch_size` (None:
     full batch), `max_steps`, `eval_every` (steps between training-accuracy checks),
-    `stop_at_fit` (stop at 100% training accuracy), `seed` (initial weights, data order
-    and random labels).
+    `stop_at_fit` (stop at 100% training accuracy), `seed` (initial weights, data order,
+    random labels and augmentation draws), `augment` (random translations of the training
+    images, plus horizontal flips for CIFAR, drawn on the fly).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -74,6 +75,7 @@ class RunSpec(BaseModel):
     eval_every: Annotated[int, Field(ge=1)] = 100
     stop_at_fit: bool = True
     seed: Annotated[int, Field(ge=0, lt=2**63)] = 0
+    augment: bool = False
 
     @field_validator("batch_size", "train_subset", mode="before")
     @classmethod
@@ -120,6 +122,26 @@ class RunSpec(BaseModel):
         return cls.model_validate(fields)
 
 
+class Measurements(BaseModel):
+    """What is measured on each trained model besides losses, accuracies and the test Jbar.
+
+    None of it enters a run's identity: it describes the trained function, not training.
+
+    Fields: `jacobian_train_points` (Jbar also on this many training points, a fixed subset;
+    0: off), `transition_ellipses` (exact transition counts on this many ellipses through
+    three test points of different classes; 0: off), `transition_sides` (sides of the
+    inscribed polygon, paper §3 Study 4 default 1,200), `points` (store the per-test-point
+    table).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    jacobian_train_points: Annotated[int, Field(ge=0)] = 1000
+    transition_ellipses: Annotated[int, Field(ge=0, le=100_000)] = 0
+    transition_sides: Annotated[int, Field(ge=6, le=10_000_000)] = 1200
+    points: bool = True
+
+
 class Execution(BaseModel):
     """How a study runs; none of this enters a run's identity."""
 
@@ -137,6 +159,7 @@ class Study(BaseModel):
     description: str = ""
     base: dict[str, Any] = Field(default_factory=dict)
     grid: dict[str, list[Any]] = Field(default_factory=dict)
+    measure: Measurements = Measurements()
     execution: Execution = Execution()
 
     def specs(self) -> list[RunSpec]:
@@ -158,6 +181,7 @@ class Study(BaseModel):
         for table, entries in (
             ("base", base),
             ("grid", self.grid),
+            ("measure", self.measure.model_dump()),
             ("execution", self.execution.model_dump()),
         ):
             lines += ["", f"[{table}]"]
@@ -262,7 +286,7 @@ def _apply_override(raw: dict, key: str, value: str, source: str) -> None:
     except tomllib.TOMLDecodeError:
         parsed = value
     table, _, field = key.rpartition(".")
-    if table in ("base", "grid", "execution"):
+    if table in ("base", "grid", "measure", "execution"):
         raw.setdefault(table, {})[field] = parsed
     elif table == "" and field in ("name", "description"):
         raw[field] = parsed
