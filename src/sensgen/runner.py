@@ -111,7 +111,8 @@ def run(
         # Fail fast on a missing or corrupt dataset, before any run is registered or trained.
         _preflight(_unfinished_datasets(store, specs))
         _write_study_file(out, study)
-        packs = plan_packs(specs, study.execution.pack_size)
+        memory = int(study.execution.pack_memory_gb * 2**30)
+        packs = plan_packs(specs, study.execution.pack_size, memory)
         store.add_runs(
             PlannedRun(s.run_id, p.pack_id, s.canonical_json()) for p in packs for s in p.specs
         )

@@ -26,100 +26,36 @@ workers or devices. Same-shape specs are grouped into packs that train together.
 
 from __future__ import annotations
 
-import hashlib
-import itertools
 import json
 import tomllib
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sensgen import data
 from sensgen.errors import UserError
-from sensgen.models import Nonlinearity
-from sensgen.optim import OptimizerName
+from sensgen.planner import Pack, PlannedSpec, draw_samples, expand, plan_packs
+from sensgen.spec import FULL, SPEC_SCHEMA, RunSpec
 
-SPEC_SCHEMA = 2  # v2 added `augment`
-FULL = "full"
-
-
-class RunSpec(BaseModel):
-    """Everything that decides one trained model's result (paper §4).
-
-    Fields: `dataset`, `train_subset` (None: the full training set), `random_labels`
-    (fraction of training labels replaced by uniform draws), `width`, `depth` (hidden
-    layers), `nonlinearity`, `init_scale` (σ_w²), `optimizer`, `lr`, `batch_size` (None:
-    full batch), `max_steps`, `eval_every` (steps between training-accuracy checks),
-    `stop_at_fit` (stop at 100% training accuracy), `seed` (initial weights, data order,
-    random labels and augmentation draws), `augment` (random translations of the training
-    images, plus horizontal flips for CIFAR, drawn on the fly).
-    """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    dataset: str = "mnist_sample"
-    train_subset: Annotated[int, Field(ge=1)] | None = None
-    random_labels: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
-    width: Annotated[int, Field(ge=1, le=65536)] = 256
-    depth: Annotated[int, Field(ge=1, le=64)] = 2
-    nonlinearity: Nonlinearity = Nonlinearity.RELU
-    init_scale: Annotated[float, Field(gt=0.0, le=100.0)] = 2.0
-    optimizer: OptimizerName = OptimizerName.ADAM
-    lr: Annotated[float, Field(gt=0.0, le=100.0)] = 1e-3
-    batch_size: Annotated[int, Field(ge=1)] | None = 128
-    max_steps: Annotated[int, Field(ge=1)] = 10_000
-    eval_every: Annotated[int, Field(ge=1)] = 100
-    stop_at_fit: bool = True
-    seed: Annotated[int, Field(ge=0, lt=2**63)] = 0
-    augment: bool = False
-
-    @field_validator("batch_size", "train_subset", mode="before")
-    @classmethod
-    def _full_means_none(cls, value: Any) -> Any:
-        return None if value == FULL else value
-
-    @field_validator("dataset")
-    @classmethod
-    def _known_dataset(cls, value: str) -> str:
-        if value not in data.names():
-            raise ValueError(f"unknown dataset {value!r}; choose one of {', '.join(data.names())}")
-        return value
-
-    def canonical_json(self) -> str:
-        """Sorted-key JSON of every field plus the schema version: the run's identity."""
-        fields = self.model_dump(mode="json")
-        fields["schema"] = SPEC_SCHEMA
-        return json.dumps(fields, sort_keys=True, separators=(",", ":"))
-
-    @property
-    def run_id(self) -> str:
-        """First 16 hex digits of SHA-256(canonical JSON)."""
-        return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:16]
-
-    def pack_key(self) -> tuple:
-        """Specs with equal keys can train in one pack (same shapes, same schedule)."""
-        return (
-            self.dataset,
-            self.train_subset,
-            self.width,
-            self.depth,
-            self.nonlinearity,
-            self.optimizer,
-            self.batch_size,
-            self.max_steps,
-            self.eval_every,
-            self.stop_at_fit,
-        )
-
-    @classmethod
-    def from_json(cls, text: str) -> RunSpec:
-        fields = json.loads(text)
-        fields.pop("schema", None)
-        return cls.model_validate(fields)
+__all__ = [
+    "FULL",
+    "SPEC_SCHEMA",
+    "Execution",
+    "Inclusion",
+    "Measurements",
+    "Pack",
+    "Pairing",
+    "PlannedSpec",
+    "RunSpec",
+    "Sampling",
+    "Study",
+    "load",
+    "plan_packs",
+    "preset_names",
+]
 
 
 class Measurements(BaseModel):
@@ -148,42 +84,107 @@ class Execution(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     pack_size: Annotated[int, Field(ge=1, le=4096)] = 16
+    pack_memory_gb: Annotated[float, Field(gt=0.0)] = 4.0  # estimated training memory per pack
+
+
+class Sampling(BaseModel):
+    """`[sample]`: n random configurations over some axes (paper §4: random search).
+
+    Every other key is an axis: a list (uniform choice), ``{choice = [...]}``,
+    ``{log_uniform = [lo, hi]}`` or ``{uniform = [lo, hi]}``.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    n: Annotated[int, Field(ge=1, le=1_000_000)]
+    seed: Annotated[int, Field(ge=0)] = 0
+
+    def axes(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class Pairing(BaseModel):
+    """`[pairs]`: every configuration once per value of one factor (paper §3 Study 4).
+
+    The first value is the member expected to generalize better (the x axis of Fig. 4);
+    with more than two values the first is compared with each of the others.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    factor: str
+    values: Annotated[list[Any], Field(min_length=2)]
+
+
+class Inclusion(BaseModel):
+    """`[inclusion]`: which trained models the analysis keeps (paper §4).
+
+    `min_train_acc` None means the paper's rule: 100% training accuracy, 99.9% for CIFAR-100.
+    `apply = false` keeps every finished model (the paper's augmentation pairs, Fig. 4b).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    apply: bool = True
+    min_train_acc: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+
+    def threshold(self, dataset: str) -> float:
+        if self.min_train_acc is not None:
+            return self.min_train_acc
+        return 0.999 if dataset == "cifar100" else 1.0
+
+
+PAIR_FACTORS = ("random_labels", "augment", "nonlinearity", "batch_size")
+TABLES = ("base", "grid", "sample", "pairs", "inclusion", "measure", "execution")
 
 
 class Study(BaseModel):
-    """A named set of run specs: `base` defaults crossed with the `grid` axes."""
+    """A named set of runs: `base` defaults, `[sample]` draws × `[grid]` axes × `[pairs]`."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
     description: str = ""
+    scale: str = "default"
+    scales: dict[str, dict[str, Any]] = Field(default_factory=dict)
     base: dict[str, Any] = Field(default_factory=dict)
     grid: dict[str, list[Any]] = Field(default_factory=dict)
+    sample: Sampling | None = None
+    pairs: Pairing | None = None
+    inclusion: Inclusion = Inclusion()
     measure: Measurements = Measurements()
     execution: Execution = Execution()
 
+    def planned(self) -> list[PlannedSpec]:
+        """Every run of the study with its pair membership, deduplicated by run_id."""
+        samples = []
+        if self.sample is not None:
+            samples = draw_samples(self.sample.axes(), self.sample.n, self.sample.seed)
+        factor = self.pairs.factor if self.pairs else None
+        values = self.pairs.values if self.pairs else None
+        return expand(self.base, self.grid, samples, factor, values)
+
     def specs(self) -> list[RunSpec]:
-        """Every run of the study, deduplicated by run_id, in grid order."""
-        axes = list(self.grid)
-        seen: dict[str, RunSpec] = {}
-        for values in itertools.product(*(self.grid[a] for a in axes)):
-            spec = RunSpec.model_validate({**self.base, **dict(zip(axes, values, strict=True))})
-            seen.setdefault(spec.run_id, spec)
-        return list(seen.values())
+        """Every run of the study, deduplicated by run_id."""
+        return [p.spec for p in self.planned()]
 
     def to_toml(self) -> str:
         """The study as TOML, defaults resolved into `[base]` (written to DIR/study.toml)."""
         base = {**RunSpec().model_dump(mode="json"), **self.base}
-        lines = [
-            f"name = {_toml_value(self.name)}",
-            f"description = {_toml_value(self.description)}",
-        ]
-        for table, entries in (
-            ("base", base),
-            ("grid", self.grid),
-            ("measure", self.measure.model_dump()),
-            ("execution", self.execution.model_dump()),
-        ):
+        lines = [f"{k} = {_toml_value(getattr(self, k))}" for k in ("name", "description")]
+        lines.append(f"scale = {_toml_value(self.scale)}")
+        tables = {
+            "base": base,
+            "grid": self.grid,
+            "sample": self.sample.model_dump() if self.sample else None,
+            "pairs": self.pairs.model_dump() if self.pairs else None,
+            "inclusion": self.inclusion.model_dump(),
+            "measure": self.measure.model_dump(),
+            "execution": self.execution.model_dump(),
+        }
+        for table, entries in tables.items():
+            if entries is None:
+                continue
             lines += ["", f"[{table}]"]
             lines += [f"{k} = {_toml_value(v)}" for k, v in entries.items() if v is not None]
         return "\n".join(lines) + "\n"
@@ -194,31 +195,11 @@ def _toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
     if isinstance(value, int | float):
         return repr(value)
     return json.dumps(str(value))
-
-
-@dataclass(frozen=True)
-class Pack:
-    """Same-shape specs that train together; `pack_id` hashes their run_ids."""
-
-    pack_id: str
-    specs: tuple[RunSpec, ...]
-
-
-def plan_packs(specs: Iterable[RunSpec], pack_size: int) -> list[Pack]:
-    """Group specs by `pack_key` (order of first appearance), split into packs of ≤ pack_size."""
-    groups: dict[tuple, list[RunSpec]] = {}
-    for spec in specs:
-        groups.setdefault(spec.pack_key(), []).append(spec)
-    packs = []
-    for members in groups.values():
-        for start in range(0, len(members), pack_size):
-            chunk = tuple(members[start : start + pack_size])
-            ids = ",".join(sorted(s.run_id for s in chunk))
-            packs.append(Pack(hashlib.sha256(ids.encode()).hexdigest()[:16], chunk))
-    return packs
 
 
 # ---- loading ----------------------------------------------------------------------------
@@ -248,9 +229,21 @@ def load(path_or_preset: str | Path, overrides: Mapping[str, str] | None = None)
         raise UserError(
             f"{source} is not valid TOML ({err}). Fix the syntax and run again."
         ) from None
-    for assignment, value in (overrides or {}).items():
-        _apply_override(raw, assignment, value, source)
+    overrides = {k: _parse_value(v) for k, v in (overrides or {}).items()}
+    if "scale" in overrides:
+        raw["scale"] = overrides.pop("scale")
+    _apply_scale(raw, source)
+    for key, value in overrides.items():
+        _set_key(raw, key, value, f"--set {key}", source)
     return _validate(raw, source)
+
+
+def _parse_value(text: str) -> Any:
+    """A `--set` value as TOML (numbers, booleans, arrays, tables), else a plain string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
 
 
 def _read_study_text(path_or_preset: str | Path) -> tuple[str, str]:
@@ -279,45 +272,105 @@ def _read_study_text(path_or_preset: str | Path) -> tuple[str, str]:
     return f"preset {name!r}", text
 
 
-def _apply_override(raw: dict, key: str, value: str, source: str) -> None:
-    """Apply one `--set KEY=VALUE`; VALUE is parsed as a TOML value (bare words as strings)."""
-    try:
-        parsed = tomllib.loads(f"v = {value}")["v"]
-    except tomllib.TOMLDecodeError:
-        parsed = value
+def _apply_scale(raw: dict, source: str) -> None:
+    """Apply the `[scales.NAME]` overrides of the chosen `scale` (e.g. ``--set scale=paper``)."""
+    name = raw.get("scale", "default")
+    if name == "default":
+        return
+    scales = raw.get("scales", {})
+    if name not in scales:
+        defined = ", ".join(["default", *scales]) if isinstance(scales, dict) else "default"
+        raise UserError(
+            f"{source}: scale {name!r} is not defined; this study defines: {defined}. "
+            "Use one of those, or add a [scales.NAME] table."
+        )
+    for key, value in scales[name].items():
+        entries = value.items() if isinstance(value, dict) else [(None, value)]
+        for field, v in entries:
+            full = key if field is None else f"{key}.{field}"
+            _set_key(raw, full, v, f"[scales.{name}] {full}", source)
+
+
+def _set_key(raw: dict, key: str, value: Any, origin: str, source: str) -> None:
+    """Set TABLE.FIELD, a top-level key, or a bare run field (which leaves the grid)."""
     table, _, field = key.rpartition(".")
-    if table in ("base", "grid", "measure", "execution"):
-        raw.setdefault(table, {})[field] = parsed
+    if table in TABLES:
+        raw.setdefault(table, {})[field] = value
     elif table == "" and field in ("name", "description"):
-        raw[field] = parsed
+        raw[field] = value
     elif table == "" and field in RunSpec.model_fields:
-        raw.setdefault("base", {})[field] = parsed
+        raw.setdefault("base", {})[field] = value
         raw.get("grid", {}).pop(field, None)
     else:
         raise UserError(
-            f"--set {key}={value}: unknown key {key!r} for {source}. Use base.FIELD, grid.FIELD, "
-            f"execution.FIELD or a run field ({', '.join(RunSpec.model_fields)})."
+            f"{origin}: unknown key {key!r} for {source}. Use TABLE.FIELD with TABLE one of "
+            f"{', '.join(TABLES)}, or a run field ({', '.join(RunSpec.model_fields)})."
         )
 
 
 def _validate(raw: dict, source: str) -> Study:
     try:
         study = Study.model_validate(raw)
-        for key in (*study.base, *study.grid):
-            if key not in RunSpec.model_fields:
-                raise UserError(
-                    f"{source}: unknown run field {key!r}. Valid fields: "
-                    f"{', '.join(RunSpec.model_fields)}. Fix the key and run again."
-                )
-        for key, values in study.grid.items():
-            if not values:
-                raise UserError(f"{source}: grid.{key} is an empty list; give at least one value.")
+        _check_axes(study, source)
         specs = study.specs()
     except ValidationError as err:
-        raise UserError(f"{source}: {_describe(err)}. Fix the study file and run again.") from None
-    for spec in specs:
+        raise UserError(f"{source}: {_describe(err)}. Fix the study and run again.") from None
+    for spec in {s.pack_key(): s for s in specs}.values():
         _check_against_dataset(spec, source)
     return study
+
+
+def _check_axes(study: Study, source: str) -> None:
+    """Every base/grid/sample key is a run field; lists are non-empty; pairs are sound."""
+    sample_axes = study.sample.axes() if study.sample else {}
+    for table, keys in (("base", study.base), ("grid", study.grid), ("sample", sample_axes)):
+        for key in keys:
+            if key not in RunSpec.model_fields:
+                raise UserError(
+                    f"{source}: unknown run field {key!r} in [{table}]. Valid fields: "
+                    f"{', '.join(RunSpec.model_fields)}. Fix the key and run again."
+                )
+    for key, values in study.grid.items():
+        if not values:
+            raise UserError(f"{source}: grid.{key} is an empty list; give at least one value.")
+    for key, axis in sample_axes.items():
+        _check_sample_axis(key, axis, source)
+    if study.pairs is not None:
+        factor = study.pairs.factor
+        if factor not in PAIR_FACTORS:
+            raise UserError(
+                f"{source}: pairs.factor {factor!r} is not a paired factor; choose one of "
+                f"{', '.join(PAIR_FACTORS)}."
+            )
+        if factor in study.grid or factor in sample_axes:
+            raise UserError(
+                f"{source}: pairs.factor {factor!r} also appears in [grid] or [sample]; the "
+                "pairs set it, so remove it there."
+            )
+
+
+def _check_sample_axis(key: str, axis: Any, source: str) -> None:
+    where = f"{source}: sample.{key}"
+    if isinstance(axis, list):
+        if not axis:
+            raise UserError(f"{where} is an empty list; give at least one value.")
+        return
+    if not isinstance(axis, dict) or len(axis) != 1:
+        raise UserError(
+            f"{where} must be a list of values or one of {{choice = [...]}}, "
+            "{log_uniform = [lo, hi]}, {uniform = [lo, hi]}."
+        )
+    ((kind, values),) = axis.items()
+    if kind == "choice" and isinstance(values, list) and values:
+        return
+    ranged = kind in ("log_uniform", "uniform") and isinstance(values, list) and len(values) == 2
+    numbers = ranged and all(isinstance(v, int | float) for v in values)
+    if not numbers or values[0] >= values[1] or (kind == "log_uniform" and values[0] <= 0):
+        raise UserError(
+            f"{where} = {{{kind} = {values!r}}} is not a valid axis: use {{choice = [...]}} "
+            "with values, or {log_uniform|uniform = [lo, hi]} with lo < hi (lo > 0 for "
+            "log_uniform)."
+        )
 
 
 def _describe(err: ValidationError) -> str:

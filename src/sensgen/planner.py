@@ -1,0 +1,141 @@
+"""From a study to run specs (grid × random samples × pairs) and from specs to packs.
+
+Expansion (paper §4: "sampled at random, not a full grid"; Study 4: matched pairs):
+
+1. Configurations: `n` random draws from the `[sample]` axes (uniform choices, log-uniform
+   or uniform ranges), each from its own seeded generator; one empty draw without `[sample]`.
+2. Each configuration is crossed with the `[grid]` axes (the Cartesian product).
+3. With `[pairs]`, each result is instantiated once per factor value. The members share
+   every other field, the seed included, and a `pair_id` (SHA-256 of the spec without the
+   factor); `pair_role` is the factor's value, the first value being the member the paper
+   expects to generalize better.
+
+Specs are deduplicated by `run_id`. Packs group specs that can train together (same
+`pack_key`) in chunks bounded by `pack_size` and by a memory estimate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import random
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sensgen import data
+from sensgen.spec import RunSpec
+
+
+@dataclass(frozen=True)
+class PlannedSpec:
+    """A run spec with its place in a paired design (None outside pairs)."""
+
+    spec: RunSpec
+    pair_id: str | None = None
+    pair_role: str | None = None
+
+
+def draw_samples(axes: Mapping[str, Any], n: int, seed: int) -> list[dict[str, Any]]:
+    """`n` random configurations; draw i uses its own generator seeded by (seed, i).
+
+    An axis is a list (uniform choice), ``{choice = [...]}``, ``{log_uniform = [lo, hi]}``
+    or ``{uniform = [lo, hi]}``; integer-valued ranges round to integers. Each draw depends
+    only on (seed, i), so raising n keeps the earlier draws.
+    """
+    draws = []
+    for i in range(n):
+        rng = random.Random(f"{seed}:{i}")
+        draws.append({name: _draw(rng, axis) for name, axis in sorted(axes.items())})
+    return draws
+
+
+def _draw(rng: random.Random, axis: Any) -> Any:
+    if isinstance(axis, list):
+        return rng.choice(axis)
+    ((kind, values),) = axis.items()
+    if kind == "choice":
+        return rng.choice(values)
+    lo, hi = values
+    if kind == "log_uniform":
+        value = math.exp(rng.uniform(math.log(lo), math.log(hi)))
+    else:
+        value = rng.uniform(lo, hi)
+    return round(value) if isinstance(lo, int) and isinstance(hi, int) else value
+
+
+def expand(
+    base: Mapping[str, Any],
+    grid: Mapping[str, list[Any]],
+    samples: list[dict[str, Any]],
+    pair_factor: str | None = None,
+    pair_values: list[Any] | None = None,
+) -> list[PlannedSpec]:
+    """Every run of a study: samples × grid (× pair values), deduplicated by run_id."""
+    axes = list(grid)
+    planned: dict[str, PlannedSpec] = {}
+    for sample in samples or [{}]:
+        for values in itertools.product(*(grid[a] for a in axes)):
+            fields = {**base, **sample, **dict(zip(axes, values, strict=True))}
+            for p in _paired(fields, pair_factor, pair_values):
+                planned.setdefault(p.spec.run_id, p)
+    return list(planned.values())
+
+
+def _paired(fields: dict[str, Any], factor: str | None, values: list[Any] | None):
+    if factor is None:
+        yield PlannedSpec(RunSpec.model_validate(fields))
+        return
+    members = [RunSpec.model_validate({**fields, factor: v}) for v in values or []]
+    shared = members[0].model_dump(mode="json", exclude={factor})
+    pair_id = hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).hexdigest()[:16]
+    for spec in members:
+        role = json.dumps(spec.model_dump(mode="json")[factor])
+        yield PlannedSpec(spec, pair_id, role)
+
+
+@dataclass(frozen=True)
+class Pack:
+    """Same-shape specs that train together; `pack_id` hashes their run_ids."""
+
+    pack_id: str
+    specs: tuple[RunSpec, ...]
+
+
+def model_memory_bytes(spec: RunSpec) -> int:
+    """A generous estimate of one model's training memory in a pack (float32).
+
+    Parameters, gradients and up to two optimiser moments (4 copies of n_params), plus the
+    batch: inputs and, per hidden layer, pre-activations, activations and their gradients.
+    """
+    info = data.describe(spec.dataset)
+    d = math.prod(info.image_shape)
+    n_params = sum(
+        n_out * (n_in + 1)
+        for n_in, n_out in itertools.pairwise([d] + [spec.width] * spec.depth + [info.n_classes])
+    )
+    batch = spec.batch_size or spec.train_subset or info.n_train  # full batch: all of it
+    activations = batch * (d + 4 * spec.width * spec.depth + 2 * info.n_classes)
+    return 4 * (4 * n_params + activations)
+
+
+def plan_packs(
+    specs: Iterable[RunSpec], pack_size: int, memory_bytes: int | None = None
+) -> list[Pack]:
+    """Group specs by `pack_key` (first-appearance order) into packs of ≤ pack_size models
+    whose summed `model_memory_bytes` stays within `memory_bytes` (at least one model)."""
+    groups: dict[tuple, list[RunSpec]] = {}
+    for spec in specs:
+        groups.setdefault(spec.pack_key(), []).append(spec)
+    packs = []
+    for members in groups.values():
+        size = pack_size
+        if memory_bytes is not None:
+            size = max(1, min(pack_size, memory_bytes // model_memory_bytes(members[0])))
+        for start in range(0, len(members), size):
+            chunk = tuple(members[start : start + size])
+            ids = ",".join(sorted(s.run_id for s in chunk))
+            packs.append(Pack(hashlib.sha256(ids.encode()).hexdigest()[:16], chunk))
+    return packs

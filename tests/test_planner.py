@@ -1,0 +1,167 @@
+"""Random search, paired factors, scales and memory-bounded packs."""
+
+import math
+
+import pytest
+
+from sensgen import study
+from sensgen.errors import UserError
+from sensgen.planner import draw_samples, model_memory_bytes, plan_packs
+from sensgen.spec import RunSpec
+
+SAMPLED = """
+name = "sampled"
+[base]
+dataset = "digits"
+optimizer = "adam"
+[sample]
+n = 40
+seed = 3
+width = [8, 16, 32]
+lr = {log_uniform = [1e-4, 1e-2]}
+init_scale = {choice = [0.5, 1.0, 2.0]}
+depth = {uniform = [1, 3]}
+[grid]
+seed = [0, 1]
+"""
+
+
+def _load(tmp_path, text, **overrides):
+    path = tmp_path / "s.toml"
+    path.write_text(text, encoding="utf-8")
+    return study.load(path, overrides)
+
+
+def test_random_search_draws_within_the_axes_and_is_reproducible(tmp_path):
+    s = _load(tmp_path, SAMPLED)
+    specs = s.specs()
+    assert len(specs) == 80  # 40 draws × 2 grid seeds (draws are distinct almost surely)
+    assert {x.width for x in specs} == {8, 16, 32}
+    assert {x.init_scale for x in specs} <= {0.5, 1.0, 2.0}
+    assert {x.depth for x in specs} <= {1, 2, 3} and all(isinstance(x.depth, int) for x in specs)
+    lrs = [x.lr for x in specs]
+    assert min(lrs) >= 1e-4 and max(lrs) <= 1e-2
+    # Log-uniform: about half the draws fall below the geometric midpoint 1e-3.
+    below = sum(math.log10(lr) < -3 for lr in lrs[::2]) / 40
+    assert 0.25 < below < 0.75
+    assert [x.run_id for x in _load(tmp_path, SAMPLED).specs()] == [x.run_id for x in specs]
+
+
+def test_more_draws_keep_the_earlier_ones():
+    axes = {"lr": {"log_uniform": [1e-4, 1e-2]}, "width": [8, 16]}
+    assert draw_samples(axes, 5, seed=1) == draw_samples(axes, 9, seed=1)[:5]
+    assert draw_samples(axes, 5, seed=1) != draw_samples(axes, 5, seed=2)
+
+
+@pytest.mark.parametrize(
+    ("axis", "message"),
+    [
+        ("lr = {log_uniform = [0.0, 1e-2]}", "lo > 0"),
+        ("lr = {uniform = [0.1, 0.01]}", "lo < hi"),
+        ("lr = {normal = [0.1, 0.01]}", "not a valid axis"),
+        ("lr = []", "empty list"),
+        ("widht = [1, 2]", "'widht'"),
+    ],
+)
+def test_bad_sample_axes_are_named(tmp_path, axis, message):
+    text = SAMPLED.replace("lr = {log_uniform = [1e-4, 1e-2]}", axis)
+    with pytest.raises(UserError, match=message):
+        _load(tmp_path, text)
+
+
+PAIRED = """
+name = "paired"
+[base]
+dataset = "digits"
+optimizer = "sgd"
+lr = 0.1
+[grid]
+width = [8, 16]
+seed = [0, 1]
+[pairs]
+factor = "random_labels"
+values = [0.0, 1.0]
+"""
+
+
+def test_pairs_share_everything_but_the_factor(tmp_path):
+    planned = _load(tmp_path, PAIRED).planned()
+    assert len(planned) == 8
+    groups = {}
+    for p in planned:
+        groups.setdefault(p.pair_id, []).append(p)
+    assert len(groups) == 4 and all(len(g) == 2 for g in groups.values())
+    for members in groups.values():
+        a, b = (m.spec.model_dump() for m in members)
+        assert {k for k in a if a[k] != b[k]} == {"random_labels"}
+        assert [m.pair_role for m in members] == ["0.0", "1.0"]
+
+
+def test_one_reference_is_paired_with_several_alternatives(tmp_path):
+    text = PAIRED.replace('factor = "random_labels"', 'factor = "nonlinearity"').replace(
+        "values = [0.0, 1.0]", 'values = ["relu", "relu6", "hard_tanh"]'
+    )
+    planned = _load(tmp_path, text).planned()
+    assert len(planned) == 12 and len({p.pair_id for p in planned}) == 4
+    assert {p.pair_role for p in planned} == {'"relu"', '"relu6"', '"hard_tanh"'}
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (('factor = "random_labels"', 'factor = "lr"'), "not a paired factor"),
+        (("seed = [0, 1]", "seed = [0, 1]\nrandom_labels = [0.0]"), "also appears"),
+        (("values = [0.0, 1.0]", "values = [0.0]"), "pairs.values"),
+    ],
+)
+def test_bad_pairs_are_named(tmp_path, edit, message):
+    with pytest.raises(UserError, match=message):
+        _load(tmp_path, PAIRED.replace(*edit))
+
+
+SCALED = (
+    PAIRED
+    + """
+[scales.paper]
+base.lr = 0.05
+grid.width = [8, 16, 32]
+execution.pack_size = 4
+"""
+)
+
+
+def test_scale_applies_its_overrides_and_set_still_wins(tmp_path):
+    default = _load(tmp_path, SCALED)
+    assert default.scale == "default" and len(default.specs()) == 8
+    paper = _load(tmp_path, SCALED, scale="paper")
+    assert paper.scale == "paper" and len(paper.specs()) == 12
+    assert {s.lr for s in paper.specs()} == {0.05} and paper.execution.pack_size == 4
+    mine = _load(tmp_path, SCALED, scale="paper", lr="0.2")
+    assert {s.lr for s in mine.specs()} == {0.2}
+    with pytest.raises(UserError, match="scale 'huge' is not defined"):
+        _load(tmp_path, SCALED, scale="huge")
+
+
+def test_inclusion_rule_defaults_to_the_papers():
+    rule = study.Inclusion()
+    assert rule.threshold("cifar10") == 1.0 and rule.threshold("cifar100") == 0.999
+    assert study.Inclusion(min_train_acc=0.95).threshold("cifar100") == 0.95
+
+
+def test_resolved_study_with_sample_and_pairs_round_trips(tmp_path):
+    for text in (SAMPLED, PAIRED):
+        s = _load(tmp_path, text)
+        again = _load(tmp_path, s.to_toml())
+        assert [p.spec.run_id for p in again.planned()] == [p.spec.run_id for p in s.planned()]
+
+
+def test_packs_are_bounded_by_estimated_memory():
+    big = [RunSpec(dataset="digits", width=512, depth=2, seed=i, batch_size=32) for i in range(10)]
+    per_model = model_memory_bytes(big[0])
+    # params: 64·512+512 + 512·512+512 + 512·10+10 weights and biases, 4 float32 copies.
+    n_params = (64 * 512 + 512) + (512 * 512 + 512) + (512 * 10 + 10)
+    assert per_model >= 16 * n_params
+    packs = plan_packs(big, pack_size=16, memory_bytes=3 * per_model)
+    assert [len(p.specs) for p in packs] == [3, 3, 3, 1]
+    assert [len(p.specs) for p in plan_packs(big, pack_size=16)] == [10]
+    assert [len(p.specs) for p in plan_packs(big, 16, memory_bytes=1)] == [1] * 10
