@@ -174,3 +174,10 @@ def test_non_finite_update_is_divergence_and_keeps_the_last_finite_params():
     for name, value in out.params.items():
         assert torch.isfinite(value).all()
         torch.testing.assert_close(value[1], initial[name][1], rtol=0, atol=0)
+
+
+def test_augmenting_members_need_the_pack_augmentation():
+    x, ys = _data()
+    member = Member(seed=1, lr=0.1, init_scale=1.0, augment=True)
+    with pytest.raises(ValueError, match="no augmentation"):
+        train_pack(_shape(OptimizerName.SGD), [member], x, ys[:1])

@@ -90,8 +90,11 @@ def execute_pack(
         max_steps=first.max_steps,
         eval_every=first.eval_every,
         stop_at_fit=first.stop_at_fit,
+        augmentation=data.augmentation_for(train) if any(s.augment for s in specs) else None,
     )
-    members = [Member(seed=s.seed, lr=s.lr, init_scale=s.init_scale) for s in specs]
+    members = [
+        Member(seed=s.seed, lr=s.lr, init_scale=s.init_scale, augment=s.augment) for s in specs
+    ]
     x_train, labels = x_train.to(device), labels.to(device)
     outcome = train_pack(shape, members, x_train, labels, on_step=on_step)
     template, _ = init_pack(shape, members[:1])

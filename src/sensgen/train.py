@@ -14,9 +14,13 @@ out, or when its loss or its next parameters stop being finite (diverged; it kee
 last finite parameters).
 
 Randomness: model m's initial weights come from `torch.Generator().manual_seed(seed_m)`;
-its data order from a generator seeded by `derive_seed(seed_m, "order")`. A model trained
-alone and the same model trained in a pack therefore see the same batches and end with the
-same parameters (tests check this).
+its data order from a generator seeded by `derive_seed(seed_m, "order")`; if it augments
+(`Member.augment`), its translations and flips from one seeded by
+`derive_seed(seed_m, "augment")`, drawn afresh for every (mini- or full) batch. A model
+trained alone and the same model trained in a pack therefore see the same batches and end
+with the same parameters (tests check this); models that do not augment see their batches
+untouched, whatever their pack-mates do. The training-accuracy check behind `stop_at_fit`
+uses the unaugmented training set (paper §2.3).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad_and_value, stack_module_state, vmap
 
+from sensgen.data import Augmentation, apply_augmentation, draw_augmentation
 from sensgen.models import MLP, Nonlinearity
 from sensgen.optim import OPTIMIZERS, OptimizerName
 
@@ -53,6 +58,7 @@ class PackShape:
     max_steps: int
     eval_every: int
     stop_at_fit: bool
+    augmentation: Augmentation | None = None  # how augmenting members augment; None: none do
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,7 @@ class Member:
     seed: int
     lr: float
     init_scale: float
+    augment: bool = False  # augment each training batch with `PackShape.augmentation`
 
 
 @dataclass(frozen=True)
@@ -138,6 +145,7 @@ def train_pack(
     n_models, n = len(members), x.shape[0]
     if y.shape != (n_models, n):
         raise ValueError(f"y must be [M, N] = [{n_models}, {n}], got {tuple(y.shape)}")
+    augmenter = _Augmenter.for_pack(shape, members, x)
     device = x.device
     template, params = init_pack(shape, members)  # drawn on the CPU: same weights anywhere
     params = {k: v.to(device) for k, v in params.items()}
@@ -162,6 +170,8 @@ def train_pack(
             idx, orders, cursor = _batch_indices(gens, orders, cursor, n, batch)
             idx = idx.to(device)
             xb, yb = x[idx], torch.gather(y, 1, idx)
+        if augmenter is not None:  # full batch: each model gets its own copy of x to augment
+            xb = augmenter(x.repeat(n_models, 1, 1) if shape.batch_size is None else xb)
         grads, losses = step_fn(params, xb, yb)
         new_params, new_state = optimizer.update(params, grads, state, lr, steps)
         finite = torch.isfinite(losses) & _all_finite(new_params)
@@ -178,6 +188,47 @@ def train_pack(
             if not active.any():
                 break
     return PackOutcome(params=params, steps=steps, diverged=diverged)
+
+
+class _Augmenter:
+    """Augments the batches of a pack's augmenting members, each with its own generator."""
+
+    def __init__(self, aug: Augmentation, which: torch.Tensor, seeds: list[int]) -> None:
+        self.aug = aug
+        self.which = which  # [K] indices of the augmenting members
+        self.generators = [torch.Generator().manual_seed(derive_seed(s, "augment")) for s in seeds]
+
+    @classmethod
+    def for_pack(
+        cls, shape: PackShape, members: Sequence[Member], x: torch.Tensor
+    ) -> _Augmenter | None:
+        """None when no member augments (the pack then trains exactly as without this)."""
+        which = [i for i, m in enumerate(members) if m.augment]
+        if not which:
+            return None
+        aug = shape.augmentation
+        if aug is None:
+            raise ValueError("members augment, but the PackShape has no augmentation")
+        if aug.dim != x.shape[1]:
+            raise ValueError(
+                f"augmentation is for images of {aug.image_shape}, x is [N, {x.shape[1]}]"
+            )
+        index = torch.tensor(which, dtype=torch.int64, device=x.device)
+        return cls(aug, index, [members[i].seed for i in which])
+
+    def __call__(self, xb: torch.Tensor) -> torch.Tensor:
+        """Augment members `which` of the batches xb [M, B, D] in place; returns xb.
+
+        Every augmenting member draws B translations (and flips) from its own generator,
+        so its draws do not depend on its pack-mates; all are applied in one batched call.
+        """
+        b, d = xb.shape[1:]
+        draws = [draw_augmentation(self.aug, b, generator=g) for g in self.generators]
+        shifts = torch.cat([s for s, _ in draws])  # [K*B, 2], member-major
+        flips = torch.cat([f for _, f in draws])  # [K*B]
+        moved = apply_augmentation(xb[self.which].reshape(-1, d), self.aug, shifts, flips)
+        xb[self.which] = moved.view(-1, b, d)
+        return xb
 
 
 def _all_finite(params: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -22,6 +22,10 @@ Environment:
 - ``SENSGEN_MIRROR``: a base URL used instead of the canonical ones (the file name is
   appended), e.g. an internal mirror; `fetch` also takes ``mirror=``.
 
+Training-time augmentation (random translations, plus flips for CIFAR; paper §4):
+`augmentation_for` picks it per dataset and `augment` applies it to a batch of flattened
+images (see `_augment`).
+
 Example:
     >>> from sensgen import data
     >>> train = data.load("mnist_sample", split="train")
@@ -42,17 +46,29 @@ import numpy as np
 import torch
 
 from sensgen.data import _files, _registry
+from sensgen.data._augment import (
+    Augmentation,
+    apply_augmentation,
+    augment,
+    augmentation_for,
+    draw_augmentation,
+)
 from sensgen.data._files import FileReport, VerifyReport
 from sensgen.data._readers import RawData
 from sensgen.data._transforms import channel_stats, randomize_labels, standardise
 from sensgen.errors import UserError
 
 __all__ = [
+    "Augmentation",
     "Dataset",
     "DatasetInfo",
     "FileReport",
     "VerifyReport",
+    "apply_augmentation",
+    "augment",
+    "augmentation_for",
     "describe",
+    "draw_augmentation",
     "fetch",
     "load",
     "locate",
