@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shutil
 import sqlite3
 from pathlib import Path
 
@@ -31,8 +32,11 @@ from sensgen.store import (
 CATALOGUE = [
     "run_id", "pack_id", "spec", "status", "error", "steps", "n_params", "train_loss",
     "train_acc", "test_loss", "test_acc", "gap", "loss_gap", "jacobian_norm",
-    "jacobian_norm_logits", "wall_s", "created_at", "finished_at",
+    "jacobian_norm_logits", "wall_s", "created_at", "finished_at", "jacobian_norm_train",
+    "transitions", "transitions_sampled", "transitions_sign", "pair_id", "pair_role",
 ]  # fmt: skip
+V2_COLUMNS = CATALOGUE[CATALOGUE.index("jacobian_norm_train") :]
+FIXTURES = Path(__file__).parent / "fixtures"
 POINT_COLUMNS = [
     "run_id", "split", "index", "label", "loss", "correct", "p_y", "margin",
     "jacobian_norm", "jacobian_norm_logits",
@@ -97,7 +101,7 @@ def test_open_creates_the_documented_layout(tmp_path: Path) -> None:
             if not name.startswith("sqlite_autoindex")
         }
     assert columns == CATALOGUE
-    assert meta["schema_version"] == str(SCHEMA_VERSION) == "1"
+    assert meta["schema_version"] == str(SCHEMA_VERSION) == "2"
     assert "created_at" in meta
     assert mode == "wal"
     assert {"pack_id", "status"} <= index_cols
@@ -143,7 +147,7 @@ def test_out_dir_that_is_a_file_is_a_user_error(tmp_path: Path) -> None:
         Store.open(tmp_path / "f")
 
 
-def test_reopening_a_v1_database_is_a_no_op_and_keeps_rows(tmp_path: Path) -> None:
+def test_reopening_a_current_database_is_a_no_op_and_keeps_rows(tmp_path: Path) -> None:
     with Store.open(tmp_path) as s:
         s.add_runs(plan("p", 2))
         s.finish_pack("p", [done("p-r0"), done("p-r1")], points=points_for(["p-r0", "p-r1"]))
@@ -157,9 +161,153 @@ def test_reopening_a_v1_database_is_a_no_op_and_keeps_rows(tmp_path: Path) -> No
 
 
 def test_migrations_cover_every_older_version() -> None:
-    # Only v1 exists; when v2 comes, _MIGRATIONS[1] must exist and a checked-in v1 fixture
-    # under tests/fixtures must migrate.
+    # Every older version has a migration and a checked-in database that must migrate.
     assert set(store_module._MIGRATIONS) == set(range(1, SCHEMA_VERSION))
+    for version in range(1, SCHEMA_VERSION):
+        assert (FIXTURES / f"results_v{version}.db").is_file()
+
+
+def v1_copy(tmp_path: Path) -> tuple[Path, list[tuple], dict[str, str]]:
+    """A copy of the checked-in v1 database, its raw `runs` rows and its `meta`."""
+    root = tmp_path / "old"
+    root.mkdir()
+    shutil.copyfile(FIXTURES / "results_v1.db", root / "results.db")
+    with contextlib.closing(sqlite3.connect(root / "results.db")) as conn:
+        rows = conn.execute("SELECT * FROM runs ORDER BY run_id").fetchall()
+        meta = dict(conn.execute("SELECT key, value FROM meta"))
+    assert meta["schema_version"] == "1" and len(rows) == 6
+    return root, rows, meta
+
+
+def test_a_v1_database_migrates_keeping_every_row_and_value(tmp_path: Path) -> None:
+    root, old_rows, old_meta = v1_copy(tmp_path)
+    with Store.open(root) as s:
+        frame = s.runs()
+    with contextlib.closing(sqlite3.connect(root / "results.db")) as conn:
+        columns = [r[1] for r in conn.execute("PRAGMA table_info(runs)")]
+        rows = conn.execute("SELECT * FROM runs ORDER BY run_id").fetchall()
+        meta = dict(conn.execute("SELECT key, value FROM meta"))
+        indexes = {r[1] for r in conn.execute("PRAGMA index_list(runs)")}
+    assert columns == CATALOGUE
+    assert [r[: len(old_rows[0])] for r in rows] == old_rows  # every v1 value, bit for bit
+    assert all(r[len(old_rows[0]) :] == (None,) * len(V2_COLUMNS) for r in rows)
+    assert meta == {**old_meta, "schema_version": "2"}
+    assert "runs_pair_id" in indexes
+    # runs() shows the v2 columns as missing, typed like a new database's
+    assert list(frame.columns[: len(CATALOGUE)]) == CATALOGUE
+    assert frame[V2_COLUMNS].isna().all().all()
+    for col in store_module._V2_METRICS:
+        assert frame[col].dtype == np.float64
+    by_id = frame.set_index("run_id")
+    assert by_id["status"].to_dict() == {
+        "v1-a-r0": "done", "v1-a-r1": "diverged", "v1-b-r0": "done", "v1-b-r1": "failed",
+        "v1-c-r0": "running", "v1-c-r1": "pending",
+    }  # fmt: skip
+    assert by_id.loc["v1-a-r0", "test_acc"] == 0.875
+    assert by_id.loc["v1-a-r0", "jacobian_norm_logits"] == 12.25
+    assert by_id.loc["v1-b-r0", "steps"] == 200
+    assert by_id.loc["v1-b-r1", "error"] == "RuntimeError: boom"
+    assert by_id["width"].tolist() == [8] * 6  # the spec still flattens
+
+
+def test_opening_a_migrated_database_again_is_a_no_op(tmp_path: Path) -> None:
+    root, _, _ = v1_copy(tmp_path)
+    with Store.open(root) as s:
+        before, meta = s.runs(), dict(s._conn.execute("SELECT * FROM meta"))
+    for opener in (Store.open, open_results):
+        with opener(root) as r:
+            pd.testing.assert_frame_equal(r.runs(), before)
+            assert dict(r._conn.execute("SELECT * FROM meta")) == meta
+
+
+def test_a_reader_migrates_a_v1_database_too(tmp_path: Path) -> None:
+    root, old_rows, _ = v1_copy(tmp_path)
+    with open_results(root) as r:
+        assert len(r.runs()) == len(old_rows)
+        assert r._schema_version() == SCHEMA_VERSION
+
+
+def test_a_failed_migration_leaves_the_v1_database_untouched(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root, old_rows, old_meta = v1_copy(tmp_path)
+    real = store_module._MIGRATIONS[1]
+
+    def crash_midway(conn: sqlite3.Connection) -> None:
+        real(conn)
+        raise OSError("power cut")
+
+    monkeypatch.setitem(store_module._MIGRATIONS, 1, crash_midway)
+    with pytest.raises(OSError, match="power cut"):
+        Store.open(root)
+    with contextlib.closing(sqlite3.connect(root / "results.db")) as conn:
+        assert [r[1] for r in conn.execute("PRAGMA table_info(runs)")] == CATALOGUE[:18]
+        assert conn.execute("SELECT * FROM runs ORDER BY run_id").fetchall() == old_rows
+        assert dict(conn.execute("SELECT key, value FROM meta")) == old_meta
+    monkeypatch.setitem(store_module._MIGRATIONS, 1, real)
+    with Store.open(root) as s:
+        assert len(s.runs()) == len(old_rows)
+
+
+def test_a_migrated_database_honours_the_contract(tmp_path: Path) -> None:
+    root, _, _ = v1_copy(tmp_path)
+    with Store.open(root) as s:
+        assert s.reset_stale() == 1  # v1-c-r0 was left running
+        s.add_runs([PlannedRun("v2-r0", "v1-c", '{"seed": 9}', "pair-1", "random")])
+        s.mark_running(["v1-c-r0"])
+        metrics = {"test_acc": 0.5, "jacobian_norm_train": 0.25, "transitions": 40.0}
+        s.finish_pack(
+            "v1-c",
+            [
+                RunResult("v1-c-r0", Status.DONE, {**metrics, "transitions_sampled": 38.5}),
+                RunResult("v1-c-r1", Status.DONE, {"transitions_sign": 12.0}),
+                RunResult("v2-r0", Status.FAILED, {}, "boom"),
+            ],
+        )
+        with pytest.raises(ValueError, match="already final"):
+            s.finish_pack("v1-a", [RunResult("v1-a-r0", Status.DONE, {}), done("v1-a-r1")])
+        frame = s.runs().set_index("run_id")
+    assert frame.loc["v1-c-r0", ["jacobian_norm_train", "transitions"]].tolist() == [0.25, 40]
+    assert frame.loc["v1-c-r0", "transitions_sampled"] == 38.5
+    assert frame.loc["v1-c-r1", "transitions_sign"] == 12.0
+    assert frame.loc["v2-r0", ["pair_id", "pair_role"]].tolist() == ["pair-1", "random"]
+    assert frame.loc["v1-a-r0", "test_acc"] == 0.875  # done rows untouched
+
+
+def test_pair_fields_are_validated() -> None:
+    with pytest.raises(ValueError, match="pair_role but no pair_id"):
+        PlannedRun("r", "p", "{}", pair_role="random")
+    with pytest.raises(ValueError, match="pair_id of r must be a non-empty string"):
+        PlannedRun("r", "p", "{}", pair_id="")
+
+
+def test_add_runs_stores_pairs_and_keeps_the_first_assignment(store: Store) -> None:
+    store.add_runs(
+        [
+            PlannedRun("t", "p", '{"labels": 0}', pair_id="g0", pair_role="true"),
+            PlannedRun("r", "p", '{"labels": 1}', pair_id="g0", pair_role="random"),
+            PlannedRun("u", "p", '{"labels": 2}'),
+        ]
+    )
+    assert store.add_runs([PlannedRun("t", "p", '{"labels": 0}', "g9", "x")]) == 0
+    frame = store.runs().set_index("run_id")
+    assert frame.loc[["t", "r"], "pair_id"].tolist() == ["g0", "g0"]
+    assert frame.loc[["t", "r"], "pair_role"].tolist() == ["true", "random"]
+    assert frame.loc["u", ["pair_id", "pair_role"]].isna().all()
+
+
+def test_v2_metrics_are_stored_as_reals_with_nan_as_null(store: Store) -> None:
+    store.add_runs(plan("p", 2))
+    nan = float("nan")
+    sign = {"jacobian_norm_train": 3.5, "transitions_sign": 17.25, "transitions": nan}
+    store.finish_pack(
+        "p", [RunResult("p-r0", Status.DONE, sign), RunResult("p-r1", Status.DONE, {})]
+    )
+    frame = store.runs().set_index("run_id")
+    assert frame.loc["p-r0", "jacobian_norm_train"] == 3.5
+    assert frame.loc["p-r0", "transitions_sign"] == 17.25
+    assert frame.loc["p-r0", ["transitions", "transitions_sampled"]].isna().all()
+    assert frame.loc["p-r1", list(store_module._V2_METRICS)].isna().all()
 
 
 # -- add_runs, mark_running, reset_stale ----------------------------------------------------

@@ -26,7 +26,12 @@ Contract:
 * **Readers.** SQLite runs in WAL mode, so readers (``sensgen status``, ``sensgen report``,
   `open_results`) see the last committed state while the driver writes, without blocking.
 * **Schema.** ``meta.schema_version`` is `SCHEMA_VERSION`; older databases are migrated on
-  open (see ``_MIGRATIONS``), newer ones are refused with a `~sensgen.errors.UserError`.
+  open, in one transaction (see ``_MIGRATIONS``), newer ones are refused with a
+  `~sensgen.errors.UserError`. A new database is built by the same migrations, so new and
+  migrated ones have one layout. v2 added the per-model measurements ``jacobian_norm_train``,
+  ``transitions`` (exact), ``transitions_sampled`` and ``transitions_sign`` (smooth φ,
+  never pooled with the others), and ``pair_id``/``pair_role`` of paired studies (NULL in
+  rows from v1 and for unpaired runs).
 
 Example:
     >>> import tempfile
@@ -61,7 +66,7 @@ import torch
 
 from sensgen.errors import UserError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DB_NAME = "results.db"
 
 
@@ -77,17 +82,29 @@ class Status(StrEnum):
 
 FINAL = frozenset({Status.DONE, Status.FAILED, Status.DIVERGED})
 
+# v2: measured by sensgen.measure (paper §2.1 on training points, §2.2 on test ellipses)
+_V2_METRICS = ("jacobian_norm_train", "transitions", "transitions_sampled", "transitions_sign")
+_PAIR_COLUMNS = ("pair_id", "pair_role")  # v2: paired studies (paper §3 Study 4)
 _METRICS: dict[str, type] = {
     "steps": int,
     "n_params": int,
     **dict.fromkeys(["train_loss", "train_acc", "test_loss", "test_acc", "gap"], float),
     **dict.fromkeys(["loss_gap", "jacobian_norm", "jacobian_norm_logits", "wall_s"], float),
+    **dict.fromkeys(_V2_METRICS, float),
 }
 _RUN_DTYPES: dict[str, str] = {
     **dict.fromkeys(["run_id", "pack_id", "spec", "status", "error"], "str"),
     **{k: "Int64" if t is int else "float64" for k, t in _METRICS.items()},
+    **dict.fromkeys(_PAIR_COLUMNS, "str"),
 }
-_RUN_COLUMNS = (*_RUN_DTYPES, "created_at", "finished_at")
+_V2_COLUMNS = (*_V2_METRICS, *_PAIR_COLUMNS)
+# The table's column order: ALTER TABLE appends, so v2's columns follow v1's timestamps.
+_RUN_COLUMNS = (
+    *(c for c in _RUN_DTYPES if c not in _V2_COLUMNS),
+    "created_at",
+    "finished_at",
+    *_V2_COLUMNS,
+)
 _POINT_DTYPES: dict[str, str] = {
     "run_id": "str",
     "split": "str",
@@ -107,9 +124,25 @@ _SCHEMA_V1 = (
     "CREATE INDEX runs_pack_id ON runs (pack_id)",
     "CREATE INDEX runs_status ON runs (status)",
 )
+_SCHEMA_V2 = (
+    *(f"ALTER TABLE runs ADD COLUMN {name} REAL" for name in _V2_METRICS),
+    *(f"ALTER TABLE runs ADD COLUMN {name} TEXT" for name in _PAIR_COLUMNS),
+    "CREATE INDEX runs_pair_id ON runs (pair_id)",
+)
+
+
+def _statements(schema: tuple[str, ...]) -> Callable[[sqlite3.Connection], None]:
+    def migrate(conn: sqlite3.Connection) -> None:
+        for statement in schema:
+            conn.execute(statement)
+
+    return migrate
+
+
 # Migration from version v to v + 1, run inside the open transaction. Add one entry per
-# schema change and bump SCHEMA_VERSION; a checked-in old database must then migrate in tests.
-_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {}
+# schema change and bump SCHEMA_VERSION; a checked-in old database must then migrate in tests
+# (tests/fixtures/results_v<v>.db).
+_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _statements(_SCHEMA_V2)}
 _SAFE_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
@@ -121,17 +154,30 @@ def _check_id(kind: str, value: str) -> None:
 
 @dataclass(frozen=True)
 class PlannedRun:
-    """A run the planner wants: its id, its pack and its canonical spec JSON (an object)."""
+    """A run the planner wants: its id, its pack and its canonical spec JSON (an object).
+
+    Runs of a paired study (paper §3 Study 4) also carry ``pair_id``, shared by the runs
+    that agree on everything but the paired factor, and ``pair_role``, this run's side of
+    that factor (e.g. ``"true"``/``"random"``). Both are catalogue data, not identity.
+    """
 
     run_id: str
     pack_id: str
     spec_json: str
+    pair_id: str | None = None
+    pair_role: str | None = None
 
     def __post_init__(self) -> None:
         _check_id("run_id", self.run_id)
         _check_id("pack_id", self.pack_id)
         if not isinstance(json.loads(self.spec_json), dict):
             raise ValueError(f"spec_json of {self.run_id} must be a JSON object")
+        for name in _PAIR_COLUMNS:
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"{name} of {self.run_id} must be a non-empty string or None")
+        if self.pair_role is not None and self.pair_id is None:
+            raise ValueError(f"run {self.run_id} has a pair_role but no pair_id")
 
 
 @dataclass(frozen=True)
@@ -293,6 +339,8 @@ class Results:
 
         for statement in _SCHEMA_V1:
             self._conn.execute(statement)
+        for version in range(1, SCHEMA_VERSION):  # the same layout as a migrated database
+            _MIGRATIONS[version](self._conn)
         meta = {"schema_version": str(SCHEMA_VERSION), "created_at": _now()}
         meta["sensgen_version"] = __version__
         self._conn.executemany("INSERT INTO meta VALUES (?, ?)", meta.items())
@@ -347,7 +395,8 @@ class Results:
         """All runs: catalogue columns, then the spec's fields flattened (``"a.b"`` for nested).
 
         Floats are float64 with NaN for NULL, ``steps``/``n_params`` nullable Int64, the
-        timestamps datetime64 UTC. Sorted by ``(pack_id, run_id)``.
+        timestamps datetime64 UTC, ``pair_id``/``pair_role`` strings (NaN when unpaired).
+        Sorted by ``(pack_id, run_id)``.
         """
         query = f"SELECT {', '.join(_RUN_COLUMNS)} FROM runs ORDER BY pack_id, run_id"
         rows = self._conn.execute(query).fetchall()
@@ -428,6 +477,8 @@ class Store(Results):
     def add_runs(self, runs: Iterable[PlannedRun]) -> int:
         """Insert new runs as pending; known runs are left alone. Returns how many were new.
 
+        Like the pack, a run's ``pair_id`` and ``pair_role`` are fixed by the first call.
+
         Raises:
             ValueError: a known ``run_id`` arrives with a different spec (nothing is inserted).
         """
@@ -435,9 +486,9 @@ class Store(Results):
         with self._transaction() as conn:
             for run in runs:
                 cur = conn.execute(
-                    "INSERT OR IGNORE INTO runs (run_id, pack_id, spec, status, created_at)"
-                    " VALUES (?, ?, ?, 'pending', ?)",
-                    (run.run_id, run.pack_id, run.spec_json, now),
+                    "INSERT OR IGNORE INTO runs (run_id, pack_id, spec, status, created_at,"
+                    " pair_id, pair_role) VALUES (?, ?, ?, 'pending', ?, ?, ?)",
+                    (run.run_id, run.pack_id, run.spec_json, now, run.pair_id, run.pair_role),
                 )
                 added += cur.rowcount
                 if cur.rowcount == 0:
