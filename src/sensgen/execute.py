@@ -24,10 +24,11 @@ import torch
 import torch.nn.functional as F
 
 from sensgen import data
+from sensgen.measure import MEASURE_SEED, measure_model
 from sensgen.metrics import jacobian_norms
 from sensgen.models import count_parameters
 from sensgen.store import RunResult, Status
-from sensgen.study import RunSpec
+from sensgen.study import Measurements, RunSpec
 from sensgen.train import (
     Member,
     PackOutcome,
@@ -70,8 +71,14 @@ def execute_pack(
     *,
     device: str = "cpu",
     on_step: Callable[[int], None] | None = None,
+    measure: Measurements | None = None,
 ) -> PackResult:
-    """Train and evaluate a pack of same-shape runs (see module docstring)."""
+    """Train and evaluate a pack of same-shape runs (see module docstring).
+
+    `measure` (the study's `[measure]` table) adds per-model measurements (`measure_model`)
+    and decides whether the per-point table is kept.
+    """
+    measure = measure or Measurements()
     start = time.perf_counter()
     first = specs[0]
     train = data.load(first.dataset, split="train")
@@ -99,7 +106,9 @@ def execute_pack(
     outcome = train_pack(shape, members, x_train, labels, on_step=on_step)
     template, _ = init_pack(shape, members[:1])
     template = template.to(device)
-    results, points = _evaluate(specs, shape, template, outcome, x_train, labels, test, device)
+    results, points = _evaluate(
+        specs, shape, template, outcome, x_train, labels, test, device, measure
+    )
     wall = (time.perf_counter() - start) / len(specs)
     results = [_with_wall_time(r, wall) for r in results]
     weights = {
@@ -107,10 +116,13 @@ def execute_pack(
         for i, spec in enumerate(specs)
         for name, value in outcome.params.items()
     }
-    return PackResult(results, pd.concat(points, ignore_index=True), weights)
+    table = pd.concat(points, ignore_index=True) if measure.points else None
+    return PackResult(results, table, weights)
 
 
-def _evaluate(specs, shape, template, outcome: PackOutcome, x_train, labels, test, device):
+def _evaluate(
+    specs, shape, template, outcome: PackOutcome, x_train, labels, test, device, measure
+):
     x_test, y_test = test.x.to(device), test.y.to(device)
     train_logits = predict_pack(template, outcome.params, x_train)  # [M, N, C]
     test_logits = predict_pack(template, outcome.params, x_test)  # [M, Nt, C]
@@ -139,6 +151,10 @@ def _evaluate(specs, shape, template, outcome: PackOutcome, x_train, labels, tes
         diverged = bool(outcome.diverged[i]) or not finite
         status = Status.DIVERGED if diverged else Status.DONE
         error = "loss or parameters became non-finite during training" if diverged else None
+        if not diverged:  # diverged nets are not measured (their columns stay NULL)
+            metrics |= measure_model(
+                net, x_train=x_train, test=test, config=measure, seed=MEASURE_SEED
+            )
         results.append(RunResult(spec.run_id, status, metrics, error))
         points.append(frame)
     return results, points
