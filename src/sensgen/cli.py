@@ -46,7 +46,7 @@ def run(
     study: Annotated[str, typer.Argument(help="A study TOML file or a preset name.")],
     out: Annotated[Path | None, typer.Option(help="Study directory [default: runs/NAME].")] = None,
     executor: Annotated[str, typer.Option(help="local | ray")] = "local",
-    workers: Annotated[int, typer.Option(help="Packs trained at once.")] = 1,
+    workers: Annotated[int, typer.Option(help="Packs at once; >1: 1-thread processes.")] = 1,
     device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="Override a study key: KEY=VALUE.")

@@ -1,20 +1,31 @@
 """Local multi-process execution: several packs at once on one machine.
 
 Workers are spawned processes that each run `execute_pack` and return its result; the
-driver alone writes to the store, as packs complete. CPU threads are split evenly between
-workers so that N workers do not oversubscribe the cores.
+driver alone writes to the store, as packs complete. It keeps at most `workers` packs in
+flight and marks a pack `running` only when it hands it to a worker, so `sensgen status`
+counts as running exactly the packs being trained.
+
+Threads: each worker runs PyTorch with one intra-op thread. N workers × 1 thread fills N
+cores without oversubscription; several multi-threaded processes on the same cores spin
+against each other and can run many times slower than one. `--workers 1` (the default)
+trains in the driver process instead, with all of PyTorch's threads.
 
 An exception inside a pack is that pack's `failed` status. A worker process that dies (killed
 for memory, say) breaks the whole pool, and no pack can be blamed for it: the packs it had
-not finished go back to `pending`, for the next `sensgen run` to retry.
+not finished go back to `pending`, for the next `sensgen run` to retry. A worker whose
+driver dies (kill -9) exits on its own within `_ORPHAN_POLL_S`, instead of finishing its pack
+for nobody and then waiting forever for work.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
+import time
+from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 
 import torch
@@ -23,9 +34,32 @@ from rich.progress import Progress, TaskID
 from sensgen.execute import PackResult, execute_pack, failed_results
 from sensgen.store import Store
 
+_ORPHAN_POLL_S = 0.5  # how often a worker checks that its driver is still alive
 
-def _worker(specs, device: str, threads: int) -> PackResult:
-    torch.set_num_threads(threads)
+
+def _init_worker(driver_pid: int) -> None:
+    """Set up a worker process: one torch thread, and exit when the driver is gone."""
+    torch.set_num_threads(1)
+
+    def exit_when_orphaned() -> None:
+        while os.getppid() == driver_pid:  # a dead parent's children are re-parented
+            time.sleep(_ORPHAN_POLL_S)
+        os._exit(1)
+
+    threading.Thread(target=exit_when_orphaned, name="sensgen-orphan-watch", daemon=True).start()
+
+
+def worker_pool(workers: int) -> ProcessPoolExecutor:
+    """A pool of `workers` spawned processes set up by `_init_worker`."""
+    return ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_init_worker,
+        initargs=(os.getpid(),),
+    )
+
+
+def _worker(specs, device: str) -> PackResult:
     try:
         return execute_pack(specs, device=device)
     except Exception as error:  # recorded as `failed` by the driver, never raised
@@ -46,27 +80,38 @@ def train_in_processes(
     Returns:
         How many packs were left pending because a worker process died.
     """
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    context = multiprocessing.get_context("spawn")
-    interrupted = 0
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        futures = {}
-        for pack in packs:
-            store.mark_running(s.run_id for s in pack.specs)
-            futures[pool.submit(_worker, pack.specs, device, threads)] = pack
-        for future in as_completed(futures):
-            pack = futures[future]
-            try:
-                result = future.result()
-            except BrokenProcessPool:  # a worker died: every unfinished pack lands here
-                interrupted += 1
-                continue
-            except Exception as error:  # e.g. a result that could not be sent back
-                result = PackResult(failed_results(pack.specs, error), None, None)
-            store.finish_pack(
-                pack.pack_id, result.results, points=result.points, weights=result.weights
-            )
-            bar.advance(task, pack.specs[0].max_steps)
-    if interrupted:
+    waiting = deque(packs)
+    in_flight: dict[Future, object] = {}
+    broken = False  # a dead worker breaks the pool: nothing more can be submitted
+    lost = 0
+    with worker_pool(workers) as pool:
+        while in_flight or (waiting and not broken):
+            while waiting and not broken and len(in_flight) < workers:
+                pack = waiting[0]
+                try:
+                    future = pool.submit(_worker, pack.specs, device)
+                except BrokenProcessPool:
+                    broken = True
+                    break
+                waiting.popleft()
+                store.mark_running(s.run_id for s in pack.specs)
+                in_flight[future] = pack
+            if not in_flight:
+                break
+            finished, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+            for future in finished:
+                pack = in_flight.pop(future)
+                try:
+                    result = future.result()
+                except BrokenProcessPool:  # every unfinished pack in flight lands here
+                    broken, lost = True, lost + 1
+                    continue
+                except Exception as error:  # e.g. a result that could not be sent back
+                    result = PackResult(failed_results(pack.specs, error), None, None)
+                store.finish_pack(
+                    pack.pack_id, result.results, points=result.points, weights=result.weights
+                )
+                bar.advance(task, pack.specs[0].max_steps)
+    if lost:
         store.reset_stale()  # the pool is gone: nothing of this driver is running any more
-    return interrupted
+    return lost + len(waiting)

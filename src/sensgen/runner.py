@@ -9,12 +9,15 @@ Failures are recorded per pack (status `failed`, with the error) and never stop 
 The driver (this process) is the only writer of the store; workers return results. It
 holds an exclusive lock on DIR/.lock while it writes, so a second `sensgen run` on the same
 DIR is refused (exit 2) instead of re-queueing and retraining the first one's packs. The
-operating system drops the lock when the driver dies, even by SIGKILL.
+operating system drops the lock when the driver dies, even by SIGKILL. The lock file holds
+the driver's pid, so `study_status` can tell `running` rows of a live driver from those a
+killed one left behind.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -107,7 +110,8 @@ def run(
     out = Path(out_dir)
     _check_same_study(out, study)
     specs = study.specs()
-    with Store.open(out) as store, _driver_lock(out):
+    with Store.open(out) as store, _driver_lock(out, workers):
+        _remove_dead_temporaries(out)
         # Fail fast on a missing or corrupt dataset, before any run is registered or trained.
         _preflight(_unfinished_datasets(store, specs))
         _write_study_file(out, study)
@@ -121,9 +125,10 @@ def run(
         if pending:
             _train(store, pending, workers=workers, device=device, show=progress, console=console)
         counts = _counts(store, {s.run_id for s in specs})
+        report_outdated = _report_outdated(out / "report" / "index.html", store)
     report_path = None
     index = out / "report" / "index.html"
-    if report and (pending or not index.exists()):
+    if report and (pending or report_outdated):
         from sensgen.analysis import write_report
 
         report_path = write_report(out)
@@ -173,7 +178,7 @@ def _check_same_study(out: Path, study: Study) -> None:
 
 
 @contextmanager
-def _driver_lock(out: Path) -> Iterator[None]:
+def _driver_lock(out: Path, workers: int = 1) -> Iterator[None]:
     """Hold an exclusive, non-blocking lock on DIR/.lock: one driver per study directory.
 
     Without it a second driver's `Store.reset_stale` would re-queue (and both would then
@@ -193,10 +198,70 @@ def _driver_lock(out: Path) -> Iterator[None]:
                 f"for it to finish (`sensgen status {out}` shows its progress), or choose "
                 "another --out directory."
             ) from None
+        _write_driver(handle, f"{os.getpid()} {workers}\n")
         try:
             yield
         finally:
+            _write_driver(handle, "")
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _write_driver(handle, text: str) -> None:
+    handle.seek(0)
+    handle.truncate()
+    handle.write(text)
+    handle.flush()
+
+
+def _live_driver_workers(out: Path) -> int | None:
+    """--workers of the live driver named in DIR/.lock; None if none is alive.
+
+    A driver killed by -9 leaves its pid in the file, so liveness is checked by pid.
+    """
+    try:
+        pid, workers = map(int, (out / LOCK_FILE).read_text(encoding="utf-8").split())
+    except (OSError, ValueError):
+        return None
+    return workers if _pid_alive(pid) else None
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. PermissionError: it exists, as another user's process
+        return True
+    return True
+
+
+# Temporary files carry their writer's pid: `.study.toml.tmp-PID` (here), `NAME.tmp-PID`
+# (the store's points/ and weights/), `.NAME.PID.HEX.tmp` (the report's files).
+_TEMPORARY = re.compile(r".+\.tmp-(\d+)|\..+\.(\d+)\.[0-9a-f]+\.tmp")
+
+
+def _remove_dead_temporaries(out: Path) -> None:
+    """Remove temporary files whose writer died before renaming them (kill -9)."""
+    for folder in (out, out / "points", out / "weights", out / "report"):
+        for path in folder.glob("*tmp*") if folder.is_dir() else ():
+            match = _TEMPORARY.fullmatch(path.name)
+            if match and not _pid_alive(int(match.group(1) or match.group(2))):
+                path.unlink(missing_ok=True)
+
+
+def _report_outdated(index: Path, store: Store) -> bool:
+    """Whether DIR/report/index.html is missing or older than the last finished run.
+
+    A driver killed while writing the report of newly finished runs leaves the previous
+    report in place; the next `run` must rewrite it even though it trains nothing.
+    """
+    if not index.exists():
+        return True
+    finished = store.runs()["finished_at"]
+    latest = finished.max() if finished.notna().any() else None
+    return latest is not None and latest.timestamp() > index.stat().st_mtime
 
 
 def _write_study_file(out: Path, study: Study) -> None:
@@ -328,13 +393,27 @@ class StatusSummary:
     study_name: str
     packs: list[tuple]  # (pack_id, runs, done, failed, diverged, running, pending, status)
     counts: dict[str, int]
-    eta_s: float | None  # from the mean wall time of finished packs
+    eta_s: float | None  # mean wall time of finished packs × open packs / workers
+    workers: int | None = None  # --workers of the live `sensgen run`; None: no run is alive
 
     def headline(self) -> str:
         total = sum(self.counts.values())
         parts = ", ".join(f"{self.counts.get(s, 0)} {s}" for s in Status)
-        eta = "" if self.eta_s is None else f"; ETA {self.eta_s / 60:.1f} min at one pack at a time"
-        return f"{total} runs: {parts}{eta}."
+        open_runs = self.counts.get(Status.PENDING, 0) + self.counts.get(Status.RUNNING, 0)
+        if self.workers is not None:
+            eta = "" if self.eta_s is None else f"; ETA {self.eta_s / 60:.1f} min"
+            return f"{total} runs: {parts}{eta}."
+        if not open_runs:
+            return f"{total} runs: {parts}."
+        stale = self.counts.get(Status.RUNNING, 0)
+        left = f" ({stale} `running` were left by an interrupted one)" if stale else ""
+        cost = ""
+        if self.eta_s is not None:
+            cost = f", about {self.eta_s / 60:.1f} min at one pack at a time"
+        return (
+            f"{total} runs: {parts}. No `sensgen run` is working on this directory{left}; "
+            f"run it again to finish the rest{cost}."
+        )
 
 
 def study_status(out_dir: str | Path) -> StatusSummary:
@@ -342,8 +421,11 @@ def study_status(out_dir: str | Path) -> StatusSummary:
     from sensgen.store import open_results
 
     out = Path(out_dir)
+    before = _live_driver_workers(out)
     with open_results(out) as results:
         packs = results.pack_status()
+    # Alive before or after the read: the `running` rows read are (or were just) its own.
+    workers = before or _live_driver_workers(out)
     name = "?"
     if (out / STUDY_FILE).exists():
         try:
@@ -358,7 +440,8 @@ def study_status(out_dir: str | Path) -> StatusSummary:
     counts = {str(s): int(packs[f"n_{s}"].sum()) for s in Status} if len(packs) else {}
     finished = packs[packs["n_pending"] + packs["n_running"] == 0]
     open_packs = len(packs) - len(finished)
+    timed = finished.loc[finished["wall_s"] > 0, "wall_s"]  # failed packs have no wall time
     eta = None
-    if open_packs and len(finished) and finished["wall_s"].sum() > 0:
-        eta = open_packs * float(finished["wall_s"].sum()) / len(finished)
-    return StatusSummary(name, rows, counts, eta)
+    if open_packs and len(timed):
+        eta = open_packs * float(timed.mean()) / (workers or 1)
+    return StatusSummary(name, rows, counts, eta, workers)
