@@ -277,3 +277,42 @@ def test_a_dead_worker_leaves_its_packs_pending_for_the_next_run(tiny, tmp_path,
     monkeypatch.undo()
     again = run(study_module.load(tiny), out, progress=False, report=False)
     assert again.n_trained == N_RUNS and again.counts == {"done": N_RUNS}
+
+
+PAIRED = """
+name = "paired"
+[base]
+dataset = "digits"
+optimizer = "sgd"
+lr = 0.1
+batch_size = 32
+max_steps = 40
+eval_every = 20
+width = 16
+[grid]
+seed = [0, 1]
+[pairs]
+factor = "random_labels"
+values = [0.0, 1.0]
+[measure]
+jacobian_train_points = 50
+transition_ellipses = 2
+transition_sides = 60
+points = false
+"""
+
+
+def test_a_paired_study_stores_pairs_and_measurements(tmp_path):
+    path = tmp_path / "paired.toml"
+    path.write_text(PAIRED, encoding="utf-8")
+    out = tmp_path / "out"
+    run(study_module.load(path), out, progress=False, report=False)
+    runs = open_results(out).runs()
+    assert len(runs) == 4 and (runs["status"] == "done").all()
+    for _, pair in runs.groupby("pair_id"):
+        assert sorted(pair["pair_role"]) == ["0.0", "1.0"]
+        assert pair["seed"].nunique() == 1
+    assert runs["pair_id"].nunique() == 2
+    assert (runs["transitions"] >= runs["transitions_sampled"]).all()
+    assert (runs["transitions"] > 0).all() and runs["jacobian_norm_train"].notna().all()
+    assert len(open_results(out).points()) == 0  # measure.points = false

@@ -120,9 +120,7 @@ def execute_pack(
     return PackResult(results, table, weights)
 
 
-def _evaluate(
-    specs, shape, template, outcome: PackOutcome, x_train, labels, test, device, measure
-):
+def _evaluate(specs, shape, template, outcome: PackOutcome, x_train, labels, test, device, measure):
     x_test, y_test = test.x.to(device), test.y.to(device)
     train_logits = predict_pack(template, outcome.params, x_train)  # [M, N, C]
     test_logits = predict_pack(template, outcome.params, x_test)  # [M, Nt, C]

@@ -33,6 +33,7 @@ from rich.progress import Progress, TaskID
 
 from sensgen.execute import PackResult, execute_pack, failed_results
 from sensgen.store import Store
+from sensgen.study import Measurements
 
 _ORPHAN_POLL_S = 0.5  # how often a worker checks that its driver is still alive
 
@@ -59,9 +60,9 @@ def worker_pool(workers: int) -> ProcessPoolExecutor:
     )
 
 
-def _worker(specs, device: str) -> PackResult:
+def _worker(specs, device: str, measure: Measurements) -> PackResult:
     try:
-        return execute_pack(specs, device=device)
+        return execute_pack(specs, device=device, measure=measure)
     except Exception as error:  # recorded as `failed` by the driver, never raised
         return PackResult(failed_results(specs, error), None, None)
 
@@ -72,6 +73,7 @@ def train_in_processes(
     *,
     workers: int,
     device: str,
+    measure: Measurements,
     bar: Progress,
     task: TaskID,
 ) -> int:
@@ -89,7 +91,7 @@ def train_in_processes(
             while waiting and not broken and len(in_flight) < workers:
                 pack = waiting[0]
                 try:
-                    future = pool.submit(_worker, pack.specs, device)
+                    future = pool.submit(_worker, pack.specs, device, measure)
                 except BrokenProcessPool:
                     broken = True
                     break

@@ -42,7 +42,7 @@ from sensgen import study as study_module
 from sensgen.errors import UserError
 from sensgen.execute import PackResult, execute_pack, failed_results
 from sensgen.store import FINAL, PlannedRun, Status, Store
-from sensgen.study import RunSpec, Study, plan_packs
+from sensgen.study import Measurements, RunSpec, Study, plan_packs
 
 STUDY_FILE = "study.toml"
 LOCK_FILE = ".lock"
@@ -109,7 +109,8 @@ def run(
     _check_options(executor, workers, device)
     out = Path(out_dir)
     _check_same_study(out, study)
-    specs = study.specs()
+    planned = study.planned()
+    specs = [p.spec for p in planned]
     with Store.open(out) as store, _driver_lock(out, workers):
         _remove_dead_temporaries(out)
         # Fail fast on a missing or corrupt dataset, before any run is registered or trained.
@@ -117,13 +118,30 @@ def run(
         _write_study_file(out, study)
         memory = int(study.execution.pack_memory_gb * 2**30)
         packs = plan_packs(specs, study.execution.pack_size, memory)
+        pairs = {p.spec.run_id: p for p in planned}
         store.add_runs(
-            PlannedRun(s.run_id, p.pack_id, s.canonical_json()) for p in packs for s in p.specs
+            PlannedRun(
+                s.run_id,
+                pack.pack_id,
+                s.canonical_json(),
+                pair_id=pairs[s.run_id].pair_id,
+                pair_role=pairs[s.run_id].pair_role,
+            )
+            for pack in packs
+            for s in pack.specs
         )
         store.reset_stale()
         pending = _pending_packs(store, {s.run_id for s in specs})
         if pending:
-            _train(store, pending, workers=workers, device=device, show=progress, console=console)
+            _train(
+                store,
+                pending,
+                workers=workers,
+                device=device,
+                measure=study.measure,
+                show=progress,
+                console=console,
+            )
         counts = _counts(store, {s.run_id for s in specs})
         report_outdated = _report_outdated(out / "report" / "index.html", store)
     report_path = None
@@ -317,6 +335,7 @@ def _train(
     *,
     workers: int,
     device: str,
+    measure: Measurements,
     show: bool,
     console: Console,
 ) -> None:
@@ -327,7 +346,7 @@ def _train(
             for i, pack in enumerate(packs):
                 bar.update(task, description=f"pack {i + 1}/{len(packs)}")
                 store.mark_running(s.run_id for s in pack.specs)
-                result = _execute_safely(pack, device, on_step=lambda _: bar.advance(task))
+                result = _execute_safely(pack, device, measure, on_step=lambda _: bar.advance(task))
                 store.finish_pack(
                     pack.pack_id, result.results, points=result.points, weights=result.weights
                 )
@@ -338,7 +357,7 @@ def _train(
             from sensgen.parallel import train_in_processes
 
             lost = train_in_processes(
-                store, packs, workers=workers, device=device, bar=bar, task=task
+                store, packs, workers=workers, device=device, measure=measure, bar=bar, task=task
             )
             if lost:
                 console.print(
@@ -361,10 +380,12 @@ def _clock(seconds: float) -> str:
     return f"{minutes}:{secs:02d}"
 
 
-def _execute_safely(pack: _PendingPack, device: str, on_step=None) -> PackResult:
+def _execute_safely(
+    pack: _PendingPack, device: str, measure: Measurements, on_step=None
+) -> PackResult:
     """Run a pack; any exception becomes a `failed` status for its runs, not a crash."""
     try:
-        return execute_pack(pack.specs, device=device, on_step=on_step)
+        return execute_pack(pack.specs, device=device, on_step=on_step, measure=measure)
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as error:  # one bad pack never stops a sweep
