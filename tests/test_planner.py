@@ -47,6 +47,20 @@ def test_random_search_draws_within_the_axes_and_is_reproducible(tmp_path):
     assert [x.run_id for x in _load(tmp_path, SAMPLED).specs()] == [x.run_id for x in specs]
 
 
+def test_sampled_ranges_round_by_the_fields_type_not_by_the_bounds():
+    # Review fix: {uniform = [0, 1]} on random_labels used to round every draw to 0 or 1.
+    axes = {
+        "random_labels": {"uniform": [0, 1]},
+        "lr": {"log_uniform": [1, 10]},
+        "width": {"log_uniform": [4.0, 64.0]},
+    }
+    draws = draw_samples(axes, 20, seed=0)
+    assert len({d["random_labels"] for d in draws}) == 20
+    assert all(0 < d["random_labels"] < 1 for d in draws)
+    assert all(isinstance(d["lr"], float) and 1 <= d["lr"] <= 10 for d in draws)
+    assert all(isinstance(d["width"], int) and 4 <= d["width"] <= 64 for d in draws)
+
+
 def test_more_draws_keep_the_earlier_ones():
     axes = {"lr": {"log_uniform": [1e-4, 1e-2]}, "width": [8, 16]}
     assert draw_samples(axes, 5, seed=1) == draw_samples(axes, 9, seed=1)[:5]
@@ -61,6 +75,7 @@ def test_more_draws_keep_the_earlier_ones():
         ("lr = {normal = [0.1, 0.01]}", "not a valid axis"),
         ("lr = []", "empty list"),
         ("widht = [1, 2]", "'widht'"),
+        ("lr = {uniform = [true, 5]}", "not a valid axis"),
     ],
 )
 def test_bad_sample_axes_are_named(tmp_path, axis, message):
@@ -103,7 +118,7 @@ def test_one_reference_is_paired_with_several_alternatives(tmp_path):
     )
     planned = _load(tmp_path, text).planned()
     assert len(planned) == 12 and len({p.pair_id for p in planned}) == 4
-    assert {p.pair_role for p in planned} == {'"relu"', '"relu6"', '"hard_tanh"'}
+    assert {p.pair_role for p in planned} == {"relu", "relu6", "hard_tanh"}
 
 
 @pytest.mark.parametrize(
@@ -112,6 +127,14 @@ def test_one_reference_is_paired_with_several_alternatives(tmp_path):
         (('factor = "random_labels"', 'factor = "lr"'), "not a paired factor"),
         (("seed = [0, 1]", "seed = [0, 1]\nrandom_labels = [0.0]"), "also appears"),
         (("values = [0.0, 1.0]", "values = [0.0]"), "pairs.values"),
+        (("values = [0.0, 1.0]", "values = [0.0, 0]"), "same random_labels more than once"),
+        (
+            (
+                'factor = "random_labels"\nvalues = [0.0, 1.0]',
+                'factor = "augment"\nvalues = [1, true]',
+            ),
+            "same augment more than once",
+        ),
     ],
 )
 def test_bad_pairs_are_named(tmp_path, edit, message):
@@ -140,6 +163,29 @@ def test_scale_applies_its_overrides_and_set_still_wins(tmp_path):
     assert {s.lr for s in mine.specs()} == {0.2}
     with pytest.raises(UserError, match="scale 'huge' is not defined"):
         _load(tmp_path, SCALED, scale="huge")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("scales = 3\n" + PAIRED, "scales must be a table"),
+        (PAIRED + "[scales]\npaper = 3\n", "scales.paper must be a table"),
+        (PAIRED + "[scales.small]\nlr = 0.1\n", "scale 'paper' is not defined"),
+    ],
+)
+def test_malformed_scales_are_user_errors(tmp_path, text, message):
+    # Review fix: a non-table `scales` or `scales.paper` was a TypeError/AttributeError.
+    with pytest.raises(UserError, match=message):
+        _load(tmp_path, text, scale="paper")
+
+
+def test_resolved_study_at_a_scale_reloads_as_run(tmp_path):
+    # Review fix: DIR/study.toml of a `--set scale=paper` run named an undefined scale.
+    mine = _load(tmp_path, SCALED, scale="paper", lr="0.2")
+    again = _load(tmp_path, mine.to_toml())
+    assert again.scale == "paper"
+    assert [s.run_id for s in again.specs()] == [s.run_id for s in mine.specs()]
+    assert {s.lr for s in again.specs()} == {0.2}
 
 
 def test_inclusion_rule_defaults_to_the_papers():

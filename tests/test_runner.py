@@ -170,6 +170,12 @@ def test_status_and_report_commands(tiny, tmp_path, capsys):
         (["status", "/nonexistent/dir"], "not a sensgen study directory"),
         (["report", "/nonexistent/dir"], "not a sensgen study directory"),
         (["datasets", "fetch", "imagenet"], "imagenet"),
+        # Review fix: rich markup used to swallow the TOML table names in these messages.
+        (["run", "quickstart", "--set", "scale=huge"], "add a [scales.NAME] table"),
+        (
+            ["run", "quickstart", "--set", "sample.n=2", "--set", "sample.lr={uniform=[1,0]}"],
+            "{log_uniform|uniform = [lo, hi]}",
+        ),
     ],
 )
 def test_user_errors_exit_2_with_a_message(args, message, capsys):

@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from sensgen.errors import UserError
@@ -156,7 +157,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, prog_name="sensgen")
     except UserError as err:
-        err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        # escape: messages quote TOML ([grid], [lo, hi]) that rich would read as markup
+        err_console.print(
+            f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True
+        )
         sys.exit(2)
 
 

@@ -7,8 +7,8 @@ Expansion (paper §4: "sampled at random, not a full grid"; Study 4: matched pai
 2. Each configuration is crossed with the `[grid]` axes (the Cartesian product).
 3. With `[pairs]`, each result is instantiated once per factor value. The members share
    every other field, the seed included, and a `pair_id` (SHA-256 of the spec without the
-   factor); `pair_role` is the factor's value, the first value being the member the paper
-   expects to generalize better.
+   factor); `pair_role` is the factor's value as text ("relu", "full", "true", "0.0"), the
+   first value being the member the paper expects to generalize better.
 
 Specs are deduplicated by `run_id`. Packs group specs that can train together (same
 `pack_key`) in chunks bounded by `pack_size` and by a memory estimate.
@@ -21,9 +21,10 @@ import itertools
 import json
 import math
 import random
+import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 from sensgen import data
 from sensgen.spec import RunSpec
@@ -42,17 +43,36 @@ def draw_samples(axes: Mapping[str, Any], n: int, seed: int) -> list[dict[str, A
     """`n` random configurations; draw i uses its own generator seeded by (seed, i).
 
     An axis is a list (uniform choice), ``{choice = [...]}``, ``{log_uniform = [lo, hi]}``
-    or ``{uniform = [lo, hi]}``; integer-valued ranges round to integers. Each draw depends
-    only on (seed, i), so raising n keeps the earlier draws.
+    or ``{uniform = [lo, hi]}``; a range over an integer run field (width, depth,
+    batch_size, ...) rounds to integers, one over a float field (lr, init_scale,
+    random_labels) never does, whatever the bounds are written as. Each draw depends only
+    on (seed, i), so raising n keeps the earlier draws.
     """
     draws = []
     for i in range(n):
         rng = random.Random(f"{seed}:{i}")
-        draws.append({name: _draw(rng, axis) for name, axis in sorted(axes.items())})
+        draws.append(
+            {name: _draw(rng, axis, name in _INTEGER_FIELDS) for name, axis in sorted(axes.items())}
+        )
     return draws
 
 
-def _draw(rng: random.Random, axis: Any) -> Any:
+def _leaf_types(annotation: Any) -> set[Any]:
+    args = typing.get_args(annotation)
+    if not args:
+        return {annotation}
+    if typing.get_origin(annotation) is Annotated:
+        return _leaf_types(args[0])
+    return set().union(*(_leaf_types(a) for a in args))
+
+
+# Run fields holding integers: a sampled range over them is rounded (bool is not int here).
+_INTEGER_FIELDS = frozenset(
+    name for name, f in RunSpec.model_fields.items() if int in _leaf_types(f.annotation)
+)
+
+
+def _draw(rng: random.Random, axis: Any, integer: bool) -> Any:
     if isinstance(axis, list):
         return rng.choice(axis)
     ((kind, values),) = axis.items()
@@ -63,7 +83,7 @@ def _draw(rng: random.Random, axis: Any) -> Any:
         value = math.exp(rng.uniform(math.log(lo), math.log(hi)))
     else:
         value = rng.uniform(lo, hi)
-    return round(value) if isinstance(lo, int) and isinstance(hi, int) else value
+    return round(value) if integer else value
 
 
 def expand(
@@ -92,8 +112,14 @@ def _paired(fields: dict[str, Any], factor: str | None, values: list[Any] | None
     shared = members[0].model_dump(mode="json", exclude={factor})
     pair_id = hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).hexdigest()[:16]
     for spec in members:
-        role = json.dumps(spec.model_dump(mode="json")[factor])
-        yield PlannedSpec(spec, pair_id, role)
+        yield PlannedSpec(spec, pair_id, _role(spec.model_dump(mode="json")[factor]))
+
+
+def _role(value: Any) -> str:
+    """A factor value as a readable role: "relu", "full" (batch size), "true", "0.0"."""
+    if isinstance(value, str):
+        return value
+    return "full" if value is None else json.dumps(value)
 
 
 @dataclass(frozen=True)

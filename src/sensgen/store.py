@@ -158,7 +158,7 @@ class PlannedRun:
 
     Runs of a paired study (paper §3 Study 4) also carry ``pair_id``, shared by the runs
     that agree on everything but the paired factor, and ``pair_role``, this run's side of
-    that factor (e.g. ``"true"``/``"random"``). Both are catalogue data, not identity.
+    that factor (e.g. ``"relu"``, ``"full"``, ``"0.0"``). Both are catalogue data, not identity.
     """
 
     run_id: str

@@ -187,6 +187,10 @@ class Study(BaseModel):
                 continue
             lines += ["", f"[{table}]"]
             lines += [f"{k} = {_toml_value(v)}" for k, v in entries.items() if v is not None]
+        if self.scale != "default":
+            # The scale's overrides are already in the tables above; an empty table keeps
+            # the name loadable without applying them twice (after later --set values).
+            lines += ["", f"[scales.{json.dumps(self.scale)}]"]
         return "\n".join(lines) + "\n"
 
 
@@ -278,11 +282,20 @@ def _apply_scale(raw: dict, source: str) -> None:
     if name == "default":
         return
     scales = raw.get("scales", {})
-    if name not in scales:
-        defined = ", ".join(["default", *scales]) if isinstance(scales, dict) else "default"
+    if not isinstance(scales, dict):
         raise UserError(
-            f"{source}: scale {name!r} is not defined; this study defines: {defined}. "
-            "Use one of those, or add a [scales.NAME] table."
+            f"{source}: scales must be a table of [scales.NAME] tables, got {scales!r}. "
+            "Write each scale as a [scales.NAME] table of overrides."
+        )
+    if not isinstance(name, str) or name not in scales:
+        raise UserError(
+            f"{source}: scale {name!r} is not defined; this study defines: "
+            f"{', '.join(['default', *scales])}. Use one of those, or add a [scales.NAME] table."
+        )
+    if not isinstance(scales[name], dict):
+        raise UserError(
+            f"{source}: scales.{name} must be a table of overrides (KEY = VALUE or "
+            f"TABLE = {{FIELD = VALUE}}), got {scales[name]!r}."
         )
     for key, value in scales[name].items():
         entries = value.items() if isinstance(value, dict) else [(None, value)]
@@ -347,6 +360,19 @@ def _check_axes(study: Study, source: str) -> None:
                 f"{source}: pairs.factor {factor!r} also appears in [grid] or [sample]; the "
                 "pairs set it, so remove it there."
             )
+        _check_pair_values(factor, study.pairs.values, source)
+
+
+def _check_pair_values(factor: str, values: list[Any], source: str) -> None:
+    """The values must stay distinct once validated (1 and true are one augment value)."""
+    canonical = [
+        RunSpec.model_validate({factor: v}).model_dump(mode="json")[factor] for v in values
+    ]
+    if len({json.dumps(v) for v in canonical}) != len(canonical):
+        raise UserError(
+            f"{source}: pairs.values {values!r} name the same {factor} more than once "
+            f"(as run fields they are {canonical!r}); give each member of a pair its own value."
+        )
 
 
 def _check_sample_axis(key: str, axis: Any, source: str) -> None:
@@ -364,7 +390,7 @@ def _check_sample_axis(key: str, axis: Any, source: str) -> None:
     if kind == "choice" and isinstance(values, list) and values:
         return
     ranged = kind in ("log_uniform", "uniform") and isinstance(values, list) and len(values) == 2
-    numbers = ranged and all(isinstance(v, int | float) for v in values)
+    numbers = ranged and all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
     if not numbers or values[0] >= values[1] or (kind == "log_uniform" and values[0] <= 0):
         raise UserError(
             f"{where} = {{{kind} = {values!r}}} is not a valid axis: use {{choice = [...]}} "
