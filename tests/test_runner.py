@@ -322,3 +322,13 @@ def test_a_paired_study_stores_pairs_and_measurements(tmp_path):
     assert (runs["transitions"] >= runs["transitions_sampled"]).all()
     assert (runs["transitions"] > 0).all() and runs["jacobian_norm_train"].notna().all()
     assert len(open_results(out).points()) == 0  # measure.points = false
+
+
+def test_a_directory_from_another_spec_schema_is_refused(tiny, tmp_path, capsys):
+    out = tmp_path / "out"
+    run(study_module.load(tiny), out, progress=False, report=False)
+    with sqlite3.connect(out / "results.db") as conn:
+        conn.execute("UPDATE runs SET spec = replace(spec, '\"schema\":2', '\"schema\":1')")
+    conn.close()
+    assert _cli("run", str(tiny), "--out", str(out), "--no-progress") == 2
+    assert "schema 1" in capsys.readouterr().err

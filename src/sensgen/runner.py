@@ -16,6 +16,7 @@ killed one left behind.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -42,7 +43,7 @@ from sensgen import study as study_module
 from sensgen.errors import UserError
 from sensgen.execute import PackResult, execute_pack, failed_results
 from sensgen.store import FINAL, PlannedRun, Status, Store
-from sensgen.study import Measurements, RunSpec, Study, plan_packs
+from sensgen.study import SPEC_SCHEMA, Measurements, RunSpec, Study, plan_packs
 
 STUDY_FILE = "study.toml"
 LOCK_FILE = ".lock"
@@ -113,6 +114,7 @@ def run(
     specs = [p.spec for p in planned]
     with Store.open(out) as store, _driver_lock(out, workers):
         _remove_dead_temporaries(out)
+        _check_spec_schema(store, out)
         # Fail fast on a missing or corrupt dataset, before any run is registered or trained.
         _preflight(_unfinished_datasets(store, specs))
         _write_study_file(out, study)
@@ -280,6 +282,25 @@ def _report_outdated(index: Path, store: Store) -> bool:
     finished = store.runs()["finished_at"]
     latest = finished.max() if finished.notna().any() else None
     return latest is not None and latest.timestamp() > index.stat().st_mtime
+
+
+def _check_spec_schema(store: Store, out: Path) -> None:
+    """Refuse a directory whose runs were planned under another run-spec schema.
+
+    Their run ids were hashed differently, so resuming would train every model again next
+    to the old rows instead of recognising them.
+    """
+    runs = store.runs()
+    if runs.empty:
+        return
+    schemas = {json.loads(text).get("schema") for text in runs["spec"]}
+    if schemas != {SPEC_SCHEMA}:
+        found = ", ".join(str(s) for s in sorted(schemas, key=str))
+        raise UserError(
+            f"{out} holds runs planned under run-spec schema {found}; this sensgen plans "
+            f"schema {SPEC_SCHEMA}, whose run ids differ. Run the study into a new --out "
+            "directory (the old one stays readable with `sensgen report`)."
+        )
 
 
 def _write_study_file(out: Path, study: Study) -> None:
