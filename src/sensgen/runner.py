@@ -7,19 +7,14 @@ at most the packs in flight; running the same command again picks up where it st
 Failures are recorded per pack (status `failed`, with the error) and never stop the sweep.
 
 The driver (this process) is the only writer of the store; workers return results. It
-holds an exclusive lock on DIR/.lock while it writes, so a second `sensgen run` on the same
-DIR is refused (exit 2) instead of re-queueing and retraining the first one's packs. The
-operating system drops the lock when the driver dies, even by SIGKILL. The lock file holds
-the driver's pid, so `study_status` can tell `running` rows of a live driver from those a
-killed one left behind.
+holds DIR/.lock while it writes (`sensgen.driver`), so a second `sensgen run` on the same
+DIR is refused (exit 2).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -40,13 +35,13 @@ from rich.progress import (
 
 from sensgen import data
 from sensgen import study as study_module
+from sensgen.driver import driver_lock, live_driver_workers, remove_dead_temporaries
 from sensgen.errors import UserError
 from sensgen.execute import PackResult, execute_pack, failed_results
 from sensgen.store import FINAL, PlannedRun, Status, Store
 from sensgen.study import SPEC_SCHEMA, Measurements, RunSpec, Study, plan_packs
 
 STUDY_FILE = "study.toml"
-LOCK_FILE = ".lock"
 
 
 class Executor(StrEnum):
@@ -112,8 +107,8 @@ def run(
     _check_same_study(out, study)
     planned = study.planned()
     specs = [p.spec for p in planned]
-    with Store.open(out) as store, _driver_lock(out, workers):
-        _remove_dead_temporaries(out)
+    with Store.open(out) as store, driver_lock(out, workers):
+        remove_dead_temporaries(out)
         _check_spec_schema(store, out)
         # Fail fast on a missing or corrupt dataset, before any run is registered or trained.
         _preflight(_unfinished_datasets(store, specs))
@@ -195,80 +190,6 @@ def _check_same_study(out: Path, study: Study) -> None:
             f"{out} already holds study {previous.name!r}, not {study.name!r}. Choose another "
             "--out directory, or run the same study to resume it."
         )
-
-
-@contextmanager
-def _driver_lock(out: Path, workers: int = 1) -> Iterator[None]:
-    """Hold an exclusive, non-blocking lock on DIR/.lock: one driver per study directory.
-
-    Without it a second driver's `Store.reset_stale` would re-queue (and both would then
-    train) the packs the first one is running. flock locks die with their process.
-    """
-    if sys.platform == "win32":  # no flock; one driver per directory is then up to the user
-        yield
-        return
-    import fcntl
-
-    with open(out / LOCK_FILE, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(
-                f"{out} is in use by another `sensgen run` (it holds {out / LOCK_FILE}). Wait "
-                f"for it to finish (`sensgen status {out}` shows its progress), or choose "
-                "another --out directory."
-            ) from None
-        _write_driver(handle, f"{os.getpid()} {workers}\n")
-        try:
-            yield
-        finally:
-            _write_driver(handle, "")
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _write_driver(handle, text: str) -> None:
-    handle.seek(0)
-    handle.truncate()
-    handle.write(text)
-    handle.flush()
-
-
-def _live_driver_workers(out: Path) -> int | None:
-    """--workers of the live driver named in DIR/.lock; None if none is alive.
-
-    A driver killed by -9 leaves its pid in the file, so liveness is checked by pid.
-    """
-    try:
-        pid, workers = map(int, (out / LOCK_FILE).read_text(encoding="utf-8").split())
-    except (OSError, ValueError):
-        return None
-    return workers if _pid_alive(pid) else None
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # e.g. PermissionError: it exists, as another user's process
-        return True
-    return True
-
-
-# Temporary files carry their writer's pid: `.study.toml.tmp-PID` (here), `NAME.tmp-PID`
-# (the store's points/ and weights/), `.NAME.PID.HEX.tmp` (the report's files).
-_TEMPORARY = re.compile(r".+\.tmp-(\d+)|\..+\.(\d+)\.[0-9a-f]+\.tmp")
-
-
-def _remove_dead_temporaries(out: Path) -> None:
-    """Remove temporary files whose writer died before renaming them (kill -9)."""
-    for folder in (out, out / "points", out / "weights", out / "report"):
-        for path in folder.glob("*tmp*") if folder.is_dir() else ():
-            match = _TEMPORARY.fullmatch(path.name)
-            if match and not _pid_alive(int(match.group(1) or match.group(2))):
-                path.unlink(missing_ok=True)
 
 
 def _report_outdated(index: Path, store: Store) -> bool:
@@ -463,11 +384,11 @@ def study_status(out_dir: str | Path) -> StatusSummary:
     from sensgen.store import open_results
 
     out = Path(out_dir)
-    before = _live_driver_workers(out)
+    before = live_driver_workers(out)
     with open_results(out) as results:
         packs = results.pack_status()
     # Alive before or after the read: the `running` rows read are (or were just) its own.
-    workers = before or _live_driver_workers(out)
+    workers = before or live_driver_workers(out)
     name = "?"
     if (out / STUDY_FILE).exists():
         try:
