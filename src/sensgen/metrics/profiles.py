@@ -31,8 +31,8 @@ from torch import nn
 from sensgen.errors import UserError, parse_choice
 from sensgen.metrics.jacobian import jacobian_norm
 from sensgen.metrics.trajectories import (
-    _check_count,
-    _vectors,
+    as_vectors,
+    check_count,
     ellipse,
     ellipse_angles,
     ellipse_axes,
@@ -163,9 +163,9 @@ def bin_arc_length(
         >>> round(float(L.sum()), 12) == round(2 * math.pi, 12)
         True
     """
-    (_, a64, _), _ = _vectors("c a b", c, a, b)
+    (_, a64, _), _ = as_vectors("c a b", c, a, b)
     edges = _check_edges(edges, max_span=None).to(a64.device)
-    nodes, weights = np.polynomial.legendre.leggauss(_check_count(n_quad, "n_quad", 1))
+    nodes, weights = np.polynomial.legendre.leggauss(check_count(n_quad, "n_quad", 1))
     x = torch.as_tensor(nodes, dtype=_F64, device=a64.device)  # [Q] in (−1, 1)
     w = torch.as_tensor(weights, dtype=_F64, device=a64.device)  # [Q]
     mid, half = (edges[1:] + edges[:-1]) / 2, (edges[1:] - edges[:-1]) / 2  # [B] each
@@ -227,7 +227,7 @@ def jacobian_profile(
         (torch.Size([60]), torch.Size([120]))
     """
     edges, centres = angle_bins(n_bins)
-    if _check_count(n_points, "n_points", 3) < n_bins:
+    if check_count(n_points, "n_points", 3) < n_bins:
         raise UserError(
             f"n_points ({n_points}) must be >= n_bins ({n_bins}) so every bin holds a "
             f"sample; use a multiple of n_bins, e.g. {10 * n_bins}."

@@ -38,13 +38,14 @@ _F64 = torch.float64
 _COLLINEAR_RTOL = 1e-10
 
 
-def _check_count(value: int, name: str, minimum: int) -> int:
+def check_count(value: int, name: str, minimum: int) -> int:
+    """`value` if it is an integer >= `minimum`, else a UserError naming `name`."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise UserError(f"{name} must be an integer >= {minimum}, got {value!r}.")
     return value
 
 
-def _vectors(names: str, *xs: torch.Tensor) -> tuple[list[torch.Tensor], torch.dtype]:
+def as_vectors(names: str, *xs: torch.Tensor) -> tuple[list[torch.Tensor], torch.dtype]:
     """Check that xs are 1-D tensors of one length; return float64 copies and the out dtype."""
     for name, x in zip(names.split(), xs, strict=True):
         if not isinstance(x, torch.Tensor) or x.ndim != 1 or x.numel() == 0:
@@ -81,14 +82,14 @@ def ellipse_axes(
         >>> c
         tensor([0.3333, 0.3333, 0.3333])
     """
-    (p, q, r), dtype = _vectors("x1 x2 x3", x1, x2, x3)
+    (p, q, r), dtype = as_vectors("x1 x2 x3", x1, x2, x3)
     c = (p + q + r) / 3
     return c.to(dtype), (c - q).to(dtype), ((p - r) / math.sqrt(3.0)).to(dtype)
 
 
 def ellipse_angles(n_points: int, *, device: torch.device | str | None = None) -> torch.Tensor:
     """The sample angles φ_i = 2πi/n, i = 0..n−1, of a closed path (float64 [n])."""
-    n = _check_count(n_points, "n_points", 1)
+    n = check_count(n_points, "n_points", 1)
     return torch.arange(n, dtype=_F64, device=device) * (2 * math.pi) / n
 
 
@@ -111,8 +112,8 @@ def ellipse(x1: torch.Tensor, x2: torch.Tensor, x3: torch.Tensor, *, n_points: i
         >>> ellipse(*torch.eye(3), n_points=12).shape
         torch.Size([12, 3])
     """
-    (p, q, r), dtype = _vectors("x1 x2 x3", x1, x2, x3)
-    phi = ellipse_angles(_check_count(n_points, "n_points", 3), device=p.device)  # [n]
+    (p, q, r), dtype = as_vectors("x1 x2 x3", x1, x2, x3)
+    phi = ellipse_angles(check_count(n_points, "n_points", 3), device=p.device)  # [n]
     c = (p + q + r) / 3
     a, b = c - q, (p - r) / math.sqrt(3.0)
     return (c + torch.outer(phi.cos(), a) + torch.outer(phi.sin(), b)).to(dtype)  # [n, D]
@@ -139,7 +140,7 @@ def ellipse_speed(
         >>> ellipse_speed(torch.zeros(2), torch.tensor([2.0, 0]), torch.tensor([0, 1.0]), 0.0)
         tensor(1., dtype=torch.float64)
     """
-    (_, a64, b64), _ = _vectors("c a b", c, a, b)
+    (_, a64, b64), _ = as_vectors("c a b", c, a, b)
     r = torch.linalg.qr(torch.stack([a64, b64], dim=1), mode="r").R  # [2, 2]: ‖[a b]y‖ = ‖Ry‖
     phi = torch.as_tensor(phi, dtype=_F64, device=a64.device)
     y = torch.stack([-phi.sin(), phi.cos()])  # [2, ...]
@@ -169,7 +170,7 @@ def random_anchors(
         >>> random_anchors(torch.zeros(784), 1.0, generator=g).shape
         torch.Size([3, 784])
     """
-    (mu,), dtype = _vectors("mean", mean)
+    (mu,), dtype = as_vectors("mean", mean)
     var64 = torch.as_tensor(var, dtype=_F64, device=mu.device)
     if var64.ndim > 1 or (var64.ndim == 1 and var64.shape != mu.shape):
         raise UserError(
@@ -200,7 +201,7 @@ def random_ellipse(
         >>> random_ellipse(torch.zeros(5), 0.5, n_points=60, generator=g).shape
         torch.Size([60, 5])
     """
-    _check_count(n_points, "n_points", 3)
+    check_count(n_points, "n_points", 3)
     x1, x2, x3 = random_anchors(mean, var, generator=generator)
     return ellipse(x1, x2, x3, n_points=n_points)
 
@@ -222,8 +223,8 @@ def segment(x1: torch.Tensor, x2: torch.Tensor, *, n_points: int) -> torch.Tenso
         >>> segment(torch.zeros(2), torch.ones(2), n_points=3)[1]
         tensor([0.5000, 0.5000])
     """
-    (p, q), dtype = _vectors("x1 x2", x1, x2)
-    t = torch.linspace(0, 1, _check_count(n_points, "n_points", 2), dtype=_F64, device=p.device)
+    (p, q), dtype = as_vectors("x1 x2", x1, x2)
+    t = torch.linspace(0, 1, check_count(n_points, "n_points", 2), dtype=_F64, device=p.device)
     return (torch.outer(1 - t, p) + torch.outer(t, q)).to(dtype)
 
 
@@ -252,7 +253,7 @@ def polygon(vertices: torch.Tensor, *, points_per_edge: int, closed: bool = True
     if not isinstance(vertices, torch.Tensor) or vertices.ndim != 2 or vertices.shape[0] < 2:
         shape = tuple(vertices.shape) if isinstance(vertices, torch.Tensor) else vertices
         raise UserError(f"vertices must be a [K, D] tensor with K >= 2, got {shape}.")
-    m = _check_count(points_per_edge, "points_per_edge", 1)
+    m = check_count(points_per_edge, "points_per_edge", 1)
     dtype = vertices.dtype if vertices.dtype.is_floating_point else torch.get_default_dtype()
     v = vertices.to(_F64)
     starts, ends = (v, v.roll(-1, dims=0)) if closed else (v[:-1], v[1:])  # [E, D] each
@@ -331,8 +332,8 @@ def plane_grid(
         >>> grid.points.shape, grid.anchor_coords.shape
         (torch.Size([4096, 3]), torch.Size([3, 2]))
     """
-    (p, q, r), dtype = _vectors("x1 x2 x3", x1, x2, x3)
-    n = _check_count(resolution, "resolution", 2)
+    (p, q, r), dtype = as_vectors("x1 x2 x3", x1, x2, x3)
+    n = check_count(resolution, "resolution", 2)
     if not (isinstance(extent, int | float) and math.isfinite(extent) and extent > 0):
         raise UserError(f"extent must be a finite number > 0, got {extent!r}.")
     d2, d3 = q - p, r - p
