@@ -125,7 +125,7 @@ def test_a_failing_pack_is_recorded_and_the_sweep_goes_on(tiny, tmp_path, monkey
             raise RuntimeError("simulated worker crash")
         return execute_pack(specs, **kwargs)
 
-    monkeypatch.setattr("sensgen.runner.execute_pack", flaky)
+    monkeypatch.setattr("sensgen.execute.execute_pack", flaky)
     out = tmp_path / "out"
     result = run(study_module.load(tiny), out, progress=False, report=True)
     runs = open_results(out).runs()

@@ -186,6 +186,20 @@ def _with_wall_time(result: RunResult, wall_s: float) -> RunResult:
     )
 
 
+def execute_or_fail(specs: Sequence[RunSpec], **options) -> PackResult:
+    """`execute_pack`, with any exception turned into a `failed` pack: one bad pack never
+    stops a sweep. Interrupts (Ctrl-C, exit) still propagate."""
+    try:
+        return execute_pack(specs, **options)
+    except Exception as error:
+        return failed_pack(specs, error)
+
+
+def failed_pack(specs: Sequence[RunSpec], error: BaseException) -> PackResult:
+    """A pack result with every run `failed`, no points and no weights."""
+    return PackResult(failed_results(specs, error), None, None)
+
+
 def failed_results(specs: Sequence[RunSpec], error: BaseException) -> list[RunResult]:
     """Every run of a pack marked failed with the exception's one-line summary."""
     message = f"{type(error).__name__}: {error}"

@@ -31,7 +31,7 @@ from concurrent.futures.process import BrokenProcessPool
 import torch
 from rich.progress import Progress, TaskID
 
-from sensgen.execute import PackResult, execute_pack, failed_results
+from sensgen.execute import PackResult, execute_or_fail, failed_pack
 from sensgen.store import Store
 from sensgen.study import Measurements
 
@@ -61,10 +61,7 @@ def worker_pool(workers: int) -> ProcessPoolExecutor:
 
 
 def _worker(specs, device: str, measure: Measurements) -> PackResult:
-    try:
-        return execute_pack(specs, device=device, measure=measure)
-    except Exception as error:  # recorded as `failed` by the driver, never raised
-        return PackResult(failed_results(specs, error), None, None)
+    return execute_or_fail(specs, device=device, measure=measure)
 
 
 def train_in_processes(
@@ -109,7 +106,7 @@ def train_in_processes(
                     broken, lost = True, lost + 1
                     continue
                 except Exception as error:  # e.g. a result that could not be sent back
-                    result = PackResult(failed_results(pack.specs, error), None, None)
+                    result = failed_pack(pack.specs, error)
                 store.finish_pack(
                     pack.pack_id, result.results, points=result.points, weights=result.weights
                 )

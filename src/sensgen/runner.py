@@ -37,7 +37,7 @@ from sensgen import data
 from sensgen import study as study_module
 from sensgen.driver import driver_lock, live_driver_workers, remove_dead_temporaries
 from sensgen.errors import UserError
-from sensgen.execute import PackResult, execute_pack, failed_results
+from sensgen.execute import execute_or_fail
 from sensgen.store import FINAL, PlannedRun, Status, Store
 from sensgen.study import SPEC_SCHEMA, Measurements, RunSpec, Study, plan_packs
 
@@ -288,7 +288,9 @@ def _train(
             for i, pack in enumerate(packs):
                 bar.update(task, description=f"pack {i + 1}/{len(packs)}")
                 store.mark_running(s.run_id for s in pack.specs)
-                result = _execute_safely(pack, device, measure, on_step=lambda _: bar.advance(task))
+                result = execute_or_fail(
+                    pack.specs, device=device, measure=measure, on_step=lambda _: bar.advance(task)
+                )
                 store.finish_pack(
                     pack.pack_id, result.results, points=result.points, weights=result.weights
                 )
@@ -320,18 +322,6 @@ def _pack_line(done: int, total: int, task) -> str:
 def _clock(seconds: float) -> str:
     minutes, secs = divmod(round(seconds), 60)
     return f"{minutes}:{secs:02d}"
-
-
-def _execute_safely(
-    pack: _PendingPack, device: str, measure: Measurements, on_step=None
-) -> PackResult:
-    """Run a pack; any exception becomes a `failed` status for its runs, not a crash."""
-    try:
-        return execute_pack(pack.specs, device=device, on_step=on_step, measure=measure)
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except Exception as error:  # one bad pack never stops a sweep
-        return PackResult(failed_results(pack.specs, error), None, None)
 
 
 @contextmanager
