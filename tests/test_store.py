@@ -16,6 +16,7 @@ import safetensors
 import safetensors.torch
 import torch
 
+from sensgen import schema
 from sensgen import store as store_module
 from sensgen.errors import UserError
 from sensgen.store import (
@@ -162,7 +163,7 @@ def test_reopening_a_current_database_is_a_no_op_and_keeps_rows(tmp_path: Path) 
 
 def test_migrations_cover_every_older_version() -> None:
     # Every older version has a migration and a checked-in database that must migrate.
-    assert set(store_module._MIGRATIONS) == set(range(1, SCHEMA_VERSION))
+    assert set(schema.MIGRATIONS) == set(range(1, SCHEMA_VERSION))
     for version in range(1, SCHEMA_VERSION):
         assert (FIXTURES / f"results_v{version}.db").is_file()
 
@@ -196,7 +197,7 @@ def test_a_v1_database_migrates_keeping_every_row_and_value(tmp_path: Path) -> N
     # runs() shows the v2 columns as missing, typed like a new database's
     assert list(frame.columns[: len(CATALOGUE)]) == CATALOGUE
     assert frame[V2_COLUMNS].isna().all().all()
-    for col in store_module._V2_METRICS:
+    for col in schema.V2_METRICS:
         assert frame[col].dtype == np.float64
     by_id = frame.set_index("run_id")
     assert by_id["status"].to_dict() == {
@@ -231,20 +232,20 @@ def test_a_failed_migration_leaves_the_v1_database_untouched(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     root, old_rows, old_meta = v1_copy(tmp_path)
-    real = store_module._MIGRATIONS[1]
+    real = schema.MIGRATIONS[1]
 
     def crash_midway(conn: sqlite3.Connection) -> None:
         real(conn)
         raise OSError("power cut")
 
-    monkeypatch.setitem(store_module._MIGRATIONS, 1, crash_midway)
+    monkeypatch.setitem(schema.MIGRATIONS, 1, crash_midway)
     with pytest.raises(OSError, match="power cut"):
         Store.open(root)
     with contextlib.closing(sqlite3.connect(root / "results.db")) as conn:
         assert [r[1] for r in conn.execute("PRAGMA table_info(runs)")] == CATALOGUE[:18]
         assert conn.execute("SELECT * FROM runs ORDER BY run_id").fetchall() == old_rows
         assert dict(conn.execute("SELECT key, value FROM meta")) == old_meta
-    monkeypatch.setitem(store_module._MIGRATIONS, 1, real)
+    monkeypatch.setitem(schema.MIGRATIONS, 1, real)
     with Store.open(root) as s:
         assert len(s.runs()) == len(old_rows)
 
@@ -307,7 +308,7 @@ def test_v2_metrics_are_stored_as_reals_with_nan_as_null(store: Store) -> None:
     assert frame.loc["p-r0", "jacobian_norm_train"] == 3.5
     assert frame.loc["p-r0", "transitions_sign"] == 17.25
     assert frame.loc["p-r0", ["transitions", "transitions_sampled"]].isna().all()
-    assert frame.loc["p-r1", list(store_module._V2_METRICS)].isna().all()
+    assert frame.loc["p-r1", list(schema.V2_METRICS)].isna().all()
 
 
 # -- add_runs, mark_running, reset_stale ----------------------------------------------------
@@ -503,19 +504,19 @@ def test_a_failure_inside_the_transaction_rolls_back_every_row(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store.add_runs(plan("p", 3))
-    real = store_module._sql_value
+    real = store_module.sql_value
     calls = {"n": 0}
 
     def fail_on_second_run(kind: type, value: object) -> object:
         calls["n"] += 1
-        if calls["n"] > len(store_module._METRICS):
+        if calls["n"] > len(schema.METRICS):
             raise OSError("disk full")
         return real(kind, value)
 
-    monkeypatch.setattr(store_module, "_sql_value", fail_on_second_run)
+    monkeypatch.setattr(store_module, "sql_value", fail_on_second_run)
     with pytest.raises(OSError):
         store.finish_pack("p", [done(f"p-r{i}") for i in range(3)])
-    monkeypatch.setattr(store_module, "_sql_value", real)
+    monkeypatch.setattr(store_module, "sql_value", real)
     assert set(store.runs()["status"]) == {"pending"}
     store.finish_pack("p", [done(f"p-r{i}") for i in range(3)])
     assert set(store.runs()["status"]) == {"done"}
@@ -573,14 +574,14 @@ def test_a_reader_during_finish_pack_sees_before_or_after_never_between(
 ) -> None:
     store.add_runs(plan("p", 3))
     seen = []
-    real = store_module._sql_value
+    real = store_module.sql_value
 
     def peek(kind: type, value: object) -> object:
         with open_results(store.root) as reader:
             seen.append(tuple(reader.runs()["status"]))
         return real(kind, value)
 
-    monkeypatch.setattr(store_module, "_sql_value", peek)
+    monkeypatch.setattr(store_module, "sql_value", peek)
     store.finish_pack("p", [done(f"p-r{i}") for i in range(3)])
     assert set(seen) == {("pending",) * 3}
 

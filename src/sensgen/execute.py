@@ -10,7 +10,8 @@ Per model (paper §2.3, §2.1):
     gap = train_acc − test_acc,  loss_gap = test_loss − train_loss
     jacobian_norm           Jbar = mean over test points of ‖∂softmax/∂x‖_F
 Per test point: loss (CE), correct, p_y, margin z_y − max_{j≠y} z_j, ‖J‖_F (softmax and
-logits).
+logits). Per model, when `[measure]` asks: profiles along ellipses through training points
+and region maps at init and after training (`sensgen.geometry`, paper Figs. 2 and 3).
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
 
 from sensgen import data
+from sensgen.geometry import measure_profiles, measure_regions
 from sensgen.measure import MEASURE_SEED, measure_model
 from sensgen.metrics import jacobian_norms
 from sensgen.models import count_parameters
@@ -48,6 +51,17 @@ class PackResult:
     results: list[RunResult]
     points: pd.DataFrame | None  # None when the pack failed
     weights: dict[str, torch.Tensor] | None
+    profiles: pd.DataFrame | None = None  # None when not measured or the pack failed
+    regions: dict[str, torch.Tensor] | None = None
+
+    def files(self) -> dict[str, Any]:
+        """The pack's files as `Store.finish_pack` keyword arguments."""
+        return {
+            "points": self.points,
+            "weights": self.weights,
+            "profiles": self.profiles,
+            "regions": self.regions,
+        }
 
 
 def training_subset(dataset: str, n_train: int, size: int | None) -> torch.Tensor | None:
@@ -109,6 +123,10 @@ def execute_pack(
     results, points = _evaluate(
         specs, shape, template, outcome, x_train, labels, test, device, measure
     )
+    done = [r.status is Status.DONE for r in results]
+    profiles, regions = _geometry(
+        specs, done, shape, members, template, outcome, x_train, y_true, measure
+    )
     wall = (time.perf_counter() - start) / len(specs)
     results = [_with_wall_time(r, wall) for r in results]
     weights = {
@@ -117,7 +135,28 @@ def execute_pack(
         for name, value in outcome.params.items()
     }
     table = pd.concat(points, ignore_index=True) if measure.points else None
-    return PackResult(results, table, weights)
+    return PackResult(results, table, weights, profiles, regions)
+
+
+def _geometry(specs, done, shape, members, template, outcome, x_train, y_true, measure):
+    """Profiles (Fig. 2) and region maps (Fig. 3) of the pack's done models, if asked."""
+    if not (measure.profile_ellipses or measure.region_planes):
+        return None, None
+    _, initial = init_pack(shape, members)  # the same draw train_pack started from
+    frames, regions = [], {}
+    for i, spec in enumerate(specs):
+        if not done[i]:  # diverged nets are not measured
+            continue
+        net = unstack(template, outcome.params, i).to(x_train.device)
+        if measure.profile_ellipses:
+            frame = measure_profiles(net, x_train, y_true, config=measure, seed=MEASURE_SEED)
+            frames.append(frame.assign(run_id=spec.run_id))
+        if measure.region_planes:
+            before = unstack(template, initial, i).to(x_train.device)
+            maps = measure_regions(before, net, x_train, y_true, config=measure, seed=MEASURE_SEED)
+            regions |= {f"{spec.run_id}.{key}": value for key, value in maps.items()}
+    profiles = pd.concat(frames, ignore_index=True) if frames else None
+    return profiles, (regions or None) if measure.region_planes else None
 
 
 def _evaluate(specs, shape, template, outcome: PackOutcome, x_train, labels, test, device, measure):

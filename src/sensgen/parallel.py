@@ -107,9 +107,7 @@ def train_in_processes(
                     continue
                 except Exception as error:  # e.g. a result that could not be sent back
                     result = failed_pack(pack.specs, error)
-                store.finish_pack(
-                    pack.pack_id, result.results, points=result.points, weights=result.weights
-                )
+                store.finish_pack(pack.pack_id, result.results, **result.files())
                 bar.advance(task, pack.specs[0].max_steps)
     if lost:
         store.reset_stale()  # the pool is gone: nothing of this driver is running any more

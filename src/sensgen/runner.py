@@ -291,9 +291,7 @@ def _train(
                 result = execute_or_fail(
                     pack.specs, device=device, measure=measure, on_step=lambda _: bar.advance(task)
                 )
-                store.finish_pack(
-                    pack.pack_id, result.results, points=result.points, weights=result.weights
-                )
+                store.finish_pack(pack.pack_id, result.results, **result.files())
                 bar.update(task, completed=sum(p.specs[0].max_steps for p in packs[: i + 1]))
                 if show and not console.is_terminal:  # logs and CI: one line per pack
                     console.print(_pack_line(i + 1, len(packs), bar.tasks[task]), highlight=False)

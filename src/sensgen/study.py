@@ -33,7 +33,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from sensgen import data
 from sensgen.errors import UserError
@@ -68,6 +68,13 @@ class Measurements(BaseModel):
     three test points of different classes; 0: off), `transition_sides` (sides of the
     inscribed polygon, paper §3 Study 4 default 1,200), `points` (store the per-test-point
     table).
+
+    Study 2 (Fig. 2, `sensgen.geometry.measure_profiles`): `profile_ellipses` ellipses of each
+    kind (random, different-class and same-class training points; 0: off), each sampled at
+    `profile_points` angles and binned into `profile_bins` bins (a multiple of 3, so the
+    anchors are bin centres). Study 3 (Fig. 3, `sensgen.geometry.measure_regions`):
+    `region_planes` planes through three training points (0: off), `region_resolution`²
+    pixels over `region_extent` times the anchors' extent, at init and after training.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -76,6 +83,22 @@ class Measurements(BaseModel):
     transition_ellipses: Annotated[int, Field(ge=0, le=100_000)] = 0
     transition_sides: Annotated[int, Field(ge=6, le=10_000_000)] = 1200
     points: bool = True
+    profile_ellipses: Annotated[int, Field(ge=0, le=10_000)] = 0
+    profile_points: Annotated[int, Field(ge=3, le=1_000_000)] = 600
+    profile_bins: Annotated[int, Field(ge=3, le=100_000, multiple_of=3)] = 60
+    region_planes: Annotated[int, Field(ge=0, le=1_000)] = 0
+    region_resolution: Annotated[int, Field(ge=2, le=4096)] = 256
+    region_extent: Annotated[float, Field(gt=0.0, le=100.0)] = 1.5
+
+    @model_validator(mode="after")
+    def _points_fill_bins(self) -> Measurements:
+        if self.profile_ellipses and self.profile_points < self.profile_bins:
+            raise ValueError(
+                f"profile_points ({self.profile_points}) must be >= profile_bins "
+                f"({self.profile_bins}) so every angle bin holds a sample; use a multiple, "
+                f"e.g. {10 * self.profile_bins}"
+            )
+        return self
 
 
 class Execution(BaseModel):

@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import html
 import io
 import json
@@ -36,6 +37,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from sensgen.analysis import figures, tables
+from sensgen.analysis.report_geometry import geometry_sections
+from sensgen.errors import UserError
 
 REPORT_DIR = "report"
 FIGURES: dict[str, tuple[Callable[[pd.DataFrame], Figure], str]] = {
@@ -58,6 +61,7 @@ _PREDICTOR_NAMES = {
     "train_loss": "final train loss",
 }
 _PNG_DPI = 150
+_MAX_REGION_RUNS = 50  # region maps read for the boundary-density summary
 
 _EXPLANATION = """\
 Each point is one trained network. The x axis of the first figure is its mean test-point
@@ -107,8 +111,9 @@ def write_report(
         Path of ``out_dir/report/index.html``.
     """
     out_dir = Path(out_dir)
+    profiles, maps = pd.DataFrame(), {}
     if runs is None:
-        runs, points = _read_store(out_dir, points)
+        runs, points, profiles, maps = _read_store(out_dir, points)
     if points is None:
         points = pd.DataFrame()
     report = out_dir / REPORT_DIR
@@ -118,21 +123,35 @@ def write_report(
     correlations = tables.correlation_summary(runs)
     per_point = _per_point_by_dataset(points, runs)
     drawn = _write_figures(report, runs) if len(models) else _remove_figures(report)
+    extra = geometry_sections(profiles, maps, lambda name, fig: _save(report, name, fig))
     _write_text(report / "models.csv", models.to_csv(index=False))
     summary = _summary(counts, correlations, per_point)
     _write_text(report / "summary.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")
-    page = _page(out_dir.resolve().name, counts, correlations, per_point, models, drawn)
+    page = _page(out_dir.resolve().name, counts, correlations, per_point, models, drawn, extra)
     index = report / "index.html"
     _write_text(index, page)
     return index
 
 
-def _read_store(out_dir: Path, points: pd.DataFrame | None) -> tuple[pd.DataFrame, Any]:
-    """Reads the runs (and, unless given, points) frames of a study directory."""
+def _read_store(out_dir: Path, points: pd.DataFrame | None) -> tuple[Any, ...]:
+    """Reads the runs, points (unless given), profiles and region maps of a study."""
     from sensgen.store import open_results  # deferred: analysis works without a store
 
     with open_results(out_dir) as results:
-        return results.runs(), results.points() if points is None else points
+        runs = results.runs()
+        points = results.points() if points is None else points
+        profiles = results.profiles()
+        maps = {}
+        if (out_dir / "regions").is_dir() and any((out_dir / "regions").iterdir()):
+            for run_id in tables.done_runs(runs)["run_id"][:_MAX_REGION_RUNS]:
+                with contextlib.suppress(UserError):  # a run measured without maps
+                    maps[run_id] = results.region_maps(run_id)
+        return runs, points, profiles, maps
+
+
+def _save(report: Path, name: str, fig: Figure) -> None:
+    _write_bytes(report / f"{name}.png", _render(fig, "png"))
+    _write_bytes(report / f"{name}.svg", _render(fig, "svg"))
 
 
 def _per_point_by_dataset(points: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
@@ -234,6 +253,7 @@ def _page(
     per_point: pd.DataFrame,
     models: pd.DataFrame,
     drawn: list[str],
+    extra: list[str] = (),
 ) -> str:
     """The whole index.html as a string."""
     title = f"sensgen report: {study}"
@@ -252,6 +272,7 @@ def _page(
         )
     else:
         body += _results_sections(correlations, per_point, drawn)
+        body += list(extra)
         body += _models_section(models)
     return _document(title, "\n".join(body))
 

@@ -1,0 +1,90 @@
+"""Fig. 2 / Fig. 3 summaries and figures on synthetic inputs with known answers."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from sensgen.analysis.geometry_figures import (
+    boundary_table,
+    manifold_profiles,
+    profile_summary,
+    region_maps_figure,
+)
+from sensgen.analysis.report_geometry import boundary_contrast, manifold_contrasts
+
+
+def _profiles(n_bins=12):
+    """Two models, two ellipses each; ‖J‖ = 10 off the anchors, 0.1 (model a) or 0.3 (b)
+    at the anchor bins; density = bin index for every path."""
+    rows = []
+    anchors = {n_bins // 6, n_bins // 2, 5 * n_bins // 6}
+    for run, low in (("a", 0.1), ("b", 0.3)):
+        for path in ("random", "different_class", "same_class"):
+            for ellipse in range(2):
+                for b in range(n_bins):
+                    jac = low if (b in anchors and path != "random") else 10.0
+                    rows.append((run, path, ellipse, b, 2 * math.pi * b / n_bins, jac, float(b)))
+    columns = ["run_id", "path", "ellipse", "bin", "angle", "jacobian_norm"]
+    return pd.DataFrame(rows, columns=[*columns, "transition_density"])
+
+
+def test_profile_summary_means_and_ranges_over_models():
+    summary = profile_summary(_profiles()).set_index(["path", "bin"])
+    row = summary.loc[("different_class", 2)]
+    assert row["models"] == 2
+    assert row["jacobian_mean"] == pytest.approx(0.2)
+    assert (row["jacobian_min"], row["jacobian_max"]) == pytest.approx((0.1, 0.3))
+    assert summary.loc[("random", 2), "jacobian_mean"] == pytest.approx(10.0)
+    assert summary.loc[("same_class", 7), "density_mean"] == pytest.approx(7.0)
+
+
+def test_manifold_contrasts_read_anchor_and_midway_bins():
+    c = manifold_contrasts(_profiles())
+    assert c["different_class_jacobian_anchors"] == pytest.approx(0.2)
+    assert c["different_class_jacobian_midway"] == pytest.approx(10.0)
+    assert c["random_jacobian_midway"] == pytest.approx(10.0)
+    assert c["same_class_density_anchors"] == pytest.approx((2 + 6 + 10) / 3)
+    assert c["same_class_density_midway"] == pytest.approx((0 + 4 + 8) / 3)
+
+
+def test_manifold_figure_draws_three_paths_on_a_log_axis_and_handles_empty():
+    fig = manifold_profiles(_profiles())
+    top, bottom = fig.axes
+    assert top.get_yscale() == "log" and len(top.get_lines()) == 3 + 3  # 3 paths + guides
+    assert bottom.get_yscale() == "linear" and len(bottom.get_lines()) == 3 + 3
+    empty = manifold_profiles(pd.DataFrame(columns=_profiles().columns))
+    assert "no profiles measured" in [t.get_text() for t in empty.axes[0].texts]
+
+
+def _half_plane_maps(resolution=32):
+    cols = torch.arange(resolution).expand(resolution, resolution)
+    trained = (cols >= resolution // 2).to(torch.int32)[None]  # one vertical boundary
+    init = (torch.arange(resolution)[:, None] + cols) % 2  # a checkerboard: every pair differs
+    anchors = torch.tensor([[[4.0, 4.0], [27.0, 4.0], [4.0, 27.0]]], dtype=torch.float64)
+    return {"init": init.to(torch.int32)[None], "trained": trained, "anchors": anchors}
+
+
+def test_boundary_table_on_known_maps():
+    table = boundary_table({"r": _half_plane_maps()}).set_index("stage")
+    assert table.loc["init", "near_points"] == 1.0 and table.loc["init", "elsewhere"] == 1.0
+    assert table.loc["trained", "near_points"] == 0.0  # discs of radius 2 miss column 15|16
+    # elsewhere: the 32 right-pairs across columns 15|16 differ, out of the 2·32·31 pairs
+    # less those touching the three 13-pixel discs (at most 4 pairs per pixel)
+    elsewhere = table.loc["trained", "elsewhere"]
+    assert 32 / (2 * 32 * 31) <= elsewhere <= 32 / (2 * 32 * 31 - 3 * 13 * 4)
+    assert boundary_contrast(boundary_table({"r": _half_plane_maps()})) == {
+        "init": 1.0,
+        "trained": 0.0,
+    }
+
+
+def test_region_figure_marks_points_and_handles_no_maps():
+    fig = region_maps_figure(_half_plane_maps(), "t")
+    assert len(fig.axes) == 2
+    assert all(len(ax.collections) == 1 for ax in fig.axes)  # the three anchors
+    none = {k: v[:0] for k, v in _half_plane_maps().items()}
+    assert "no region maps" in region_maps_figure(none).texts[0].get_text()
+    assert np.isfinite(boundary_table({"r": _half_plane_maps()})["elsewhere"]).all()
