@@ -26,7 +26,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from sensgen import data
+from sensgen import data, train
 from sensgen.spec import RunSpec
 
 
@@ -135,6 +135,8 @@ def model_memory_bytes(spec: RunSpec) -> int:
 
     Parameters, gradients and up to two optimiser moments (4 copies of n_params), plus the
     batch: inputs and, per hidden layer, pre-activations, activations and their gradients.
+    A full-batch run holds one chunk of at most `train.FULL_BATCH_CHUNK` examples at a time,
+    and, when it takes several chunks, a fifth copy: the gradient being accumulated.
     """
     info = data.describe(spec.dataset)
     d = math.prod(info.image_shape)
@@ -142,9 +144,11 @@ def model_memory_bytes(spec: RunSpec) -> int:
         n_out * (n_in + 1)
         for n_in, n_out in itertools.pairwise([d] + [spec.width] * spec.depth + [info.n_classes])
     )
-    batch = spec.batch_size or spec.train_subset or info.n_train  # full batch: all of it
+    n_train = spec.train_subset or info.n_train
+    batch = spec.batch_size or min(n_train, train.FULL_BATCH_CHUNK)
+    copies = 5 if spec.batch_size is None and n_train > batch else 4
     activations = batch * (d + 4 * spec.width * spec.depth + 2 * info.n_classes)
-    return 4 * (4 * n_params + activations)
+    return 4 * (copies * n_params + activations)
 
 
 def plan_packs(

@@ -8,18 +8,30 @@ parameters are stacked along a leading model axis (`stack_module_state`) and one
     grads  = ∂(Σ_m losses_m)/∂params
 
 so model m's gradient is exactly the gradient of its own mean batch loss: the models do
-not interact. Each model stops on its own (masked updates) when it reaches 100% training
-accuracy (checked every `eval_every` steps, if `stop_at_fit`), when its step budget runs
-out, or when its loss or its next parameters stop being finite (diverged; it keeps its
-last finite parameters).
+not interact.
+
+Full batch (`batch_size=None`) accumulates over the training set's consecutive chunks
+c = 1..C of at most `FULL_BATCH_CHUNK` examples (n_c of them, Σ n_c = N):
+
+    grad_m = Σ_c (n_c / N) · ∂(mean loss of model m over chunk c)/∂params_m
+    loss_m = Σ_c (n_c / N) · (mean loss of model m over chunk c)
+
+which is the gradient (and value) of model m's mean loss over all N examples, while only
+one chunk's activations [M, n_c, width] are alive at a time. With N ≤ `FULL_BATCH_CHUNK`
+there is one chunk and the step is the plain one-shot step above, bit for bit.
+
+Each model stops on its own (masked updates) when it reaches 100% training accuracy (checked
+every `eval_every` steps, if `stop_at_fit`), when its step budget runs out, or when its loss
+or its next parameters stop being finite (diverged; it keeps its last finite parameters).
 
 Randomness: model m's initial weights come from `torch.Generator().manual_seed(seed_m)`;
 its data order from a generator seeded by `derive_seed(seed_m, "order")`; if it augments
 (`Member.augment`), its translations and flips from one seeded by
-`derive_seed(seed_m, "augment")`, drawn afresh for every (mini- or full) batch. A model
-trained alone and the same model trained in a pack therefore see the same batches and end
-with the same parameters (tests check this); models that do not augment see their batches
-untouched, whatever their pack-mates do. The training-accuracy check behind `stop_at_fit`
+`derive_seed(seed_m, "augment")`, drawn afresh for every minibatch (in full batch: for
+each chunk in turn, so for the whole training set at every step). A model trained alone and
+the same model trained in a pack therefore see the same batches and end with the same
+parameters (tests check this); models that do not augment see their batches untouched,
+whatever their pack-mates do. The training-accuracy check behind `stop_at_fit`
 uses the unaugmented training set (paper §2.3).
 """
 
@@ -36,6 +48,12 @@ from torch.func import functional_call, grad_and_value, stack_module_state, vmap
 from sensgen.data import Augmentation, apply_augmentation, draw_augmentation
 from sensgen.models import MLP, Nonlinearity
 from sensgen.optim import OPTIMIZERS, OptimizerName
+
+# Examples per chunk of a full-batch step (see the module docstring). Fixed, not sized to
+# the pack or the free memory: the chunks set the order of the floating-point sums, and a
+# run's result must depend only on its spec, not on its pack-mates or the machine it ran on.
+# `planner.model_memory_bytes` sizes a full-batch run's activations by it.
+FULL_BATCH_CHUNK = 4096
 
 
 def derive_seed(seed: int, purpose: str) -> int:
@@ -157,7 +175,7 @@ def train_pack(
     diverged = torch.zeros(n_models, dtype=torch.bool, device=device)
     gens = [torch.Generator().manual_seed(derive_seed(m.seed, "order")) for m in members]
     orders: list[torch.Tensor] = []
-    cursor, batch = 0, shape.batch_size or n
+    cursor = 0
 
     def loss_of_one(p, xb, yb):
         return F.cross_entropy(functional_call(template, p, (xb,)), yb)
@@ -165,14 +183,12 @@ def train_pack(
     step_fn = vmap(grad_and_value(loss_of_one), in_dims=(0, 0, 0))
     for step in range(shape.max_steps):
         if shape.batch_size is None:
-            xb, yb = x.expand(n_models, -1, -1), y
+            grads, losses = _full_batch_step(step_fn, params, x, y, augmenter)
         else:
-            idx, orders, cursor = _batch_indices(gens, orders, cursor, n, batch)
+            idx, orders, cursor = _batch_indices(gens, orders, cursor, n, shape.batch_size)
             idx = idx.to(device)
             xb, yb = x[idx], torch.gather(y, 1, idx)
-        if augmenter is not None:  # full batch: each model gets its own copy of x to augment
-            xb = augmenter(x.repeat(n_models, 1, 1) if shape.batch_size is None else xb)
-        grads, losses = step_fn(params, xb, yb)
+            grads, losses = step_fn(params, xb if augmenter is None else augmenter(xb), yb)
         new_params, new_state = optimizer.update(params, grads, state, lr, steps)
         finite = torch.isfinite(losses) & _all_finite(new_params)
         diverged |= active & ~finite
@@ -188,6 +204,42 @@ def train_pack(
             if not active.any():
                 break
     return PackOutcome(params=params, steps=steps, diverged=diverged)
+
+
+def _full_batch_step(
+    step_fn: Callable,
+    params: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    augmenter: _Augmenter | None,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Each model's gradient and value of its mean loss over all of x, chunk by chunk.
+
+    grads = Σ_c (n_c / N) · grads_c and losses likewise (module docstring), summed in chunk
+    order; a single chunk (N ≤ `FULL_BATCH_CHUNK`) returns `step_fn`'s own result as is.
+    Augmenting members augment their own copy of each chunk, drawing chunk after chunk.
+    """
+    n_models, n = y.shape
+    splits = torch.split(x, FULL_BATCH_CHUNK), torch.split(y, FULL_BATCH_CHUNK, dim=1)
+    grads: dict[str, torch.Tensor] = {}
+    losses = None
+    for xc, yc in zip(*splits, strict=True):
+        if augmenter is None:
+            xb = xc.expand(n_models, -1, -1)
+        else:  # each model gets its own copy of the chunk to augment
+            xb = augmenter(xc.repeat(n_models, 1, 1))
+        chunk_grads, chunk_losses = step_fn(params, xb, yc)
+        if len(xc) == n:
+            return chunk_grads, chunk_losses
+        weight = len(xc) / n
+        if losses is None:
+            grads = {k: g * weight for k, g in chunk_grads.items()}
+            losses = chunk_losses * weight
+        else:
+            for k, g in chunk_grads.items():
+                grads[k].add_(g, alpha=weight)
+            losses.add_(chunk_losses, alpha=weight)
+    return grads, losses
 
 
 class _Augmenter:
