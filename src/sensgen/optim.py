@@ -47,9 +47,14 @@ class Optimizer:
     update: Callable[[Params, Params, State, torch.Tensor, torch.Tensor], tuple[Params, State]]
 
 
+def per_model(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """View a per-model vector [M] as [M, 1, ...] to broadcast against a stacked [M, ...]."""
+    return values.view(-1, *([1] * (like.ndim - 1)))
+
+
 def _per_model(scalars: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Reshape a per-model vector [M] to broadcast against a stacked tensor [M, ...]."""
-    return scalars.to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
+    """`per_model` in the stacked tensor's dtype (learning rates, bias corrections)."""
+    return per_model(scalars.to(like.dtype), like)
 
 
 def _zeros_like(params: Params) -> Params:

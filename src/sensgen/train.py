@@ -47,7 +47,7 @@ from torch.func import functional_call, grad_and_value, stack_module_state, vmap
 
 from sensgen.data import Augmentation, apply_augmentation, draw_augmentation
 from sensgen.models import MLP, Nonlinearity
-from sensgen.optim import OPTIMIZERS, OptimizerName
+from sensgen.optim import OPTIMIZERS, OptimizerName, per_model
 
 # Examples per chunk of a full-batch step (see the module docstring). Fixed, not sized to
 # the pack or the free memory: the chunks set the order of the floating-point sums, and a
@@ -293,11 +293,7 @@ def _masked(
     active: torch.Tensor, new: dict[str, torch.Tensor], old: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
     """Take `new` for active models and keep `old` for stopped ones (per leading index)."""
-    out = {}
-    for k, v in new.items():
-        mask = active.view(-1, *([1] * (v.ndim - 1)))
-        out[k] = torch.where(mask, v, old[k])
-    return out
+    return {k: torch.where(per_model(active, v), v, old[k]) for k, v in new.items()}
 
 
 @torch.no_grad()
