@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from sensgen.errors import UserError, parse_choice
+from sensgen.metrics.ellipse_transitions import crossing_angles
 from sensgen.metrics.jacobian import jacobian_norm
 from sensgen.metrics.trajectories import (
     as_vectors,
@@ -38,7 +39,6 @@ from sensgen.metrics.trajectories import (
     ellipse_axes,
     ellipse_speed,
 )
-from sensgen.metrics.transitions import crossing_angles
 
 _F64 = torch.float64
 _TWO_PI = 2 * math.pi

@@ -1,30 +1,19 @@
 """Transitions: linear-region boundaries crossed along a path (paper §2.2, §6).
 
-**Sampled** (the paper's count). With samples z_0, ..., z_{k−1} on a closed path and codes
-c(z) from `sensgen.metrics.codes` (integer piece indices of all hidden units):
+`transitions` is the entry point; it counts in one of two ways along the path through the
+given points z_0, ..., z_{k−1}, with codes c(z) from `sensgen.metrics.codes`:
 
-    t_k = Σ_{i=0}^{k−1} ‖c(z_i) − c(z_{(i+1) mod k})‖_1
+* **sampled** (the paper's count, `sensgen.metrics.sampled_transitions`):
+  t_k = Σ_i ‖c(z_i) − c(z_{(i+1) mod k})‖_1 over the points themselves (the last term only
+  for closed paths), optionally with Hamming distance;
+* **exact** (sensgen's extension, piecewise-linear φ only,
+  `sensgen.metrics.exact_transitions`): t_exact, every breakpoint crossing of every hidden
+  unit along the polygon through the points, found layer by layer in closed form.
 
-(the last term only for closed paths). Hamming distance is an option (identical for relu,
-same k → ∞ limit). It is never "the number of consecutive pairs that differ".
-
-**Exact** (sensgen's extension, piecewise-linear φ only). The path is the polygon through
-the given points. Knots start at the vertices; for each hidden layer l = 1..L−1 we evaluate
-h_l at all knots. Between adjacent knots the path is affine and every earlier layer's code is
-constant (its crossings are already knots), so h_l is affine there and unit n crosses
-breakpoint β inside (t_j, t_{j+1}) iff (h_j − β)(h_{j+1} − β) < 0, at
-
-    t* = t_j + (t_{j+1} − t_j) (h_j − β) / (h_j − h_{j+1}).
-
-The crossings become knots and we go to layer l+1; t_exact counts them all. Ties (a knot
-exactly on β, measure zero) follow the code convention c = #{β < h}: β counts on an interval
-iff it lies in the half-open range [min, max) of the end values, so per unit and interval
-the count is |c_n(t_{j+1}) − c_n(t_j)|. Work is in float64 on a copy of the model.
-
-**Why t_exact is the limit of t_k.** A unit's code moves by ±1 per crossing, so
-|c_n(z_i) − c_n(z_{i+1})| ≤ its crossings in between: t_k ≤ t_exact on the same polygon,
-refinement never lowers t_k (triangle inequality), and equality holds once no sampling
-interval holds two crossings of one unit, true for large k since crossings are isolated.
+t_k ≤ t_exact on the same polygon, with equality once the sampling is fine enough, so
+t_exact is the k → ∞ limit of t_k. Counts on the ellipse through three points (polygon
+doubling, chunked samples, crossing angles) are in `sensgen.metrics.ellipse_transitions`.
+This module re-exports the public names of all three, so they can be imported from here.
 
 Example:
     >>> import torch
@@ -37,29 +26,37 @@ Example:
 
 from __future__ import annotations
 
-import copy
-import math
-from collections.abc import Iterator
-from dataclasses import dataclass
 from enum import StrEnum
-from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from sensgen.errors import UserError, parse_choice
-from sensgen.metrics.codes import (
-    BREAKPOINTS,
-    HiddenLayer,
-    activation_codes,
-    hidden_preactivations,
-    is_piecewise_linear,
+from sensgen.metrics.ellipse_transitions import (
+    PolygonCount,
+    crossing_angles,
+    ellipse_transitions_exact,
+    ellipse_transitions_sampled,
 )
-from sensgen.metrics.trajectories import ellipse_angles, ellipse_axes
-from sensgen.models import MLP
+from sensgen.metrics.exact_transitions import TransitionResult, transition_details
+from sensgen.metrics.sampled_transitions import (
+    CodeDistance,
+    check_path,
+    default_chunk_size,
+    sampled_count,
+)
 
-# Elements allowed in one chunk's largest intermediate (points × features or × units).
-_CHUNK_ELEMENTS = 2**22
+__all__ = [
+    "CodeDistance",
+    "PolygonCount",
+    "TransitionMethod",
+    "TransitionResult",
+    "crossing_angles",
+    "ellipse_transitions_exact",
+    "ellipse_transitions_sampled",
+    "transition_details",
+    "transitions",
+]
 
 
 class TransitionMethod(StrEnum):
@@ -67,45 +64,6 @@ class TransitionMethod(StrEnum):
 
     EXACT = "exact"  # breakpoint method on the polygon, piecewise-linear φ only
     SAMPLED = "sampled"  # the paper's t_k over the given samples
-
-
-class CodeDistance(StrEnum):
-    """Distance between the codes of consecutive samples (method="sampled")."""
-
-    L1 = "l1"  # Σ_n |c_n − c'_n|: breakpoints crossed, the paper's count
-    HAMMING = "hamming"  # Σ_n 1[c_n ≠ c'_n]
-
-
-@dataclass(frozen=True)
-class TransitionResult:
-    """Exact crossings along a polygon, sorted by position along the path.
-
-    Attributes:
-        count: t_exact, the number of (unit, breakpoint) crossings.
-        per_layer: crossings per hidden layer, first hidden layer first.
-        edge: int64 [count], edge j runs from vertex j to vertex j+1 (mod k if closed).
-        fraction: float64 [count] in [0, 1], position along that edge.
-        layer: int64 [count], hidden layer (0-based) of the crossing unit.
-        unit: int64 [count], the unit's index within its layer.
-        n_edges: k if closed else k − 1.
-        closed: whether the polygon was closed.
-    """
-
-    count: int
-    per_layer: tuple[int, ...]
-    edge: torch.Tensor
-    fraction: torch.Tensor
-    layer: torch.Tensor
-    unit: torch.Tensor
-    n_edges: int
-    closed: bool
-
-
-class PolygonCount(NamedTuple):
-    """t_exact on an inscribed polygon and its number of sides."""
-
-    count: int
-    sides: int
 
 
 def transitions(
@@ -144,306 +102,6 @@ def transitions(
         if distance is not None:
             raise UserError("distance applies to method='sampled' only; leave it unset.")
         return transition_details(model, path, closed=closed, chunk_size=chunk_size).count
-    _check_path(path)
-    size = chunk_size or _default_chunk_size(model, path)
-    return _sampled_count(model, torch.split(path, size), closed, distance)
-
-
-def transition_details(
-    model: nn.Module, path: torch.Tensor, *, closed: bool = True, chunk_size: int | None = None
-) -> TransitionResult:
-    """Exact crossings along the polygon through `path` [k, ...], with their locations.
-
-    See the module docstring for the method; arguments as in `transitions`.
-    """
-    _check_path(path)
-    net = _float64(model)
-    polygon = _Polygon(_like_model(net, path), closed)
-    size = chunk_size or _default_chunk_size(model, path)
-    edge, frac = polygon.vertex_knots()
-    found = []
-    with torch.no_grad():
-        n_layers = len(hidden_preactivations(net, polygon.points(edge[:1], frac[:1])))
-        for layer in range(n_layers):
-            crossings = _layer_crossings(net, polygon, edge, frac, layer, size)
-            found.append(crossings)
-            edge, frac = _merge(edge, frac, crossings[0], crossings[1])
-        if not isinstance(net, MLP):
-            _check_piecewise_affine(net, polygon, edge, frac, size)
-    return _result(found, polygon)
-
-
-def ellipse_transitions_exact(
-    model: nn.Module,
-    x1: torch.Tensor,
-    x2: torch.Tensor,
-    x3: torch.Tensor,
-    *,
-    start_sides: int = 1200,
-    max_sides: int = 76800,
-    chunk_size: int | None = None,
-) -> PolygonCount:
-    """t_exact on the ellipse through x1, x2, x3: double the inscribed polygon until stable.
-
-    The ellipse is z(φ) = c + a cos φ + b sin φ with c = (x1+x2+x3)/3, a = c − x2,
-    b = (x1 − x3)/√3 (anchors at φ = π/3, π, 5π/3); the n-gon's vertices are z(2πi/n). The
-    chord error is about Rπ²/(2n²), so n is doubled from `start_sides` until the count of the
-    n-gon equals that of the 2n-gon (paper §2.2, "Polygon vs ellipse").
-
-    Returns:
-        (count, sides): the n-gon's count and n. ``sides == max_sides`` means the count was
-        still changing; the count is then that of the max_sides-gon.
-    """
-    sides = start_sides
-    count = transitions(model, _ellipse(x1, x2, x3, sides), chunk_size=chunk_size)
-    while 2 * sides <= max_sides:
-        doubled = transitions(model, _ellipse(x1, x2, x3, 2 * sides), chunk_size=chunk_size)
-        if doubled == count:
-            return PolygonCount(count, sides)
-        sides, count = 2 * sides, doubled
-    return PolygonCount(count, sides)
-
-
-def ellipse_transitions_sampled(
-    model: nn.Module,
-    x1: torch.Tensor,
-    x2: torch.Tensor,
-    x3: torch.Tensor,
-    *,
-    n_points: int,
-    distance: str | None = None,
-    chunk_size: int | None = None,
-) -> int:
-    """The paper's t_k on the ellipse through x1, x2, x3 with k = `n_points` samples.
-
-    Samples z(2πi/k) are generated chunk by chunk, so memory stays bounded for any k.
-    """
-    if n_points < 2:
-        raise UserError(f"n_points must be at least 2, got {n_points}.")
-    size = chunk_size or _default_chunk_size(model, x1.reshape(1, -1))
-    chunks = (
-        _ellipse(x1, x2, x3, n_points, start=i, stop=min(i + size, n_points))
-        for i in range(0, n_points, size)
-    )
-    return _sampled_count(model, chunks, True, distance)
-
-
-def crossing_angles(
-    model: nn.Module,
-    x1: torch.Tensor,
-    x2: torch.Tensor,
-    x3: torch.Tensor,
-    *,
-    sides: int = 1200,
-    chunk_size: int | None = None,
-) -> torch.Tensor:
-    """Ellipse angle φ ∈ [0, 2π) of every exact crossing: float64 [count], sorted.
-
-    Counting these in angle bins and dividing by each bin's arc length gives the transition
-    density of paper §2.2 / Fig. 2. A crossing at fraction s of the chord from φ_j to
-    φ_j + Δ is mapped back through the ellipse's affine frame, where the chord joins two
-    points of the unit circle: φ = φ_j + atan2(s sin Δ, 1 − s + s cos Δ).
-    """
-    found = transition_details(model, _ellipse(x1, x2, x3, sides), chunk_size=chunk_size)
-    delta = 2 * math.pi / sides
-    s = found.fraction
-    offset = torch.atan2(s * math.sin(delta), 1 - s + s * math.cos(delta))
-    return found.edge.to(torch.float64) * delta + offset
-
-
-class _Polygon:
-    """Vertices [k, F] (flattened, float64) and the points at (edge, fraction) knots."""
-
-    def __init__(self, path: torch.Tensor, closed: bool) -> None:
-        self.shape = path.shape[1:]
-        self.vertices = path.detach().to(torch.float64).flatten(start_dim=1)  # [k, F]
-        self.closed = closed
-        following = torch.roll(self.vertices, -1, dims=0) if closed else self.vertices[1:]
-        self.n_edges = len(following)
-        self.direction = following - self.vertices[: self.n_edges]  # [n_edges, F]
-        # (h_1 at the vertices [k, n_1], its change along each edge [n_edges, n_1]) for MLPs
-        self.first_layer: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def vertex_knots(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Knots (edge, fraction) at the vertices; an open path ends at (last edge, 1)."""
-        device = self.vertices.device
-        edge = torch.arange(self.n_edges, device=device)
-        frac = torch.zeros(self.n_edges, dtype=torch.float64, device=device)
-        if not self.closed:
-            edge = torch.cat([edge, edge[-1:]])
-            frac = torch.cat([frac, torch.ones_like(frac[:1])])
-        return edge, frac
-
-    def points(self, edge: torch.Tensor, frac: torch.Tensor) -> torch.Tensor:
-        flat = self.vertices[edge] + frac.unsqueeze(1) * self.direction[edge]  # [m, F]
-        return flat.reshape(-1, *self.shape)
-
-
-def _layer_crossings(
-    net: nn.Module, polygon: _Polygon, edge: torch.Tensor, frac: torch.Tensor, layer: int, size: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Crossings of hidden layer `layer` between the knots: (edge, fraction, unit) each [m]."""
-    end, chunks = _intervals(polygon, edge, frac, size)
-    parts = []
-    for rows, knots in chunks:
-        h = _preactivation(net, polygon, edge[knots], frac[knots], layer)  # [m + 1, n_l]
-        for beta in h.breakpoints:
-            parts.append(_crossings_of(h.preactivation, beta, rows, edge, frac, end))
-    return tuple(torch.cat(p) for p in zip(*parts, strict=True))
-
-
-def _crossings_of(h, beta, rows, edge, frac, end) -> tuple[torch.Tensor, ...]:
-    """Where h [m + 1, n] (affine between knots m = rows) crosses β: (edge, fraction, unit)."""
-    h0, h1 = h[:-1], h[1:]  # [m, n]: values at the start and end of each interval
-    hit = ((h0 <= beta) & (beta < h1)) | ((h1 <= beta) & (beta < h0))
-    interval, unit = hit.nonzero(as_tuple=True)
-    a, b = h0[interval, unit], h1[interval, unit]
-    t = (a - beta) / (a - b)  # [hits] in [0, 1]
-    knot = rows[interval]
-    return edge[knot], frac[knot] + (end[knot] - frac[knot]) * t, unit
-
-
-def _intervals(polygon: _Polygon, edge, frac, size: int) -> tuple[torch.Tensor, Iterator]:
-    """Interval j runs from knot j to the next knot (cyclically if closed).
-
-    Returns its end fraction on edge j, `end` [n_knots], and chunks of at most `size`
-    intervals as (rows: the intervals, knots: their start knots plus the next one).
-    """
-    n_knots = len(edge)
-    n_intervals = n_knots if polygon.closed else n_knots - 1
-    following = torch.arange(1, n_knots + 1, device=edge.device) % n_knots  # [n_knots]
-    # The next knot lies on the same edge, or it is the next vertex (fraction 1 on this edge).
-    end = torch.where(edge[following] == edge, frac[following], torch.ones_like(frac))
-    rows = torch.arange(n_intervals, device=edge.device).split(size)
-    return end, ((r, torch.cat([r, following[r[-1:]]])) for r in rows)
-
-
-def _preactivation(net, polygon, edge, frac, layer) -> HiddenLayer:
-    if isinstance(net, MLP):
-        h = _mlp_preactivation(net, polygon, edge, frac, layer)
-    else:
-        h = hidden_preactivations(net, polygon.points(edge, frac), n_layers=layer + 1)[layer]
-    if not h.piecewise_linear:
-        raise UserError(
-            "method='exact' needs a piecewise-linear nonlinearity (relu, relu6, hard_tanh, "
-            "hard_sigmoid); this model has a smooth one. Use method='sampled', whose sign "
-            "code is sensgen's extension for smooth nets."
-        )
-    return h
-
-
-def _mlp_preactivation(net: MLP, polygon, edge, frac, layer) -> HiddenLayer:
-    # h_1 is affine along each edge, so it is interpolated from its values at the vertices:
-    # this skips the widest matmul (input dimension d) at every knot.
-    if polygon.first_layer is None:
-        h1 = net.layers[0](polygon.vertices.reshape(-1, *polygon.shape))  # [k, n_1]
-        following = torch.roll(h1, -1, dims=0) if polygon.closed else h1[1:]
-        polygon.first_layer = h1, following - h1[: polygon.n_edges]
-    start, slope = polygon.first_layer
-    h = start[edge] + frac.unsqueeze(1) * slope[edge]  # [m, n_1]
-    for linear in net.layers[1 : layer + 1]:
-        h = linear(net.activation(h))  # [m, n_l]
-    return HiddenLayer(h, BREAKPOINTS[net.nonlinearity], is_piecewise_linear(net.nonlinearity))
-
-
-def _merge(edge, frac, new_edge, new_frac) -> tuple[torch.Tensor, torch.Tensor]:
-    """Knots ∪ crossings, sorted by (edge, fraction), coincident knots kept once."""
-    edge, frac = torch.cat([edge, new_edge]), torch.cat([frac, new_frac])
-    order = _position_order(edge, frac)
-    edge, frac = edge[order], frac[order]
-    keep = torch.ones_like(edge, dtype=torch.bool)
-    keep[1:] = (edge[1:] != edge[:-1]) | (frac[1:] != frac[:-1])
-    return edge[keep], frac[keep]
-
-
-def _position_order(edge: torch.Tensor, frac: torch.Tensor) -> torch.Tensor:
-    # Two stable sorts give the lexicographic (edge, fraction) order without mixing the
-    # integer edge into the float fraction, which would cost precision.
-    by_frac = torch.sort(frac, stable=True).indices
-    return by_frac[torch.sort(edge[by_frac], stable=True).indices]
-
-
-def _check_piecewise_affine(net, polygon, edge, frac, size) -> None:
-    """Every pre-activation at each interval's midpoint must be the mean of its ends."""
-    end, chunks = _intervals(polygon, edge, frac, size)
-    for rows, knots in chunks:
-        at_knots = hidden_preactivations(net, polygon.points(edge[knots], frac[knots]))
-        at_mids = hidden_preactivations(net, polygon.points(edge[rows], (frac + end)[rows] / 2))
-        for k, m in zip(at_knots, at_mids, strict=True):
-            h = k.preactivation
-            scale = 1.0 + h.abs().max().item()
-            if ((h[:-1] + h[1:]) / 2 - m.preactivation).abs().max().item() > 1e-7 * scale:
-                raise UserError(
-                    f"{type(net).__name__} is not affine between its activation modules "
-                    "(functional activations, max-pooling, ...?), so method='exact' does not "
-                    "apply. Wrap activations in nn modules or use method='sampled'."
-                )
-
-
-def _result(found, polygon: _Polygon) -> TransitionResult:
-    layer = torch.cat([torch.full_like(unit, i) for i, (_, _, unit) in enumerate(found)])
-    edge, frac, unit = (torch.cat(p) for p in zip(*found, strict=True))
-    order = _position_order(edge, frac)
-    per_layer = tuple(len(unit) for _, _, unit in found)
-    edge, frac, layer, unit = (v[order].cpu() for v in (edge, frac, layer, unit))
-    return TransitionResult(
-        len(edge), per_layer, edge, frac, layer, unit, polygon.n_edges, polygon.closed
-    )
-
-
-def _sampled_count(
-    model: nn.Module, chunks: Iterator[torch.Tensor], closed: bool, distance: str | None
-) -> int:
-    """t_k over the samples in `chunks`, carrying the last code across chunk boundaries."""
-    metric = parse_choice(CodeDistance, distance or CodeDistance.L1, "distance")
-    total, first, last = 0, None, None
-    for chunk in chunks:
-        # [b, U] in int16: int8 differences could overflow
-        codes = activation_codes(model, _like_model(model, chunk)).to(torch.int16)
-        if last is not None:
-            codes = torch.cat([last, codes])
-        total += _code_distance(codes[:-1], codes[1:], metric)
-        first = codes[:1] if first is None else first
-        last = codes[-1:]
-    if closed and first is not None:
-        total += _code_distance(last, first, metric)
-    return total
-
-
-def _code_distance(a: torch.Tensor, b: torch.Tensor, metric: CodeDistance) -> int:
-    if metric is CodeDistance.L1:
-        return int((a - b).abs().sum().item())
-    return int((a != b).sum().item())
-
-
-def _ellipse(x1, x2, x3, n: int, *, start: int = 0, stop: int | None = None) -> torch.Tensor:
-    """z(2πi/n) for i in [start, stop), in float64 whatever the anchors' dtype: [m, D]."""
-    c, a, b = ellipse_axes(*(x.detach().to(torch.float64) for x in (x1, x2, x3)))
-    phi = ellipse_angles(n, device=c.device)[start:stop]  # [m]
-    return c + torch.outer(phi.cos(), a) + torch.outer(phi.sin(), b)
-
-
-def _float64(model: nn.Module) -> nn.Module:
-    """The model in float64; a copy unless it already is, so the user's model is untouched."""
-    if all(p.dtype == torch.float64 for p in model.parameters()):
-        return model
-    return copy.deepcopy(model).to(torch.float64)
-
-
-def _like_model(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """x in the dtype and on the device of the model's parameters (if it has any)."""
-    param = next(model.parameters(), None)
-    return x if param is None else x.to(dtype=param.dtype, device=param.device)
-
-
-def _default_chunk_size(model: nn.Module, path: torch.Tensor) -> int:
-    widths = [p.shape[0] for p in model.parameters() if p.ndim >= 2]
-    widest = max([*widths, path[0].numel() if len(path) else 1, 1])
-    return max(1, _CHUNK_ELEMENTS // widest)
-
-
-def _check_path(path: torch.Tensor) -> None:
-    if path.ndim < 2 or len(path) < 2:
-        raise UserError(
-            f"path must hold at least 2 points as [k, ...], got shape {tuple(path.shape)}."
-        )
+    check_path(path)
+    size = chunk_size or default_chunk_size(model, path)
+    return sampled_count(model, torch.split(path, size), closed, distance)
