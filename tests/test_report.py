@@ -142,7 +142,7 @@ def test_write_report_without_done_runs_writes_a_page_and_removes_old_figures(tm
     index = write_report(tmp_path, runs=runs)
     page = parse(index)
     assert page.images == []
-    assert "No finished models yet" in index.read_text()
+    assert "No finished models to analyse yet" in index.read_text()
     assert not list(index.parent.glob("*.png")) and not list(index.parent.glob("*.svg"))
     summary = json.loads((index.parent / "summary.json").read_text())
     assert summary["status_counts"]["pending"] == 4 and summary["correlations"] == []

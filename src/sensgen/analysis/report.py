@@ -27,8 +27,9 @@ import io
 import json
 import math
 import os
+import tomllib
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from sensgen.analysis import figures, tables
+from sensgen.analysis.inclusion import analysed_runs
 from sensgen.analysis.report_geometry import geometry_sections
 from sensgen.errors import UserError
 
@@ -98,6 +100,7 @@ def write_report(
     *,
     runs: pd.DataFrame | None = None,
     points: pd.DataFrame | None = None,
+    inclusion: Mapping[str, Any] | None = None,
 ) -> Path:
     """Writes the study report (figures, CSV, JSON, HTML) to ``out_dir/report/``.
 
@@ -106,6 +109,8 @@ def write_report(
         runs: the runs frame; read with ``sensgen.store.open_results(out_dir)`` if None.
         points: the per-point frame; read from the store if None and ``runs`` is None too.
             An empty frame skips the per-point summary.
+        inclusion: the study's ``[inclusion]`` table (``apply``, ``min_train_acc``); read
+            from ``out_dir/study.toml`` when the runs are read from the store, else no rule.
 
     Returns:
         Path of ``out_dir/report/index.html``.
@@ -114,12 +119,20 @@ def write_report(
     profiles, maps = pd.DataFrame(), {}
     if runs is None:
         runs, points, profiles, maps = _read_store(out_dir, points)
+        inclusion = _study_inclusion(out_dir) if inclusion is None else inclusion
     if points is None:
         points = pd.DataFrame()
     report = out_dir / REPORT_DIR
     report.mkdir(parents=True, exist_ok=True)
-    models = tables.model_table(runs)
     counts = tables.status_counts(runs)
+    rule = dict(inclusion or {"apply": False})
+    n_done = len(tables.done_runs(runs))
+    runs = analysed_runs(runs, **rule)
+    kept = set(runs["run_id"]) if "run_id" in runs.columns else set()
+    points = points[points["run_id"].isin(kept)] if "run_id" in points.columns else points
+    profiles = profiles[profiles["run_id"].isin(kept)] if len(profiles) else profiles
+    maps = {k: v for k, v in maps.items() if k in kept}
+    models = tables.model_table(runs)
     correlations = tables.correlation_summary(runs)
     per_point = _per_point_by_dataset(points, runs)
     drawn = _write_figures(report, runs) if len(models) else _remove_figures(report)
@@ -127,7 +140,10 @@ def write_report(
     _write_text(report / "models.csv", models.to_csv(index=False))
     summary = _summary(counts, correlations, per_point)
     _write_text(report / "summary.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")
-    page = _page(out_dir.resolve().name, counts, correlations, per_point, models, drawn, extra)
+    note = _inclusion_note(rule, len(models), n_done)
+    page = _page(
+        out_dir.resolve().name, counts, correlations, per_point, models, drawn, [note, *extra]
+    )
     index = report / "index.html"
     _write_text(index, page)
     return index
@@ -147,6 +163,28 @@ def _read_store(out_dir: Path, points: pd.DataFrame | None) -> tuple[Any, ...]:
                 with contextlib.suppress(UserError):  # a run measured without maps
                     maps[run_id] = results.region_maps(run_id)
         return runs, points, profiles, maps
+
+
+def _study_inclusion(out_dir: Path) -> dict[str, Any]:
+    """The ``[inclusion]`` rule of ``out_dir/study.toml``, validated (the default rule if the
+    file is missing)."""
+    from sensgen.study import Inclusion  # deferred: analysis works without a study
+
+    path = out_dir / "study.toml"
+    table = tomllib.loads(path.read_text("utf-8")).get("inclusion", {}) if path.is_file() else {}
+    return Inclusion(**table).model_dump()
+
+
+def _inclusion_note(rule: Mapping[str, Any], n_included: int, n_done: int) -> str:
+    if not rule.get("apply"):
+        return f"<p>Inclusion: every finished model is analysed ({n_done}).</p>"
+    threshold = rule.get("min_train_acc")
+    what = f"{threshold:.1%}" if threshold is not None else "100% (99.9% for CIFAR-100)"
+    return (
+        f"<p>Inclusion (paper §4): models with training accuracy ≥ {what}. "
+        f"<strong>{n_included} of {n_done}</strong> finished models qualify; the figures, "
+        "statistics and the table below use only those.</p>"
+    )
 
 
 def _save(report: Path, name: str, fig: Figure) -> None:
@@ -266,10 +304,11 @@ def _page(
         _html_table(counts, ["status", "count"], {"count": "models"}, "status"),
     ]
     if models.empty:
-        body.append(
-            "<h2>Figures</h2><p><strong>No finished models yet</strong>: nothing to "
-            "plot. Run or resume the study, then build the report again.</p>"
-        )
+        body += [
+            *extra[:1],  # the inclusion note: finished models may all have failed the rule
+            "<h2>Figures</h2><p><strong>No finished models to analyse yet</strong>: nothing "
+            "to plot. Run or resume the study, then build the report again.</p>",
+        ]
     else:
         body += _results_sections(correlations, per_point, drawn)
         body += list(extra)
