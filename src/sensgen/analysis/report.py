@@ -22,22 +22,21 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import html
 import io
 import json
 import math
 import os
 import tomllib
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
 from sensgen.analysis import figures, tables
+from sensgen.analysis.html import document, esc, figure_html, html_table
 from sensgen.analysis.inclusion import analysed_runs
 from sensgen.analysis.report_geometry import geometry_sections
 from sensgen.errors import UserError
@@ -79,20 +78,6 @@ Spearman rank correlation ρ over the drawn models (+1 = perfectly monotone incr
 monotone relation). The two companion figures show the paper's baselines (Fig. 1), the number
 of weights and the final train loss, which do <em>not</em> explain the gap there; the
 correlation table compares all three predictors per dataset."""
-
-_CSS = """\
-body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #222;
-       max-width: 1200px; margin: 2em auto; padding: 0 1em; line-height: 1.45; }
-h1 { font-size: 1.7em; margin-bottom: 0.2em; } h2 { margin-top: 1.8em; font-size: 1.3em; }
-p.lead { max-width: 60em; } .muted { color: #666; }
-table { border-collapse: collapse; font-size: 0.9em; margin: 0.5em 0; }
-th, td { padding: 0.25em 0.7em; border-bottom: 1px solid #e3e3e3; text-align: right; }
-th { background: #f3f5f7; position: sticky; top: 0; }
-td.text, th.text { text-align: left; } tr:nth-child(even) td { background: #fafbfc; }
-.scroll { overflow-x: auto; max-height: 40em; overflow-y: auto; }
-figure { margin: 1.5em 0; } figure img { max-width: 100%; height: auto;
-         border: 1px solid #eee; } figcaption { color: #555; font-size: 0.95em; }
-"""
 
 
 def write_report(
@@ -296,12 +281,12 @@ def _page(
     """The whole index.html as a string."""
     title = f"sensgen report: {study}"
     body = [
-        f"<h1>{_esc(title)}</h1>",
+        f"<h1>{esc(title)}</h1>",
         '<p class="muted">Sensitivity and generalization in neural networks '
         "(Novak et al., ICLR 2018).</p>",
         f'<p class="lead">{_EXPLANATION}</p>',
         "<h2>Models by status</h2>",
-        _html_table(counts, ["status", "count"], {"count": "models"}, "status"),
+        html_table(counts, ["status", "count"], {"count": "models"}, "status"),
     ]
     if models.empty:
         body += [
@@ -313,7 +298,7 @@ def _page(
         body += _results_sections(correlations, per_point, drawn)
         body += list(extra)
         body += _models_section(models)
-    return _document(title, "\n".join(body))
+    return document(title, "\n".join(body))
 
 
 def _results_sections(
@@ -328,23 +313,19 @@ def _results_sections(
         "<p>Over finished models per dataset; n counts models with both values finite. "
         "Kendall τ is τ-b; p-values are two-sided. Paper claim: Jbar correlates clearly "
         "and positively, the baselines do not.</p>",
-        _html_table(shown, list(tables.CORRELATION_COLUMNS), _CORRELATION_HEADERS, "correlations"),
+        html_table(shown, list(tables.CORRELATION_COLUMNS), _CORRELATION_HEADERS, "correlations"),
         "<h2>Figures</h2>",
     ]
     for name in drawn:
         caption = FIGURES[name][1]
-        parts.append(
-            f'<figure><img src="{_esc(name)}.png" alt="{_esc(caption)}">'
-            f'<figcaption>{_esc(caption)} <a href="{_esc(name)}.svg">SVG</a></figcaption>'
-            "</figure>"
-        )
+        parts.append(figure_html(name, caption))
     if not per_point.empty:
         parts += [
             "<h2>Per test point (Study 6)</h2>",
             "<p>Per model, Spearman ρ between a test point's ‖J(x)‖_F and its cross-entropy, "
             "and the AUROC of ‖J(x)‖_F for flagging misclassified points; medians over "
             "models.</p>",
-            _html_table(per_point, list(per_point.columns), _PER_POINT_HEADERS, "per-point"),
+            html_table(per_point, list(per_point.columns), _PER_POINT_HEADERS, "per-point"),
         ]
     return parts
 
@@ -356,7 +337,7 @@ def _models_section(models: pd.DataFrame) -> list[str]:
         '<p>Also as <a href="models.csv">models.csv</a>. An empty batch size means full '
         "batch; init_scale is σ_w²; random_labels is the fraction of shuffled labels.</p>",
         '<div class="scroll">',
-        _html_table(models, list(models.columns), {}, "models"),
+        html_table(models, list(models.columns), {}, "models", sortable=True),
         "</div>",
     ]
 
@@ -371,58 +352,3 @@ _PER_POINT_HEADERS = {
     "median_spearman_rho": "median ρ(‖J‖, CE)",
     "median_auroc_error": "median AUROC (errors)",
 }
-
-
-def _html_table(
-    frame: pd.DataFrame, columns: Iterable[str], headers: dict[str, str], table_id: str
-) -> str:
-    """An escaped HTML table; text columns left-aligned, numbers right-aligned."""
-    columns = list(columns)
-    text = {name for name in columns if _is_text(frame[name])}
-    head = "".join(
-        f"<th{_cls(name in text)}>{_esc(headers.get(name, name))}</th>" for name in columns
-    )
-    rows = []
-    for record in frame[columns].itertuples(index=False):
-        cells = "".join(
-            f"<td{_cls(name in text)}>{_esc(_format(value))}</td>"
-            for name, value in zip(columns, record, strict=True)
-        )
-        rows.append(f"<tr>{cells}</tr>")
-    body = "".join(rows)
-    return f'<table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
-
-
-def _is_text(values: pd.Series) -> bool:
-    """True for string-like columns."""
-    return not (pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values))
-
-
-def _cls(is_text: bool) -> str:
-    return ' class="text"' if is_text else ""
-
-
-def _format(value: Any) -> str:
-    """Compact text for one cell: 4 significant digits, blank for missing."""
-    if value is None or value is pd.NA:
-        return ""
-    if isinstance(value, float | np.floating):
-        if math.isnan(value):
-            return ""
-        return f"{value:.4g}"
-    return str(value)
-
-
-def _esc(text: str) -> str:
-    return html.escape(str(text), quote=True)
-
-
-def _document(title: str, body: str) -> str:
-    """Wraps a body in a complete HTML5 document with the inline stylesheet."""
-    return (
-        "<!DOCTYPE html>\n"
-        '<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-        f"<title>{_esc(title)}</title>\n<style>\n{_CSS}</style>\n</head>\n"
-        f"<body>\n{body}\n</body>\n</html>\n"
-    )

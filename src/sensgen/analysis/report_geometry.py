@@ -7,7 +7,6 @@ measured figure. Its measured summaries (`manifold_contrasts`, `boundary_contras
 
 from __future__ import annotations
 
-import html
 from collections.abc import Callable, Mapping
 
 import pandas as pd
@@ -20,6 +19,7 @@ from sensgen.analysis.geometry_figures import (
     profile_summary,
     region_maps_figure,
 )
+from sensgen.analysis.html import figure_html
 
 # Bins of the default 60-bin profile: anchors at centres 10, 30, 50; midway at 0, 20, 40.
 _ANCHOR_FRACTIONS = (1 / 6, 1 / 2, 5 / 6)
@@ -63,7 +63,7 @@ def geometry_sections(
         save("manifold_profiles", manifold_profiles(profiles))
         parts += [
             "<h2>On and off the data manifold (Study 2)</h2>",
-            _figure("manifold_profiles", _manifold_caption(profiles)),
+            figure_html("manifold_profiles", _manifold_caption(profiles)),
         ]
     if maps_by_run:
         table = boundary_table(maps_by_run)
@@ -71,7 +71,7 @@ def geometry_sections(
         save("region_maps", region_maps_figure(maps_by_run[first], f"Linear regions, {first}"))
         parts += [
             "<h2>Linear regions around training points (Study 3)</h2>",
-            _figure("region_maps", _regions_caption(table, len(maps_by_run))),
+            figure_html("region_maps", _regions_caption(table, len(maps_by_run))),
         ]
     return parts
 
@@ -107,12 +107,4 @@ def _regions_caption(table: pd.DataFrame, n_runs: int) -> str:
         f"{ratio.get('init', float('nan')):.3g} at initialisation and "
         f"{ratio.get('trained', float('nan')):.3g} after training "
         f"({'holds' if ratio.get('trained', 1.0) < 1.0 else 'does not hold'} here)."
-    )
-
-
-def _figure(name: str, caption: str) -> str:
-    esc = html.escape(caption, quote=True)
-    return (
-        f'<figure><img src="{name}.png" alt="{esc}">'
-        f'<figcaption>{esc} <a href="{name}.svg">SVG</a></figcaption></figure>'
     )

@@ -25,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -66,6 +67,19 @@ CORRELATION_COLUMNS = (
     "kendall_tau",
     "kendall_p",
 )
+PER_POINT_COLUMNS = (
+    "run_id",
+    "n_points",
+    "spearman_rho",
+    "auroc_error",
+    "n_errors",
+    "auroc_confidence",
+    "spearman_rho_logits",
+    "spearman_rho_correct",
+)
+DISTRIBUTION_METRICS = ("spearman_rho", "auroc_error", "auroc_confidence")
+DISTRIBUTION_COLUMNS = ("metric", "models", "min", "q10", "median", "q90", "max")
+_QUANTILES = (0.0, 0.1, 0.5, 0.9, 1.0)
 
 
 class RankCorrelation(NamedTuple):
@@ -222,36 +236,116 @@ def correlation_summary(runs: pd.DataFrame) -> pd.DataFrame:
 def per_point_summary(points: pd.DataFrame) -> pd.DataFrame:
     """Per model, how well the per-point Jacobian norm tracks that point's loss (Study 6).
 
-    Over each model's test points: Spearman ρ(‖J(x)‖_F, CE(x)), and the AUROC of ‖J(x)‖_F
-    as a score for misclassification (probability that a random misclassified point has a
-    larger norm than a random correct one, ties counted half). Paper §3 Study 6, claim 11.
+    Over each model's test points (paper §3 Study 6, claim 11):
+
+    * ``spearman_rho``: Spearman ρ(‖J(x)‖_F, CE(x)), J of the softmax output;
+    * ``auroc_error``: AUROC of ‖J(x)‖_F as a score for misclassification, the probability
+      that a random misclassified point has a larger norm than a random correct one (ties
+      count half);
+    * ``auroc_confidence``: the same AUROC for the confidence baseline 1 − max_j p_j(x),
+      with max_j p_j from the stored loss and margin (``max_probability``);
+    * ``spearman_rho_logits``: ρ(‖J_logits(x)‖_F, CE(x)), NaN without that column. By the
+      §2.1 bound ‖J‖_F ≤ 2 CE(x) ‖J_logits‖_2, confident points have small softmax norms
+      mechanically; the logit Jacobian carries no such bound;
+    * ``spearman_rho_correct``: ρ(‖J(x)‖_F, CE(x)) over correctly classified points only.
 
     Args:
-        points: the store's points frame (run_id, split, loss, correct, jacobian_norm, ...).
-            Only ``split == "test"`` rows are used when a split column is present.
+        points: the store's points frame (run_id, split, loss, correct, margin,
+            jacobian_norm, jacobian_norm_logits, ...). Only ``split == "test"`` rows are
+            used when a split column is present.
 
     Returns:
-        DataFrame with columns run_id, n_points, spearman_rho, auroc_error; NaN where
-        undefined (fewer than 3 points, a constant column, or no errors / no correct points).
+        DataFrame with columns ``PER_POINT_COLUMNS``, one row per model sorted by run_id;
+        NaN where undefined (fewer than 3 points, a constant column, a missing column, or
+        no errors / no correct points for the AUROCs).
     """
-    columns = ["run_id", "n_points", "spearman_rho", "auroc_error"]
     if points.empty or "run_id" not in points.columns:
-        return pd.DataFrame(columns=columns)
+        return pd.DataFrame(columns=list(PER_POINT_COLUMNS))
     if "split" in points.columns:
         points = points.loc[points["split"] == "test"]
+    rows = [_per_point_row(run_id, group) for run_id, group in points.groupby("run_id")]
+    frame = pd.DataFrame(rows, columns=list(PER_POINT_COLUMNS))
+    return frame.astype({"n_points": "int64", "n_errors": "int64"})
+
+
+def per_point_distribution(
+    summary: pd.DataFrame, metrics: Sequence[str] = DISTRIBUTION_METRICS
+) -> pd.DataFrame:
+    """Spread over models of the per-model Study 6 statistics.
+
+    Args:
+        summary: ``per_point_summary`` output (one row per model).
+        metrics: its columns to summarise, in output order.
+
+    Returns:
+        DataFrame with columns ``DISTRIBUTION_COLUMNS``: per metric, the number of models
+        with a finite value and the min, 10% quantile, median, 90% quantile and max over
+        them (linear interpolation); NaN when no model has a value.
+    """
     rows = []
-    for run_id, group in points.groupby("run_id", sort=True):
-        norm = column(group, "jacobian_norm")
-        wrong = column(group, "correct") == 0
-        rows.append(
-            {
-                "run_id": run_id,
-                "n_points": len(group),
-                "spearman_rho": rank_correlation(norm, column(group, "loss")).spearman_rho,
-                "auroc_error": _auroc(norm, wrong),
-            }
+    for metric in metrics:
+        values = column(summary, metric)
+        values = values[np.isfinite(values)]
+        quantiles = (
+            np.quantile(values, _QUANTILES) if len(values) else np.full(len(_QUANTILES), np.nan)
         )
-    return pd.DataFrame(rows, columns=columns)
+        rows.append([metric, len(values), *(float(q) for q in quantiles)])
+    frame = pd.DataFrame(rows, columns=list(DISTRIBUTION_COLUMNS))
+    return frame.astype({"models": "int64"})
+
+
+def max_probability(loss: np.ndarray, margin: np.ndarray) -> np.ndarray:
+    """The top softmax probability max_j p_j(x), from the stored loss and margin.
+
+    With CE = −log p_y and margin m = z_y − max_{j≠y} z_j: every p_j / p_y = exp(z_j − z_y),
+    so max_j p_j = p_y · exp(max(0, −m)) = exp(−CE + max(0, −m)). For a correct point
+    (m ≥ 0) that is p_y itself; for a wrong one, p_y scaled by its logit deficit.
+
+    Args:
+        loss: per-point cross-entropy CE(x), shape ``[N]``.
+        margin: per-point logit margin, shape ``[N]``.
+
+    Returns:
+        max_j p_j(x), shape ``[N]``.
+    """
+    return np.exp(_log_max_probability(loss, margin))
+
+
+def _log_max_probability(loss: np.ndarray, margin: np.ndarray) -> np.ndarray:
+    """log max_j p_j = −CE + max(0, −margin), shape ``[N]`` (no underflow of p_y)."""
+    return -np.asarray(loss, dtype=np.float64) + np.maximum(0.0, -np.asarray(margin, float))
+
+
+def _per_point_row(run_id: str, group: pd.DataFrame) -> dict:
+    """One model's row of ``per_point_summary``."""
+    norm, loss = column(group, "jacobian_norm"), column(group, "loss")
+    correct = column(group, "correct")
+    known = np.isfinite(correct)  # points without a correctness flag enter no AUROC
+    wrong = correct[known] == 0
+    # 1 − p_max as −expm1(log p_max): exact to relative precision even when p_max ≈ 1.
+    confidence_error = -np.expm1(_log_max_probability(loss, column(group, "margin")))
+    is_correct = correct == 1
+    return {
+        "run_id": run_id,
+        "n_points": len(group),
+        "n_errors": int(wrong.sum()),
+        "spearman_rho": _spearman(norm, loss),
+        "auroc_error": _auroc(norm[known], wrong),
+        "auroc_confidence": _auroc(confidence_error[known], wrong),
+        "spearman_rho_logits": _spearman(column(group, "jacobian_norm_logits"), loss),
+        "spearman_rho_correct": _spearman(norm[is_correct], loss[is_correct]),
+    }
+
+
+def _spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman ρ over jointly finite entries; NaN (no warning) when fewer than 3 or constant."""
+    keep = np.isfinite(x) & np.isfinite(y)
+    x, y = x[keep], y[keep]
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return np.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # defined above; scipy may still warn near-constant
+        return float(stats.spearmanr(x, y).statistic)
 
 
 def _auroc(score: np.ndarray, positive: np.ndarray) -> float:
