@@ -17,6 +17,7 @@ from test_analysis import synthetic_runs
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 FIGURE_NAMES = ("gap_vs_jacobian", "gap_vs_params", "gap_vs_train_loss")
+POINT_FIGURES = ("per_point_hexbin", "per_point_auroc")
 
 
 class PageParser(HTMLParser):
@@ -86,17 +87,19 @@ def synthetic_points(runs: pd.DataFrame, n: int = 20, seed: int = 0) -> pd.DataF
     return pd.concat(frames, ignore_index=True)
 
 
-def check_report(index: Path, n_done: int) -> PageParser:
-    """Asserts the report folder is complete and consistent with ``n_done`` models."""
+def check_report(index: Path, n_done: int, extra: tuple[str, ...] = ()) -> PageParser:
+    """Asserts the report folder is complete and consistent with ``n_done`` models and
+    holds exactly the scatter figures plus ``extra``."""
     report = index.parent
     assert index.name == "index.html" and report.name == "report"
-    for name in FIGURE_NAMES:
+    for name in (*FIGURE_NAMES, *extra):
         assert (report / f"{name}.png").read_bytes().startswith(PNG_MAGIC)
         assert b"<svg" in (report / f"{name}.svg").read_bytes()[:1000]
     assert len(pd.read_csv(report / "models.csv")) == n_done
     assert not list(report.glob(".*")), "temporary files left behind"
     page = parse(index)
-    assert sorted(page.images) == sorted(f"{name}.png" for name in FIGURE_NAMES)
+    assert sorted(page.images) == sorted(f"{name}.png" for name in (*FIGURE_NAMES, *extra))
+    assert sorted(p.name for p in report.glob("*.png")) == sorted(page.images)
     for target in [*page.images, *page.links]:
         assert (report / target).is_file(), target
     assert page.rows["models"] == n_done
@@ -109,15 +112,16 @@ def test_write_report_writes_every_file_and_a_consistent_page(tmp_path):
     runs = synthetic_runs(10, datasets=("digits", "mnist"))
     runs.loc[[0, 11], "status"] = ["failed", "diverged"]
     index = write_report(tmp_path, runs=runs, points=synthetic_points(runs))
-    page = check_report(index, n_done=18)
+    page = check_report(index, n_done=18, extra=POINT_FIGURES)
     assert page.rows["correlations"] == 6
-    assert page.rows["per-point"] == 2
+    assert page.rows["per-point"] == 3  # ρ, AUROC of ‖J‖, AUROC of the confidence baseline
     summary = json.loads((index.parent / "summary.json").read_text())
     assert summary["status_counts"]["done"] == 18
     assert summary["status_counts"]["failed"] == summary["status_counts"]["diverged"] == 1
     jacobian = [r for r in summary["correlations"] if r["predictor"] == "jacobian_norm"]
     assert [r["spearman_rho"] for r in jacobian] == pytest.approx([1.0, 1.0])
-    assert summary["per_point"][0]["median_auroc_error"] == pytest.approx(1.0)
+    auroc = {r["metric"]: r for r in summary["per_point"]}["auroc_error"]
+    assert auroc["median"] == pytest.approx(1.0) and auroc["models"] == 18
     text = index.read_text()
     assert "Fig. 5" in text and "softmax" in text and "standardised" in text
 
@@ -178,8 +182,8 @@ def test_write_report_reads_a_real_store(tmp_path):
         store.finish_pack("pack0", results, points=points)
 
     index = write_report(tmp_path)
-    page = check_report(index, n_done=5)
-    assert page.rows["per-point"] == 1
+    page = check_report(index, n_done=5, extra=POINT_FIGURES)
+    assert page.rows["per-point"] == 3
     summary = json.loads((index.parent / "summary.json").read_text())
     assert summary["status_counts"] == {
         "pending": 0,

@@ -42,6 +42,7 @@ GAP_LABEL = "generalization gap (train acc − test acc)"
 JACOBIAN_LABEL = r"mean test $\|J\|_F$ (softmax output w.r.t. standardised input)"
 PARAMS_LABEL = "number of weights (parameters)"
 TRAIN_LOSS_LABEL = "final train loss (cross-entropy, nats)"
+TRANSITIONS_LABEL = "mean transitions along ellipses through test points (exact)"
 
 _PANEL_SIZE = (5.0, 4.2)  # inches per dataset panel
 _MAX_COLUMNS = 3
@@ -67,6 +68,23 @@ def gap_vs_jacobian(runs: pd.DataFrame) -> Figure:
         A Figure with one Axes per dataset (one Axes saying so if no model is done).
     """
     return _gap_scatter(runs, "jacobian_norm", JACOBIAN_LABEL, "Gap vs input sensitivity")
+
+
+def gap_vs_transitions(runs: pd.DataFrame) -> Figure:
+    """Generalization gap against the mean exact transition count, one panel per dataset.
+
+    Paper Fig. 5's companion (§3 Study 5): x = mean over ellipses through three test points
+    of the number of linear-region boundaries crossed (exact count on the inscribed
+    1,200-gon, `transitions`); the paper finds this relation less consistent than Jbar's.
+
+    Args:
+        runs: the store's runs frame (columns dataset, status, gap, transitions,
+            random_labels).
+
+    Returns:
+        A Figure with one Axes per dataset, log x.
+    """
+    return _gap_scatter(runs, "transitions", TRANSITIONS_LABEL, "Gap vs transitions")
 
 
 def gap_vs_params(runs: pd.DataFrame) -> Figure:

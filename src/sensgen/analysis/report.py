@@ -1,18 +1,21 @@
 """The study report: figures, tables and a static HTML page under ``DIR/report/``.
 
-This is the only module of ``sensgen.analysis`` that writes files. It turns a study's runs
-(and per-point) frames into:
+This is the only module of ``sensgen.analysis`` that writes files. From whatever the study
+directory holds it writes:
 
-    DIR/report/index.html             self-contained page (inline CSS, relative image links)
-    DIR/report/gap_vs_jacobian.png    paper Fig. 5 (§3 Study 5), plus .svg
-    DIR/report/gap_vs_params.png      paper Fig. 1 left (§3 Study 1), plus .svg
-    DIR/report/gap_vs_train_loss.png  paper Fig. 1 right (§3 Study 1), plus .svg
-    DIR/report/models.csv             one row per finished model
-    DIR/report/summary.json           status counts, rank correlations, per-point summary
+    DIR/report/index.html        one self-contained page (inline CSS and script, images
+                                 beside it): a summary of which paper claims hold here,
+                                 then each figure with a caption stating the paper's claim,
+                                 the measured figure and the verdict, then a sortable table
+    DIR/report/<figure>.png|svg  Figs. 5 and 1 always; transitions (Fig. 5 companion),
+                                 Fig. 4 pairs, Figs. 2 and 3, Study 6 when measured
+    DIR/report/models.csv        one row per analysed model
+    DIR/report/summary.json      status counts, correlations with 95% intervals, claims,
+                                 pair outcomes, per-point distributions
 
-Every file is written under a temporary name in the same folder and renamed into place, so
-a reader never sees half a file and a second run overwrites cleanly. With no finished model
-the page still appears and says so; figures of an earlier report are removed.
+The study's ``[inclusion]`` rule (paper §4) decides which finished models are analysed.
+Every file is written under a temporary name and renamed into place; figures an earlier
+report drew and this one does not are removed, so the folder matches the page.
 
 Example:
     >>> from sensgen.analysis import write_report
@@ -28,56 +31,45 @@ import math
 import os
 import tomllib
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 from matplotlib.figure import Figure
 
-from sensgen.analysis import figures, tables
-from sensgen.analysis.html import document, esc, figure_html, html_table
+from sensgen.analysis import tables
+from sensgen.analysis.html import document, esc, html_table
 from sensgen.analysis.inclusion import analysed_runs
-from sensgen.analysis.report_geometry import geometry_sections
+from sensgen.analysis.report_geometry import geometry_section
+from sensgen.analysis.report_sections import (
+    Section,
+    claims_html,
+    correlation_section,
+    pairs_section,
+    per_point_section,
+)
 from sensgen.errors import UserError
 
 REPORT_DIR = "report"
-FIGURES: dict[str, tuple[Callable[[pd.DataFrame], Figure], str]] = {
-    "gap_vs_jacobian": (
-        figures.gap_vs_jacobian,
-        "Generalization gap against mean test Jacobian norm (paper Fig. 5).",
-    ),
-    "gap_vs_params": (
-        figures.gap_vs_params,
-        "Generalization gap against the number of weights (paper Fig. 1, left).",
-    ),
-    "gap_vs_train_loss": (
-        figures.gap_vs_train_loss,
-        "Generalization gap against final train loss (paper Fig. 1, right).",
-    ),
-}
-_PREDICTOR_NAMES = {
-    "jacobian_norm": "mean test ‖J‖_F (Jbar)",
-    "n_params": "number of weights",
-    "train_loss": "final train loss",
-}
 _PNG_DPI = 150
 _MAX_REGION_RUNS = 50  # region maps read for the boundary-density summary
+_FIGURE_SUFFIXES = (".png", ".svg")
 
 _EXPLANATION = """\
-Each point is one trained network. The x axis of the first figure is its mean test-point
+Each point of the first figure is one trained network. Its x value is the mean test-point
 input sensitivity, Jbar: the Frobenius norm of the Jacobian of the <em>softmax output</em>
 with respect to the <em>standardised</em> (preprocessed, flattened) input, ‖∂p(x)/∂x‖_F,
-computed per test point and then averaged over the test set (log scale). It measures how much
-the predicted class probabilities move under a small random perturbation of an input near the
-data. The y axis is the generalization gap, train accuracy minus test accuracy. Novak et al.
-(ICLR 2018, §3 Study 5, Fig. 5) find that, on every dataset, the gap rises monotonically with
-this sensitivity: read the figure left to right, points should climb, and models trained on
-random labels (orange triangles) should sit at the upper right. Each panel's title gives the
-Spearman rank correlation ρ over the drawn models (+1 = perfectly monotone increasing, 0 = no
-monotone relation). The two companion figures show the paper's baselines (Fig. 1), the number
-of weights and the final train loss, which do <em>not</em> explain the gap there; the
-correlation table compares all three predictors per dataset."""
+averaged over the test set (log scale): how much the predicted class probabilities move
+under a small perturbation of an input near the data. Its y value is the generalization gap,
+train accuracy minus test accuracy. Novak et al. (ICLR 2018) find that the gap rises with
+this sensitivity across models (Fig. 5) while the number of weights and the final train loss
+do not explain it (Fig. 1); that pairs of models differing in one factor (random labels,
+augmentation, nonlinearity, full batch) move both together (Fig. 4); that sensitivity is far
+higher off the data manifold than on it (Figs. 2, 3); and that per test point, ‖J(x)‖ tracks
+the loss (Study 6). The table below says which of these the study can check and whether each
+holds here."""
 
 
 def write_report(
@@ -86,16 +78,21 @@ def write_report(
     runs: pd.DataFrame | None = None,
     points: pd.DataFrame | None = None,
     inclusion: Mapping[str, Any] | None = None,
+    pairs: Mapping[str, Any] | None = None,
+    n_boot: int = 1000,
 ) -> Path:
     """Writes the study report (figures, CSV, JSON, HTML) to ``out_dir/report/``.
 
     Args:
         out_dir: the study directory.
-        runs: the runs frame; read with ``sensgen.store.open_results(out_dir)`` if None.
+        runs: the runs frame; read with ``sensgen.store.open_results(out_dir)`` if None
+            (with the points, profiles and region maps, and the study's ``[inclusion]``
+            and ``[pairs]`` tables from ``out_dir/study.toml``).
         points: the per-point frame; read from the store if None and ``runs`` is None too.
-            An empty frame skips the per-point summary.
-        inclusion: the study's ``[inclusion]`` table (``apply``, ``min_train_acc``); read
-            from ``out_dir/study.toml`` when the runs are read from the store, else no rule.
+        inclusion: ``{"apply": bool, "min_train_acc": float | None}``; None with given
+            ``runs``: every finished model is analysed.
+        pairs: ``{"factor": str, "values": list}`` of a paired study, or None.
+        n_boot: bootstrap resamples for the correlation intervals.
 
     Returns:
         Path of ``out_dir/report/index.html``.
@@ -104,9 +101,9 @@ def write_report(
     profiles, maps = pd.DataFrame(), {}
     if runs is None:
         runs, points, profiles, maps = _read_store(out_dir, points)
-        inclusion = _study_inclusion(out_dir) if inclusion is None else inclusion
-    if points is None:
-        points = pd.DataFrame()
+        table = _study_tables(out_dir)
+        inclusion = _inclusion(table.get("inclusion", {})) if inclusion is None else inclusion
+        pairs = table.get("pairs") if pairs is None else pairs
     report = out_dir / REPORT_DIR
     report.mkdir(parents=True, exist_ok=True)
     counts = tables.status_counts(runs)
@@ -114,21 +111,35 @@ def write_report(
     n_done = len(tables.done_runs(runs))
     runs = analysed_runs(runs, **rule)
     kept = set(runs["run_id"]) if "run_id" in runs.columns else set()
-    points = points[points["run_id"].isin(kept)] if "run_id" in points.columns else points
-    profiles = profiles[profiles["run_id"].isin(kept)] if len(profiles) else profiles
-    maps = {k: v for k, v in maps.items() if k in kept}
+    points = _only(points if points is not None else pd.DataFrame(), kept)
+    profiles, maps = _only(profiles, kept), {k: v for k, v in maps.items() if k in kept}
     models = tables.model_table(runs)
-    correlations = tables.correlation_summary(runs)
-    per_point = _per_point_by_dataset(points, runs)
-    drawn = _write_figures(report, runs) if len(models) else _remove_figures(report)
-    extra = geometry_sections(profiles, maps, lambda name, fig: _save(report, name, fig))
+    drawn: list[str] = []
+
+    def save(name: str, fig: Figure) -> None:
+        for suffix in _FIGURE_SUFFIXES:
+            _write_bytes(report / f"{name}{suffix}", _render(fig, suffix[1:]))
+        drawn.append(name)
+
+    parts, claims, summary = [], [], {"status_counts": _counts(counts)}
+    if len(models):
+        sections = [
+            correlation_section(runs, save, n_boot=n_boot),
+            pairs_section(runs, pairs, save),
+            Section(*geometry_section(profiles, maps, save)),
+            per_point_section(points, runs, save),
+        ]
+        for section in sections:
+            parts += section.html
+            claims += section.claims
+            summary |= {k: _json_ready(v) for k, v in section.summary.items()}
+    _remove_stale_figures(report, drawn)
+    summary["claims"] = [asdict(c) | {"verdict": c.verdict} for c in claims]
+    summary.setdefault("correlations", [])
     _write_text(report / "models.csv", models.to_csv(index=False))
-    summary = _summary(counts, correlations, per_point)
     _write_text(report / "summary.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")
     note = _inclusion_note(rule, len(models), n_done)
-    page = _page(
-        out_dir.resolve().name, counts, correlations, per_point, models, drawn, [note, *extra]
-    )
+    page = _page(out_dir.resolve().name, counts, models, claims, [note, *parts])
     index = report / "index.html"
     _write_text(index, page)
     return index
@@ -150,14 +161,24 @@ def _read_store(out_dir: Path, points: pd.DataFrame | None) -> tuple[Any, ...]:
         return runs, points, profiles, maps
 
 
-def _study_inclusion(out_dir: Path) -> dict[str, Any]:
-    """The ``[inclusion]`` rule of ``out_dir/study.toml``, validated (the default rule if the
-    file is missing)."""
+def _study_tables(out_dir: Path) -> dict[str, Any]:
+    """``out_dir/study.toml`` as a dict ({} when missing)."""
+    path = out_dir / "study.toml"
+    return tomllib.loads(path.read_text("utf-8")) if path.is_file() else {}
+
+
+def _inclusion(table: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``[inclusion]`` table validated, defaults filled (paper §4's rule)."""
     from sensgen.study import Inclusion  # deferred: analysis works without a study
 
-    path = out_dir / "study.toml"
-    table = tomllib.loads(path.read_text("utf-8")).get("inclusion", {}) if path.is_file() else {}
     return Inclusion(**table).model_dump()
+
+
+def _only(frame: pd.DataFrame, run_ids: set[str]) -> pd.DataFrame:
+    """Rows of the analysed runs (a frame without run_id passes through)."""
+    if "run_id" not in frame.columns:
+        return frame
+    return frame[frame["run_id"].isin(run_ids)].reset_index(drop=True)
 
 
 def _inclusion_note(rule: Mapping[str, Any], n_included: int, n_done: int) -> str:
@@ -172,46 +193,50 @@ def _inclusion_note(rule: Mapping[str, Any], n_included: int, n_done: int) -> st
     )
 
 
-def _save(report: Path, name: str, fig: Figure) -> None:
-    _write_bytes(report / f"{name}.png", _render(fig, "png"))
-    _write_bytes(report / f"{name}.svg", _render(fig, "svg"))
+def _page(
+    study: str,
+    counts: pd.DataFrame,
+    models: pd.DataFrame,
+    claims: list,
+    parts: list[str],
+) -> str:
+    """The whole index.html as a string. ``parts[0]`` is the inclusion note."""
+    title = f"sensgen report: {study}"
+    body = [
+        f"<h1>{esc(title)}</h1>",
+        '<p class="muted">Sensitivity and generalization in neural networks '
+        "(Novak et al., ICLR 2018).</p>",
+        f'<p class="lead">{_EXPLANATION}</p>',
+        "<h2>Which of the paper's claims hold here</h2>",
+        claims_html(claims),
+        "<h2>Models by status</h2>",
+        html_table(counts, ["status", "count"], {"count": "models"}, "status"),
+        parts[0],
+    ]
+    if models.empty:
+        body.append(
+            "<h2>Figures</h2><p><strong>No finished models to analyse yet</strong>: nothing "
+            "to plot. Run or resume the study, then build the report again.</p>"
+        )
+    else:
+        body += parts[1:]
+        body += [
+            f"<h2>Analysed models ({len(models)})</h2>",
+            '<p>Click a column to sort. Also as <a href="models.csv">models.csv</a>. An empty '
+            "batch size means full batch; init_scale is σ_w²; random_labels is the fraction "
+            "of shuffled labels.</p>",
+            '<div class="scroll">',
+            html_table(models, list(models.columns), {}, "models", sortable=True),
+            "</div>",
+        ]
+    return document(title, "\n".join(body))
 
 
-def _per_point_by_dataset(points: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
-    """Median over done models, per dataset, of the per-point ρ(‖J‖, CE) and error AUROC."""
-    columns = ["dataset", "models", "median_spearman_rho", "median_auroc_error"]
-    per_model = tables.per_point_summary(points)
-    done = tables.done_runs(runs)
-    if per_model.empty or done.empty:
-        return pd.DataFrame(columns=columns)
-    names = pd.DataFrame({"run_id": done["run_id"], "dataset": tables.dataset_labels(done)})
-    merged = per_model.merge(names, on="run_id", how="inner")
-    grouped = merged.groupby("dataset", sort=True)
-    frame = pd.DataFrame(
-        {
-            "models": grouped["run_id"].count(),
-            "median_spearman_rho": grouped["spearman_rho"].median(),
-            "median_auroc_error": grouped["auroc_error"].median(),
-        }
-    )
-    return frame.reset_index().reindex(columns=columns)
-
-
-def _write_figures(report: Path, runs: pd.DataFrame) -> list[str]:
-    """Saves every figure as PNG and SVG; returns the figure names in page order."""
-    for name, (build, _caption) in FIGURES.items():
-        fig = build(runs)
-        _write_bytes(report / f"{name}.png", _render(fig, "png"))
-        _write_bytes(report / f"{name}.svg", _render(fig, "svg"))
-    return list(FIGURES)
-
-
-def _remove_figures(report: Path) -> list[str]:
-    """Deletes figures left by an earlier report, so the folder matches the page."""
-    for name in FIGURES:
-        for suffix in (".png", ".svg"):
-            (report / f"{name}{suffix}").unlink(missing_ok=True)
-    return []
+def _remove_stale_figures(report: Path, drawn: list[str]) -> None:
+    """Deletes figures an earlier report drew and this one did not."""
+    for path in report.iterdir():
+        if path.suffix in _FIGURE_SUFFIXES and path.stem not in drawn:
+            path.unlink(missing_ok=True)
 
 
 def _render(fig: Figure, fmt: str) -> bytes:
@@ -239,27 +264,14 @@ def _write_bytes(path: Path, data: bytes) -> None:
         temporary.unlink(missing_ok=True)
 
 
-def _summary(
-    counts: pd.DataFrame, correlations: pd.DataFrame, per_point: pd.DataFrame
-) -> dict[str, Any]:
-    """The JSON summary: plain types only, NaN as null."""
-    return {
-        "status_counts": {row.status: int(row.count) for row in counts.itertuples()},
-        "correlations": _records(correlations),
-        "per_point": _records(per_point),
-    }
+def _counts(counts: pd.DataFrame) -> dict[str, int]:
+    return {row.status: int(row.count) for row in counts.itertuples()}
 
 
-def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
-    """Rows as dicts of JSON-ready values."""
-    return [
-        {key: _json_value(value) for key, value in row.items()}
-        for row in frame.to_dict(orient="records")
-    ]
-
-
-def _json_value(value: Any) -> Any:
-    """numpy scalars to Python, NaN / NA to None."""
+def _json_ready(value: Any) -> Any:
+    """Frames as lists of records, numpy scalars as Python, NaN / NA as None."""
+    if isinstance(value, pd.DataFrame):
+        return [{k: _json_ready(v) for k, v in row.items()} for row in value.to_dict("records")]
     if value is None or value is pd.NA:
         return None
     if hasattr(value, "item"):
@@ -267,88 +279,3 @@ def _json_value(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
-
-
-def _page(
-    study: str,
-    counts: pd.DataFrame,
-    correlations: pd.DataFrame,
-    per_point: pd.DataFrame,
-    models: pd.DataFrame,
-    drawn: list[str],
-    extra: list[str] = (),
-) -> str:
-    """The whole index.html as a string."""
-    title = f"sensgen report: {study}"
-    body = [
-        f"<h1>{esc(title)}</h1>",
-        '<p class="muted">Sensitivity and generalization in neural networks '
-        "(Novak et al., ICLR 2018).</p>",
-        f'<p class="lead">{_EXPLANATION}</p>',
-        "<h2>Models by status</h2>",
-        html_table(counts, ["status", "count"], {"count": "models"}, "status"),
-    ]
-    if models.empty:
-        body += [
-            *extra[:1],  # the inclusion note: finished models may all have failed the rule
-            "<h2>Figures</h2><p><strong>No finished models to analyse yet</strong>: nothing "
-            "to plot. Run or resume the study, then build the report again.</p>",
-        ]
-    else:
-        body += _results_sections(correlations, per_point, drawn)
-        body += list(extra)
-        body += _models_section(models)
-    return document(title, "\n".join(body))
-
-
-def _results_sections(
-    correlations: pd.DataFrame, per_point: pd.DataFrame, drawn: list[str]
-) -> list[str]:
-    """Correlation table, figures and the per-point summary."""
-    shown = correlations.assign(
-        predictor=correlations["predictor"].map(_PREDICTOR_NAMES).fillna(correlations["predictor"])
-    )
-    parts = [
-        "<h2>Rank correlation of the gap with each predictor</h2>",
-        "<p>Over finished models per dataset; n counts models with both values finite. "
-        "Kendall τ is τ-b; p-values are two-sided. Paper claim: Jbar correlates clearly "
-        "and positively, the baselines do not.</p>",
-        html_table(shown, list(tables.CORRELATION_COLUMNS), _CORRELATION_HEADERS, "correlations"),
-        "<h2>Figures</h2>",
-    ]
-    for name in drawn:
-        caption = FIGURES[name][1]
-        parts.append(figure_html(name, caption))
-    if not per_point.empty:
-        parts += [
-            "<h2>Per test point (Study 6)</h2>",
-            "<p>Per model, Spearman ρ between a test point's ‖J(x)‖_F and its cross-entropy, "
-            "and the AUROC of ‖J(x)‖_F for flagging misclassified points; medians over "
-            "models.</p>",
-            html_table(per_point, list(per_point.columns), _PER_POINT_HEADERS, "per-point"),
-        ]
-    return parts
-
-
-def _models_section(models: pd.DataFrame) -> list[str]:
-    """The table of all finished models."""
-    return [
-        f"<h2>Finished models ({len(models)})</h2>",
-        '<p>Also as <a href="models.csv">models.csv</a>. An empty batch size means full '
-        "batch; init_scale is σ_w²; random_labels is the fraction of shuffled labels.</p>",
-        '<div class="scroll">',
-        html_table(models, list(models.columns), {}, "models", sortable=True),
-        "</div>",
-    ]
-
-
-_CORRELATION_HEADERS = {
-    "spearman_rho": "Spearman ρ",
-    "spearman_p": "p (ρ)",
-    "kendall_tau": "Kendall τ",
-    "kendall_p": "p (τ)",
-}
-_PER_POINT_HEADERS = {
-    "median_spearman_rho": "median ρ(‖J‖, CE)",
-    "median_auroc_error": "median AUROC (errors)",
-}

@@ -1,18 +1,21 @@
 """The report's sections for Studies 2 and 3: profiles along ellipses and region maps.
 
-`geometry_sections` draws the figures (through the report's ``save`` callback, which writes
+`geometry_section` draws the figures (through the report's ``save`` callback, which writes
 PNG and SVG) and returns HTML fragments whose captions state the paper's claim next to the
-measured figure. Its measured summaries (`manifold_contrasts`, `boundary_contrast`) are pure.
+measured figure, with the `Claim`s it checked. Its measured summaries (`manifold_contrasts`,
+`boundary_contrast`, `geometry_claims`) are pure.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
+from sensgen.analysis.claims import Claim
 from sensgen.analysis.geometry_figures import (
     boundary_table,
     manifold_profiles,
@@ -52,59 +55,84 @@ def boundary_contrast(table: pd.DataFrame) -> dict[str, float]:
     }
 
 
-def geometry_sections(
+def geometry_claims(
+    profiles: pd.DataFrame, table: pd.DataFrame | None, n_region_runs: int
+) -> list[Claim]:
+    """Fig. 2 and Fig. 3 claims (paper §3 Studies 2 and 3).
+
+    Fig. 2 holds when the random ellipse's ‖J‖ is more than 10× that at the training points
+    and the different-class ellipse's midway ‖J‖ exceeds that at its anchors; the transition
+    density claim holds when the density midway exceeds that at the anchors. Fig. 3 holds
+    when the median near-points / elsewhere boundary density after training is below 1 and
+    below its value at initialisation.
+    """
+    claims: list[Claim] = []
+    c = manifold_contrasts(profiles) if len(profiles) else {}
+    if "random_jacobian_midway" in c and "different_class_jacobian_anchors" in c:
+        off = c["random_jacobian_midway"] / c["different_class_jacobian_anchors"]
+        dip = c["different_class_jacobian_midway"] / c["different_class_jacobian_anchors"]
+        claims.append(
+            Claim(
+                "Fig. 2",
+                "sensitivity is far higher off the data than at training points, and dips there",
+                f"random-ellipse ‖J‖ / ‖J‖ at the points = {off:.3g}; different-class "
+                f"ellipse midway / at the points = {dip:.3g}",
+                bool(off > 10 and dip > 1),
+            )
+        )
+        midway, anchors = c["different_class_density_midway"], c["different_class_density_anchors"]
+        if midway == midway and anchors > 0:
+            claims.append(
+                Claim(
+                    "Fig. 2",
+                    "transition density dips at the training points",
+                    f"different-class ellipse: density midway / at the points = "
+                    f"{midway / anchors:.3g}",
+                    bool(midway > anchors),
+                )
+            )
+    if table is not None and len(table):
+        ratio = boundary_contrast(table)
+        init, trained = ratio.get("init", math.nan), ratio.get("trained", math.nan)
+        claims.append(
+            Claim(
+                "Fig. 3",
+                "after training, training points sit in regions of low boundary density",
+                f"boundary density near the points / elsewhere, median over "
+                f"{n_region_runs} model(s): {init:.3g} at init, {trained:.3g} after training",
+                bool(trained < 1 and trained < init),
+            )
+        )
+    return claims
+
+
+def geometry_section(
     profiles: pd.DataFrame,
     maps_by_run: Mapping[str, Mapping[str, torch.Tensor]],
     save: Callable[[str, Figure], None],
-) -> list[str]:
-    """HTML for the Fig. 2 and Fig. 3 sections (empty when the study measured neither)."""
+) -> tuple[list[str], list[Claim]]:
+    """HTML and claims of the Fig. 2 and Fig. 3 sections (empty when neither was measured)."""
+    table = boundary_table(maps_by_run) if maps_by_run else None
+    claims = geometry_claims(profiles, table, len(maps_by_run))
     parts: list[str] = []
     if len(profiles):
         save("manifold_profiles", manifold_profiles(profiles))
         parts += [
-            "<h2>On and off the data manifold (Study 2)</h2>",
-            figure_html("manifold_profiles", _manifold_caption(profiles)),
+            "<h2>On and off the data manifold (Fig. 2)</h2>",
+            figure_html("manifold_profiles", _caption([c for c in claims if c.figure == "Fig. 2"])),
         ]
     if maps_by_run:
-        table = boundary_table(maps_by_run)
         first = next(iter(maps_by_run))
         save("region_maps", region_maps_figure(maps_by_run[first], f"Linear regions, {first}"))
+        shown = [c for c in claims if c.figure == "Fig. 3"]
         parts += [
-            "<h2>Linear regions around training points (Study 3)</h2>",
-            figure_html("region_maps", _regions_caption(table, len(maps_by_run))),
+            "<h2>Linear regions around training points (Fig. 3)</h2>",
+            figure_html("region_maps", _caption(shown) + " Shown: the first model's planes."),
         ]
-    return parts
+    return parts, claims
 
 
-def _manifold_caption(profiles: pd.DataFrame) -> str:
-    c = manifold_contrasts(profiles)
-    text = (
-        "Paper Fig. 2: sensitivity is orders of magnitude higher off the data (random "
-        "ellipse) than on it, and dips at the training points. "
-    )
-    if "random_jacobian_midway" in c and "different_class_jacobian_anchors" in c:
-        off = c["random_jacobian_midway"] / c["different_class_jacobian_anchors"]
-        dip = c["different_class_jacobian_midway"] / c["different_class_jacobian_anchors"]
-        holds = off > 10 and dip > 1
-        text += (
-            f"Measured: random-ellipse ‖J‖ is {off:.3g}× the ‖J‖ at the training points; on "
-            f"the different-class ellipse, midway ‖J‖ is {dip:.3g}× that at the points"
-        )
-        density = c.get("different_class_density_midway", float("nan"))
-        anchors = c.get("different_class_density_anchors", float("nan"))
-        if density == density and anchors > 0:
-            text += f"; transition density midway / at points = {density / anchors:.3g}"
-        text += f". {'Holds' if holds else 'Does not hold'} here."
-    return text
-
-
-def _regions_caption(table: pd.DataFrame, n_runs: int) -> str:
-    ratio = boundary_contrast(table)
-    return (
-        "Paper Fig. 3: after training, the training points sit in regions of low boundary "
-        "density. Shown: the first model's planes. Measured over "
-        f"{n_runs} model(s): boundary density near the points / elsewhere, median "
-        f"{ratio.get('init', float('nan')):.3g} at initialisation and "
-        f"{ratio.get('trained', float('nan')):.3g} after training "
-        f"({'holds' if ratio.get('trained', 1.0) < 1.0 else 'does not hold'} here)."
-    )
+def _caption(claims: list[Claim]) -> str:
+    if not claims:
+        return "No claim can be checked on these profiles."
+    return " ".join(f"Paper: {c.paper}. Measured: {c.measured}: {c.verdict}." for c in claims)

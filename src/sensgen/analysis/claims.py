@@ -1,0 +1,161 @@
+"""Which of the paper's claims hold on a study: one pure function per kind of evidence.
+
+Each returns `Claim`s: the paper's statement, the figure it comes from, what we measured
+and a verdict (True: holds, False: does not, None: no verdict, e.g. too few models). The
+report opens with them and repeats each under its figure. Verdict rules, stated so users
+can check them:
+
+* Fig. 5 (Study 5), "the gap rises with Jbar": the bootstrap 95% interval of Spearman ρ
+  lies above 0. The same rule for transitions (the paper calls that relation less
+  consistent). At least 5 models, else no verdict.
+* Fig. 1 (Study 1), "#weights / final train loss do not explain the gap": Jbar's ρ exceeds
+  the baseline's ρ.
+* Fig. 4 (Study 4), per factor and metric the paper makes a claim about: more than half of
+  the pairs lie on the paper's side of the diagonal and the sign test gives p < 0.05.
+* Study 6 (per point): the median over models of the within-model Spearman ρ(‖J(x)‖, CE)
+  is positive and the median misclassification AUROC of ‖J(x)‖ exceeds 0.5; the
+  confidence baseline's AUROC is reported beside it (no paper claim).
+* Figs. 2 and 3 come from `sensgen.analysis.report_geometry`.
+
+Example:
+    >>> import pandas as pd
+    >>> table = pd.DataFrame({"dataset": ["mnist"], "predictor": ["jacobian_norm"], "n": [40],
+    ...                       "spearman_rho": [0.8], "spearman_low": [0.6],
+    ...                       "spearman_high": [0.9]})
+    >>> correlation_claims(table)[0].holds
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pandas as pd
+
+from sensgen.analysis.pairs import EXPECTED
+
+MIN_MODELS = 5  # fewer models than this: no verdict on a correlation
+SIGNIFICANCE = 0.05
+_PREDICTOR_TEXT = {
+    "jacobian_norm": "mean test Jacobian norm (Jbar)",
+    "transitions": "transitions along ellipses through test points",
+    "n_params": "number of weights",
+    "train_loss": "final train loss",
+}
+_METRIC_TEXT = {"gap": "gap", "jacobian_norm": "Jbar", "transitions": "transitions"}
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One claim of the paper, checked on this study."""
+
+    figure: str  # e.g. "Fig. 5", "Fig. 4a"
+    paper: str  # the paper's statement
+    measured: str  # our number(s), in words
+    holds: bool | None  # None: no verdict
+
+    @property
+    def verdict(self) -> str:
+        return {True: "holds", False: "does not hold", None: "no verdict"}[self.holds]
+
+
+def correlation_claims(table: pd.DataFrame) -> list[Claim]:
+    """Fig. 5 and Fig. 1 claims per dataset from `stats.correlation_table`'s frame."""
+    claims = []
+    for dataset, rows in table.groupby("dataset", sort=True):
+        by = rows.set_index("predictor")
+        for predictor in ("jacobian_norm", "transitions"):
+            if predictor in by.index and by.loc[predictor, "n"] > 0:
+                claims.append(_rises(dataset, predictor, by.loc[predictor]))
+        if "jacobian_norm" in by.index:
+            for baseline in ("n_params", "train_loss"):
+                if baseline in by.index and by.loc[baseline, "n"] > 0:
+                    claims.append(_beats(dataset, by.loc["jacobian_norm"], baseline, by))
+    return claims
+
+
+def pair_claims(outcomes: pd.DataFrame, factor: str, other_label: str) -> list[Claim]:
+    """Fig. 4 claims from `pairs.pair_outcomes`, for the metrics the paper speaks about."""
+    claims = []
+    expected = EXPECTED.get(factor, {})
+    for row in outcomes.itertuples(index=False):
+        if expected.get(row.metric) is not True:
+            continue
+        metric = _METRIC_TEXT.get(row.metric, row.metric)
+        if row.n == 0:
+            holds, measured = None, "no pair with both values"
+        else:
+            holds = bool(row.share > 0.5 and row.p_value < SIGNIFICANCE)
+            measured = (
+                f"{row.n_expected} of {row.n} pairs ({row.share:.0%}) have the higher {metric} "
+                f"with {row.other_role}; sign test p = {row.p_value:.2g}"
+            )
+        claims.append(
+            Claim(
+                "Fig. 4",
+                f"{factor}: the member with {other_label} has the higher {metric}",
+                measured,
+                holds,
+            )
+        )
+    return claims
+
+
+def per_point_claims(distribution: pd.DataFrame) -> list[Claim]:
+    """Study 6 claims from `tables.per_point_distribution`'s frame."""
+    by = distribution.set_index("metric")
+    claims = []
+    if "spearman_rho" in by.index and by.loc["spearman_rho", "models"] > 0:
+        rho = by.loc["spearman_rho"]
+        claims.append(
+            Claim(
+                "Study 6",
+                "per test point, ‖J(x)‖ rises with the point's cross-entropy",
+                f"median within-model Spearman ρ = {rho['median']:+.2f} over "
+                f"{int(rho['models'])} models (range {rho['min']:+.2f} to {rho['max']:+.2f})",
+                bool(rho["median"] > 0),
+            )
+        )
+    if "auroc_error" in by.index and by.loc["auroc_error", "models"] > 0:
+        auroc = by.loc["auroc_error"]
+        baseline = by.loc["auroc_confidence", "median"] if "auroc_confidence" in by.index else None
+        extra = "" if baseline is None else f" (softmax-confidence baseline: {baseline:.3f})"
+        claims.append(
+            Claim(
+                "Study 6",
+                "‖J(x)‖ flags misclassified test points better than chance (AUROC > 0.5)",
+                f"median AUROC = {auroc['median']:.3f}{extra}",
+                bool(auroc["median"] > 0.5),
+            )
+        )
+    return claims
+
+
+def _rises(dataset: str, predictor: str, row: pd.Series) -> Claim:
+    paper = f"{dataset}: the gap rises with the {_PREDICTOR_TEXT[predictor]}"
+    n = int(row["n"])
+    measured = (
+        f"Spearman ρ = {_signed(row['spearman_rho'])} "
+        f"[{_signed(row['spearman_low'])}, {_signed(row['spearman_high'])}], n = {n}"
+    )
+    holds = None if n < MIN_MODELS or math.isnan(row["spearman_low"]) else row["spearman_low"] > 0
+    figure = "Fig. 5" if predictor == "jacobian_norm" else "Fig. 5 (companion)"
+    return Claim(figure, paper, measured, None if holds is None else bool(holds))
+
+
+def _beats(dataset: str, jacobian: pd.Series, baseline: str, by: pd.DataFrame) -> Claim:
+    other = by.loc[baseline]
+    paper = f"{dataset}: the {_PREDICTOR_TEXT[baseline]} does not explain the gap; Jbar does better"
+    measured = (
+        f"ρ(gap, {_PREDICTOR_TEXT[baseline]}) = {_signed(other['spearman_rho'])} vs "
+        f"ρ(gap, Jbar) = {_signed(jacobian['spearman_rho'])}"
+    )
+    values = (jacobian["spearman_rho"], other["spearman_rho"])
+    n = min(int(jacobian["n"]), int(other["n"]))
+    undefined = n < MIN_MODELS or any(math.isnan(v) for v in values)
+    return Claim("Fig. 1", paper, measured, None if undefined else bool(values[0] > values[1]))
+
+
+def _signed(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:+.2f}".replace("-", "−")

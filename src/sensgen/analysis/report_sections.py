@@ -1,0 +1,178 @@
+"""The report's sections: each draws its figures (through ``save``), checks its claims and
+returns the HTML that shows them.
+
+A `Section` carries HTML fragments, the `Claim`s it checked and a JSON-ready summary. Each
+figure's caption states the paper's claim, our measured figure and the verdict. Figures are
+drawn only from what the study holds: a study without pairs gets no Fig. 4 section, one
+without per-point tables no Study 6 section.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+from sensgen.analysis import figures, tables
+from sensgen.analysis.claims import Claim, correlation_claims, pair_claims, per_point_claims
+from sensgen.analysis.html import esc, figure_html, html_table
+from sensgen.analysis.pair_figures import paired_scatter
+from sensgen.analysis.pairs import pair_outcomes, pair_table, role_of
+from sensgen.analysis.point_figures import (
+    done_points_with_dataset,
+    jacobian_vs_loss,
+    per_point_auroc,
+)
+from sensgen.analysis.stats import correlation_table
+
+Save = Callable[[str, Figure], None]
+
+_CORRELATION_HEADERS = {
+    "predictor": "predictor",
+    "spearman_rho": "Spearman ρ",
+    "spearman_low": "95% CI low",
+    "spearman_high": "95% CI high",
+    "kendall_tau": "Kendall τ-b",
+    "kendall_low": "τ CI low",
+    "kendall_high": "τ CI high",
+    "pearson_r": "Pearson r",
+    "spearman_p": "p (ρ)",
+}
+_PREDICTOR_NAMES = {
+    "jacobian_norm": "mean test ‖J‖_F (Jbar)",
+    "transitions": "transitions (test ellipses)",
+    "n_params": "number of weights",
+    "train_loss": "final train loss",
+}
+_OUTCOME_HEADERS = {
+    "other_role": "other member",
+    "n_expected": "on the paper's side",
+    "share": "share",
+    "p_value": "sign-test p",
+    "median_ratio": "median other / better",
+}
+
+
+@dataclass
+class Section:
+    """HTML, checked claims and a JSON-ready summary of one part of the report."""
+
+    html: list[str] = field(default_factory=list)
+    claims: list[Claim] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def correlation_section(runs: pd.DataFrame, save: Save, *, n_boot: int = 1000) -> Section:
+    """Fig. 5 (gap vs Jbar, and vs transitions when measured) and Fig. 1 (vs #weights, vs
+    final train loss), with the correlation table (bootstrap 95% intervals)."""
+    table = correlation_table(runs, n_boot=n_boot)
+    table = table[table["n"] > 0].reset_index(drop=True)
+    claims = correlation_claims(table)
+    parts = ["<h2>Sensitivity and the generalization gap across models (Figs. 5 and 1)</h2>"]
+    plots = [
+        ("gap_vs_jacobian", figures.gap_vs_jacobian, "Fig. 5", "jacobian_norm"),
+        ("gap_vs_transitions", figures.gap_vs_transitions, "Fig. 5 (companion)", "transitions"),
+        ("gap_vs_params", figures.gap_vs_params, "Fig. 1", "n_params"),
+        ("gap_vs_train_loss", figures.gap_vs_train_loss, "Fig. 1", "train_loss"),
+    ]
+    for name, build, figure, predictor in plots:
+        if predictor == "transitions" and not (table["predictor"] == predictor).any():
+            continue  # transitions not measured in this study
+        save(name, build(runs))
+        mine = [c for c in claims if c.figure == figure and _about(c, predictor)]
+        parts.append(figure_html(name, _caption(mine, figure)))
+    shown = table.assign(predictor=table["predictor"].map(_PREDICTOR_NAMES))
+    columns = ["dataset", "predictor", "n", *list(_CORRELATION_HEADERS)[1:]]
+    parts += [
+        "<h3>Rank correlation of the gap with each predictor</h3>",
+        "<p>Over included models per dataset; n counts models with both values finite. "
+        "Intervals: percentile bootstrap over models (1,000 resamples, seeded). Paper "
+        "claim: Jbar correlates clearly and positively; the baselines do not.</p>",
+        html_table(shown, columns, _CORRELATION_HEADERS, "correlations", sortable=True),
+    ]
+    return Section(parts, claims, {"correlations": table})
+
+
+def pairs_section(runs: pd.DataFrame, pairs: Mapping[str, Any] | None, save: Save) -> Section:
+    """Fig. 4: one factor's pairs, the paired scatter and the sign tests."""
+    if not pairs or not pairs.get("factor") or "pair_id" not in runs.columns:
+        return Section()
+    factor, values = pairs["factor"], list(pairs["values"])
+    better = role_of(factor, values[0])
+    table = pair_table(runs, better_role=better)
+    outcomes = pair_outcomes(table)
+    others = ", ".join(role_of(factor, v) for v in values[1:])
+    claims = pair_claims(outcomes, factor, f"{factor} = {others}")
+    label = f"{factor} = {better}"
+    save("pairs", paired_scatter(table, factor=factor, better_label=label, other_label=others))
+    parts = [
+        f"<h2>Paired factor: {esc(factor)} (Fig. 4)</h2>",
+        f"<p>{len(table)} comparisons of models identical but for {esc(factor)} "
+        f"({esc(better)}, expected to generalize better, against {esc(others)}).</p>",
+        figure_html("pairs", _caption(claims, "Fig. 4")),
+        html_table(
+            outcomes,
+            ["other_role", "metric", "n", "n_expected", "ties", "share", "p_value", "median_ratio"],
+            _OUTCOME_HEADERS,
+            "pair-outcomes",
+        ),
+    ]
+    return Section(parts, claims, {"pair_outcomes": outcomes, "pairs": len(table)})
+
+
+def per_point_section(points: pd.DataFrame, runs: pd.DataFrame, save: Save) -> Section:
+    """Study 6: ‖J(x)‖ against CE(x) per test point, and the per-model statistics."""
+    if points.empty:
+        return Section()
+    done = done_points_with_dataset(points, runs)
+    summary = done_points_with_dataset(tables.per_point_summary(done), runs)
+    if summary.empty:
+        return Section()
+    distribution = tables.per_point_distribution(summary)
+    claims = per_point_claims(distribution)
+    save("per_point_hexbin", jacobian_vs_loss(done))
+    save("per_point_auroc", per_point_auroc(summary))
+    parts = [
+        "<h2>Per test point (Study 6)</h2>",
+        figure_html("per_point_hexbin", _caption(claims[:1], "Study 6")),
+        figure_html("per_point_auroc", _caption(claims[1:], "Study 6")),
+        "<p>Spread over models of the within-model statistics (AUROC: misclassified points "
+        "scored by ‖J(x)‖_F, or by the softmax-confidence baseline 1 − max p).</p>",
+        html_table(distribution, list(distribution.columns), {}, "per-point"),
+    ]
+    return Section(parts, claims, {"per_point": distribution})
+
+
+def claims_html(claims: Sequence[Claim]) -> str:
+    """The opening summary: one row per checked claim with its verdict."""
+    if not claims:
+        return "<p>No paper claim can be checked yet (no finished, included models).</p>"
+    rows = "".join(
+        f"<tr><td class='text'>{esc(c.figure)}</td><td class='text'>{esc(c.paper)}</td>"
+        f"<td class='text'>{esc(c.measured)}</td><td class='text {_css(c)}'>{esc(c.verdict)}"
+        "</td></tr>"
+        for c in claims
+    )
+    head = "".join(f"<th class='text'>{h}</th>" for h in ("figure", "paper", "measured", ""))
+    return f'<table id="claims"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>'
+
+
+def _about(claim: Claim, predictor: str) -> bool:
+    words = {"jacobian_norm": "Jacobian", "transitions": "transitions"}
+    words |= {"n_params": "weights", "train_loss": "train loss"}
+    return words[predictor] in claim.paper
+
+
+def _caption(claims: Sequence[Claim], figure: str) -> str:
+    if not claims:
+        return f"Paper {figure}: no claim can be checked on these models yet."
+    return " ".join(
+        f"{c.paper} (paper {c.figure}). Measured: {c.measured}: {c.verdict}." for c in claims
+    )
+
+
+def _css(claim: Claim) -> str:
+    return {True: "holds", False: "fails", None: "open"}[claim.holds]
