@@ -1,0 +1,97 @@
+"""The verdicts the report opens with: hand-built inputs with known answers."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from sensgen.analysis import write_report
+from sensgen.analysis.claims import (
+    MIN_MODELS,
+    correlation_claims,
+    pair_claims,
+    per_point_claims,
+)
+from sensgen.analysis.pairs import pair_outcomes, pair_table
+from test_report import check_report
+
+
+def _table(rho_j, low_j, rho_params, n=40):
+    rows = [
+        ("jacobian_norm", rho_j, low_j, min(rho_j + 0.1, 1.0)),
+        ("n_params", rho_params, rho_params - 0.2, rho_params + 0.2),
+    ]
+    return pd.DataFrame(
+        [("mnist", p, n, r, lo, hi) for p, r, lo, hi in rows],
+        columns=["dataset", "predictor", "n", "spearman_rho", "spearman_low", "spearman_high"],
+    )
+
+
+def test_jbar_claim_holds_only_when_its_interval_is_above_zero():
+    rises, beats = correlation_claims(_table(0.7, 0.5, 0.1))
+    assert (rises.figure, rises.holds) == ("Fig. 5", True) and "+0.70" in rises.measured
+    assert (beats.figure, beats.holds) == ("Fig. 1", True)
+    rises, beats = correlation_claims(_table(0.2, -0.1, 0.4))
+    assert rises.holds is False and beats.holds is False
+    few = correlation_claims(_table(0.9, 0.8, 0.1, n=MIN_MODELS - 1))
+    assert [c.holds for c in few] == [None, None]
+
+
+def _paired_runs(n_pairs=8, flip=0):
+    """Pairs (true vs random labels): the random member has the higher gap and Jbar,
+    except in the first ``flip`` pairs."""
+    rows = []
+    for i in range(n_pairs):
+        up = -1.0 if i < flip else 1.0
+        for role, sign in (("0.0", 0.0), ("1.0", up)):
+            rows.append(
+                {
+                    "run_id": f"r{i}-{role}", "status": "done", "dataset": "mnist",
+                    "pair_id": f"p{i}", "pair_role": role, "random_labels": float(role),
+                    "gap": 0.3 + 0.2 * sign + 0.01 * i, "jacobian_norm": 1.0 + sign + 0.1 * i,
+                    "transitions": np.nan, "train_acc": 1.0, "n_params": 1000 + i,
+                    "train_loss": 1e-3,
+                }
+            )  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_pair_claims_need_a_majority_and_a_significant_sign_test():
+    outcomes = pair_outcomes(pair_table(_paired_runs(), better_role="0.0"))
+    claims = pair_claims(outcomes, "random_labels", "random labels")
+    by = {c.paper.split("higher ")[-1]: c for c in claims}
+    assert by["gap"].holds and by["Jbar"].holds  # 8 of 8, p = 2/256
+    assert by["transitions"].holds is None  # no values
+    outcomes = pair_outcomes(pair_table(_paired_runs(flip=2), better_role="0.0"))
+    gap = next(c for c in pair_claims(outcomes, "random_labels", "x") if "gap" in c.paper)
+    assert gap.holds is False  # 6 of 8: p = 0.29
+
+
+def test_per_point_claims_read_medians():
+    dist = pd.DataFrame(
+        {
+            "metric": ["spearman_rho", "auroc_error", "auroc_confidence"],
+            "models": [3, 3, 3],
+            "min": [0.5, 0.6, 0.7], "q10": [0.5, 0.6, 0.7], "median": [0.8, 0.45, 0.8],
+            "q90": [0.9, 0.7, 0.9], "max": [0.9, 0.7, 0.9],
+        }
+    )  # fmt: skip
+    rho, auroc = per_point_claims(dist)
+    assert rho.holds is True and auroc.holds is False
+    assert "baseline: 0.800" in auroc.measured
+
+
+def test_report_of_a_paired_study_draws_fig4_and_lists_its_claims(tmp_path):
+    runs = _paired_runs()
+    pairs = {"factor": "random_labels", "values": [0.0, 1.0]}
+    index = write_report(tmp_path, runs=runs, pairs=pairs, n_boot=200)
+    summary = json.loads((index.parent / "summary.json").read_text())
+    fig4 = [c for c in summary["claims"] if c["figure"] == "Fig. 4"]
+    assert [c["verdict"] for c in fig4] == ["holds", "holds", "no verdict"]
+    outcomes = {r["metric"]: r for r in summary["pair_outcomes"]}
+    assert outcomes["gap"]["n_expected"] == 8 and outcomes["gap"]["p_value"] == pytest.approx(
+        2 / 256
+    )
+    page = check_report(index, n_done=16, extra=("pairs",))
+    assert page.rows["claims"] == len(summary["claims"]) and page.rows["pair-outcomes"] == 3
