@@ -15,6 +15,7 @@ from sensgen.analysis import (
     gap_vs_jacobian,
     gap_vs_params,
     gap_vs_train_loss,
+    gap_vs_transitions,
     model_table,
     per_point_summary,
     rank_correlation,
@@ -22,10 +23,19 @@ from sensgen.analysis import (
 )
 from sensgen.analysis.tables import CORRELATION_COLUMNS, MODEL_COLUMNS, PREDICTORS
 
+
+def gap_vs_synthetic_transitions(runs: pd.DataFrame) -> Figure:
+    """`gap_vs_transitions` on runs given a transitions column (∝ Jbar) if they lack one."""
+    if "transitions" not in runs.columns:
+        runs = runs.assign(transitions=100.0 * runs["jacobian_norm"])
+    return gap_vs_transitions(runs)
+
+
 FIGURES = [
     (gap_vs_jacobian, "jacobian_norm"),
     (gap_vs_params, "n_params"),
     (gap_vs_train_loss, "train_loss"),
+    (gap_vs_synthetic_transitions, "transitions"),
 ]
 
 
@@ -209,7 +219,7 @@ def test_figure_has_one_log_panel_per_dataset_and_every_point(build, x_name):
 
 @pytest.mark.parametrize(("build", "x_name"), FIGURES)
 def test_figure_skips_and_reports_non_positive_or_missing_x(build, x_name):
-    runs = synthetic_runs(8)
+    runs = synthetic_runs(8).assign(transitions=lambda r: 100.0 * r["jacobian_norm"])
     runs[x_name] = runs[x_name].astype(float)
     runs.loc[[1, 2], x_name] = [0.0, np.nan]
     runs.loc[3, x_name] = -1.0
@@ -245,6 +255,15 @@ def test_figure_without_done_runs_is_a_single_annotated_panel(build, x_name):
     assert ax.get_xscale() == "log"
     assert scatter_points(fig) == 0
     assert "no finished models" in axes_text(ax)
+    fig.savefig(io.BytesIO(), format="png")
+
+
+@pytest.mark.parametrize(("build", "x_name"), FIGURES)
+def test_figure_with_one_model_draws_it_without_a_correlation(build, x_name):
+    fig = build(synthetic_runs(1))
+    (ax,) = fig.axes
+    assert scatter_points(fig) == 1
+    assert "ρ = n/a, n = 1" in ax.get_title()
     fig.savefig(io.BytesIO(), format="png")
 
 

@@ -39,6 +39,8 @@ _CORRELATION_HEADERS = {
     "kendall_low": "τ CI low",
     "kendall_high": "τ CI high",
     "pearson_r": "Pearson r",
+    "pearson_low": "r CI low",
+    "pearson_high": "r CI high",
     "spearman_p": "p (ρ)",
 }
 _PREDICTOR_NAMES = {
