@@ -17,6 +17,7 @@ Typical use::
 from __future__ import annotations
 
 import base64
+import contextlib
 import fcntl
 import json
 import os
@@ -105,23 +106,19 @@ class Browser:
         """Asks the browser to quit, then kills it if it has not within a few seconds."""
         try:
             if self.process.poll() is None:
-                try:
+                # It may exit before it answers; the wait below settles it.
+                with contextlib.suppress(ChromiumError, OSError):
                     self.call("Browser.close", timeout=5.0)
-                except (ChromiumError, OSError):
-                    pass  # it may exit before it answers; the wait below settles it
-                try:
+                with contextlib.suppress(subprocess.TimeoutExpired):
                     self.process.wait(timeout=5.0)
-                except subprocess.TimeoutExpired:
-                    pass
         finally:
             if self.process.poll() is None:  # kill its helpers too: it leads its own group
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait(timeout=10.0)
-            for fd in (self._to_child, self._from_child):
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
+            if self._to_child >= 0:
+                os.close(self._to_child)
+                os.close(self._from_child)
+                self._to_child = self._from_child = -1
 
     def log(self) -> str:
         """The browser's own stdout and stderr so far (for failure messages)."""
@@ -169,7 +166,9 @@ class Browser:
         return page
 
     def _read_until(self, match, what: str, timeout: float | None) -> dict[str, Any]:
-        deadline = self.deadline if timeout is None else min(self.deadline, time.monotonic() + timeout)
+        deadline = self.deadline
+        if timeout is not None:
+            deadline = min(deadline, time.monotonic() + timeout)
         while True:
             while b"\0" in self._buffer:
                 raw, self._buffer = self._buffer.split(b"\0", 1)

@@ -33,7 +33,10 @@ def test_jbar_claim_holds_only_when_its_interval_is_above_zero():
     assert (rises.figure, rises.holds) == ("Fig. 5", True) and "+0.70" in rises.measured
     assert (beats.figure, beats.holds) == ("Fig. 1", True)
     rises, beats = correlation_claims(_table(0.2, -0.1, 0.4))
-    assert rises.holds is False and beats.holds is False
+    assert rises.holds is None and rises.verdict == "inconclusive"  # interval straddles 0
+    assert beats.holds is False
+    rises, _ = correlation_claims(_table(-0.6, -0.8, 0.4))  # interval [-0.8, -0.5]
+    assert rises.holds is False
     few = correlation_claims(_table(0.9, 0.8, 0.1, n=MIN_MODELS - 1))
     assert [c.holds for c in few] == [None, None]
 
@@ -65,7 +68,10 @@ def test_pair_claims_need_a_majority_and_a_significant_sign_test():
     assert by["transitions"].holds is None  # no values
     outcomes = pair_outcomes(pair_table(_paired_runs(flip=2), better_role="0.0"))
     gap = next(c for c in pair_claims(outcomes, "random_labels", "x") if "gap" in c.paper)
-    assert gap.holds is False  # 6 of 8: p = 0.29
+    assert gap.holds is None  # 6 of 8: p = 0.29, inconclusive
+    outcomes = pair_outcomes(pair_table(_paired_runs(flip=8), better_role="0.0"))
+    gap = next(c for c in pair_claims(outcomes, "random_labels", "x") if "gap" in c.paper)
+    assert gap.holds is False  # 0 of 8 on the paper's side, p = 2/256
 
 
 def test_per_point_claims_read_medians():
@@ -88,7 +94,7 @@ def test_report_of_a_paired_study_draws_fig4_and_lists_its_claims(tmp_path):
     index = write_report(tmp_path, runs=runs, pairs=pairs, n_boot=200)
     summary = json.loads((index.parent / "summary.json").read_text())
     fig4 = [c for c in summary["claims"] if c["figure"] == "Fig. 4"]
-    assert [c["verdict"] for c in fig4] == ["holds", "holds", "no verdict"]
+    assert [c["verdict"] for c in fig4] == ["holds", "holds", "inconclusive"]
     outcomes = {r["metric"]: r for r in summary["pair_outcomes"]}
     assert outcomes["gap"]["n_expected"] == 8 and outcomes["gap"]["p_value"] == pytest.approx(
         2 / 256

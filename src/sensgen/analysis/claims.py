@@ -5,13 +5,15 @@ and a verdict (True: holds, False: does not, None: no verdict, e.g. too few mode
 report opens with them and repeats each under its figure. Verdict rules, stated so users
 can check them:
 
-* Fig. 5 (Study 5), "the gap rises with Jbar": the bootstrap 95% interval of Spearman ρ
-  lies above 0. The same rule for transitions (the paper calls that relation less
-  consistent). At least 5 models, else no verdict.
+* Fig. 5 (Study 5), "the gap rises with Jbar": holds when the bootstrap 95% interval of
+  Spearman ρ lies above 0, does not hold when it lies below 0, and is inconclusive (no
+  verdict) when it straddles 0 or fewer than 5 models have both values. The same rule for
+  transitions (the paper calls that relation less consistent).
 * Fig. 1 (Study 1), "#weights / final train loss do not explain the gap": Jbar's ρ exceeds
   the baseline's ρ.
-* Fig. 4 (Study 4), per factor and metric the paper makes a claim about: more than half of
-  the pairs lie on the paper's side of the diagonal and the sign test gives p < 0.05.
+* Fig. 4 (Study 4), per factor and metric the paper makes a claim about: holds when the
+  sign test gives p < 0.05 with most pairs on the paper's side of the diagonal, does not
+  hold when p < 0.05 with most pairs on the other side, else no verdict.
 * Study 6 (per point): the median over models of the within-model Spearman ρ(‖J(x)‖, CE)
   is positive and the median misclassification AUROC of ‖J(x)‖ exceeds 0.5; the
   confidence baseline's AUROC is reported beside it (no paper claim).
@@ -57,7 +59,7 @@ class Claim:
 
     @property
     def verdict(self) -> str:
-        return {True: "holds", False: "does not hold", None: "no verdict"}[self.holds]
+        return {True: "holds", False: "does not hold", None: "inconclusive"}[self.holds]
 
 
 def correlation_claims(table: pd.DataFrame) -> list[Claim]:
@@ -86,7 +88,8 @@ def pair_claims(outcomes: pd.DataFrame, factor: str, other_label: str) -> list[C
         if row.n == 0:
             holds, measured = None, "no pair with both values"
         else:
-            holds = bool(row.share > 0.5 and row.p_value < SIGNIFICANCE)
+            significant = row.p_value < SIGNIFICANCE and row.share != 0.5
+            holds = bool(row.share > 0.5) if significant else None
             measured = (
                 f"{row.n_expected} of {row.n} pairs ({row.share:.0%}) have the higher {metric} "
                 f"with {row.other_role}; sign test p = {row.p_value:.2g}"
@@ -139,9 +142,12 @@ def _rises(dataset: str, predictor: str, row: pd.Series) -> Claim:
         f"Spearman ρ = {_signed(row['spearman_rho'])} "
         f"[{_signed(row['spearman_low'])}, {_signed(row['spearman_high'])}], n = {n}"
     )
-    holds = None if n < MIN_MODELS or math.isnan(row["spearman_low"]) else row["spearman_low"] > 0
+    low, high = row["spearman_low"], row["spearman_high"]
+    holds = None
+    if n >= MIN_MODELS and not (math.isnan(low) or math.isnan(high)):
+        holds = True if low > 0 else False if high < 0 else None
     figure = "Fig. 5" if predictor == "jacobian_norm" else "Fig. 5 (companion)"
-    return Claim(figure, paper, measured, None if holds is None else bool(holds))
+    return Claim(figure, paper, measured, holds)
 
 
 def _beats(dataset: str, jacobian: pd.Series, baseline: str, by: pd.DataFrame) -> Claim:
