@@ -34,8 +34,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
+from sensgen.analysis.plotting import bottom_legend, legend_handles, log_ticks, panel_figure
 from sensgen.analysis.tables import column, dataset_labels, done_runs, rank_correlation
 
 GAP_LABEL = "generalization gap (train acc − test acc)"
@@ -124,38 +124,14 @@ def _gap_scatter(runs: pd.DataFrame, x_name: str, x_label: str, title: str) -> F
     done = done_runs(runs)
     datasets = dataset_labels(done)
     names = sorted(datasets.unique())
-    fig, axes = _panel_figure(max(len(names), 1))
+    fig, axes = panel_figure(max(len(names), 1), n_columns=_MAX_COLUMNS, panel_size=_PANEL_SIZE)
     if not names:
         _draw_empty(axes[0], x_label, "no finished models yet")
     for ax, name in zip(axes, names, strict=False):
         _draw_panel(ax, done.loc[datasets == name], name, x_name, x_label)
-    handles = {}
-    for ax in axes:
-        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
-            handles.setdefault(label, handle)
-    if handles:
-        fig.legend(
-            list(handles.values()),
-            list(handles.keys()),
-            loc="outside lower center",
-            ncols=len(handles),
-            fontsize=11,
-            frameon=False,
-        )
+    bottom_legend(fig, legend_handles(axes))
     fig.suptitle(title, fontsize=14)
     return fig
-
-
-def _panel_figure(n_panels: int) -> tuple[Figure, list[Axes]]:
-    """Returns a constrained-layout Figure with exactly ``n_panels`` Axes on a grid."""
-    ncols = min(n_panels, _MAX_COLUMNS)
-    nrows = math.ceil(n_panels / ncols)
-    width, height = _PANEL_SIZE
-    fig = Figure(figsize=(width * ncols, height * nrows + 0.6), layout="constrained")
-    grid = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    for ax in grid[n_panels:]:
-        fig.delaxes(ax)
-    return fig, list(grid[:n_panels])
 
 
 def _draw_panel(ax: Axes, group: pd.DataFrame, name: str, x_name: str, x_label: str) -> None:
@@ -215,24 +191,7 @@ def _log_ticks(ax: Axes, x: np.ndarray) -> None:
     """Labels 1-2-5 ticks on short log ranges and decades on long ones, without clutter."""
     if len(x) == 0:
         return
-    decades = math.log10(x.max() / x.min())
-    subs = (1.0,) if decades > 2.5 else (1.0, 2.0, 5.0)
-    ax.xaxis.set_major_locator(LogLocator(base=10, subs=subs))
-    ax.xaxis.set_major_formatter(FuncFormatter(_tick_label))
-    ax.xaxis.set_minor_formatter(NullFormatter())
-
-
-def _tick_label(value: float, _position: int) -> str:
-    """Plain numbers from 0.001 to 9999, powers of ten (with a mantissa) beyond."""
-    if value <= 0:
-        return ""
-    if 1e-3 <= value < 1e4:
-        return f"{value:g}"
-    exponent = math.floor(math.log10(value) + 1e-9)
-    mantissa = value / 10**exponent
-    if abs(mantissa - 1) < 1e-6:
-        return f"$10^{{{exponent}}}$"
-    return f"${mantissa:.0f}\\times10^{{{exponent}}}$"
+    log_ticks(ax.xaxis, x.min(), x.max())
 
 
 def _draw_empty(ax: Axes, x_label: str, message: str) -> None:

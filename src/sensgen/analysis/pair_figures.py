@@ -33,10 +33,9 @@ import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-from sensgen.analysis.figures import _tick_label
 from sensgen.analysis.pairs import METRICS, sign_test
+from sensgen.analysis.plotting import bottom_legend, legend_handles, log_ticks
 from sensgen.analysis.tables import column
 
 METRIC_LABELS = {
@@ -154,11 +153,8 @@ def _style(ax: Axes, lo: float, hi: float, log: bool) -> None:
     if log:
         ax.set_xscale("log")
         ax.set_yscale("log")
-        subs = (1.0,) if math.log10(hi / lo) > 2.5 else (1.0, 2.0, 5.0)
         for axis in (ax.xaxis, ax.yaxis):
-            axis.set_major_locator(LogLocator(base=10, subs=subs))
-            axis.set_major_formatter(FuncFormatter(_tick_label))
-            axis.set_minor_formatter(NullFormatter())
+            log_ticks(axis, lo, hi)
     ax.set_xlim(lo, hi)
     ax.set_ylim(lo, hi)
     ax.tick_params(labelsize=10)
@@ -197,22 +193,11 @@ def _p_text(p: float) -> str:
 
 def _legend(fig: Figure, axes: Sequence[Axes]) -> None:
     """One legend below the panels: the other roles (when several) and the diagonal."""
-    handles: dict[str, object] = {}
-    for ax in axes:
-        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
-            handles.setdefault(label, handle)
+    handles = legend_handles(axes)
     roles = [label for label in handles if label != DIAGONAL_LABEL]
     if len(roles) == 1:
         handles.pop(roles[0])  # the y label already names the single other role
-    if handles:
-        fig.legend(
-            list(handles.values()),
-            list(handles.keys()),
-            loc="outside lower center",
-            ncols=len(handles),
-            fontsize=11,
-            frameon=False,
-        )
+    bottom_legend(fig, handles)
 
 
 def _suptitle(table: pd.DataFrame, factor: str, other_label: str, better_label: str) -> str:

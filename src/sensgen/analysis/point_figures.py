@@ -30,14 +30,13 @@ Example:
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
+from sensgen.analysis.plotting import panel_figure
 from sensgen.analysis.tables import column, done_runs, per_point_summary
 
 NORM_LABEL = r"per-point $\|J(x)\|_F$ (softmax output)"
@@ -99,7 +98,7 @@ def jacobian_vs_loss(points: pd.DataFrame) -> Figure:
     if "split" in points.columns:
         points = points.loc[points["split"] == "test"]
     names, groups = _split_by_dataset(points)
-    fig, axes = _panel_figure(max(len(names), 1), _MAX_COLUMNS)
+    fig, axes = panel_figure(max(len(names), 1), n_columns=_MAX_COLUMNS, panel_size=_PANEL_SIZE)
     if not names:
         _style_hexbin_axes(axes[0])
         _note(axes[0], "no per-point results yet")
@@ -130,11 +129,11 @@ def per_point_auroc(summary: pd.DataFrame) -> Figure:
     names, groups = _split_by_dataset(summary)
     names, groups = _with_values(names, groups)
     if not names:
-        fig, axes = _panel_figure(1, 1)
+        fig, axes = panel_figure(1, n_columns=1, panel_size=_PANEL_SIZE)
         _note(axes[0], "no per-point results yet")
         axes[0].set_axis_off()
         return fig
-    fig, axes = _panel_figure(2 * len(names), 2)
+    fig, axes = panel_figure(2 * len(names), n_columns=2, panel_size=_PANEL_SIZE)
     for row, (name, group) in enumerate(zip(names, groups, strict=True)):
         rho_ax, auroc_ax = axes[2 * row], axes[2 * row + 1]
         _draw_rho_panel(rho_ax, name, group)
@@ -168,18 +167,6 @@ def _with_values(
         if any(np.isfinite(column(group, key)).any() for key in metrics)
     ]
     return [name for name, _ in kept], [group for _, group in kept]
-
-
-def _panel_figure(n_panels: int, n_columns: int) -> tuple[Figure, list[Axes]]:
-    """A constrained-layout Figure with exactly ``n_panels`` Axes, ``n_columns`` per row."""
-    ncols = min(n_panels, n_columns)
-    nrows = math.ceil(n_panels / ncols)
-    width, height = _PANEL_SIZE
-    fig = Figure(figsize=(width * ncols, height * nrows + 0.6), layout="constrained")
-    grid = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    for ax in grid[n_panels:]:
-        fig.delaxes(ax)
-    return fig, list(grid[:n_panels])
 
 
 def _draw_hexbin(fig: Figure, ax: Axes, name: str, group: pd.DataFrame) -> None:
