@@ -120,9 +120,11 @@ class Browser:
                 os.close(self._from_child)
                 self._to_child = self._from_child = -1
 
-    def log(self) -> str:
-        """The browser's own stdout and stderr so far (for failure messages)."""
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+    def log(self, lines: int = 30) -> str:
+        """The last ``lines`` of the browser's own stdout and stderr (for failure messages)."""
+        if not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
     def call(
         self,

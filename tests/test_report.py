@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from chromium import Browser
 from sensgen.analysis import write_report
 from test_analysis import synthetic_runs
 
@@ -230,14 +231,13 @@ def test_report_renders_in_headless_chromium(tmp_path):
     """Offline in headless Chromium: no console errors or uncaught exceptions, every image
     loads, a click on a numeric header of the models table sorts it (again: reversed),
     and the page screenshots."""
-    from chromium import Browser
-
     runs = synthetic_runs(6)
     index = write_report(tmp_path / "study", runs=runs, points=synthetic_points(runs))
     expected_images = check_report(index, n_done=6, extra=POINT_FIGURES).images
     with Browser(CHROMIUM, tmp_path / "profile", timeout=60) as browser:
         page = browser.open_page()
         page.navigate(index.resolve().as_uri())
+        assert not page.errors(), "errors while loading:\n" + "\n".join(page.errors())
 
         images = page.evaluate(IMAGES)
         assert sorted(image["src"] for image in images) == sorted(expected_images)
