@@ -109,7 +109,8 @@ def pairs_section(runs: pd.DataFrame, pairs: Mapping[str, Any] | None, save: Sav
     others = ", ".join(role_of(factor, v) for v in values[1:])
     claims = pair_claims(outcomes, factor, f"{factor} = {others}")
     label = f"{factor} = {better}"
-    save("pairs", paired_scatter(table, factor=factor, better_label=label, other_label=others))
+    other = f"{factor} = {others}"
+    save("pairs", paired_scatter(table, factor=factor, better_label=label, other_label=other))
     parts = [
         f"<h2>Paired factor: {esc(factor)} (Fig. 4)</h2>",
         f"<p>{len(table)} comparisons of models identical but for {esc(factor)} "
