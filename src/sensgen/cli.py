@@ -46,8 +46,14 @@ def _parse_sets(assignments: list[str]) -> dict[str, str]:
 def run(
     study: Annotated[str, typer.Argument(help="A study TOML file or a preset name.")],
     out: Annotated[Path | None, typer.Option(help="Study directory [default: runs/NAME].")] = None,
-    executor: Annotated[str, typer.Option(help="local | ray")] = "local",
-    workers: Annotated[int, typer.Option(help="Packs at once; >1: 1-thread processes.")] = 1,
+    executor: Annotated[str, typer.Option(help="local | ray (one Ray task per pack)")] = "local",
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            help="Packs at once. local: 1 (default) trains in-process, N > 1 in N 1-thread "
+            "processes; ray: CPUs of the local Ray instance (default: all)."
+        ),
+    ] = None,
     device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="Override a study key: KEY=VALUE.")

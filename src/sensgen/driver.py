@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,14 +22,15 @@ LOCK_FILE = ".lock"
 
 
 @contextmanager
-def driver_lock(out: Path, workers: int = 1) -> Iterator[None]:
+def driver_lock(out: Path, workers: int = 1) -> Iterator[Callable[[int], None]]:
     """Hold an exclusive, non-blocking lock on DIR/.lock: one driver per study directory.
 
     Without it a second driver's `Store.reset_stale` would re-queue (and both would then
-    train) the packs the first one is running. flock locks die with their process.
+    train) the packs the first one is running. flock locks die with their process. Yields a
+    function that records another worker count (Ray learns its own once it is up).
     """
     if sys.platform == "win32":  # no flock; one driver per directory is then up to the user
-        yield
+        yield lambda _: None
         return
     import fcntl
 
@@ -44,7 +45,7 @@ def driver_lock(out: Path, workers: int = 1) -> Iterator[None]:
             ) from None
         _write_driver(handle, f"{os.getpid()} {workers}\n")
         try:
-            yield
+            yield lambda n: _write_driver(handle, f"{os.getpid()} {n}\n")
         finally:
             _write_driver(handle, "")
             fcntl.flock(handle, fcntl.LOCK_UN)

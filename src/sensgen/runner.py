@@ -6,9 +6,10 @@ packs still pending. A pack is stored atomically once finished, so an interrupti
 at most the packs in flight; running the same command again picks up where it stopped.
 Failures are recorded per pack (status `failed`, with the error) and never stop the sweep.
 
-The driver (this process) is the only writer of the store; workers return results. It
-holds DIR/.lock while it writes (`sensgen.driver`), so a second `sensgen run` on the same
-DIR is refused (exit 2).
+The driver (this process) is the only writer of the store; workers (local processes,
+`sensgen.parallel`, or Ray tasks, `sensgen.ray_executor`) return results. It holds DIR/.lock
+while it writes (`sensgen.driver`), so a second `sensgen run` on the same DIR is refused
+(exit 2).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
@@ -76,7 +77,7 @@ def run(
     out_dir: str | Path,
     *,
     executor: str = "local",
-    workers: int = 1,
+    workers: int | None = None,
     device: str = "cpu",
     progress: bool = True,
     report: bool = True,
@@ -87,8 +88,10 @@ def run(
     Args:
         study: a `Study`, a study TOML path or a preset name.
         out_dir: the study directory (created if needed).
-        executor: "local" (this machine). "ray" arrives with cluster support.
-        workers: packs trained at once on this machine (1: in this process).
+        executor: "local" (this machine) or "ray" (one Ray task per pack: a local Ray
+            instance, or the cluster at $RAY_ADDRESS; needs `sensgen[ray]`).
+        workers: packs trained at once. Local: processes (default 1: in this process);
+            Ray: CPUs of the local instance and packs in flight (default: all CPUs).
         device: "cpu" or "cuda".
         progress: show a progress bar with an ETA.
         report: write DIR/report/ at the end.
@@ -102,12 +105,12 @@ def run(
     started = time.perf_counter()
     console = console or Console(stderr=True)
     study = study if isinstance(study, Study) else study_module.load(study)
-    _check_options(executor, workers, device)
+    executor = _check_options(executor, workers, device)
     out = Path(out_dir)
     _check_same_study(out, study)
     planned = study.planned()
     specs = [p.spec for p in planned]
-    with Store.open(out) as store, driver_lock(out, workers):
+    with Store.open(out) as store, driver_lock(out, workers or 1) as record_workers:
         remove_dead_temporaries(out)
         _check_spec_schema(store, out)
         # Fail fast on a missing or corrupt dataset, before any run is registered or trained.
@@ -133,11 +136,13 @@ def run(
             _train(
                 store,
                 pending,
+                executor=executor,
                 workers=workers,
                 device=device,
                 measure=study.measure,
                 show=progress,
                 console=console,
+                record_workers=record_workers,
             )
         counts = _counts(store, {s.run_id for s in specs})
         report_outdated = _report_outdated(out / "report" / "index.html", store)
@@ -155,17 +160,16 @@ def run(
     )
 
 
-def _check_options(executor: str, workers: int, device: str) -> None:
+def _check_options(executor: str, workers: int | None, device: str) -> Executor:
     try:
         executor = Executor(executor)
     except ValueError:
         raise UserError(f"--executor {executor!r} is unknown; use 'local' or 'ray'.") from None
     if executor is Executor.RAY:
-        raise UserError(
-            "--executor ray is not available in this version of sensgen; use --executor "
-            "local (the default), with --workers N to train N packs at once."
-        )
-    if workers < 1:
+        from sensgen.ray_executor import import_ray
+
+        import_ray()  # a UserError with the install hint when Ray is missing
+    if workers is not None and workers < 1:
         raise UserError(f"--workers must be at least 1, got {workers}.")
     if device not in ("cpu", "cuda"):
         raise UserError(f"--device {device!r} is unknown; use 'cpu' or 'cuda'.")
@@ -174,6 +178,7 @@ def _check_options(executor: str, workers: int, device: str) -> None:
             "--device cuda was asked for, but PyTorch sees no CUDA GPU here "
             f"(torch {torch.__version__}); run with --device cpu or on a GPU machine."
         )
+    return executor
 
 
 def _check_same_study(out: Path, study: Study) -> None:
@@ -275,16 +280,31 @@ def _train(
     store: Store,
     packs: Sequence[_PendingPack],
     *,
-    workers: int,
+    executor: Executor,
+    workers: int | None,
     device: str,
     measure: Measurements,
     show: bool,
     console: Console,
+    record_workers: Callable[[int], None],
 ) -> None:
     total = sum(p.specs[0].max_steps for p in packs)
     with _progress_bar(show, console) as bar:
         task = bar.add_task(f"{len(packs)} packs", total=total)
-        if workers == 1:
+        if executor is Executor.RAY:
+            from sensgen.ray_executor import train_on_ray
+
+            train_on_ray(
+                store,
+                packs,
+                workers=workers,
+                device=device,
+                measure=measure,
+                bar=bar,
+                task=task,
+                on_slots=record_workers,
+            )
+        elif (workers or 1) == 1:
             for i, pack in enumerate(packs):
                 bar.update(task, description=f"pack {i + 1}/{len(packs)}")
                 store.mark_running(s.run_id for s in pack.specs)
