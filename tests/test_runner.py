@@ -332,3 +332,14 @@ def test_a_directory_from_another_spec_schema_is_refused(tiny, tmp_path, capsys)
     conn.close()
     assert _cli("run", str(tiny), "--out", str(out), "--no-progress") == 2
     assert "schema 1" in capsys.readouterr().err
+
+
+def test_pack_memory_budget_fills_the_free_gpu_memory_unless_the_study_sets_one(monkeypatch):
+    from sensgen.runner import GPU_MEMORY_SHARE, pack_memory_budget
+    from sensgen.study import Execution
+
+    free = 40 * 2**30
+    monkeypatch.setattr("torch.cuda.mem_get_info", lambda: (free, 80 * 2**30))
+    assert pack_memory_budget(Execution(), "cpu") == 4 * 2**30
+    assert pack_memory_budget(Execution(), "cuda") == int(GPU_MEMORY_SHARE * free)
+    assert pack_memory_budget(Execution(pack_memory_gb=2.0), "cuda") == 2 * 2**30

@@ -40,9 +40,10 @@ from sensgen.driver import driver_lock, live_driver_workers, remove_dead_tempora
 from sensgen.errors import UserError
 from sensgen.execute import execute_or_fail
 from sensgen.store import FINAL, PlannedRun, Status, Store
-from sensgen.study import SPEC_SCHEMA, Measurements, RunSpec, Study, plan_packs
+from sensgen.study import SPEC_SCHEMA, Execution, Measurements, RunSpec, Study, plan_packs
 
 STUDY_FILE = "study.toml"
+GPU_MEMORY_SHARE = 0.8  # of the free GPU memory a pack may fill (the rest: CUDA context, eval)
 
 
 class Executor(StrEnum):
@@ -116,7 +117,7 @@ def run(
         # Fail fast on a missing or corrupt dataset, before any run is registered or trained.
         _preflight(_unfinished_datasets(store, specs))
         _write_study_file(out, study)
-        memory = int(study.execution.pack_memory_gb * 2**30)
+        memory = pack_memory_budget(study.execution, device)
         packs = plan_packs(specs, study.execution.pack_size, memory)
         pairs = {p.spec.run_id: p for p in planned}
         store.add_runs(
@@ -179,6 +180,19 @@ def _check_options(executor: str, workers: int | None, device: str) -> Executor:
             f"(torch {torch.__version__}); run with --device cpu or on a GPU machine."
         )
     return executor
+
+
+def pack_memory_budget(execution: Execution, device: str) -> int:
+    """Bytes of estimated training memory a pack may use (`planner.model_memory_bytes`).
+
+    On the CPU: ``execution.pack_memory_gb``. On a GPU, unless the study sets
+    ``pack_memory_gb`` itself: 80% of the GPU memory free now, so packs grow to fill the
+    device. Packs are fixed when a run is first planned; a resumed study keeps its packs.
+    """
+    if device == "cuda" and "pack_memory_gb" not in execution.model_fields_set:
+        free, _total = torch.cuda.mem_get_info()
+        return int(GPU_MEMORY_SHARE * free)
+    return int(execution.pack_memory_gb * 2**30)
 
 
 def _check_same_study(out: Path, study: Study) -> None:
