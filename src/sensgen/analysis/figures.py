@@ -42,7 +42,7 @@ GAP_LABEL = "generalization gap (train acc − test acc)"
 JACOBIAN_LABEL = r"mean test $\|J\|_F$ (softmax output w.r.t. standardised input)"
 PARAMS_LABEL = "number of weights (parameters)"
 TRAIN_LOSS_LABEL = "final train loss (cross-entropy, nats)"
-TRANSITIONS_LABEL = "mean transitions along ellipses through test points (exact)"
+TRANSITIONS_LABEL = "mean transitions on test-point ellipses (exact)"
 
 _PANEL_SIZE = (5.0, 4.2)  # inches per dataset panel
 _MAX_COLUMNS = 3
