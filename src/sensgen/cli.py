@@ -45,7 +45,7 @@ def _parse_sets(assignments: list[str]) -> dict[str, str]:
 @app.command()
 def run(
     study: Annotated[str, typer.Argument(help="A study TOML file or a preset name.")],
-    out: Annotated[Path | None, typer.Option(help="Study directory [default: runs/NAME].")] = None,
+    out: Annotated[Path | None, typer.Option(help="Study directory (default: runs/NAME).")] = None,
     executor: Annotated[str, typer.Option(help="local | ray (one Ray task per pack)")] = "local",
     workers: Annotated[
         int | None,
