@@ -1,0 +1,244 @@
+"""Hand-computed checks of `sensgen.measures` on nets with weights set by hand."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from sensgen import measures as M
+from sensgen.models import MLP
+
+
+class OneLayer(nn.Module):
+    """A single linear layer (L = 1) exposing `layers` like an MLP."""
+
+    def __init__(self, weight: list[list[float]]) -> None:
+        super().__init__()
+        w = torch.tensor(weight)
+        self.layers = nn.ModuleList([nn.Linear(w.shape[1], w.shape[0])])
+        with torch.no_grad():
+            self.layers[0].weight.copy_(w)
+            self.layers[0].bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers[0](x)
+
+
+def set_weights(net: MLP, weights: list[list[list[float]]]) -> MLP:
+    with torch.no_grad():
+        for layer, w in zip(net.layers, weights, strict=True):
+            layer.weight.copy_(torch.tensor(w))
+    return net
+
+
+def diagonal_net() -> MLP:
+    """L = 2: W1 = diag(1, 2), W2 = diag(3, 4), biases b1 = (0.5, 0), b2 = 0."""
+    net = MLP(2, 2, width=2, depth=1, generator=torch.Generator().manual_seed(0))
+    set_weights(net, [[[1, 0], [0, 2]], [[3, 0], [0, 4]]])
+    with torch.no_grad():
+        net.layers[0].bias.copy_(torch.tensor([0.5, 0.0]))
+    return net
+
+
+def dense_net() -> MLP:
+    """L = 3, non-square and non-diagonal: 3 → 2 → 2 → 1."""
+    net = MLP(3, 1, width=2, depth=2, generator=torch.Generator().manual_seed(0))
+    return set_weights(net, [[[1, 2, 0], [0, 1, 1]], [[1, -1], [2, 0]], [[1, 1]]])
+
+
+def test_diagonal_net_by_hand():
+    net = diagonal_net()
+    # ‖W1‖_F² = 1 + 4 = 5, ‖W2‖_F² = 9 + 16 = 25; ‖W1‖_2² = 4, ‖W2‖_2² = 16.
+    assert M.n_params(net) == 2 * 3 + 2 * 3
+    assert M.frobenius_product(net) == pytest.approx(125.0, rel=1e-12)
+    assert M.frobenius_sum(net) == pytest.approx(30.0, rel=1e-12)
+    assert M.frobenius_geometric(net) == pytest.approx(2 * math.sqrt(125.0), rel=1e-12)
+    assert M.spectral_product(net) == pytest.approx(64.0, rel=1e-12)
+    assert M.spectral_geometric(net) == pytest.approx(2 * 8.0, rel=1e-12)
+    assert M.spectral_frobenius(net) == pytest.approx(64 * (5 / 4 + 25 / 16), rel=1e-12)
+    # 𝟙 → diag(1, 4)𝟙 = (1, 4) → diag(9, 16)(1, 4) = (9, 64) → 73.
+    assert M.path_norm(net) == pytest.approx(73.0, rel=1e-12)
+
+
+def test_dense_net_by_hand():
+    net = dense_net()
+    assert M.n_params(net) == 2 * 4 + 2 * 3 + 1 * 3
+    # ‖W‖_F²: 1+4+1+1 = 7, 1+1+4 = 6, 2.
+    assert M.frobenius_product(net) == pytest.approx(84.0, rel=1e-12)
+    assert M.frobenius_sum(net) == pytest.approx(15.0, rel=1e-12)
+    assert M.frobenius_geometric(net) == pytest.approx(3 * 84 ** (1 / 3), rel=1e-12)
+    # ‖W1‖_2²: W1W1ᵀ = [[5,2],[2,2]], λ = 6, 1. ‖W2‖_2²: W2ᵀW2 = [[5,-1],[-1,1]],
+    # λ = 3 ± √5. ‖W3‖_2² = 2.
+    s1, s2, s3 = 6.0, 3 + math.sqrt(5), 2.0
+    prod = s1 * s2 * s3
+    assert M.spectral_product(net) == pytest.approx(prod, rel=1e-12)
+    assert M.spectral_geometric(net) == pytest.approx(3 * prod ** (1 / 3), rel=1e-12)
+    stable = 7 / s1 + 6 / s2 + 2 / s3
+    assert M.spectral_frobenius(net) == pytest.approx(prod * stable, rel=1e-12)
+    # 𝟙 → [[1,4,0],[0,1,1]]𝟙 = (5, 2) → [[1,1],[4,0]](5, 2) = (7, 20) → 7 + 20 = 27.
+    assert M.path_norm(net) == pytest.approx(27.0, rel=1e-12)
+
+
+def test_single_layer_by_hand():
+    net = OneLayer([[3, 4], [0, 0], [0, 1]])  # L = 1, 2 → 3
+    assert M.n_params(net) == 3 * 3
+    assert M.frobenius_product(net) == pytest.approx(26.0, rel=1e-12)
+    assert M.frobenius_geometric(net) == pytest.approx(26.0, rel=1e-12)
+    # WᵀW = [[9,12],[12,17]], λ = 13 ± √160.
+    assert M.spectral_product(net) == pytest.approx(13 + math.sqrt(160), rel=1e-12)
+    assert M.path_norm(net) == pytest.approx(9 + 16 + 1, rel=1e-12)
+
+
+def test_deep_large_net_geometric_is_finite():
+    net = MLP(4, 4, width=4, depth=30, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for layer in net.layers:
+            layer.weight.fill_(1e6)
+    # Each ‖W_l‖_F² = 16e12 and each ‖W_l‖_2² = (4e6)² = 16e12; 31 layers overflow.
+    assert M.frobenius_product(net) == math.inf
+    assert M.frobenius_geometric(net) == pytest.approx(31 * 16e12, rel=1e-10)
+    assert M.spectral_geometric(net) == pytest.approx(31 * 16e12, rel=1e-10)
+    assert math.isfinite(M.frobenius_sum(net))
+
+
+def test_distance_from_init():
+    init = diagonal_net()
+    net = copy.deepcopy(init)
+    zero = M.distance_from_init(net, init)
+    assert zero == {"l2": 0.0, "frobenius": [0.0, 0.0], "spectral": [0.0, 0.0]}
+    with torch.no_grad():
+        net.layers[0].weight += torch.tensor([[3.0, 0.0], [0.0, 4.0]])
+        net.layers[1].weight[1, 1] -= 12.0
+        net.layers[1].bias[0] += 84.0
+    out = M.distance_from_init(net, init.state_dict())  # a state dict works too
+    # ‖θ − θ_0‖² = 9 + 16 + 144 + 84² = 7225 = 85².
+    assert out["l2"] == pytest.approx(85.0, rel=1e-12)
+    assert out["frobenius"] == pytest.approx([5.0, 12.0], rel=1e-12)
+    assert out["spectral"] == pytest.approx([4.0, 12.0], rel=1e-12)
+
+
+def identity_logits_net(c: int) -> MLP:
+    """ReLU MLP with W1 = W2 = I and zero biases: logits = x for x ≥ 0."""
+    net = MLP(c, c, width=c, depth=1, generator=torch.Generator().manual_seed(0))
+    eye = torch.eye(c).tolist()
+    return set_weights(net, [eye, eye])
+
+
+def margin_points(values: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-negative 3-class logits whose margin z_y − max_{j≠y} z_j is each given value."""
+    x, y = [], []
+    for i, m in enumerate(values):
+        label = i % 3
+        z = [5.0, 5.0, 5.0]
+        z[(label + 1) % 3] = 5.0 - 2.0  # not the runner-up
+        z[label] = 5.0 + m
+        x.append(z)
+        y.append(label)
+    return torch.tensor(x), torch.tensor(y)
+
+
+def test_margin_ten_points_interpolates():
+    net = identity_logits_net(3)
+    values = [7.0, 3.0, 1.0, 10.0, 5.0, 2.0, 9.0, 4.0, 8.0, 6.0]
+    x, y = margin_points(values)
+    assert M.margins(net, x, y).tolist() == pytest.approx(values, abs=1e-12)
+    # Sorted 1..10; the 10th percentile sits at position 0.1 · 9 = 0.9: 1 + 0.9 · 1 = 1.9.
+    gamma = M.margin(net, x, y)
+    assert gamma == pytest.approx(1.9, abs=1e-12)
+    assert M.inverse_margin(gamma) == pytest.approx(1 / 1.9**2, rel=1e-12)
+    assert M.normalised(125.0, gamma) == pytest.approx(125 / 3.61, rel=1e-12)
+
+
+def test_margin_eleven_points_with_misclassified():
+    net = identity_logits_net(3)
+    values = [4.0, -3.0, 1.0, 10.0, 5.0, 2.0, 9.0, 3.0, 8.0, 6.0, 7.0]
+    x, y = margin_points(values)
+    # Sorted −3, 1, 2, ..., 10; position 0.1 · 10 = 1 → exactly the second smallest.
+    assert M.margin(net, x, y) == pytest.approx(1.0, abs=1e-12)
+    # Dropping the four smallest leaves 4..10 (7 points): position 0.6 → 4.6.
+    keep = torch.tensor([v >= 4 for v in values])
+    assert M.margin(net, x[keep], y[keep]) == pytest.approx(4.6, abs=1e-12)
+
+
+def test_margin_single_layer_and_zero_margin():
+    net = OneLayer([[1, 0], [0, 1]])
+    x = torch.tensor([[2.0, 1.0], [1.0, 1.0]])
+    y = torch.tensor([0, 1])
+    assert M.margins(net, x, y).tolist() == [1.0, 0.0]
+    assert M.margin(net, x, y) == pytest.approx(0.1, abs=1e-12)
+    assert M.inverse_margin(0.0) == math.inf
+
+
+def test_all_measures_consistent_and_pure():
+    net = diagonal_net()
+    init = copy.deepcopy(net)
+    with torch.no_grad():
+        init.layers[1].weight[0, 0] = 0.0  # W2 − W2⁰ = diag(3, 0)
+    x, y = margin_points([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0])
+    x = x[:, :2] - 2.0  # 2 inputs; logits differ, but margins are what they are
+    y = y % 2
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    out = M.all_measures(net, init, x, y, seed=0)
+    for k, v in net.state_dict().items():  # the net is untouched, still float32
+        assert v.dtype == torch.float32
+        assert torch.equal(v, before[k])
+    assert out["n_params"] == 12.0
+    assert out["frobenius_product"] == pytest.approx(125.0, rel=1e-12)
+    assert out["path_norm"] == pytest.approx(73.0, rel=1e-12)
+    assert out["distance_l2"] == pytest.approx(3.0, rel=1e-12)
+    assert out["distance_frobenius"] == pytest.approx(9.0, rel=1e-12)
+    assert out["distance_spectral"] == pytest.approx(9.0, rel=1e-12)
+    gamma = M.margin(net, x, y)
+    assert out["margin"] == gamma
+    assert out["inverse_margin"] == pytest.approx(1 / gamma**2, rel=1e-12)
+    for name in M.NORMALISED:
+        assert out[f"{name}_normalised"] == pytest.approx(out[name] / gamma**2, rel=1e-12)
+    assert all(isinstance(v, float) for v in out.values())
+
+
+def pacbayes_problem() -> tuple[MLP, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    net = MLP(3, 3, width=6, depth=1, generator=g)
+    x = torch.randn(30, 3, generator=g)
+    y = M.logits64(net, x).argmax(1)  # labels the net gets right: accuracy 1
+    return net, x, y
+
+
+def test_pacbayes_flatness_bisection_brackets_the_threshold():
+    net, x, y = pacbayes_problem()
+    out = M.pacbayes_flatness(net, x, y, seed=3, n_draws=5, steps=30)
+    sigma = out["sigma"]
+    assert 0 < sigma < 1024 and out["flatness"] == pytest.approx(1 / sigma**2)
+    assert out == M.pacbayes_flatness(net, x, y, seed=3, n_draws=5, steps=30)
+    # Rebuild the same draws: σ meets acc ≥ 1 − 0.1, and σ + 1e-6 no longer does.
+    gen = torch.Generator().manual_seed(3)
+    noise = [
+        {
+            n: torch.randn(p.shape, generator=gen, dtype=torch.float64)
+            for n, p in net.named_parameters()
+        }
+        for _ in range(5)
+    ]
+    assert M.perturbed_accuracy(net, x, y, sigma, noise) >= 0.9
+    assert M.perturbed_accuracy(net, x, y, sigma + 1e-6, noise) < 0.9
+
+
+def test_pacbayes_flatness_scale_invariance_and_cap():
+    net, x, y = pacbayes_problem()
+    big = copy.deepcopy(net)
+    with torch.no_grad():  # scaling every parameter of the last layer by 7 scales the logits
+        big.layers[1].weight *= 7.0
+        big.layers[1].bias *= 7.0
+    kw = {"seed": 0, "n_draws": 4, "eps": 0.0, "steps": 25}
+    # Magnitude-aware with ε = 0: u_i = σθ_i g_i is relative, so σ is unchanged.
+    s1 = M.pacbayes_flatness(net, x, y, **kw)["sigma"]
+    s7 = M.pacbayes_flatness(big, x, y, **kw)["sigma"]
+    assert s7 == pytest.approx(s1, abs=1e-6)
+    # Labels the net always gets wrong: acc 0, the condition holds for every σ → the cap.
+    wrong = (y + 1) % 3
+    capped = M.pacbayes_flatness(net, x[:5], wrong[:5], seed=0, n_draws=2, sigma_max=64.0)
+    assert capped == {"sigma": 64.0, "flatness": 1 / 64.0**2}
