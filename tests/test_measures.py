@@ -242,3 +242,42 @@ def test_pacbayes_flatness_scale_invariance_and_cap():
     wrong = (y + 1) % 3
     capped = M.pacbayes_flatness(net, x[:5], wrong[:5], seed=0, n_draws=2, sigma_max=64.0)
     assert capped == {"sigma": 64.0, "flatness": 1 / 64.0**2}
+
+
+def test_a_study_stores_the_measures_of_each_done_model(tmp_path):
+    """`measure.generalization_measures` stores all_measures per model; the stored values
+    equal the measures recomputed from the stored weights and the seeded initialisation."""
+    from sensgen import study as study_module
+    from sensgen.runner import run
+    from sensgen.store import open_results
+
+    s = study_module.Study(
+        name="m",
+        base=dict(dataset="digits", width=16, depth=2, max_steps=40, eval_every=20),
+        grid={"seed": [0, 1]},
+        measure={"jacobian_train_points": 0, "generalization_measures": True,
+                 "measure_points": 200},
+    )  # fmt: skip
+    run(s, tmp_path / "m", progress=False, report=False)
+    with open_results(tmp_path / "m") as results:
+        runs, stored = results.runs(), results.measures().set_index("run_id")
+        assert sorted(stored.index) == sorted(runs["run_id"])
+        for row in runs.itertuples():
+            weights = results.load_weights(row.pack_id)
+            net = MLP(64, 10, 16, 2)
+            prefix = f"{row.run_id}."
+            net.load_state_dict(
+                {k.removeprefix(prefix): v for k, v in weights.items() if k.startswith(prefix)}
+            )
+            assert stored.loc[row.run_id, "n_params"] == row.n_params
+            assert stored.loc[row.run_id, "frobenius_sum"] == pytest.approx(
+                M.frobenius_sum(net), rel=1e-12
+            )
+            init = MLP(64, 10, 16, 2, generator=torch.Generator().manual_seed(row.seed))
+            assert stored.loc[row.run_id, "distance_l2"] == pytest.approx(
+                M.distance_from_init(net, init)["l2"], rel=1e-9
+            )
+    plain = study_module.Study(name="p", base=dict(dataset="digits", width=8, depth=1,
+                                                   max_steps=5, eval_every=5))  # fmt: skip
+    run(plain, tmp_path / "p", progress=False, report=False)
+    assert list(open_results(tmp_path / "p").measures().columns) == ["run_id"]

@@ -3,6 +3,8 @@
     DIR/points/<pack_id>.parquet        per test point: loss, correctness, ‖J‖ (paper §3 Study 6)
     DIR/profiles/<pack_id>.parquet      per (model, path, ellipse, angle bin): ‖J‖ and the
                                         transition density (Study 2, `sensgen.geometry`)
+    DIR/measures/<pack_id>.parquet      per (model, measure): generalization measures
+                                        (`sensgen.measures`, e.g. norms, margin, flatness)
     DIR/weights/<pack_id>.safetensors   trained weights, tensors "<run_id>.<parameter>"
     DIR/regions/<pack_id>.safetensors   region maps, tensors "<run_id>.<init|trained|anchors|
                                         labels>" (Study 3, `sensgen.geometry`)
@@ -42,10 +44,16 @@ PROFILE_DTYPES: dict[str, str] = {
     "jacobian_norm": "float64",
     "transition_density": "float64",  # NaN for smooth φ (no linear regions)
 }
+MEASURE_DTYPES: dict[str, str] = {
+    "run_id": "str",
+    "measure": "str",  # a key of `sensgen.measures.all_measures`
+    "value": "float64",  # inf / NaN where the measure overflows or is undefined
+}
 # Per table kind: its columns' dtypes and those that may hold no missing value.
 TABLES: dict[str, tuple[dict[str, str], tuple[str, ...]]] = {
     "points": (POINT_DTYPES, ("run_id", "split", "index", "label", "correct")),
     "profiles": (PROFILE_DTYPES, ("run_id", "path", "ellipse", "bin", "angle")),
+    "measures": (MEASURE_DTYPES, ("run_id", "measure")),
 }
 TENSOR_KINDS = ("weights", "regions")
 FOLDERS = (*TABLES, *TENSOR_KINDS)

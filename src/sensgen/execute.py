@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 from sensgen import data
 from sensgen.geometry import measure_profiles, measure_regions
-from sensgen.measure import MEASURE_SEED, measure_model
+from sensgen.measure import MEASURE_SEED, measure_model, train_point_indices
+from sensgen.measures import all_measures
 from sensgen.metrics import jacobian_norms
 from sensgen.models import count_parameters
 from sensgen.store import RunResult, Status
@@ -53,6 +54,7 @@ class PackResult:
     weights: dict[str, torch.Tensor] | None
     profiles: pd.DataFrame | None = None  # None when not measured or the pack failed
     regions: dict[str, torch.Tensor] | None = None
+    measures: pd.DataFrame | None = None
 
     def files(self) -> dict[str, Any]:
         """The pack's files as `Store.finish_pack` keyword arguments."""
@@ -61,6 +63,7 @@ class PackResult:
             "weights": self.weights,
             "profiles": self.profiles,
             "regions": self.regions,
+            "measures": self.measures,
         }
 
 
@@ -135,7 +138,30 @@ def execute_pack(
         for name, value in outcome.params.items()
     }
     table = pd.concat(points, ignore_index=True) if measure.points else None
-    return PackResult(results, table, weights, profiles, regions)
+    measures = _measures(specs, done, shape, members, template, outcome, x_train, labels, measure)
+    return PackResult(results, table, weights, profiles, regions, measures)
+
+
+def _measures(specs, done, shape, members, template, outcome, x_train, labels, measure):
+    """Generalization measures (`sensgen.measures.all_measures`) of the done models, long.
+
+    Margin and flatness use the same fixed subset of `measure_points` training points (with
+    the labels each model trained on); norms and distances use the weights only.
+    """
+    if not measure.generalization_measures:
+        return None
+    _, initial = init_pack(shape, members)
+    k = min(measure.measure_points, len(x_train))
+    idx = train_point_indices(len(x_train), k, seed=MEASURE_SEED).to(x_train.device)
+    rows = []
+    for i, spec in enumerate(specs):
+        if not done[i]:
+            continue
+        net = unstack(template, outcome.params, i)
+        init = unstack(template, initial, i)
+        values = all_measures(net, init, x_train[idx].cpu(), labels[i][idx].cpu(), seed=spec.seed)
+        rows += [(spec.run_id, name, float(value)) for name, value in values.items()]
+    return pd.DataFrame(rows, columns=["run_id", "measure", "value"]) if rows else None
 
 
 def _geometry(specs, done, shape, members, template, outcome, x_train, y_true, measure):

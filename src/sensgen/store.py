@@ -251,6 +251,16 @@ class Results:
         """
         return artifacts.read_tables(self.root, "profiles", self._done_by_pack(run_ids))
 
+    def measures(self, *, run_ids: Iterable[str] | None = None) -> pd.DataFrame:
+        """Generalization measures of the ``done`` runs (`sensgen.measures`), one row per
+        run and one column per measure; empty when the study did not set
+        ``measure.generalization_measures``."""
+        long = artifacts.read_tables(self.root, "measures", self._done_by_pack(run_ids))
+        if long.empty:
+            return pd.DataFrame({"run_id": pd.Series(dtype="str")})
+        wide = long.pivot_table(index="run_id", columns="measure", values="value", dropna=False)
+        return wide.reset_index().rename_axis(columns=None)
+
     def region_maps(self, run_id: str) -> dict[str, torch.Tensor]:
         """Region maps of a ``done`` run (paper Fig. 3): ``init`` and ``trained`` int32
         [P, R, R] pattern ids of the last hidden layer, ``anchors`` float64 [P, 3, 2] the
@@ -385,6 +395,7 @@ class Store(Results):
         weights: Mapping[str, torch.Tensor] | None = None,
         profiles: pd.DataFrame | None = None,
         regions: Mapping[str, torch.Tensor] | None = None,
+        measures: pd.DataFrame | None = None,
     ) -> None:
         """Record the final results of every run of a pack, with its files (`artifacts`).
 
@@ -398,7 +409,7 @@ class Store(Results):
         check_id("pack_id", pack_id)
         self._check_pack(pack_id, results)
         ids = [r.run_id for r in results]
-        tables = {"points": points, "profiles": profiles}
+        tables = {"points": points, "profiles": profiles, "measures": measures}
         tables = {
             k: None if f is None else artifacts.validated_table(k, f, set(ids))
             for k, f in tables.items()

@@ -75,6 +75,9 @@ class Measurements(BaseModel):
     anchors are bin centres). Study 3 (Fig. 3, `sensgen.geometry.measure_regions`):
     `region_planes` planes through three training points (0: off), `region_resolution`²
     pixels over `region_extent` times the anchors' extent, at init and after training.
+    Beyond the paper (`sensgen.measures`): `generalization_measures` stores the norm-,
+    margin- and flatness-based measures per model, margin and flatness on `measure_points`
+    training points.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -89,6 +92,8 @@ class Measurements(BaseModel):
     region_planes: Annotated[int, Field(ge=0, le=1_000)] = 0
     region_resolution: Annotated[int, Field(ge=2, le=4096)] = 256
     region_extent: Annotated[float, Field(gt=0.0, le=100.0)] = 1.5
+    generalization_measures: bool = False
+    measure_points: Annotated[int, Field(ge=1)] = 1000
 
     @model_validator(mode="after")
     def _points_fill_bins(self) -> Measurements:
