@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import pytest
@@ -281,3 +282,29 @@ def test_a_study_stores_the_measures_of_each_done_model(tmp_path):
                                                    max_steps=5, eval_every=5))  # fmt: skip
     run(plain, tmp_path / "p", progress=False, report=False)
     assert list(open_results(tmp_path / "p").measures().columns) == ["run_id"]
+
+
+def test_the_report_scores_every_stored_measure_against_the_gap(tmp_path):
+    from sensgen import study as study_module
+    from sensgen.analysis import write_report
+    from sensgen.runner import run
+
+    s = study_module.Study(
+        name="r",
+        base=dict(dataset="digits", depth=1, max_steps=60, eval_every=20, stop_at_fit=False),
+        grid={"width": [8, 32], "lr": [0.001, 0.01], "seed": [0, 1]},
+        measure={"jacobian_train_points": 20, "generalization_measures": True,
+                 "measure_points": 100},
+        inclusion={"apply": False},
+    )  # fmt: skip
+    run(s, tmp_path / "r", progress=False, report=False)
+    index = write_report(tmp_path / "r", n_boot=100)
+    summary = json.loads((index.parent / "summary.json").read_text())
+    table = {row["measure"]: row for row in summary["measure_scores"]}
+    assert {"jacobian_norm", "jacobian_norm_train", "n_params", "path_norm"} <= set(table)
+    assert all(row["n"] == 8 for row in table.values())
+    assert table["jacobian_norm"]["beats_jbar"] is False  # τ > τ is never true
+    # width and lr form a 2 × 2 grid (seed is not an axis): Ψ and the CMI score are defined
+    assert table["jacobian_norm"]["psi"] is not None
+    assert table["frobenius_sum"]["cmi_pgdl"] is not None
+    assert 'id="measure-scores"' in index.read_text(encoding="utf-8")

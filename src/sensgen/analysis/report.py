@@ -47,6 +47,7 @@ from sensgen.analysis.report_sections import (
     Section,
     claims_html,
     correlation_section,
+    measures_section,
     pairs_section,
     per_point_section,
 )
@@ -98,9 +99,9 @@ def write_report(
         Path of ``out_dir/report/index.html``.
     """
     out_dir = Path(out_dir)
-    profiles, maps = pd.DataFrame(), {}
+    profiles, maps, measures = pd.DataFrame(), {}, pd.DataFrame({"run_id": []})
     if runs is None:
-        runs, points, profiles, maps = _read_store(out_dir, points)
+        runs, points, profiles, maps, measures = _read_store(out_dir, points)
         table = _study_tables(out_dir)
         inclusion = _inclusion(table.get("inclusion", {})) if inclusion is None else inclusion
         pairs = table.get("pairs") if pairs is None else pairs
@@ -113,6 +114,7 @@ def write_report(
     kept = set(runs["run_id"]) if "run_id" in runs.columns else set()
     points = _only(points if points is not None else pd.DataFrame(), kept)
     profiles, maps = _only(profiles, kept), {k: v for k, v in maps.items() if k in kept}
+    measures = _only(measures, kept)
     models = tables.model_table(runs)
     drawn: list[str] = []
 
@@ -128,6 +130,7 @@ def write_report(
             pairs_section(runs, pairs, save),
             Section(*geometry_section(profiles, maps, save)),
             per_point_section(points, runs, save),
+            measures_section(runs, measures),
         ]
         for section in sections:
             parts += section.html
@@ -146,7 +149,7 @@ def write_report(
 
 
 def _read_store(out_dir: Path, points: pd.DataFrame | None) -> tuple[Any, ...]:
-    """Reads the runs, points (unless given), profiles and region maps of a study."""
+    """Reads the runs, points (unless given), profiles, region maps and measures of a study."""
     from sensgen.store import open_results  # deferred: analysis works without a store
 
     with open_results(out_dir) as results:
@@ -158,7 +161,7 @@ def _read_store(out_dir: Path, points: pd.DataFrame | None) -> tuple[Any, ...]:
             for run_id in tables.done_runs(runs)["run_id"][:_MAX_REGION_RUNS]:
                 with contextlib.suppress(UserError):  # a run measured without maps
                     maps[run_id] = results.region_maps(run_id)
-        return runs, points, profiles, maps
+        return runs, points, profiles, maps, results.measures()
 
 
 def _study_tables(out_dir: Path) -> dict[str, Any]:

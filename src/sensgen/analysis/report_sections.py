@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 from sensgen.analysis import figures, tables
 from sensgen.analysis.claims import Claim, correlation_claims, pair_claims, per_point_claims
 from sensgen.analysis.html import esc, figure_html, html_table
+from sensgen.analysis.measure_scores import measure_score_table
 from sensgen.analysis.pair_figures import paired_scatter
 from sensgen.analysis.pairs import pair_outcomes, pair_table, role_of
 from sensgen.analysis.point_figures import (
@@ -147,6 +148,24 @@ def per_point_section(points: pd.DataFrame, runs: pd.DataFrame, save: Save) -> S
         html_table(distribution, list(distribution.columns), {}, "per-point"),
     ]
     return Section(parts, claims, {"per_point": distribution})
+
+
+def measures_section(runs: pd.DataFrame, measures: pd.DataFrame) -> Section:
+    """Beyond the paper: every stored measure's ranking scores against the gap."""
+    if len(measures.columns) <= 1:
+        return Section()
+    table = measure_score_table(runs, measures)
+    headers = {"kendall_tau": "Kendall τ-b", "spearman_rho": "Spearman ρ", "psi": "Ψ",
+               "cmi_pgdl": "CMI (PGDL) ×100", "beats_jbar": "τ above Jbar's"}  # fmt: skip
+    parts = [
+        "<h2>Does the Jacobian norm beat the field's measures? (beyond the paper)</h2>",
+        "<p>Each measure ranked against the gap over the included models: Kendall τ-b, "
+        "Spearman ρ, granulated Ψ over the axes that vary (Jiang et al. 2020; blank where no "
+        "cell holds two models) and the PGDL conditional-mutual-information score (blank "
+        "unless two axes form a grid). Sorted by |τ|.</p>",
+        html_table(table, list(table.columns), headers, "measure-scores", sortable=True),
+    ]
+    return Section(parts, [], {"measure_scores": table})
 
 
 def claims_html(claims: Sequence[Claim]) -> str:
