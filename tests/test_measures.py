@@ -308,3 +308,54 @@ def test_the_report_scores_every_stored_measure_against_the_gap(tmp_path):
     assert table["jacobian_norm"]["psi"] is not None
     assert table["frobenius_sum"]["cmi_pgdl"] is not None
     assert 'id="measure-scores"' in index.read_text(encoding="utf-8")
+
+
+def sharpness_start(net: nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    """The start v ~ U[−1, 1] that `M.sharpness` draws from ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        n: 2 * torch.rand(p.shape, generator=gen, dtype=torch.float64) - 1
+        for n, p in net.named_parameters()
+    }
+
+
+def test_sharpness_bisection_brackets_the_threshold_and_leaves_the_net_alone():
+    net, x, y = pacbayes_problem()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    out = M.sharpness(net, x, y, seed=3, steps=30)
+    for k, v in net.state_dict().items():
+        assert v.dtype == torch.float32 and torch.equal(v, before[k])
+    alpha = out["alpha"]
+    assert 0 < alpha < 1024 and out["sharpness"] == pytest.approx(1 / alpha**2)
+    assert out == M.sharpness(net, x, y, seed=3, steps=30)
+    # The same start: α meets acc ≥ 1 − 0.1 after the ascent, 1.01 α no longer does.
+    start = sharpness_start(net, 3)
+    assert M.adversarial_accuracy(net, x, y, alpha, start) >= 0.9
+    assert M.adversarial_accuracy(net, x, y, 1.01 * alpha, start) < 0.9
+    # The ascent finds worse perturbations than its random start alone.
+    assert M.adversarial_accuracy(net, x, y, alpha, start, ascent_steps=0) >= (
+        M.adversarial_accuracy(net, x, y, alpha, start)
+    )
+
+
+def test_sharpness_scale_invariance_and_cap():
+    net, x, y = pacbayes_problem()
+    big = copy.deepcopy(net)
+    with torch.no_grad():  # scaling every parameter of the last layer by 7 scales the logits
+        big.layers[1].weight *= 7.0
+        big.layers[1].bias *= 7.0
+    # Magnitude-aware with ε = 0: u_i = α|θ_i| v_i is relative, and the ascended margin
+    # loss is homogeneous in the logits, so every ascent step and α are unchanged.
+    a1 = M.sharpness(net, x, y, seed=0, eps=0.0, steps=25)["alpha"]
+    a7 = M.sharpness(big, x, y, seed=0, eps=0.0, steps=25)["alpha"]
+    assert a7 == pytest.approx(a1, abs=1e-6)
+    wrong = (y + 1) % 3  # acc 0: the condition holds for every α → the cap
+    capped = M.sharpness(net, x[:5], wrong[:5], seed=0, alpha_max=64.0, magnitude_aware=False)
+    assert capped == {"alpha": 64.0, "sharpness": 1 / 64.0**2}
+
+
+def test_pacbayes_init_by_hand():
+    # ‖θ − θ_0‖ = 3, σ = 0.5, m = 100: 9/(4 · 0.25) + log(200) + 10 = 19 + log 200.
+    assert M.pacbayes_init(3.0, 0.5, 100) == pytest.approx(19 + math.log(200), rel=1e-12)
+    assert M.pacbayes_init(0.0, 1.0, 1) == 10.0
+    assert M.pacbayes_init(3.0, 0.0, 100) == math.inf
