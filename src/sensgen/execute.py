@@ -121,15 +121,16 @@ def execute_pack(
     ]
     x_train, labels = x_train.to(device), labels.to(device)
     outcome = train_pack(shape, members, x_train, labels, on_step=on_step)
-    template, _ = init_pack(shape, members[:1])
-    template = template.to(device)
+    # The initial weights (the same draw train_pack started from) are needed only to compare
+    # against them: once per pack, for region maps at init and distance from init.
+    needs_init = measure.region_planes > 0 or measure.generalization_measures
+    template, initial = init_pack(shape, members if needs_init else members[:1])
+    template, initial = template.to(device), initial if needs_init else None
     results, points = _evaluate(
         specs, shape, template, outcome, x_train, labels, test, device, measure
     )
     done = [r.status is Status.DONE for r in results]
-    profiles, regions = _geometry(
-        specs, done, shape, members, template, outcome, x_train, y_true, measure
-    )
+    profiles, regions = _geometry(specs, done, template, initial, outcome, x_train, y_true, measure)
     wall = (time.perf_counter() - start) / len(specs)
     results = [_with_wall_time(r, wall) for r in results]
     weights = {
@@ -138,11 +139,11 @@ def execute_pack(
         for name, value in outcome.params.items()
     }
     table = pd.concat(points, ignore_index=True) if measure.points else None
-    measures = _measures(specs, done, shape, members, template, outcome, x_train, labels, measure)
+    measures = _measures(specs, done, template, initial, outcome, x_train, labels, measure)
     return PackResult(results, table, weights, profiles, regions, measures)
 
 
-def _measures(specs, done, shape, members, template, outcome, x_train, labels, measure):
+def _measures(specs, done, template, initial, outcome, x_train, labels, measure):
     """Generalization measures (`sensgen.measures.all_measures`) of the done models, long.
 
     Margin and flatness use the same fixed subset of `measure_points` training points (with
@@ -150,7 +151,6 @@ def _measures(specs, done, shape, members, template, outcome, x_train, labels, m
     """
     if not measure.generalization_measures:
         return None
-    _, initial = init_pack(shape, members)
     k = min(measure.measure_points, len(x_train))
     idx = train_point_indices(len(x_train), k, seed=MEASURE_SEED).to(x_train.device)
     rows = []
@@ -164,11 +164,10 @@ def _measures(specs, done, shape, members, template, outcome, x_train, labels, m
     return pd.DataFrame(rows, columns=["run_id", "measure", "value"]) if rows else None
 
 
-def _geometry(specs, done, shape, members, template, outcome, x_train, y_true, measure):
+def _geometry(specs, done, template, initial, outcome, x_train, y_true, measure):
     """Profiles (Fig. 2) and region maps (Fig. 3) of the pack's done models, if asked."""
     if not (measure.profile_ellipses or measure.region_planes):
         return None, None
-    _, initial = init_pack(shape, members)  # the same draw train_pack started from
     frames, regions = [], {}
     for i, spec in enumerate(specs):
         if not done[i]:  # diverged nets are not measured
