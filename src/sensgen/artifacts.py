@@ -146,7 +146,13 @@ def read_tensors(root: Path, kind: str, pack_id: str) -> dict[str, torch.Tensor]
     return safetensors.torch.load_file(path)
 
 
-def run_tensors(tensors: Mapping[str, torch.Tensor], run_id: str) -> dict[str, torch.Tensor]:
-    """The tensors of one run, keys without the ``"<run_id>."`` prefix."""
+def read_run_tensors(root: Path, kind: str, pack_id: str, run_id: str) -> dict[str, torch.Tensor]:
+    """One run's tensors of a pack's file, keys without the ``"<run_id>."`` prefix; only
+    that run's tensors are read from disk (a pack file holds every run's)."""
+    path = pack_file(root, kind, pack_id)
+    if not path.is_file():
+        raise UserError(f"{path} does not exist: pack {pack_id} was finished without {kind}.")
     prefix = f"{run_id}."
-    return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+    with safetensors.safe_open(path, framework="pt") as file:
+        keys = [k for k in file.keys() if k.startswith(prefix)]  # noqa: SIM118 (not a dict)
+        return {k.removeprefix(prefix): file.get_tensor(k) for k in keys}

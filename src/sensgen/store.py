@@ -276,7 +276,7 @@ class Results:
         (pack_id,) = pack
         if not artifacts.pack_file(self.root, "regions", pack_id).is_file():
             raise UserError(f"run {run_id} has no region maps; set measure.region_planes > 0.")
-        maps = artifacts.run_tensors(artifacts.read_tensors(self.root, "regions", pack_id), run_id)
+        maps = artifacts.read_run_tensors(self.root, "regions", pack_id, run_id)
         if not maps:
             raise UserError(f"run {run_id} has no region maps; set measure.region_planes > 0.")
         return maps
