@@ -228,12 +228,19 @@ def test_pacbayes_flatness_bisection_brackets_the_threshold():
     assert M.perturbed_accuracy(net, x, y, sigma + 1e-6, noise) < 0.9
 
 
+def scaled_readout(net: MLP, factor: float) -> MLP:
+    """A copy of a 1-hidden-layer net whose last layer (weights and bias) is scaled by
+    ``factor``: its logits scale by ``factor``, its decisions do not change."""
+    big = copy.deepcopy(net)
+    with torch.no_grad():
+        big.layers[1].weight *= factor
+        big.layers[1].bias *= factor
+    return big
+
+
 def test_pacbayes_flatness_scale_invariance_and_cap():
     net, x, y = pacbayes_problem()
-    big = copy.deepcopy(net)
-    with torch.no_grad():  # scaling every parameter of the last layer by 7 scales the logits
-        big.layers[1].weight *= 7.0
-        big.layers[1].bias *= 7.0
+    big = scaled_readout(net, 7.0)
     kw = {"seed": 0, "n_draws": 4, "eps": 0.0, "steps": 25}
     # Magnitude-aware with ε = 0: u_i = σθ_i g_i is relative, so σ is unchanged.
     s1 = M.pacbayes_flatness(net, x, y, **kw)["sigma"]
@@ -340,10 +347,7 @@ def test_sharpness_bisection_brackets_the_threshold_and_leaves_the_net_alone():
 
 def test_sharpness_scale_invariance_and_cap():
     net, x, y = pacbayes_problem()
-    big = copy.deepcopy(net)
-    with torch.no_grad():  # scaling every parameter of the last layer by 7 scales the logits
-        big.layers[1].weight *= 7.0
-        big.layers[1].bias *= 7.0
+    big = scaled_readout(net, 7.0)
     # Magnitude-aware with ε = 0: u_i = α|θ_i| v_i is relative, and the ascended margin
     # loss is homogeneous in the logits, so every ascent step and α are unchanged.
     a1 = M.sharpness(net, x, y, seed=0, eps=0.0, steps=25)["alpha"]
