@@ -363,3 +363,34 @@ def test_pacbayes_init_by_hand():
     assert M.pacbayes_init(3.0, 0.5, 100) == pytest.approx(19 + math.log(200), rel=1e-12)
     assert M.pacbayes_init(0.0, 1.0, 1) == 10.0
     assert M.pacbayes_init(3.0, 0.0, 100) == math.inf
+
+
+def test_a_users_sequential_mlp_measures_like_the_same_sensgen_mlp():
+    # Any module whose nn.Linear layers, in module order, are W_1..W_L: a plain
+    # nn.Sequential with the same weights gives every measure of the sensgen MLP.
+    g = torch.Generator().manual_seed(3)
+    net = MLP(5, 3, width=7, depth=2, generator=g)
+    init = MLP(5, 3, width=7, depth=2, generator=g)
+    seq, seq_init = (
+        nn.Sequential(
+            nn.Flatten(), nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 7), nn.ReLU(), nn.Linear(7, 3)
+        )
+        for _ in range(2)
+    )
+    for src, dst in ((net, seq), (init, seq_init)):
+        linears = [m for m in dst if isinstance(m, nn.Linear)]
+        for a, b in zip(src.layers, linears, strict=True):
+            b.load_state_dict(a.state_dict())
+    x = torch.randn(40, 5, generator=g)
+    y = M.logits64(net, x).argmax(1)
+    ours = M.all_measures(net, init, x, y, seed=4)
+    theirs = M.all_measures(seq, seq_init.state_dict(), x, y, seed=4)
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        assert theirs[key] == pytest.approx(ours[key], rel=1e-12), key
+    assert ours["n_params"] == (5 + 1) * 7 + (7 + 1) * 7 + (7 + 1) * 3
+
+
+def test_a_module_without_linear_layers_is_an_error():
+    with pytest.raises(ValueError, match=r"no nn\.Linear"):
+        M.frobenius_product(nn.Sequential(nn.ReLU()))

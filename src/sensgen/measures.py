@@ -2,11 +2,13 @@
 
 "Other measures" of `paper.md` §6 "Beyond the paper", after Jiang et al. 2020,
 "Fantastic generalization measures and where to find them" (ICLR 2020; JNMKB below).
-W_l is the weight matrix of the l-th `nn.Linear` in ``net.layers`` (l = 1..L, readout
-last), θ all parameters (weights and biases), θ_0 the same at initialisation. Every
-function is pure, computes in float64 on the CPU and returns one Python float per model
-(`distance_from_init` returns a dict). Products of norms are formed as exp(Σ log), so they
-overflow to ``inf`` without a warning; the geometric means never overflow.
+W_l is the weight matrix of the l-th `nn.Linear` of ``net`` in module order (l = 1..L,
+readout last): a sensgen `MLP`, or any user MLP such as an ``nn.Sequential`` of linear
+layers and elementwise activations. θ is all parameters (weights and biases), θ_0 the same
+at initialisation. Every function is pure, computes in float64 on the CPU and returns one
+Python float per model (`distance_from_init` returns a dict). Products of norms are formed
+as exp(Σ log), so they overflow to ``inf`` without a warning; the geometric means never
+overflow.
 
 Example:
     >>> import torch
@@ -38,9 +40,18 @@ NORMALISED = (
 )
 
 
+def _linear_names(net: nn.Module) -> list[str]:
+    """Qualified names of the `nn.Linear` modules of ``net``, in module order (W_1..W_L)."""
+    names = [name for name, m in net.named_modules() if isinstance(m, nn.Linear)]
+    if not names:
+        raise ValueError(f"{type(net).__name__} has no nn.Linear layers to measure")
+    return names
+
+
 def _weights(net: nn.Module) -> list[torch.Tensor]:
     """[W_1, ..., W_L] as detached float64 CPU tensors (each [n_l, n_{l-1}])."""
-    return [layer.weight.detach().to("cpu", torch.float64) for layer in net.layers]
+    modules = dict(net.named_modules())
+    return [modules[n].weight.detach().to("cpu", torch.float64) for n in _linear_names(net)]
 
 
 def _params(obj: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -67,8 +78,9 @@ def _log_product(values: list[float]) -> float:
 
 
 def n_params(net: nn.Module) -> int:
-    """n_params = Σ_l n_l (n_{l−1} + 1): weights plus biases (JNMKB, "params")."""
-    return sum(layer.out_features * (layer.in_features + 1) for layer in net.layers)
+    """The number of trainable parameters: Σ_l n_l (n_{l−1} + 1) for an MLP with biases
+    (weights plus biases, JNMKB, "params")."""
+    return sum(p.numel() for p in net.parameters() if p.requires_grad)
 
 
 def frobenius_product(net: nn.Module) -> float:
@@ -146,9 +158,7 @@ def distance_from_init(
     if theta.keys() != theta0.keys():
         raise ValueError("net and init have different parameters")
     l2 = math.sqrt(sum(float(((theta[k] - theta0[k]) ** 2).sum()) for k in theta))
-    diffs = [
-        theta[f"layers.{i}.weight"] - theta0[f"layers.{i}.weight"] for i in range(len(net.layers))
-    ]
+    diffs = [theta[f"{n}.weight"] - theta0[f"{n}.weight"] for n in _linear_names(net)]
     return {
         "l2": l2,
         "frobenius": [float(torch.linalg.matrix_norm(d)) for d in diffs],

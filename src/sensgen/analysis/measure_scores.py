@@ -9,6 +9,11 @@ models, e.g. continuous random-search axes) and the PGDL conditional-mutual-info
 score (NaN unless at least two axes form a grid). ``beats_jbar`` says whether the measure's
 τ exceeds Jbar's on that dataset.
 
+`measure_factor_table` breaks Ψ down by factor: for each axis that varies (a grid axis, or a
+paired factor such as ``random_labels``), ψ_axis = the mean within-cell τ-b of the measure
+against the gap over cells where only that axis varies (Jiang et al. 2020, Eq. 3), so "does
+Jbar beat X when only the width changes?" is one row.
+
 Example:
     >>> import pandas as pd
     >>> runs = pd.DataFrame({"run_id": list("abcd"), "dataset": "mnist", "status": "done",
@@ -27,7 +32,7 @@ import math
 
 import pandas as pd
 
-from sensgen.analysis.ranking import cmi_pgdl, granulated_psi, kendall_tau, spearman
+from sensgen.analysis.ranking import cmi_pgdl, granulated_psi, kendall_tau, psi_by_axis, spearman
 from sensgen.analysis.tables import dataset_labels, done_runs
 
 # The paper's measures, read from the runs frame, scored beside `sensgen.measures`.
@@ -37,6 +42,7 @@ AXES = ("width", "depth", "lr", "optimizer", "batch_size", "init_scale", "train_
         "nonlinearity", "random_labels", "augment")  # fmt: skip
 COLUMNS = ("dataset", "measure", "n", "kendall_tau", "spearman_rho", "psi", "cmi_pgdl",
            "beats_jbar")  # fmt: skip
+FACTOR_COLUMNS = ("dataset", "factor", "measure", "psi", "cells", "beats_jbar")
 
 
 def measure_score_table(runs: pd.DataFrame, measures: pd.DataFrame) -> pd.DataFrame:
@@ -49,37 +55,94 @@ def measure_score_table(runs: pd.DataFrame, measures: pd.DataFrame) -> pd.DataFr
     Returns:
         Columns `COLUMNS`; rows sorted by dataset, then by |τ| descending.
     """
+    rows = []
+    for dataset, group, axes, names in _dataset_groups(runs, measures):
+        scored = [_scores(group, name, axes) for name in names]
+        _mark_beats_jbar(scored, "kendall_tau")
+        rows += [{"dataset": dataset, **score} for score in scored]
+    table = pd.DataFrame(rows, columns=list(COLUMNS))
+    return _by_magnitude(table, ["dataset"], "kendall_tau")
+
+
+def measure_factor_table(runs: pd.DataFrame, measures: pd.DataFrame) -> pd.DataFrame:
+    """One row per (dataset, factor, measure): ψ along that factor alone.
+
+    ψ_factor = mean over cells (models equal in every other varying axis, ≥ 2 of them and a
+    defined τ-b) of the within-cell Kendall τ-b of the measure against the gap; ``cells`` is
+    the number of cells averaged. ``beats_jbar``: ψ above Jbar's ψ for the same factor
+    (None where either is undefined). A factor with no defined cell for any measure (e.g. a
+    continuous random-search axis: every cell holds one model) is left out.
+
+    Example:
+        >>> import pandas as pd
+        >>> runs = pd.DataFrame({"run_id": list("abcd"), "status": "done",
+        ...                      "gap": [0.1, 0.2, 0.3, 0.4], "jacobian_norm": [1.0, 2, 4, 3],
+        ...                      "width": [64, 128, 64, 128], "depth": [1, 1, 2, 2]})
+        >>> measures = pd.DataFrame({"run_id": list("abcd"), "margin": [4.0, 3, 2, 1]})
+        >>> table = measure_factor_table(runs, measures).set_index(["factor", "measure"])
+        >>> table.loc[("width", "jacobian_norm"), "psi"], table.loc[("depth", "margin"), "psi"]
+        (np.float64(0.0), np.float64(-1.0))
+    """
+    rows = []
+    for dataset, group, axes, names in _dataset_groups(runs, measures):
+        by_axis = {name: _psi_by_axis(group, name, axes) for name in names}
+        for axis in axes:
+            scored = [{"measure": name, **by_axis[name][axis]} for name in names]
+            if not any(s["cells"] for s in scored):
+                continue
+            _mark_beats_jbar(scored, "psi")
+            rows += [{"dataset": dataset, "factor": axis, **score} for score in scored]
+    table = pd.DataFrame(rows, columns=list(FACTOR_COLUMNS))
+    return _by_magnitude(table, ["dataset", "factor"], "psi")
+
+
+def _dataset_groups(runs: pd.DataFrame, measures: pd.DataFrame):
+    """Yields (dataset, its finished models merged with their measures, the varying axes,
+    the measures with at least one value), the paper's measures first."""
     done = done_runs(runs)
     if done.empty:
-        return pd.DataFrame(columns=list(COLUMNS))
+        return
     merged = done.merge(measures, on="run_id", how="left", suffixes=("", "_measure"))
     names = [m for m in PAPER_MEASURES if m in merged.columns]
     names += [c for c in measures.columns if c != "run_id" and c not in names]
-    rows = []
     datasets = dataset_labels(merged)
     for dataset in sorted(datasets.unique()):
         group = merged.loc[datasets == dataset]
         axes = [a for a in AXES if a in group.columns and group[a].nunique(dropna=False) > 1]
-        scored = [_scores(group, name, axes) for name in names if group[name].notna().any()]
-        jbar = next((s["kendall_tau"] for s in scored if s["measure"] == "jacobian_norm"), math.nan)
-        for score in scored:
-            score["beats_jbar"] = (
-                bool(score["kendall_tau"] > jbar) if not math.isnan(jbar) else None
-            )
-            rows.append({"dataset": dataset, **score})
-    table = pd.DataFrame(rows, columns=list(COLUMNS))
-    order = table["kendall_tau"].abs().fillna(-1.0)
+        yield dataset, group, axes, [n for n in names if group[n].notna().any()]
+
+
+def _mark_beats_jbar(scored: list[dict], score: str) -> None:
+    """Sets each row's ``beats_jbar``: its `score` above Jbar's (None if Jbar's is NaN)."""
+    jbar = next((s[score] for s in scored if s["measure"] == "jacobian_norm"), math.nan)
+    for row in scored:
+        row["beats_jbar"] = None if math.isnan(jbar) else bool(row[score] > jbar)
+
+
+def _by_magnitude(table: pd.DataFrame, keys: list[str], score: str) -> pd.DataFrame:
+    """Sorted by `keys`, then |score| descending (NaN last)."""
+    order = table[score].astype(float).abs().fillna(-1.0)
     return (
-        table.assign(_o=-order)
-        .sort_values(["dataset", "_o"])
-        .drop(columns="_o")
-        .reset_index(drop=True)
+        table.assign(_o=-order).sort_values([*keys, "_o"]).drop(columns="_o").reset_index(drop=True)
     )
 
 
-def _scores(group: pd.DataFrame, name: str, axes: list[str]) -> dict:
+def _psi_by_axis(group: pd.DataFrame, name: str, axes: list[str]) -> dict[str, dict]:
+    frame = _measure_frame(group, name, axes)
+    return {
+        axis: {"psi": psi, "cells": cells}
+        for axis, (psi, cells) in psi_by_axis(frame, "_mu", "_gap", axes).items()
+    }
+
+
+def _measure_frame(group: pd.DataFrame, name: str, axes: list[str]) -> pd.DataFrame:
     values = pd.to_numeric(group[name], errors="coerce").astype(float)
-    frame = group[axes].assign(_mu=values, _gap=group["gap"].astype(float))
+    return group[axes].assign(_mu=values, _gap=group["gap"].astype(float))
+
+
+def _scores(group: pd.DataFrame, name: str, axes: list[str]) -> dict:
+    frame = _measure_frame(group, name, axes)
+    values = frame["_mu"]
     psi = granulated_psi(frame, "_mu", "_gap", axes)[0] if axes else math.nan
     cmi = math.nan
     if len(axes) >= 2:

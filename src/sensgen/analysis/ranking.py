@@ -4,7 +4,8 @@ Pure functions, arrays or a frame (one row per model) in, a float out (paper not
 "Ranking metrics"). Every function first drops models whose μ or g is not finite.
 
 * ``kendall_tau``, ``spearman``: rank correlations over all models.
-* ``granulated_psi``: Jiang et al. 2020's granulated Kendall coefficient Ψ (Eq. 4).
+* ``granulated_psi``: Jiang et al. 2020's granulated Kendall coefficient Ψ (Eq. 4);
+  ``psi_by_axis`` its per-axis terms ψ_i (Eq. 3) with their cell counts.
 * ``cmi_pgdl``: the PGDL 2020 competition scorer (Jiang et al. 2020, "NeurIPS 2020
   Competition: Predicting Generalization in Deep Learning", scoring program by Y. Jiang).
 * ``cmi_jiang``: the conditional-mutual-information criterion of Jiang et al. 2020,
@@ -104,18 +105,33 @@ def granulated_psi(
     Returns:
         (Ψ, {axis: ψ_axis}); NaN where no cell gives a τ.
     """
+    psis = {axis: psi for axis, (psi, _) in psi_by_axis(frame, measure, gap, axes).items()}
+    defined = [p for p in psis.values() if np.isfinite(p)]
+    return (float(np.mean(defined)) if defined else float("nan")), psis
+
+
+def psi_by_axis(
+    frame: pd.DataFrame, measure: str, gap: str, axes: Sequence[str]
+) -> dict[str, tuple[float, int]]:
+    """Per axis i: (ψ_i, the number of cells averaged) — see `granulated_psi`.
+
+    Example:
+        >>> frame = pd.DataFrame({"w": [1, 2, 1, 2], "d": [1, 1, 2, 2],
+        ...                       "mu": [1.0, 2, 4, 3], "g": [0.1, 0.2, 0.3, 0.4]})
+        >>> psi_by_axis(frame, "mu", "g", ["w", "d"])
+        {'w': (0.0, 2), 'd': (1.0, 2)}
+    """
     data, axes = _finite_frame(frame, measure, gap, axes)
     if not axes:
         raise ValueError("granulated_psi needs at least one axis")
-    psis: dict[str, float] = {}
+    out: dict[str, tuple[float, int]] = {}
     for axis in axes:
         others = [a for a in axes if a != axis]
         cells = data.groupby(others, dropna=False, sort=False) if others else [(None, data)]
         taus = [kendall_tau(cell[measure], cell[gap]) for _, cell in cells]
         taus = [t for t in taus if np.isfinite(t)]
-        psis[axis] = float(np.mean(taus)) if taus else float("nan")
-    defined = [p for p in psis.values() if np.isfinite(p)]
-    return (float(np.mean(defined)) if defined else float("nan")), psis
+        out[axis] = (float(np.mean(taus)) if taus else float("nan"), len(taus))
+    return out
 
 
 def _pairs(data: pd.DataFrame, measure: str, gap: str, axes: list[str], self_pairs: bool):

@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from sensgen.analysis import figures, tables
 from sensgen.analysis.claims import Claim, correlation_claims, pair_claims, per_point_claims
 from sensgen.analysis.html import esc, figure_html, html_table
-from sensgen.analysis.measure_scores import measure_score_table
+from sensgen.analysis.measure_scores import measure_factor_table, measure_score_table
 from sensgen.analysis.pair_figures import paired_scatter
 from sensgen.analysis.pairs import pair_outcomes, pair_table, role_of
 from sensgen.analysis.point_figures import (
@@ -165,7 +165,39 @@ def measures_section(runs: pd.DataFrame, measures: pd.DataFrame) -> Section:
         "unless two axes form a grid). Sorted by |τ|.</p>",
         html_table(table, list(table.columns), headers, "measure-scores", sortable=True),
     ]
-    return Section(parts, [], {"measure_scores": table})
+    factors = measure_factor_table(runs, measures)
+    if not factors.empty:
+        wide = factor_wide(factors)
+        parts += [
+            "<h3>Per factor</h3>",
+            "<p>ψ of each measure along one factor at a time: the mean Kendall τ-b against "
+            "the gap within cells of models that differ only in that factor (Jiang et al. "
+            "2020, Eq. 3). The last column counts the factors where the measure's ψ is above "
+            "Jbar's. Factors whose cells all hold a single model (e.g. a continuous "
+            "random-search axis) are not shown.</p>",
+            html_table(wide, list(wide.columns), {}, "measure-factors", sortable=True),
+        ]
+    return Section(parts, [], {"measure_scores": table, "measure_factors": factors})
+
+
+def factor_wide(factors: pd.DataFrame) -> pd.DataFrame:
+    """`measure_factor_table` as one row per (dataset, measure), one ψ column per factor
+    (headed with its cell count) and ``above Jbar``: the number of factors where the
+    measure's ψ exceeds Jbar's."""
+    cells = factors.groupby("factor", sort=False)["cells"].max()
+    label = {f: f"ψ {f} ({n} cells)" for f, n in cells.items()}
+    wide = factors.pivot_table(
+        index=["dataset", "measure"], columns="factor", values="psi", dropna=False, sort=False
+    ).rename(columns=label)
+    above = factors.assign(b=factors["beats_jbar"].eq(True)).groupby(["dataset", "measure"])
+    wide["above Jbar"] = above["b"].sum().astype(int)
+    wide = wide.reset_index().rename_axis(columns=None)
+    # Jbar first in each dataset, then the measures that beat it along the most factors.
+    order = [wide["dataset"], wide["measure"] != "jacobian_norm", -wide["above Jbar"]]
+    keys = pd.DataFrame({i: k.to_numpy() for i, k in enumerate(order)})
+    return wide.loc[keys.sort_values(list(keys.columns), kind="stable").index].reset_index(
+        drop=True
+    )
 
 
 def claims_html(claims: Sequence[Claim]) -> str:
