@@ -38,3 +38,34 @@ def test_every_block_of_the_analysis_page_runs(study_dir, tmp_path, monkeypatch)
     assert ci.n == len(kept)
     assert len(namespace["summary"]) == 6
     assert (tmp_path / "gap_vs_jacobian.png").stat().st_size > 10_000
+
+
+MEASURES_DOC = DOC.parent / "measures.md"
+
+
+def test_every_block_of_the_measures_page_runs(tmp_path, monkeypatch):
+    out = tmp_path / "study"
+    s = study_module.Study(
+        name="measures-doc",
+        base=dict(dataset="digits", depth=1, lr=0.01, max_steps=1500, eval_every=50),
+        grid={"width": [32, 128], "seed": [0, 1]},
+        measure={
+            "jacobian_train_points": 50,
+            "generalization_measures": True,
+            "measure_points": 100,
+        },
+    )
+    run(s, out, progress=False, report=False)
+    blocks = re.findall(r"```python\n(.*?)```", MEASURES_DOC.read_text(encoding="utf-8"), re.S)
+    assert len(blocks) == 2
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    for block in blocks:
+        exec(block.replace('"runs/fig5"', repr(str(out))), namespace)
+    assert len(namespace["runs"]) == 4  # every model fits, so the inclusion rule keeps all
+    scores, factors = namespace["scores"], namespace["factors"]
+    assert {"jacobian_norm", "sharpness_mag", "pacbayes_mag_flatness"} <= set(scores["measure"])
+    assert set(factors["factor"]) == {"width"}
+    values = namespace["values"]
+    assert values["distance_l2"] == 0.0  # the block measures the model before training
+    assert values["margin"] < 0 < values["spectral_product"]

@@ -25,7 +25,8 @@ def grid_runs() -> pd.DataFrame:
         gap = 0.1 * w + 0.2 * d + 0.4 * r
         rows.append({"run_id": f"m{i}", "dataset": "mnist", "status": "done",
                      "width": (64, 128)[w], "depth": d + 1, "random_labels": bool(r),
-                     "gap": gap, "jacobian_norm": 1.0 - 0.1 * w + 0.2 * d + 0.4 * r})  # fmt: skip
+                     "gap": gap, "jacobian_norm": 1.0 - 0.1 * w + 0.2 * d + 0.4 * r,
+                     "train_loss": 0.01 * (2 - w)})  # fmt: skip
     bad = {"run_id": "bad", "dataset": "mnist", "status": "failed", "width": 64, "depth": 1,
            "random_labels": False, "gap": 9.0, "jacobian_norm": -9.0}  # fmt: skip
     rows.append(bad)
@@ -51,6 +52,8 @@ def test_score_table_perfect_reversed_and_jbar():
     assert table.loc["reversed", "kendall_tau"] == pytest.approx(-1.0)
     assert table.loc["reversed", "psi"] == pytest.approx(-1.0)
     assert math.isnan(table.loc["constant", "kendall_tau"])
+    # The final train loss (paper Fig. 1) falls with width alone: ψ_width = −1, other ψ NaN.
+    assert table.loc["train_loss", "psi"] == pytest.approx(-1.0)
     # The failed run is left out: 8 finished models.
     assert set(table["n"]) == {8}
     # Jbar: ψ = (ψ_width + ψ_depth + ψ_random_labels) / 3 = (−1 + 1 + 1) / 3.
@@ -141,3 +144,10 @@ def test_no_measures_no_section():
     runs = grid_runs()
     assert measures_section(runs, pd.DataFrame({"run_id": []})).html == []
     assert measure_factor_table(runs.iloc[0:0], grid_measures(runs)).empty
+
+
+def test_no_varying_axis_no_factor_rows():
+    runs = grid_runs()
+    one = runs.loc[(runs["width"] == 64) & (runs["depth"] == 1) & ~runs["random_labels"]]
+    assert measure_factor_table(one, grid_measures(runs)).empty
+    assert not measure_score_table(one, grid_measures(runs)).empty

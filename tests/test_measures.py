@@ -394,3 +394,43 @@ def test_a_users_sequential_mlp_measures_like_the_same_sensgen_mlp():
 def test_a_module_without_linear_layers_is_an_error():
     with pytest.raises(ValueError, match=r"no nn\.Linear"):
         M.frobenius_product(nn.Sequential(nn.ReLU()))
+
+
+def test_groups_select_exactly_their_measures_with_the_same_values():
+    net, x, y = pacbayes_problem()
+    init = MLP(3, 3, width=6, depth=1, generator=torch.Generator().manual_seed(2))
+    full = M.all_measures(net, init, x, y, seed=0)
+    assert set(M.GROUPS) == {"norms", "distance", "margin", "flatness", "sharpness"}
+    norms = {"n_params", *M.NORMALISED}
+    expected = {
+        ("norms",): norms,
+        ("distance",): {"distance_l2", "distance_frobenius", "distance_spectral"},
+        ("margin",): {"margin", "inverse_margin"},
+        ("norms", "margin"): norms
+        | {"margin", "inverse_margin"}
+        | {f"{n}_normalised" for n in M.NORMALISED},
+        ("flatness",): {"pacbayes_mag_flatness", "pacbayes_init"},
+        ("sharpness",): {"sharpness_mag"},
+    }
+    for groups, keys in expected.items():
+        part = M.all_measures(net, init, x, y, seed=0, groups=groups)
+        assert set(part) == keys, groups
+        assert all(part[k] == full[k] for k in keys)
+    assert set(full) == set().union(*expected.values())
+    with pytest.raises(ValueError, match="unknown measure groups"):
+        M.all_measures(net, init, x, y, seed=0, groups=["norm"])
+
+
+def test_study_file_selects_groups_and_rejects_unknown_ones(tmp_path):
+    from sensgen.errors import UserError
+    from sensgen.study import Measurements, load
+
+    assert Measurements(generalization_measures=True).measure_groups() == M.GROUPS
+    assert Measurements().measure_groups() == ()
+    chosen = Measurements(generalization_measures=["margin", "norms"])
+    assert chosen.measure_groups() == ("norms", "margin")
+    path = tmp_path / "s.toml"
+    path.write_text('name = "s"\n[base]\ndataset = "digits"\n'
+                    '[measure]\ngeneralization_measures = ["norms", "flatnes"]\n')  # fmt: skip
+    with pytest.raises(UserError, match=r"measure\.generalization_measures.*'flatnes'"):
+        load(path)

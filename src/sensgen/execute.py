@@ -123,7 +123,7 @@ def execute_pack(
     outcome = train_pack(shape, members, x_train, labels, on_step=on_step)
     # The initial weights (the same draw train_pack started from) are needed only to compare
     # against them: once per pack, for region maps at init and distance from init.
-    needs_init = measure.region_planes > 0 or measure.generalization_measures
+    needs_init = measure.region_planes > 0 or bool(measure.measure_groups())
     template, initial = init_pack(shape, members if needs_init else members[:1])
     template, initial = template.to(device), initial if needs_init else None
     results, points = _evaluate(
@@ -149,7 +149,8 @@ def _measures(specs, done, template, initial, outcome, x_train, labels, measure)
     Margin and flatness use the same fixed subset of `measure_points` training points (with
     the labels each model trained on); norms and distances use the weights only.
     """
-    if not measure.generalization_measures:
+    groups = measure.measure_groups()
+    if not groups:
         return None
     k = min(measure.measure_points, len(x_train))
     idx = train_point_indices(len(x_train), k, seed=MEASURE_SEED).to(x_train.device)
@@ -159,7 +160,8 @@ def _measures(specs, done, template, initial, outcome, x_train, labels, measure)
             continue
         net = unstack(template, outcome.params, i)
         init = unstack(template, initial, i)
-        values = all_measures(net, init, x_train[idx].cpu(), labels[i][idx].cpu(), seed=spec.seed)
+        x, y = x_train[idx].cpu(), labels[i][idx].cpu()
+        values = all_measures(net, init, x, y, seed=spec.seed, groups=groups)
         rows += [(spec.run_id, name, float(value)) for name, value in values.items()]
     return pd.DataFrame(rows, columns=["run_id", "measure", "value"]) if rows else None
 

@@ -33,10 +33,18 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from sensgen import data
 from sensgen.errors import UserError
+from sensgen.measures.suite import GROUPS as MEASURE_GROUPS
 from sensgen.planner import Pack, PlannedSpec, draw_samples, expand, plan_packs
 from sensgen.spec import FULL, SPEC_SCHEMA, RunSpec
 
@@ -76,8 +84,10 @@ class Measurements(BaseModel):
     `region_planes` planes through three training points (0: off), `region_resolution`²
     pixels over `region_extent` times the anchors' extent, at init and after training.
     Beyond the paper (`sensgen.measures`): `generalization_measures` stores the norm-,
-    margin- and flatness-based measures per model, margin and flatness on `measure_points`
-    training points.
+    margin- and flatness-based measures per model (true: every group of
+    `sensgen.measures.GROUPS`; or a list of groups, e.g. ``["norms", "margin"]`` to skip the
+    flatness and sharpness searches), margin and flatness on `measure_points` training
+    points.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -92,8 +102,26 @@ class Measurements(BaseModel):
     region_planes: Annotated[int, Field(ge=0, le=1_000)] = 0
     region_resolution: Annotated[int, Field(ge=2, le=4096)] = 256
     region_extent: Annotated[float, Field(gt=0.0, le=100.0)] = 1.5
-    generalization_measures: bool = False
+    generalization_measures: bool | list[str] = False
     measure_points: Annotated[int, Field(ge=1)] = 1000
+
+    @field_validator("generalization_measures")
+    @classmethod
+    def _known_groups(cls, value: bool | list[str]) -> bool | list[str]:
+        unknown = [] if isinstance(value, bool) else sorted(set(value) - set(MEASURE_GROUPS))
+        if unknown:
+            raise ValueError(
+                f"unknown measure group(s) {unknown}: use true (all), false, or a list of "
+                f"{', '.join(MEASURE_GROUPS)}"
+            )
+        return value
+
+    def measure_groups(self) -> tuple[str, ...]:
+        """The `sensgen.measures.GROUPS` to compute (empty: none), in their canonical order."""
+        chosen = self.generalization_measures
+        if isinstance(chosen, bool):
+            return MEASURE_GROUPS if chosen else ()
+        return tuple(g for g in MEASURE_GROUPS if g in chosen)
 
     @model_validator(mode="after")
     def _points_fill_bins(self) -> Measurements:

@@ -25,6 +25,7 @@ from sensgen.analysis.geometry_figures import (
     region_maps_figure,
 )
 from sensgen.analysis.inclusion import analysed_runs, mark_included
+from sensgen.analysis.measure_scores import measure_factor_table, measure_score_table
 from sensgen.analysis.pair_figures import paired_scatter
 from sensgen.analysis.pairs import pair_outcomes, pair_table, role_of
 from sensgen.analysis.point_figures import jacobian_vs_loss, per_point_auroc
@@ -58,6 +59,8 @@ __all__ = [
     "jacobian_vs_loss",
     "manifold_profiles",
     "mark_included",
+    "measure_factor_table",
+    "measure_score_table",
     "model_table",
     "pair_claims",
     "pair_outcomes",

@@ -35,8 +35,9 @@ import pandas as pd
 from sensgen.analysis.ranking import cmi_pgdl, granulated_psi, kendall_tau, psi_by_axis, spearman
 from sensgen.analysis.tables import dataset_labels, done_runs
 
-# The paper's measures, read from the runs frame, scored beside `sensgen.measures`.
-PAPER_MEASURES = ("jacobian_norm", "jacobian_norm_train", "transitions")
+# The paper's measures and the final train loss (Fig. 1), read from the runs frame, scored
+# beside `sensgen.measures`.
+PAPER_MEASURES = ("jacobian_norm", "jacobian_norm_train", "transitions", "train_loss")
 # Spec fields that may be a study's hyper-parameter axes.
 AXES = ("width", "depth", "lr", "optimizer", "batch_size", "init_scale", "train_subset",
         "nonlinearity", "random_labels", "augment")  # fmt: skip
@@ -85,6 +86,8 @@ def measure_factor_table(runs: pd.DataFrame, measures: pd.DataFrame) -> pd.DataF
     """
     rows = []
     for dataset, group, axes, names in _dataset_groups(runs, measures):
+        if not axes:
+            continue  # one configuration (or seeds only): no factor to break down
         by_axis = {name: _psi_by_axis(group, name, axes) for name in names}
         for axis in axes:
             scored = [{"measure": name, **by_axis[name][axis]} for name in names]

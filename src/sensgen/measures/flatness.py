@@ -1,0 +1,204 @@
+"""Perturbation-based measures: PAC-Bayes flatness and sharpness, magnitude-aware or plain
+(JNMKB: Jiang et al. 2020), and pacbayes.init. Each search is seeded and deterministic.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from sensgen.measures.margins import logits64
+from sensgen.measures.norms import _params
+
+
+def perturbed_accuracy(
+    net: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    sigma: float,
+    noise: list[dict[str, torch.Tensor]],
+    *,
+    magnitude_aware: bool = True,
+    eps: float = 1e-3,
+) -> float:
+    """Mean over the draws in ``noise`` of the accuracy of θ + u on (x, y), float64.
+
+    Each draw is a dict of standard normals g shaped like the parameters; u = s ∘ g with
+    s_i = sqrt(σ²θ_i² + ε²) (magnitude-aware) or s_i = σ (plain).
+    """
+    net64 = copy.deepcopy(net).to("cpu", torch.float64)
+    theta = _params(net64)
+    x, y = x.to("cpu", torch.float64), y.to("cpu", torch.long)
+    accs = []
+    with torch.no_grad():
+        for g in noise:
+            for name, p in net64.named_parameters():
+                scale = (sigma**2 * theta[name] ** 2 + eps**2).sqrt() if magnitude_aware else sigma
+                p.copy_(theta[name] + scale * g[name])
+            accs.append(float((net64(x).argmax(1) == y).double().mean()))
+    return sum(accs) / len(accs)
+
+
+def pacbayes_flatness(
+    net: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    seed: int,
+    magnitude_aware: bool = True,
+    eps: float = 1e-3,
+    deviation: float = 0.1,
+    n_draws: int = 10,
+    sigma_max: float = 1024.0,
+    steps: int = 20,
+) -> dict[str, float]:
+    """PAC-Bayes flatness 1/σ² (JNMKB, "pacbayes.flatness"/"pacbayes.mag.flatness").
+
+    σ is the largest value with E_u[acc(θ + u)] ≥ acc(θ) − ``deviation`` on (x, y), where
+    u_i ~ N(0, σ²θ_i² + ε²) (magnitude-aware, the default) or u ~ N(0, σ²I) (plain).
+
+    Search: ``n_draws`` standard-normal draws g are taken once from a generator seeded with
+    ``seed`` and reused at every σ (common random numbers: the criterion is a deterministic
+    function of σ); σ by `_largest_feasible` (cap ``sigma_max``). σ = 0 gives ∞.
+
+    Returns ``{"sigma": σ, "flatness": 1/σ²}``.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(n, p.shape) for n, p in net.named_parameters()]
+    noise = [
+        {n: torch.randn(s, generator=gen, dtype=torch.float64) for n, s in shapes}
+        for _ in range(n_draws)
+    ]
+    target = _accuracy(net, x, y) - deviation
+
+    def ok(sigma: float) -> bool:
+        kw = {"magnitude_aware": magnitude_aware, "eps": eps}
+        return perturbed_accuracy(net, x, y, sigma, noise, **kw) >= target
+
+    sigma = _largest_feasible(ok, sigma_max, steps)
+    return {"sigma": sigma, "flatness": 1.0 / sigma**2 if sigma > 0 else math.inf}
+
+
+def _accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    return float((logits64(net, x).argmax(1) == y.to("cpu", torch.long)).double().mean())
+
+
+def _largest_feasible(ok: Callable[[float], bool], upper: float, steps: int) -> float:
+    """The bisection shared by `pacbayes_flatness` and `sharpness`.
+
+    hi = 1, doubled while ``ok(hi)`` (returning the last feasible value once hi would
+    exceed ``upper``); then ``steps`` bisection steps on [lo, hi] keep lo feasible and hi
+    infeasible, and lo is returned (0 if even the smallest tried value is infeasible).
+    """
+    lo, hi = 0.0, 1.0
+    while ok(hi):
+        lo, hi = hi, 2 * hi
+        if hi > upper:
+            return lo
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    return lo
+
+
+def adversarial_accuracy(
+    net: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    alpha: float,
+    start: dict[str, torch.Tensor],
+    *,
+    magnitude_aware: bool = True,
+    eps: float = 1e-3,
+    ascent_steps: int = 10,
+    step_size: float = 0.25,
+) -> float:
+    """Lowest accuracy on (x, y) of θ + u over a projected sign-gradient ascent, float64.
+
+    The box is |u_i| ≤ b_i with b_i = α|θ_i| + ε (magnitude-aware) or b_i = α (plain);
+    u = b ∘ v with v ∈ [−1, 1]. v starts at ``start`` (a dict of values in [−1, 1] shaped
+    like the parameters) and takes ``ascent_steps`` steps v ← clip(v + η sign(∇_v ℓ), −1, 1)
+    (η = ``step_size``), i.e. per-coordinate steps η b_i in u. The ascended loss is
+    ℓ = −(1/m) Σ_i 1[margin_i > 0] · margin_i with margin_i = z_y − max_{j≠y} z_j: it pushes
+    the still-correct points towards the boundary and is positively homogeneous in the
+    logits, so scaling the readout leaves every step unchanged. Returns the minimum
+    accuracy over the start and the ``ascent_steps`` iterates.
+    """
+    net64 = copy.deepcopy(net).to("cpu", torch.float64)
+    theta = _params(net64)
+    bound = {
+        k: alpha * t.abs() + eps if magnitude_aware else torch.full_like(t, alpha)
+        for k, t in theta.items()
+    }
+    v = {k: s.to("cpu", torch.float64).clone().requires_grad_(True) for k, s in start.items()}
+    x, y = x.to("cpu", torch.float64), y.to("cpu", torch.long)
+    worst = math.inf
+    for step in range(ascent_steps + 1):
+        params = {k: theta[k] + bound[k] * v[k] for k in theta}
+        z = torch.func.functional_call(net64, params, (x,))
+        true = z.gather(1, y[:, None]).squeeze(1)
+        m = true - z.scatter(1, y[:, None], -math.inf).max(dim=1).values
+        worst = min(worst, float((z.argmax(1) == y).double().mean()))
+        if step == ascent_steps:
+            break
+        loss = -(m * (m > 0)).mean()
+        grads = torch.autograd.grad(loss, list(v.values()))
+        with torch.no_grad():
+            for t, g in zip(v.values(), grads, strict=True):
+                t.add_(step_size * g.sign()).clamp_(-1.0, 1.0)
+    return worst
+
+
+def sharpness(
+    net: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    seed: int,
+    magnitude_aware: bool = True,
+    eps: float = 1e-3,
+    deviation: float = 0.1,
+    ascent_steps: int = 10,
+    step_size: float = 0.25,
+    alpha_max: float = 1024.0,
+    steps: int = 20,
+) -> dict[str, float]:
+    """Worst-case sharpness 1/α'² (JNMKB, "sharpness"/"sharpness.mag"; ε = 1e-3).
+
+    α' is the largest α such that the accuracy after the worst perturbation u found in the
+    box |u_i| ≤ α|θ_i| + ε (magnitude-aware, the default) or |u_i| ≤ α (plain) stays
+    ≥ acc(θ) − ``deviation`` on (x, y). The worst perturbation is searched by
+    `adversarial_accuracy` from one start v ~ U[−1, 1] (u = bound ∘ v), drawn once from a
+    generator seeded with ``seed`` and reused at every α, so the criterion is a
+    deterministic function of α. α' comes from the same bracketing and bisection as
+    `pacbayes_flatness` (cap ``alpha_max``, ``steps`` bisection steps). The net is not
+    modified. Returns ``{"alpha": α', "sharpness": 1/α'²}`` (∞ when α' = 0).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    start = {
+        n: 2 * torch.rand(p.shape, generator=gen, dtype=torch.float64) - 1
+        for n, p in net.named_parameters()
+    }
+    target = _accuracy(net, x, y) - deviation
+    kw = {"magnitude_aware": magnitude_aware, "eps": eps, "ascent_steps": ascent_steps}
+
+    def ok(alpha: float) -> bool:
+        acc = adversarial_accuracy(net, x, y, alpha, start, step_size=step_size, **kw)
+        return acc >= target
+
+    alpha = _largest_feasible(ok, alpha_max, steps)
+    return {"alpha": alpha, "sharpness": 1.0 / alpha**2 if alpha > 0 else math.inf}
+
+
+def pacbayes_init(distance_l2: float, sigma: float, m: int) -> float:
+    """‖θ − θ_0‖²/(4σ²) + log(m/σ) + 10 (JNMKB, "pacbayes.init"); ∞ when σ = 0.
+
+    ``distance_l2`` = ‖θ − θ_0‖_2, σ from the plain `pacbayes_flatness`, m = train size.
+    """
+    if sigma <= 0:
+        return math.inf
+    return distance_l2**2 / (4 * sigma**2) + math.log(m / sigma) + 10

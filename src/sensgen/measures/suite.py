@@ -1,0 +1,98 @@
+"""Every generalization measure of one model, by group (`Measurements.generalization_measures`).
+
+Groups, so a study can skip the expensive searches:
+
+* ``norms``: ``n_params``, ``frobenius_{product,sum,geometric}``,
+  ``spectral_{product,geometric}``, ``spectral_frobenius``, ``path_norm``.
+* ``distance``: ``distance_l2`` (‖θ − θ_0‖_2), ``distance_frobenius`` (Σ_l ‖W_l − W_l⁰‖_F²),
+  ``distance_spectral`` (Σ_l ‖W_l − W_l⁰‖_2²).
+* ``margin``: ``margin`` (γ), ``inverse_margin`` and, with ``norms``, ``<name>_normalised``
+  = value/γ² for each name in `NORMALISED`.
+* ``flatness``: ``pacbayes_mag_flatness`` = 1/σ'² (magnitude-aware search) and
+  ``pacbayes_init`` (plain search; m = len(x)). Two seeded bisection searches.
+* ``sharpness``: ``sharpness_mag`` = 1/α'² (magnitude-aware worst-case search).
+
+Cost: norms and distance are one SVD per layer; margin one forward pass. Each search tries
+some 20 to 30 values (doubling, then 20 bisection steps), with 10 noisy forward passes per
+value (flatness, twice: magnitude-aware and plain) or 10 gradient-ascent steps (sharpness).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from sensgen.measures.flatness import pacbayes_flatness, pacbayes_init, sharpness
+from sensgen.measures.margins import inverse_margin, margin, normalised
+from sensgen.measures.norms import (
+    distance_from_init,
+    frobenius_geometric,
+    frobenius_product,
+    frobenius_sum,
+    n_params,
+    path_norm,
+    spectral_frobenius,
+    spectral_geometric,
+    spectral_product,
+)
+
+GROUPS = ("norms", "distance", "margin", "flatness", "sharpness")
+NORM_MEASURES = (
+    frobenius_product,
+    frobenius_sum,
+    frobenius_geometric,
+    spectral_product,
+    spectral_geometric,
+    spectral_frobenius,
+    path_norm,
+)
+# Measures that JNMKB also report divided by γ² (the "margin-normalised" versions).
+NORMALISED = tuple(fn.__name__ for fn in NORM_MEASURES)
+
+
+def all_measures(
+    net: nn.Module,
+    init: nn.Module | Mapping[str, torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    seed: int,
+    groups: Sequence[str] = GROUPS,
+) -> dict[str, float]:
+    """The measures of the given `GROUPS` for one model, as {name: float}.
+
+    Args:
+        net: the trained MLP (not modified).
+        init: the same architecture at initialisation, as a module or its state dict.
+        x, y: training points [m, ...] and the labels the model trained on [m] (margin,
+            flatness and sharpness).
+        seed: seeds the flatness and sharpness searches.
+        groups: any of `GROUPS` (module docstring lists each group's keys).
+    """
+    unknown = sorted(set(groups) - set(GROUPS))
+    if unknown:
+        raise ValueError(f"unknown measure groups {unknown}; choose from {list(GROUPS)}")
+    out: dict[str, float] = {}
+    if "norms" in groups:
+        out["n_params"] = float(n_params(net))
+        out |= {fn.__name__: fn(net) for fn in NORM_MEASURES}
+    dist = distance_from_init(net, init) if {"distance", "flatness"} & set(groups) else None
+    if "distance" in groups:
+        out["distance_l2"] = dist["l2"]
+        out["distance_frobenius"] = sum(d**2 for d in dist["frobenius"])
+        out["distance_spectral"] = sum(d**2 for d in dist["spectral"])
+    if "margin" in groups:
+        gamma = margin(net, x, y)
+        out["margin"] = gamma
+        out["inverse_margin"] = inverse_margin(gamma)
+        if "norms" in groups:
+            out |= {f"{name}_normalised": normalised(out[name], gamma) for name in NORMALISED}
+    if "flatness" in groups:
+        out["pacbayes_mag_flatness"] = pacbayes_flatness(net, x, y, seed=seed)["flatness"]
+        sigma = pacbayes_flatness(net, x, y, seed=seed, magnitude_aware=False)["sigma"]
+        out["pacbayes_init"] = pacbayes_init(dist["l2"], sigma, len(x))
+    if "sharpness" in groups:
+        out["sharpness_mag"] = sharpness(net, x, y, seed=seed)["sharpness"]
+    return out
