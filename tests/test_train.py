@@ -181,3 +181,28 @@ def test_augmenting_members_need_the_pack_augmentation():
     member = Member(seed=1, lr=0.1, init_scale=1.0, augment=True)
     with pytest.raises(ValueError, match="no augmentation"):
         train_pack(_shape(OptimizerName.SGD), [member], x, ys[:1])
+
+
+def test_a_diverged_member_leaves_its_pack_mates_bit_for_bit_alone():
+    # After divergence a model's slice may hold NaN while the pack trains on; the others
+    # must not notice: model 0 ends exactly as when trained alone.
+    x, ys = _data(3)
+    shape = _shape(OptimizerName.ADAM, max_steps=40, stop_at_fit=False)
+    healthy, wild = Member(1, 0.01, 1.0), Member(2, 1e30, 1.0)
+    pack = train_pack(shape, [healthy, wild], x, ys[:2])
+    alone = train_pack(shape, [healthy], x, ys[:1])
+    assert pack.diverged.tolist() == [False, True]
+    for name, value in alone.params.items():
+        assert torch.equal(pack.params[name][0], value[0])
+        assert torch.isfinite(pack.params[name][1]).all()
+
+
+def test_finite_screen_and_exact_check():
+    from sensgen.train import _finite, _sums_finite
+
+    big = torch.tensor([[3e38, 3e38, 0.0], [1.0, 2.0, 3.0], [1.0, float("nan"), 0.0]])
+    params = {"w": big, "b": torch.zeros(3, 2)}
+    # Model 0's float32 sum overflows although every value is finite: the screen flags it,
+    # the exact check clears it; model 2 is really non-finite.
+    assert _sums_finite(params).tolist() == [False, True, False]
+    assert [_finite(params, i) for i in range(3)] == [True, True, False]

@@ -1,11 +1,16 @@
-"""Functional optimisers over a pack's stacked parameters (one leading model axis).
+"""Optimisers over a pack's stacked parameters (one leading model axis), updated in place.
 
-Each optimiser is a pair of pure functions in the style of optax: ``init(params) -> state``
-and ``update(params, grads, state, lr, step) -> (params, state)``. Every tensor carries a
-leading model axis M; ``lr`` [M] and ``step`` [M] are per model, so models in one pack can
-have their own learning rate and their own step count (a stopped model's step stays put).
+Each optimiser is a pair ``init(params) -> state`` and
+``update(params, grads, state, lr, step, out)``: it advances ``state`` in place and writes
+the new parameters into ``out`` (same names and shapes as ``params``), leaving ``params``
+untouched, so the caller still holds the last parameters if the new ones are not finite.
+Every tensor carries a leading model axis M; ``lr`` [M] and ``step`` [M] are per model, so
+models in one pack have their own learning rate and step count. A model with lr = 0 keeps
+its parameters exactly (θ − 0·u = θ for finite u). In-place updates into preallocated
+buffers make a step a few memory passes over the pack (the update is memory-bound: it
+touches every parameter of every model; issue 8).
 
-The update rules match `torch.optim` exactly (tests check this):
+The update rules are those of `torch.optim` (tests check this):
 
 * sgd:       θ ← θ − η g
 * momentum:  v ← μ v + g,  θ ← θ − η v            (μ = 0.9; v starts at g, as in torch)
@@ -41,10 +46,10 @@ class OptimizerName(StrEnum):
 
 @dataclass(frozen=True)
 class Optimizer:
-    """A functional optimiser: pure ``init`` and ``update`` over stacked parameters."""
+    """``init(params) -> state``; ``update(params, grads, state, lr, step, out)`` in place."""
 
     init: Callable[[Params], State]
-    update: Callable[[Params, Params, State, torch.Tensor, torch.Tensor], tuple[Params, State]]
+    update: Callable[[Params, Params, State, torch.Tensor, torch.Tensor, Params], None]
 
 
 def per_model(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -61,44 +66,48 @@ def _zeros_like(params: Params) -> Params:
     return {k: torch.zeros_like(v) for k, v in params.items()}
 
 
-def _sgd_update(params, grads, state, lr, step):
-    return {k: p - _per_model(lr, p) * grads[k] for k, p in params.items()}, state
+def _sgd_update(params, grads, state, lr, step, out):
+    for k, p in params.items():
+        torch.addcmul(p, _per_model(lr, p), grads[k], value=-1, out=out[k])
 
 
-def _momentum_update(params, grads, state, lr, step):
+def _momentum_update(params, grads, state, lr, step, out):
     # torch.optim.SGD starts the buffer at the first gradient; with v = 0, μ·0 + g is exactly g.
-    velocity = {k: MOMENTUM * state["v"][k] + g for k, g in grads.items()}
-    new = {k: p - _per_model(lr, p) * velocity[k] for k, p in params.items()}
-    return new, {"v": velocity}
+    for k, p in params.items():
+        v = state["v"][k].mul_(MOMENTUM).add_(grads[k])
+        torch.addcmul(p, _per_model(lr, p), v, value=-1, out=out[k])
 
 
-def _adam_update(params, grads, state, lr, step):
+def _adam_update(params, grads, state, lr, step, out):
     b1, b2 = ADAM_BETAS
     t = (step + 1).to(torch.float64)
-    m = {k: b1 * state["m"][k] + (1 - b1) * g for k, g in grads.items()}
-    v = {k: b2 * state["v"][k] + (1 - b2) * g * g for k, g in grads.items()}
-    new = {}
+    step_size = lr / (1 - b1**t)  # η / (1 − β₁ᵗ), per model
     for k, p in params.items():
-        correction1 = _per_model(1 - b1**t, p)
-        correction2 = _per_model(1 - b2**t, p)
-        denom = (v[k] / correction2).sqrt() + ADAM_EPS
-        new[k] = p - _per_model(lr, p) * (m[k] / correction1) / denom
-    return new, {"m": m, "v": v}
+        g, buf = grads[k], state["buf"][k]
+        m = state["m"][k].mul_(b1).add_(g, alpha=1 - b1)
+        v = state["v"][k].mul_(b2).addcmul_(g, g, value=1 - b2)
+        torch.div(v, _per_model(1 - b2**t, p), out=buf).sqrt_().add_(ADAM_EPS)  # √v̂ + ε
+        torch.div(m, buf, out=buf)
+        torch.addcmul(p, _per_model(step_size, p), buf, value=-1, out=out[k])
 
 
-def _rmsprop_update(params, grads, state, lr, step):
-    v = {k: RMSPROP_ALPHA * state["v"][k] + (1 - RMSPROP_ALPHA) * g * g for k, g in grads.items()}
-    new = {
-        k: p - _per_model(lr, p) * grads[k] / (v[k].sqrt() + RMSPROP_EPS) for k, p in params.items()
-    }
-    return new, {"v": v}
+def _rmsprop_update(params, grads, state, lr, step, out):
+    for k, p in params.items():
+        g, buf = grads[k], state["buf"][k]
+        v = state["v"][k].mul_(RMSPROP_ALPHA).addcmul_(g, g, value=1 - RMSPROP_ALPHA)
+        torch.sqrt(v, out=buf).add_(RMSPROP_EPS)
+        torch.div(g, buf, out=buf)
+        torch.addcmul(p, _per_model(lr, p), buf, value=-1, out=out[k])
+
+
+def _buffers(*names: str) -> Callable[[Params], State]:
+    """An ``init`` giving a zero tensor per parameter for each state name (``buf``: scratch)."""
+    return lambda params: {name: _zeros_like(params) for name in names}
 
 
 OPTIMIZERS: dict[OptimizerName, Optimizer] = {
-    OptimizerName.SGD: Optimizer(lambda params: {}, _sgd_update),
-    OptimizerName.MOMENTUM: Optimizer(lambda params: {"v": _zeros_like(params)}, _momentum_update),
-    OptimizerName.ADAM: Optimizer(
-        lambda params: {"m": _zeros_like(params), "v": _zeros_like(params)}, _adam_update
-    ),
-    OptimizerName.RMSPROP: Optimizer(lambda params: {"v": _zeros_like(params)}, _rmsprop_update),
+    OptimizerName.SGD: Optimizer(_buffers(), _sgd_update),
+    OptimizerName.MOMENTUM: Optimizer(_buffers("v"), _momentum_update),
+    OptimizerName.ADAM: Optimizer(_buffers("m", "v", "buf"), _adam_update),
+    OptimizerName.RMSPROP: Optimizer(_buffers("v", "buf"), _rmsprop_update),
 }

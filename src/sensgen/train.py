@@ -47,7 +47,7 @@ from torch.func import functional_call, grad_and_value, stack_module_state, vmap
 
 from sensgen.data import Augmentation, apply_augmentation, draw_augmentation
 from sensgen.models import MLP, Nonlinearity
-from sensgen.optim import OPTIMIZERS, OptimizerName, per_model
+from sensgen.optim import OPTIMIZERS, OptimizerName
 
 # Examples per chunk of a full-batch step (see the module docstring). Fixed, not sized to
 # the pack or the free memory: the chunks set the order of the floating-point sums, and a
@@ -169,10 +169,13 @@ def train_pack(
     params = {k: v.to(device) for k, v in params.items()}
     optimizer = OPTIMIZERS[shape.optimizer]
     state = optimizer.init(params)
+    spare = {k: torch.empty_like(v) for k, v in params.items()}  # the next step's params
     lr = torch.tensor([m.lr for m in members], dtype=torch.float64, device=device)
+    lr_active = lr.clone()  # 0 for stopped models: their updates leave θ exactly as it is
     steps = torch.zeros(n_models, dtype=torch.int64, device=device)
     active = torch.ones(n_models, dtype=torch.bool, device=device)
     diverged = torch.zeros(n_models, dtype=torch.bool, device=device)
+    last_finite: dict[int, dict[str, torch.Tensor]] = {}  # diverged model -> its params
     gens = [torch.Generator().manual_seed(derive_seed(m.seed, "order")) for m in members]
     orders: list[torch.Tensor] = []
     cursor = 0
@@ -189,12 +192,18 @@ def train_pack(
             idx = idx.to(device)
             xb, yb = x[idx], torch.gather(y, 1, idx)
             grads, losses = step_fn(params, xb if augmenter is None else augmenter(xb), yb)
-        new_params, new_state = optimizer.update(params, grads, state, lr, steps)
-        finite = torch.isfinite(losses) & _all_finite(new_params)
-        diverged |= active & ~finite
-        active &= finite
-        params = _masked(active, new_params, params)
-        state = {k: _masked(active, new_state[k], state[k]) for k in new_state}
+        optimizer.update(params, grads, state, lr_active, steps, spare)
+        finite = torch.isfinite(losses)
+        newly = active & ~(finite & _sums_finite(spare))
+        if newly.any():  # rare: one [M] flag read per step, no copy of the pack
+            for i in newly.nonzero().flatten().tolist():
+                if finite[i] and _finite(spare, i):
+                    newly[i] = False  # a float32 sum overflowed; every value is finite
+                else:
+                    last_finite[i] = {k: v[i].clone() for k, v in params.items()}
+            diverged |= newly
+            active &= ~newly
+        params, spare = spare, params
         steps += active.long()
         if on_step is not None:
             on_step(step)
@@ -203,6 +212,10 @@ def train_pack(
                 active &= ~fits_training_set(template, params, x, y)
             if not active.any():
                 break
+        lr_active = torch.where(active, lr, 0.0)
+    for i, values in last_finite.items():  # a diverged model ends with its last finite θ
+        for k, v in values.items():
+            params[k][i] = v
     return PackOutcome(params=params, steps=steps, diverged=diverged)
 
 
@@ -283,17 +296,20 @@ class _Augmenter:
         return xb
 
 
-def _all_finite(params: dict[str, torch.Tensor]) -> torch.Tensor:
-    """[M] bool: whether every parameter of each model is finite."""
-    per_tensor = [torch.isfinite(v).flatten(start_dim=1).all(dim=1) for v in params.values()]
-    return torch.stack(per_tensor).all(dim=0)
+def _sums_finite(params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[M] bool, a one-pass screen for non-finite parameters: whether each model's
+    per-tensor sums are finite. An inf or NaN value makes its sum inf or NaN, so True means
+    every value is finite; False may also be an overflowing sum of finite values, which the
+    caller settles with `_finite`. (An exact ``isfinite(v).all()`` takes four passes and
+    float64 sums a conversion: either costs more than the optimiser step itself.)
+    """
+    sums = [v.flatten(start_dim=1).sum(dim=1) for v in params.values()]
+    return torch.isfinite(torch.stack(sums)).all(dim=0)
 
 
-def _masked(
-    active: torch.Tensor, new: dict[str, torch.Tensor], old: dict[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """Take `new` for active models and keep `old` for stopped ones (per leading index)."""
-    return {k: torch.where(per_model(active, v), v, old[k]) for k, v in new.items()}
+def _finite(params: dict[str, torch.Tensor], index: int) -> bool:
+    """Whether every parameter of model `index` is finite (exact)."""
+    return all(bool(torch.isfinite(v[index]).all()) for v in params.values())
 
 
 @torch.no_grad()
