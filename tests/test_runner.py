@@ -280,6 +280,7 @@ def test_a_dead_worker_leaves_its_packs_pending_for_the_next_run(tiny, tmp_path,
     out = tmp_path / "out"
     result = run(study_module.load(tiny), out, workers=2, progress=False, report=False)
     assert result.counts == {"pending": N_RUNS} and not result.complete
+    assert result.n_trained == 0  # "Trained 0 models", not the number attempted
     monkeypatch.undo()
     again = run(study_module.load(tiny), out, progress=False, report=False)
     assert again.n_trained == N_RUNS and again.counts == {"done": N_RUNS}

@@ -133,6 +133,7 @@ def run(
         )
         store.reset_stale()
         pending = _pending_packs(store, {s.run_id for s in specs})
+        unfinished_before = _unfinished(_counts(store, {s.run_id for s in specs}))
         if pending:
             _train(
                 store,
@@ -155,7 +156,8 @@ def run(
         report_path = write_report(out)
     elif index.exists():
         report_path = index
-    n_trained = sum(len(p.specs) for p in pending)
+    # Runs this call finished: an interrupted call leaves some of its packs pending.
+    n_trained = unfinished_before - _unfinished(counts)
     return StudyResult(
         out, len(specs), n_trained, counts, report_path, time.perf_counter() - started
     )
@@ -288,6 +290,11 @@ def _counts(store: Store, run_ids: set[str]) -> dict[str, int]:
         return {}
     mine = runs[runs["run_id"].isin(run_ids)]
     return {str(k): int(v) for k, v in mine["status"].value_counts().items()}
+
+
+def _unfinished(counts: dict[str, int]) -> int:
+    """Runs still pending or running."""
+    return counts.get("pending", 0) + counts.get("running", 0)
 
 
 def _train(
