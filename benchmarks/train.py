@@ -1,0 +1,290 @@
+"""Benchmark of packed training against a plain PyTorch loop and the matmul peak (issue 8).
+
+Run from the repository root:
+
+    python benchmarks/train.py            # full run, a few minutes on 2 CPU cores
+    python benchmarks/train.py --quick    # smoke run, under a minute
+
+For each configuration, the same models (same initial weights, same batches, same steps)
+are trained twice: by sensgen's packed trainer (`sensgen.train.train_pack`, all models at
+once) and by the loop a user would write (one `nn.Module` and `torch.optim.SGD` after
+another). Printed, as ratios measured in this one run:
+
+* examples × models per second of each, and packed / loop (targets: ≥ 2× on the reference
+  pack, ≥ 5× on the small-model pack);
+* the matmul GFLOP/s each achieves, and its share of this machine's float32 matmul peak,
+  measured in the same run as the best of `torch.mm` on square matrices (target: ≥ 65% on
+  the reference pack);
+* the largest parameter difference between the two after 3 steps and at the end (a check
+  that they did the same work; rounding differences grow as training goes on).
+
+FLOPs count the matrix products only: per example and model, 2·Σ_l n_{l−1} n_l forward,
+as much again for the weight gradients and 2·Σ_{l≥2} n_{l−1} n_l for the input gradients
+(the first layer's input needs none). Timings are the best of a few interleaved repeats, so
+a busy machine slows both alike. Everything is seeded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import platform
+import time
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from sensgen import data
+from sensgen.models import MLP, Nonlinearity
+from sensgen.optim import MOMENTUM, OptimizerName
+from sensgen.train import Member, PackShape, derive_seed, train_pack
+
+SEED = 0
+LR = 0.01
+N_CLASSES = 10
+SPEEDUP_TARGETS = {"reference": 2.0, "small": 5.0}  # issue 8: packed / plain loop
+PEAK_TARGET = 0.65  # issue 8: reference pack's share of the float32 matmul peak
+AGREEMENT_STEPS = 3  # packed and loop compared after this many steps too
+
+
+class Case(NamedTuple):
+    """One training configuration: `n_models` MLPs of in-width-…-10, momentum SGD."""
+
+    name: str
+    n_models: int
+    width: int
+    depth: int
+    batch_size: int | None  # None: full batch
+    n_train: int
+    steps: int
+
+
+class Config(NamedTuple):
+    cases: tuple[Case, ...]
+    repeats: int
+    peak_size: int  # side of the square matrices timed for the matmul peak
+
+
+FULL = Config(
+    cases=(
+        # The issue's reference pack: 2 epochs of batch 128 over 10,000 images = 156 steps.
+        Case("reference", 32, 256, 2, 128, 10_000, 2 * (10_000 // 128)),
+        Case("small", 32, 64, 2, 32, 10_000, 2 * (10_000 // 32)),
+        Case("full batch", 32, 64, 2, None, 2_000, 100),
+    ),
+    repeats=3,
+    peak_size=2048,
+)
+QUICK = Config(
+    cases=(
+        Case("reference", 32, 256, 2, 128, 2_000, 2 * (2_000 // 128)),
+        Case("small", 32, 64, 2, 32, 2_000, 2_000 // 32),
+        Case("full batch", 32, 64, 2, None, 1_000, 20),
+    ),
+    repeats=1,
+    peak_size=1024,
+)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run, under a minute")
+    args = parser.parse_args(argv)
+    run(QUICK if args.quick else FULL)
+
+
+def run(config: Config) -> None:
+    start = time.perf_counter()
+    print(
+        f"sensgen training benchmark: torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, {_cpu_name()}"
+    )
+    train = data.load("fashion_mnist", split="train")
+    pick = torch.randperm(len(train.y), generator=torch.Generator().manual_seed(SEED))
+    peak = matmul_peak(config.peak_size, 10)
+    print(f"float32 matmul peak: {peak:,.1f} GFLOP/s (torch.mm, {config.peak_size}² matrices)")
+    for case in config.cases:
+        x, y = train.x[pick[: case.n_train]], train.y[pick[: case.n_train]]
+        _table(f"{case.name}: {_describe(case)}", bench_case(case, x, y, peak, config.repeats))
+    print(f"\ntotal {time.perf_counter() - start:.1f} s")
+
+
+def bench_case(
+    case: Case, x: torch.Tensor, y: torch.Tensor, peak: float, repeats: int
+) -> list[tuple[str, str]]:
+    """Times packed and looped training of one case; returns the table's rows."""
+    members = [Member(seed=SEED + m, lr=LR, init_scale=1.0) for m in range(case.n_models)]
+    results: dict[str, dict[str, torch.Tensor]] = {}
+
+    def packed() -> None:
+        results["packed"] = train_packed(case, members, x, y)
+
+    def loop() -> None:
+        results["loop"] = train_loop(case, members, x, y)
+
+    best = _interleaved({"packed": packed, "loop": loop}, repeats)
+    examples = case.steps * (case.batch_size or case.n_train) * case.n_models
+    flops = examples * flops_per_example(x.shape[1], case.width, case.depth)
+    rate = {k: examples / t for k, t in best.items()}
+    gflops = {k: flops / t / 1e9 for k, t in best.items()}
+    speedup = rate["packed"] / rate["loop"]
+    diff = _max_difference(results["packed"], results["loop"])
+    few = case._replace(steps=AGREEMENT_STEPS)
+    first = _max_difference(train_packed(few, members, x, y), train_loop(few, members, x, y))
+    rows = [
+        ("packed (sensgen)", f"{rate['packed']:>12,.0f} examples×models/s  {best['packed']:.2f} s"),
+        ("plain loop", f"{rate['loop']:>12,.0f} examples×models/s  {best['loop']:.2f} s"),
+        ("ratio packed / loop", f"{speedup:.2f}x{_verdict(speedup, SPEEDUP_TARGETS, case)}"),
+        (
+            "matmul GFLOP/s, packed / loop",
+            f"{gflops['packed']:,.1f} / {gflops['loop']:,.1f} "
+            f"({gflops['packed'] / peak:.0%} / {gflops['loop'] / peak:.0%} of the peak)",
+        ),
+        (
+            "max |θ_packed − θ_loop|",
+            f"{first:.1e} after {AGREEMENT_STEPS} steps, {diff:.1e} at the end "
+            "(float rounding, amplified by training)",
+        ),
+    ]
+    if case.name == "reference":
+        share = gflops["packed"] / peak
+        verdict = "met" if share >= PEAK_TARGET else "NOT met"
+        rows.append(
+            ("packed share of peak", f"{share:.0%}  target >= {PEAK_TARGET:.0%}: {verdict}")
+        )
+    return rows
+
+
+def train_packed(
+    case: Case, members: list[Member], x: torch.Tensor, y: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """sensgen's packed trainer: every model at once. Returns the stacked parameters."""
+    shape = PackShape(
+        in_dim=x.shape[1],
+        n_classes=N_CLASSES,
+        width=case.width,
+        depth=case.depth,
+        nonlinearity=Nonlinearity.RELU,
+        optimizer=OptimizerName.MOMENTUM,
+        batch_size=case.batch_size,
+        max_steps=case.steps,
+        eval_every=case.steps,
+        stop_at_fit=False,
+    )
+    labels = y.expand(len(members), -1)
+    return train_pack(shape, members, x, labels).params
+
+
+def train_loop(
+    case: Case, members: list[Member], x: torch.Tensor, y: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """The plain loop: one `nn.Module` and `torch.optim.SGD` at a time, on the same batches
+    as the packed trainer (each model's own permutation per epoch, the remainder dropped).
+    Returns the parameters stacked like the packed trainer's."""
+    finals = []
+    n = len(y)
+    for member in members:
+        net = MLP(
+            x.shape[1],
+            N_CLASSES,
+            case.width,
+            case.depth,
+            Nonlinearity.RELU,
+            member.init_scale,
+            generator=torch.Generator().manual_seed(member.seed),
+        )
+        opt = torch.optim.SGD(net.parameters(), lr=member.lr, momentum=MOMENTUM)
+        order_gen = torch.Generator().manual_seed(derive_seed(member.seed, "order"))
+        b = case.batch_size or n
+        cursor, order = n, torch.arange(n)  # forces a fresh permutation at the first step
+        for _ in range(case.steps):
+            if case.batch_size is None:
+                xb, yb = x, y
+            else:
+                if cursor + b > n:
+                    order, cursor = torch.randperm(n, generator=order_gen), 0
+                idx = order[cursor : cursor + b]
+                cursor += b
+                xb, yb = x[idx], y[idx]
+            loss = F.cross_entropy(net(xb), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        finals.append({k: v.detach() for k, v in net.state_dict().items()})
+    return {k: torch.stack([f[k] for f in finals]) for k in finals[0]}
+
+
+def _max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return max(float((a[k] - b[k]).abs().max()) for k in b)
+
+
+def flops_per_example(in_dim: int, width: int, depth: int) -> int:
+    """Matmul FLOPs of one training step per example and model (module docstring)."""
+    sizes = [in_dim] + [width] * depth + [N_CLASSES]
+    products = [a * b for a, b in itertools.pairwise(sizes)]
+    return 2 * sum(products) * 2 + 2 * sum(products[1:])
+
+
+def matmul_peak(size: int, repeats: int) -> float:
+    """Best float32 GFLOP/s of `torch.mm` on [size, size] matrices, all threads."""
+    gen = torch.Generator().manual_seed(SEED)
+    a, b = (torch.randn(size, size, generator=gen) for _ in range(2))
+    out = torch.empty(size, size)
+    torch.mm(a, b, out=out)  # warm-up
+    best = min(_time(lambda: torch.mm(a, b, out=out)) for _ in range(repeats))
+    return 2 * size**3 / best / 1e9
+
+
+def _interleaved(fns: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
+    """Best wall time of each function over `repeats` rounds, run in turn within a round."""
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            best[name] = min(best[name], _time(fn))
+    return best
+
+
+def _time(fn: Callable[[], object]) -> float:
+    began = time.perf_counter()
+    fn()
+    return time.perf_counter() - began
+
+
+def _verdict(value: float, targets: dict[str, float], case: Case) -> str:
+    target = targets.get(case.name)
+    if target is None:
+        return ""
+    return f"   target >= {target:g}x: {'met' if value >= target else 'NOT met'}"
+
+
+def _describe(case: Case) -> str:
+    layers = "-".join(["784"] + [str(case.width)] * case.depth + [str(N_CLASSES)])
+    batch = "full batch" if case.batch_size is None else f"batch {case.batch_size}"
+    return (
+        f"{case.n_models} × {layers} relu, momentum SGD, {batch}, {case.steps} steps, "
+        f"{case.n_train:,} Fashion-MNIST images"
+    )
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _table(title: str, rows: list[tuple[str, str]]) -> None:
+    print(f"\n{title}")
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"  {key:<{width}}  {value}")
+
+
+if __name__ == "__main__":
+    main()
