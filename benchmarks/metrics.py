@@ -38,6 +38,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from _report import table
 from sensgen import data
 from sensgen.metrics import (
     ellipse_transitions_exact,
@@ -95,13 +96,13 @@ def run(config: Config) -> None:
     train = data.load("fashion_mnist", split="train")
     test = data.load("fashion_mnist", split="test")
     net, rows = train_model(train, test, config)
-    _table("1. Model: 784-256-256-10 relu MLP on Fashion-MNIST", rows)
+    table("1. Model: 784-256-256-10 relu MLP on Fashion-MNIST", rows)
     rows = bench_jacobian(net, test.x, config)
-    _table("2. jacobian_norm (softmax output, float32 inputs)", rows)
+    table("2. jacobian_norm (softmax output, float32 inputs)", rows)
     rows = bench_transitions(net, test, config)
-    _table("3. Transitions, ellipse through 3 test points (784-256-256 relu part)", rows)
+    table("3. Transitions, ellipse through 3 test points (784-256-256 relu part)", rows)
     rows = bench_memory(config.n_memory)
-    _table("4. Memory: jacobian_norm on CIFAR-100-shaped points (child process)", rows)
+    table("4. Memory: jacobian_norm on CIFAR-100-shaped points (child process)", rows)
     print(f"\ntotal {time.perf_counter() - start:.1f} s")
 
 
@@ -347,14 +348,6 @@ def _max_rel(values: torch.Tensor, reference: torch.Tensor) -> float:
 
 def _gib(n_bytes: float) -> str:
     return f"{n_bytes / 1024**3:.2f} GiB"
-
-
-def _table(title: str, rows: list[tuple[str, str]]) -> None:
-    width = max(len(label) for label, _ in rows)
-    print(f"\n{title}\n{'-' * len(title)}")
-    for label, value in rows:
-        print(f"  {label:<{width}}  {value}")
-    sys.stdout.flush()
 
 
 if __name__ == "__main__":

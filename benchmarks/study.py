@@ -53,6 +53,7 @@ from typing import Any, NamedTuple
 import torch
 
 import sensgen
+from _report import cpu_model, table
 from sensgen.study import Study
 
 SEED = 0
@@ -130,7 +131,7 @@ def run(config: Config) -> None:
     print(
         f"sensgen study benchmark: torch {torch.__version__}, {torch.get_num_threads()} "
         f"threads (one worker; more workers: 1 thread each)\n"
-        f"CPU: {_cpu_model()}, {os.cpu_count()} CPUs ({len(os.sched_getaffinity(0))} usable)\n"
+        f"CPU: {cpu_model()}, {os.cpu_count()} CPUs ({len(os.sched_getaffinity(0))} usable)\n"
         f"study: {_describe(config)}"
     )
     wanted = [(n, single) for n in sorted(config.models)]
@@ -142,10 +143,10 @@ def run(config: Config) -> None:
         results[models, workers] = measure(config, models, workers)
         print(f"{results[models, workers].wall_s:.1f} s")
     by_workers = [results[reference, w] for w in config.workers]
-    _table(f"1. Reference study: {reference} models, end to end", table_reference(by_workers))
+    table(f"1. Reference study: {reference} models, end to end", table_reference(by_workers))
     by_models = [results[n, single] for n in sorted(config.models)]
-    _table(f"2. Time against the number of models ({single} worker(s))", table_models(by_models))
-    _table(f"3. Time against the number of workers ({reference} models)", table_workers(by_workers))
+    table(f"2. Time against the number of models ({single} worker(s))", table_models(by_models))
+    table(f"3. Time against the number of workers ({reference} models)", table_workers(by_workers))
     print(f"\ntotal {time.perf_counter() - start:.1f} s")
 
 
@@ -368,17 +369,6 @@ def _describe(config: Config) -> str:
     )
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
-
-
 def _counts(text: str) -> tuple[int, ...]:
     try:
         values = tuple(sorted({int(v) for v in text.split(",")}))
@@ -399,14 +389,6 @@ def _tuple(value: Any) -> Any:
 
 def _mib(n_bytes: float) -> str:
     return f"{n_bytes / 1024**2:.0f}"
-
-
-def _table(title: str, rows: list[tuple[str, str]]) -> None:
-    width = max(len(label) for label, _ in rows)
-    print(f"\n{title}\n{'-' * len(title)}")
-    for label, value in rows:
-        print(f"  {label:<{width}}  {value}")
-    sys.stdout.flush()
 
 
 if __name__ == "__main__":

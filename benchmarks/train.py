@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import platform
 import time
 from collections.abc import Callable
 from typing import NamedTuple
@@ -36,6 +35,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from _report import cpu_model, table
 from sensgen import data
 from sensgen.models import MLP, Nonlinearity
 from sensgen.optim import MOMENTUM, OptimizerName
@@ -99,7 +99,7 @@ def run(config: Config) -> None:
     start = time.perf_counter()
     print(
         f"sensgen training benchmark: torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, {_cpu_name()}"
+        f"{torch.get_num_threads()} threads, {cpu_model()}"
     )
     train = data.load("fashion_mnist", split="train")
     pick = torch.randperm(len(train.y), generator=torch.Generator().manual_seed(SEED))
@@ -107,7 +107,7 @@ def run(config: Config) -> None:
     print(f"float32 matmul peak: {peak:,.1f} GFLOP/s (torch.mm, {config.peak_size}² matrices)")
     for case in config.cases:
         x, y = train.x[pick[: case.n_train]], train.y[pick[: case.n_train]]
-        _table(f"{case.name}: {_describe(case)}", bench_case(case, x, y, peak, config.repeats))
+        table(f"{case.name}: {_describe(case)}", bench_case(case, x, y, peak, config.repeats))
     print(f"\ntotal {time.perf_counter() - start:.1f} s")
 
 
@@ -266,24 +266,6 @@ def _describe(case: Case) -> str:
         f"{case.n_models} × {layers} relu, momentum SGD, {batch}, {case.steps} steps, "
         f"{case.n_train:,} Fashion-MNIST images"
     )
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def _table(title: str, rows: list[tuple[str, str]]) -> None:
-    print(f"\n{title}")
-    width = max(len(k) for k, _ in rows)
-    for key, value in rows:
-        print(f"  {key:<{width}}  {value}")
 
 
 if __name__ == "__main__":
