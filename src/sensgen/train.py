@@ -1,24 +1,24 @@
-"""Packed training: N same-shape MLPs trained together with `torch.func` (paper §4).
+"""Packed training: M same-shape MLPs trained together, one batched step for all (paper §4).
 
 A *pack* is M models that share an architecture, optimiser and batch size but may differ in
 seed (initial weights and data order), learning rate, init scale and labels. Their
 parameters are stacked along a leading model axis (`stack_module_state`) and one step is
 
-    losses = vmap(loss_of_one)(params, x_batch [M, B, d], y_batch [M, B])   # [M]
-    grads  = ∂(Σ_m losses_m)/∂params
+    losses_m = mean_b CE(f(θ_m; x_mb), y_mb)        x_batch [M, B, d], y_batch [M, B]
+    grads_m  = ∂ losses_m / ∂θ_m
 
-so model m's gradient is exactly the gradient of its own mean batch loss: the models do
-not interact.
+computed for every model at once by `sensgen.backprop.Backprop` (batched matrix products,
+the chain rule written out; the same values as `vmap(grad(loss))`): the models do not
+interact.
 
 Full batch (`batch_size=None`) accumulates over the training set's consecutive chunks
-c = 1..C of at most `FULL_BATCH_CHUNK` examples (n_c of them, Σ n_c = N):
+c = 1..C of at most `FULL_BATCH_CHUNK` examples (Σ n_c = N):
 
-    grad_m = Σ_c (n_c / N) · ∂(mean loss of model m over chunk c)/∂params_m
-    loss_m = Σ_c (n_c / N) · (mean loss of model m over chunk c)
+    grad_m = Σ_c (1/N) · Σ_{b ∈ c} ∂ CE_mb / ∂θ_m,     loss_m = Σ_c (1/N) · Σ_{b ∈ c} CE_mb
 
 which is the gradient (and value) of model m's mean loss over all N examples, while only
-one chunk's activations [M, n_c, width] are alive at a time. With N ≤ `FULL_BATCH_CHUNK`
-there is one chunk and the step is the plain one-shot step above, bit for bit.
+one chunk's activations [M, n_c, width] are alive at a time. The models share each chunk
+(unless they augment), so the first layer is one matrix product for the whole pack.
 
 Each model stops on its own (masked updates) when it reaches 100% training accuracy (checked
 every `eval_every` steps, if `stop_at_fit`), when its step budget runs out, or when its loss
@@ -42,9 +42,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from torch.func import functional_call, grad_and_value, stack_module_state, vmap
+from torch.func import stack_module_state
 
+from sensgen.backprop import Backprop, logits
 from sensgen.data import Augmentation, apply_augmentation, draw_augmentation
 from sensgen.models import MLP, Nonlinearity
 from sensgen.optim import OPTIMIZERS, OptimizerName
@@ -180,18 +180,18 @@ def train_pack(
     orders: list[torch.Tensor] = []
     cursor = 0
 
-    def loss_of_one(p, xb, yb):
-        return F.cross_entropy(functional_call(template, p, (xb,)), yb)
-
-    step_fn = vmap(grad_and_value(loss_of_one), in_dims=(0, 0, 0))
+    backprop = Backprop(shape.nonlinearity)
+    grads = {k: torch.empty_like(v) for k, v in params.items()}
+    batch = None if shape.batch_size is None else _Batch(n_models, shape.batch_size, x)
     for step in range(shape.max_steps):
-        if shape.batch_size is None:
-            grads, losses = _full_batch_step(step_fn, params, x, y, augmenter)
+        if batch is None:
+            losses = _full_batch_step(backprop, params, x, y, augmenter, grads)
         else:
             idx, orders, cursor = _batch_indices(gens, orders, cursor, n, shape.batch_size)
-            idx = idx.to(device)
-            xb, yb = x[idx], torch.gather(y, 1, idx)
-            grads, losses = step_fn(params, xb if augmenter is None else augmenter(xb), yb)
+            xb, yb = batch.gather(x, y, idx.to(device))
+            if augmenter is not None:
+                augmenter(xb)
+            losses = backprop.loss_and_grad(params, xb, yb, grads, scale=1 / shape.batch_size)
         optimizer.update(params, grads, state, lr_active, steps, spare)
         finite = torch.isfinite(losses)
         newly = active & ~(finite & _sums_finite(spare))
@@ -220,39 +220,40 @@ def train_pack(
 
 
 def _full_batch_step(
-    step_fn: Callable,
+    backprop: Backprop,
     params: dict[str, torch.Tensor],
     x: torch.Tensor,
     y: torch.Tensor,
     augmenter: _Augmenter | None,
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Each model's gradient and value of its mean loss over all of x, chunk by chunk.
+    grads: dict[str, torch.Tensor],
+) -> torch.Tensor:
+    """Each model's mean loss over all of x [M] and its gradient into `grads`, chunk by chunk.
 
-    grads = Σ_c (n_c / N) · grads_c and losses likewise (module docstring), summed in chunk
-    order; a single chunk (N ≤ `FULL_BATCH_CHUNK`) returns `step_fn`'s own result as is.
-    Augmenting members augment their own copy of each chunk, drawing chunk after chunk.
+    Chunk c adds (1/N)·Σ_{b∈c} of the per-example losses and gradients (module docstring),
+    in chunk order. Without augmentation the models share each chunk (one product for the
+    pack's first layer); augmenting members augment their own copy of it, chunk after chunk.
     """
     n_models, n = y.shape
+    losses = torch.zeros(n_models, dtype=x.dtype, device=x.device)
     splits = torch.split(x, FULL_BATCH_CHUNK), torch.split(y, FULL_BATCH_CHUNK, dim=1)
-    grads: dict[str, torch.Tensor] = {}
-    losses = None
-    for xc, yc in zip(*splits, strict=True):
-        if augmenter is None:
-            xb = xc.expand(n_models, -1, -1)
-        else:  # each model gets its own copy of the chunk to augment
-            xb = augmenter(xc.repeat(n_models, 1, 1))
-        chunk_grads, chunk_losses = step_fn(params, xb, yc)
-        if len(xc) == n:
-            return chunk_grads, chunk_losses
-        weight = len(xc) / n
-        if losses is None:
-            grads = {k: g * weight for k, g in chunk_grads.items()}
-            losses = chunk_losses * weight
-        else:
-            for k, g in chunk_grads.items():
-                grads[k].add_(g, alpha=weight)
-            losses.add_(chunk_losses, alpha=weight)
-    return grads, losses
+    for c, (xc, yc) in enumerate(zip(*splits, strict=True)):
+        xb = xc if augmenter is None else augmenter(xc.repeat(n_models, 1, 1))
+        losses += backprop.loss_and_grad(params, xb, yc, grads, scale=1 / n, accumulate=c > 0)
+    return losses
+
+
+class _Batch:
+    """Gathers each model's minibatch [M, B, d] into one buffer kept across steps."""
+
+    def __init__(self, n_models: int, batch_size: int, x: torch.Tensor) -> None:
+        self.x = torch.empty(n_models, batch_size, x.shape[1], dtype=x.dtype, device=x.device)
+
+    def gather(
+        self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x[idx] [M, B, d], labels [M, B]) for indices idx [M, B]."""
+        torch.index_select(x, 0, idx.flatten(), out=self.x.view(-1, x.shape[1]))
+        return self.x, torch.gather(y, 1, idx)
 
 
 class _Augmenter:
@@ -317,12 +318,8 @@ def predict_pack(
     template: MLP, params: dict[str, torch.Tensor], x: torch.Tensor, chunk_size: int = 4096
 ) -> torch.Tensor:
     """Logits of every model on shared inputs: [M, N, C]."""
-
-    def logits_of_one(p, xb):
-        return functional_call(template, p, (xb,))
-
-    batched = vmap(logits_of_one, in_dims=(0, None))
-    return torch.cat([batched(params, xc) for xc in torch.split(x, chunk_size)], dim=1)
+    chunks = torch.split(x, chunk_size)
+    return torch.cat([logits(template.nonlinearity, params, xc) for xc in chunks], dim=1)
 
 
 def fits_training_set(

@@ -1,0 +1,189 @@
+"""Forward and backward passes of a pack of MLPs, written out (paper §4; issue 8).
+
+A pack holds M same-shape MLPs (`sensgen.models.MLP`) stacked along a leading model axis:
+W_l [M, n_l, n_{l−1}] and b_l [M, n_l] for l = 0..L−1, named ``layers.{l}.weight`` and
+``layers.{l}.bias`` as `torch.func.stack_module_state` names them. For a batch
+x [M, B, d] (each model its own examples) or x [B, d] (one batch shared by every model):
+
+    h_l = a_{l−1} W_lᵀ + b_l,   a_l = φ(h_l),   a_{−1} = x,   z = h_{L−1}   (logits [M, B, C])
+    loss_m = s · Σ_b (logsumexp(z_mb) − z_mb[y_mb])
+
+with s = 1/B for the mean loss of a batch (s = 1/N for a chunk of a full batch of N). The
+backward pass is the chain rule, one batched matrix product per term:
+
+    δ_{L−1} = s · (softmax(z) − onehot(y))                        [M, B, C]
+    ∂loss/∂W_l = δ_lᵀ a_{l−1},   ∂loss/∂b_l = Σ_b δ_l,   δ_{l−1} = φ'(h_{l−1}) ⊙ (δ_l W_l)
+
+This is what `vmap(grad(loss))` over `functional_call` computes (tests check it, for every
+nonlinearity, to float64 rounding), without its per-step tracing and dispatch, which is
+half the step of a small model (width 64, batch 32). The products write into buffers kept
+from step to step; the gradients are written into (or, to accumulate chunks, added to) the
+caller's buffers. φ' is applied by the same kernels autograd uses for each nonlinearity, so
+at a breakpoint (ReLU at 0, ...) the value is autograd's.
+
+A shared batch x [B, d] (full-batch training) makes the first layer two plain matrix
+products for the whole pack, x [B, d] by the stacked W_0 viewed as [M·n_0, d] and its
+transpose, instead of M small ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from sensgen.models import ACTIVATIONS, Nonlinearity
+
+Params = dict[str, torch.Tensor]
+
+_aten = torch.ops.aten
+
+# φ'(h) ⊙ g from the pre-activation h and the activation a = φ(h): autograd's own kernels.
+ACTIVATION_BACKWARDS: dict[
+    Nonlinearity, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+] = {
+    Nonlinearity.RELU: lambda g, h, a: _aten.threshold_backward(g, a, 0),
+    Nonlinearity.RELU6: lambda g, h, a: _aten.hardtanh_backward(g, h, 0.0, 6.0),
+    Nonlinearity.HARD_TANH: lambda g, h, a: _aten.hardtanh_backward(g, h, -1.0, 1.0),
+    Nonlinearity.HARD_SIGMOID: lambda g, h, a: _aten.hardsigmoid_backward(g, h),
+    Nonlinearity.TANH: lambda g, h, a: _aten.tanh_backward(g, a),
+    Nonlinearity.SIGMOID: lambda g, h, a: _aten.sigmoid_backward(g, a),
+    Nonlinearity.ELU: lambda g, h, a: _aten.elu_backward(g, 1.0, 1, 1, False, h),
+}
+
+
+def n_layers(params: Params) -> int:
+    """L, the number of weight layers of a stacked MLP."""
+    return sum(1 for name in params if name.endswith(".weight"))
+
+
+def layer(params: Params, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W_l [M, n_l, n_{l−1}], b_l [M, n_l]) of layer `index`."""
+    return params[f"layers.{index}.weight"], params[f"layers.{index}.bias"]
+
+
+class Backprop:
+    """Loss and gradient of every model of a pack, with buffers reused across steps.
+
+    Args:
+        nonlinearity: φ of the hidden layers.
+
+    One instance serves one pack: its buffers are sized on first use for each batch shape
+    met (a full batch's last chunk may be shorter) and kept.
+    """
+
+    def __init__(self, nonlinearity: Nonlinearity) -> None:
+        self.activation = ACTIVATIONS[nonlinearity]
+        self.backward = ACTIVATION_BACKWARDS[nonlinearity]
+        self._buffers: dict[tuple, torch.Tensor] = {}
+
+    def _buffer(self, slot: str, like: torch.Tensor, *shape: int, dtype=None) -> torch.Tensor:
+        key = (slot, shape, dtype or like.dtype, like.device)
+        if key not in self._buffers:
+            self._buffers[key] = torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
+        return self._buffers[key]
+
+    def forward(self, params: Params, x: torch.Tensor) -> tuple[list, torch.Tensor]:
+        """Pre-activations and activations [(h_l, a_l)] of the hidden layers, and logits.
+
+        x is [M, B, d] or, shared by every model, [B, d]; the results are [M, B, ·]. They
+        live in this instance's buffers until its next call.
+        """
+        hidden = []
+        a = x
+        for index in range(n_layers(params) - 1):
+            h = self._affine(params, index, a)
+            a = self.activation(h)
+            hidden.append((h, a))
+        return hidden, self._affine(params, n_layers(params) - 1, a)
+
+    def _affine(self, params: Params, index: int, a: torch.Tensor) -> torch.Tensor:
+        """h = a Wᵀ + b for layer `index`, in its buffer [M, B, n_out]."""
+        weight, bias = layer(params, index)
+        m, n_out, n_in = weight.shape
+        b = a.shape[-2]
+        h = self._buffer(f"h{index}", weight, m, b, n_out)
+        if a.dim() == 3:
+            return torch.baddbmm(bias.unsqueeze(1), a, weight.transpose(1, 2), out=h)
+        # Shared input: one [B, d] × [d, M·n_out] product for the whole pack.
+        flat = self._buffer("shared", weight, b, m * n_out)
+        torch.mm(a, weight.view(m * n_out, n_in).t(), out=flat)
+        return torch.add(flat.view(b, m, n_out).transpose(0, 1), bias.unsqueeze(1), out=h)
+
+    def loss_and_grad(
+        self,
+        params: Params,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        grads: Params,
+        *,
+        scale: float,
+        accumulate: bool = False,
+    ) -> torch.Tensor:
+        """Each model's loss s·Σ_b CE (module docstring) [M], its gradient into `grads`.
+
+        Args:
+            params: the stacked parameters.
+            x: inputs [M, B, d], or [B, d] shared by every model.
+            y: labels [M, B] (int64).
+            grads: buffers shaped like `params`; the gradients are written into them, or
+                added to what they hold if `accumulate`.
+            scale: s, 1/B for the mean over the batch.
+        """
+        hidden, z = self.forward(params, x)
+        log_p = torch.log_softmax(z, dim=-1)
+        picked = log_p.gather(-1, y.unsqueeze(-1)).squeeze(-1)  # [M, B]
+        losses = picked.sum(dim=1).mul_(-scale)
+        delta = log_p.exp_()  # softmax(z), in log_p's memory
+        delta.scatter_add_(-1, y.unsqueeze(-1), torch.full_like(picked.unsqueeze(-1), -1.0))
+        delta.mul_(scale)
+        for index in reversed(range(n_layers(params))):
+            a_in = x if index == 0 else hidden[index - 1][1]
+            self._weight_grad(params, index, delta, a_in, grads, accumulate)
+            if index > 0:
+                weight, _ = layer(params, index)
+                upstream = self._buffer(f"d{index}", weight, *hidden[index - 1][0].shape)
+                torch.bmm(delta, weight, out=upstream)
+                delta = self.backward(upstream, *hidden[index - 1])
+        return losses
+
+    def _weight_grad(
+        self,
+        params: Params,
+        index: int,
+        delta: torch.Tensor,
+        a_in: torch.Tensor,
+        grads: Params,
+        accumulate: bool,
+    ) -> None:
+        """∂/∂W_l = δᵀ a_in and ∂/∂b_l = Σ_b δ, written into or added to `grads`."""
+        g_weight, g_bias = grads[f"layers.{index}.weight"], grads[f"layers.{index}.bias"]
+        beta = 1.0 if accumulate else 0.0
+        if a_in.dim() == 3:
+            torch.baddbmm(g_weight, delta.transpose(1, 2), a_in, beta=beta, out=g_weight)
+        else:  # shared input: one [M·n_l, B] × [B, d] product for the whole pack
+            m, n_out, n_in = g_weight.shape
+            flat = self._buffer("shared_t", delta, m * n_out, a_in.shape[0])
+            flat.view(m, n_out, -1).copy_(delta.transpose(1, 2))
+            flat_grad = g_weight.view(m * n_out, n_in)
+            torch.addmm(flat_grad, flat, a_in, beta=beta, out=flat_grad)
+        if accumulate:
+            g_bias.add_(delta.sum(dim=1))
+        else:
+            torch.sum(delta, dim=1, out=g_bias)
+
+
+def logits(nonlinearity: Nonlinearity, params: Params, x: torch.Tensor) -> torch.Tensor:
+    """Logits [M, B, C] of every model of a pack on x [M, B, d] or shared x [B, d]."""
+    activation = ACTIVATIONS[nonlinearity]
+    a = x
+    for index in range(n_layers(params)):
+        weight, bias = layer(params, index)
+        if a.dim() == 3:
+            h = torch.baddbmm(bias.unsqueeze(1), a, weight.transpose(1, 2))
+        else:
+            m, n_out, n_in = weight.shape
+            flat = a @ weight.reshape(m * n_out, n_in).t()
+            h = flat.view(-1, m, n_out).transpose(0, 1) + bias.unsqueeze(1)
+        a = h if index == n_layers(params) - 1 else activation(h)
+    return a
