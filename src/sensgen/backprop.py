@@ -118,7 +118,7 @@ class Backprop:
         grads: Params,
         *,
         scale: float,
-        accumulate: bool = False,
+        beta: float = 0.0,
     ) -> torch.Tensor:
         """Each model's loss s·Σ_b CE (module docstring) [M], its gradient into `grads`.
 
@@ -126,9 +126,10 @@ class Backprop:
             params: the stacked parameters.
             x: inputs [M, B, d], or [B, d] shared by every model.
             y: labels [M, B] (int64).
-            grads: buffers shaped like `params`; the gradients are written into them, or
-                added to what they hold if `accumulate`.
+            grads: buffers shaped like `params`; each becomes β·(what it holds) + gradient.
             scale: s, 1/B for the mean over the batch.
+            beta: β; 0 overwrites (what the buffers hold is ignored, NaN included), 1 adds
+                (accumulating chunks), μ takes a momentum step (`Optimizer.accumulator`).
         """
         hidden, z = self.forward(params, x)
         log_p = torch.log_softmax(z, dim=-1)
@@ -139,7 +140,7 @@ class Backprop:
         delta.mul_(scale)
         for index in reversed(range(n_layers(params))):
             a_in = x if index == 0 else hidden[index - 1][1]
-            self._weight_grad(params, index, delta, a_in, grads, accumulate)
+            self._weight_grad(index, delta, a_in, grads, beta)
             if index > 0:
                 weight, _ = layer(params, index)
                 upstream = self._buffer(f"d{index}", weight, *hidden[index - 1][0].shape)
@@ -148,17 +149,10 @@ class Backprop:
         return losses
 
     def _weight_grad(
-        self,
-        params: Params,
-        index: int,
-        delta: torch.Tensor,
-        a_in: torch.Tensor,
-        grads: Params,
-        accumulate: bool,
+        self, index: int, delta: torch.Tensor, a_in: torch.Tensor, grads: Params, beta: float
     ) -> None:
-        """∂/∂W_l = δᵀ a_in and ∂/∂b_l = Σ_b δ, written into or added to `grads`."""
+        """grads ← β·grads + (∂/∂W_l = δᵀ a_in, ∂/∂b_l = Σ_b δ) for layer `index`."""
         g_weight, g_bias = grads[f"layers.{index}.weight"], grads[f"layers.{index}.bias"]
-        beta = 1.0 if accumulate else 0.0
         if a_in.dim() == 3:
             torch.baddbmm(g_weight, delta.transpose(1, 2), a_in, beta=beta, out=g_weight)
         else:  # shared input: one [M·n_l, B] × [B, d] product for the whole pack
@@ -167,10 +161,10 @@ class Backprop:
             flat.view(m, n_out, -1).copy_(delta.transpose(1, 2))
             flat_grad = g_weight.view(m * n_out, n_in)
             torch.addmm(flat_grad, flat, a_in, beta=beta, out=flat_grad)
-        if accumulate:
-            g_bias.add_(delta.sum(dim=1))
-        else:
+        if beta == 0.0:
             torch.sum(delta, dim=1, out=g_bias)
+        else:
+            g_bias.mul_(beta).add_(delta.sum(dim=1))
 
 
 def logits(nonlinearity: Nonlinearity, params: Params, x: torch.Tensor) -> torch.Tensor:

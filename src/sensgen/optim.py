@@ -4,6 +4,9 @@ Each optimiser is a pair ``init(params) -> state`` and
 ``update(params, grads, state, lr, step, out)``: it advances ``state`` in place and writes
 the new parameters into ``out`` (same names and shapes as ``params``), leaving ``params``
 untouched, so the caller still holds the last parameters if the new ones are not finite.
+Momentum SGD names an ``accumulator``: its state ``v`` takes the step v ← μv + g from
+whoever computes the gradient (the backward pass adds its products into v with β = μ, one
+pass fewer over the pack and no gradient buffer), and its ``update`` reads only v.
 Every tensor carries a leading model axis M; ``lr`` [M] and ``step`` [M] are per model, so
 models in one pack have their own learning rate and step count. A model with lr = 0 keeps
 its parameters exactly (θ − 0·u = θ for finite u). In-place updates into preallocated
@@ -46,10 +49,25 @@ class OptimizerName(StrEnum):
 
 @dataclass(frozen=True)
 class Optimizer:
-    """``init(params) -> state``; ``update(params, grads, state, lr, step, out)`` in place."""
+    """``init(params) -> state``; ``update(params, grads, state, lr, step, out)`` in place.
+
+    With an ``accumulator`` (a state name), the gradient g is not passed to ``update``
+    (``grads`` is None): the caller adds it into that state as s ← ``decay``·s + g first.
+    `gradient_target` says where the gradient goes and with which β.
+    """
 
     init: Callable[[Params], State]
-    update: Callable[[Params, Params, State, torch.Tensor, torch.Tensor, Params], None]
+    update: Callable[[Params, Params | None, State, torch.Tensor, torch.Tensor, Params], None]
+    accumulator: str | None = None
+    decay: float = 0.0
+
+    def gradient_target(self, state: State, grads: Params | None) -> tuple[Params, float]:
+        """(buffers, β) such that the step's gradient g must be written as buf ← β·buf + g."""
+        if self.accumulator is None:
+            if grads is None:
+                raise ValueError("this optimiser needs a gradient buffer")
+            return grads, 0.0
+        return state[self.accumulator], self.decay
 
 
 def per_model(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -72,10 +90,10 @@ def _sgd_update(params, grads, state, lr, step, out):
 
 
 def _momentum_update(params, grads, state, lr, step, out):
-    # torch.optim.SGD starts the buffer at the first gradient; with v = 0, μ·0 + g is exactly g.
+    # v ← μv + g is already done (the accumulator). torch.optim.SGD starts the buffer at
+    # the first gradient; with v = 0, μ·0 + g is exactly g.
     for k, p in params.items():
-        v = state["v"][k].mul_(MOMENTUM).add_(grads[k])
-        torch.addcmul(p, _per_model(lr, p), v, value=-1, out=out[k])
+        torch.addcmul(p, _per_model(lr, p), state["v"][k], value=-1, out=out[k])
 
 
 def _adam_update(params, grads, state, lr, step, out):
@@ -107,7 +125,7 @@ def _buffers(*names: str) -> Callable[[Params], State]:
 
 OPTIMIZERS: dict[OptimizerName, Optimizer] = {
     OptimizerName.SGD: Optimizer(_buffers(), _sgd_update),
-    OptimizerName.MOMENTUM: Optimizer(_buffers("v"), _momentum_update),
+    OptimizerName.MOMENTUM: Optimizer(_buffers("v"), _momentum_update, "v", MOMENTUM),
     OptimizerName.ADAM: Optimizer(_buffers("m", "v", "buf"), _adam_update),
     OptimizerName.RMSPROP: Optimizer(_buffers("v", "buf"), _rmsprop_update),
 }

@@ -126,20 +126,6 @@ def init_pack(shape: PackShape, members: Sequence[Member]) -> tuple[MLP, dict[st
     return nets[0], {k: v.detach().clone() for k, v in params.items()}
 
 
-def _batch_indices(
-    generators: list[torch.Generator], orders: list[torch.Tensor], cursor: int, n: int, b: int
-) -> tuple[torch.Tensor, list[torch.Tensor], int]:
-    """Next [M, b] indices: each model walks its own permutation, redrawn every epoch.
-
-    An epoch is ⌊n / b⌋ batches; the remainder of each permutation is dropped.
-    """
-    if cursor + b > n or not orders:
-        orders = [torch.randperm(n, generator=g) for g in generators]
-        cursor = 0
-    idx = torch.stack([o[cursor : cursor + b] for o in orders])
-    return idx, orders, cursor + b
-
-
 def train_pack(
     shape: PackShape,
     members: Sequence[Member],
@@ -176,33 +162,26 @@ def train_pack(
     active = torch.ones(n_models, dtype=torch.bool, device=device)
     diverged = torch.zeros(n_models, dtype=torch.bool, device=device)
     last_finite: dict[int, dict[str, torch.Tensor]] = {}  # diverged model -> its params
-    gens = [torch.Generator().manual_seed(derive_seed(m.seed, "order")) for m in members]
-    orders: list[torch.Tensor] = []
-    cursor = 0
 
     backprop = Backprop(shape.nonlinearity)
-    grads = {k: torch.empty_like(v) for k, v in params.items()}
-    batch = None if shape.batch_size is None else _Batch(n_models, shape.batch_size, x)
+    grads = None if optimizer.accumulator else {k: torch.empty_like(v) for k, v in params.items()}
+    target, beta = optimizer.gradient_target(state, grads)  # the gradient goes: β·target + g
+    batches = None if shape.batch_size is None else _Minibatches(members, shape.batch_size, x)
     for step in range(shape.max_steps):
-        if batch is None:
-            losses = _full_batch_step(backprop, params, x, y, augmenter, grads)
+        if batches is None:
+            losses = _full_batch_step(backprop, params, x, y, augmenter, target, beta)
         else:
-            idx, orders, cursor = _batch_indices(gens, orders, cursor, n, shape.batch_size)
-            xb, yb = batch.gather(x, y, idx.to(device))
+            xb, yb = batches.next(x, y)
             if augmenter is not None:
                 augmenter(xb)
-            losses = backprop.loss_and_grad(params, xb, yb, grads, scale=1 / shape.batch_size)
+            scale = 1 / shape.batch_size
+            losses = backprop.loss_and_grad(params, xb, yb, target, scale=scale, beta=beta)
         optimizer.update(params, grads, state, lr_active, steps, spare)
-        finite = torch.isfinite(losses)
-        newly = active & ~(finite & _sums_finite(spare))
-        if newly.any():  # rare: one [M] flag read per step, no copy of the pack
-            for i in newly.nonzero().flatten().tolist():
-                if finite[i] and _finite(spare, i):
-                    newly[i] = False  # a float32 sum overflowed; every value is finite
-                else:
-                    last_finite[i] = {k: v[i].clone() for k, v in params.items()}
+        newly = _newly_diverged(losses, params, spare, active, last_finite)
+        if newly is not None:
             diverged |= newly
             active &= ~newly
+            lr_active = torch.where(active, lr, 0.0)
         params, spare = spare, params
         steps += active.long()
         if on_step is not None:
@@ -210,9 +189,9 @@ def train_pack(
         if (step + 1) % shape.eval_every == 0 or step + 1 == shape.max_steps:
             if shape.stop_at_fit:
                 active &= ~fits_training_set(template, params, x, y)
+                lr_active = torch.where(active, lr, 0.0)
             if not active.any():
                 break
-        lr_active = torch.where(active, lr, 0.0)
     for i, values in last_finite.items():  # a diverged model ends with its last finite θ
         for k, v in values.items():
             params[k][i] = v
@@ -225,9 +204,11 @@ def _full_batch_step(
     x: torch.Tensor,
     y: torch.Tensor,
     augmenter: _Augmenter | None,
-    grads: dict[str, torch.Tensor],
+    target: dict[str, torch.Tensor],
+    beta: float,
 ) -> torch.Tensor:
-    """Each model's mean loss over all of x [M] and its gradient into `grads`, chunk by chunk.
+    """Each model's mean loss over all of x [M]; target ← β·target + its gradient, chunk by
+    chunk (the first chunk with β, the rest added).
 
     Chunk c adds (1/N)·Σ_{b∈c} of the per-example losses and gradients (module docstring),
     in chunk order. Without augmentation the models share each chunk (one product for the
@@ -238,20 +219,34 @@ def _full_batch_step(
     splits = torch.split(x, FULL_BATCH_CHUNK), torch.split(y, FULL_BATCH_CHUNK, dim=1)
     for c, (xc, yc) in enumerate(zip(*splits, strict=True)):
         xb = xc if augmenter is None else augmenter(xc.repeat(n_models, 1, 1))
-        losses += backprop.loss_and_grad(params, xb, yc, grads, scale=1 / n, accumulate=c > 0)
+        chunk_beta = beta if c == 0 else 1.0
+        losses += backprop.loss_and_grad(params, xb, yc, target, scale=1 / n, beta=chunk_beta)
     return losses
 
 
-class _Batch:
-    """Gathers each model's minibatch [M, B, d] into one buffer kept across steps."""
+class _Minibatches:
+    """Each model's next minibatch, gathered into one buffer [M, B, d] kept across steps.
 
-    def __init__(self, n_models: int, batch_size: int, x: torch.Tensor) -> None:
-        self.x = torch.empty(n_models, batch_size, x.shape[1], dtype=x.dtype, device=x.device)
+    Model m walks its own permutation of the N examples, drawn from its own generator and
+    redrawn every epoch; an epoch is ⌊N / B⌋ batches (the remainder of each is dropped).
+    """
 
-    def gather(
-        self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x[idx] [M, B, d], labels [M, B]) for indices idx [M, B]."""
+    def __init__(self, members: Sequence[Member], batch_size: int, x: torch.Tensor) -> None:
+        self.generators = [
+            torch.Generator().manual_seed(derive_seed(m.seed, "order")) for m in members
+        ]
+        self.b, self.n = batch_size, x.shape[0]
+        self.orders = torch.empty(0, 0, dtype=torch.int64)  # [M, N], one permutation per row
+        self.cursor = self.n  # forces a fresh permutation at the first step
+        self.x = torch.empty(len(members), batch_size, x.shape[1], dtype=x.dtype, device=x.device)
+
+    def next(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs [M, B, d], labels [M, B]) of the next step, from x [N, d], y [M, N]."""
+        if self.cursor + self.b > self.n:
+            perms = [torch.randperm(self.n, generator=g) for g in self.generators]
+            self.orders, self.cursor = torch.stack(perms).to(x.device), 0
+        idx = self.orders[:, self.cursor : self.cursor + self.b]
+        self.cursor += self.b
         torch.index_select(x, 0, idx.flatten(), out=self.x.view(-1, x.shape[1]))
         return self.x, torch.gather(y, 1, idx)
 
@@ -295,6 +290,29 @@ class _Augmenter:
         moved = apply_augmentation(xb[self.which].reshape(-1, d), self.aug, shifts, flips)
         xb[self.which] = moved.view(-1, b, d)
         return xb
+
+
+def _newly_diverged(
+    losses: torch.Tensor,
+    params: dict[str, torch.Tensor],
+    spare: dict[str, torch.Tensor],
+    active: torch.Tensor,
+    last_finite: dict[int, dict[str, torch.Tensor]],
+) -> torch.Tensor | None:
+    """[M] bool of the active models whose loss or next parameters (`spare`) are not finite,
+    or None when there are none (one [M] flag read per step, no copy of the pack). Each one's
+    current parameters, its last finite ones, are copied into `last_finite`.
+    """
+    finite = torch.isfinite(losses)
+    newly = active & ~(finite & _sums_finite(spare))
+    if not newly.any():
+        return None
+    for i in newly.nonzero().flatten().tolist():
+        if finite[i] and _finite(spare, i):
+            newly[i] = False  # a float32 sum overflowed; every value is finite
+        else:
+            last_finite[i] = {k: v[i].clone() for k, v in params.items()}
+    return newly
 
 
 def _sums_finite(params: dict[str, torch.Tensor]) -> torch.Tensor:
