@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 from sensgen import data, train
+from sensgen.optim import OPTIMIZERS
 from sensgen.spec import RunSpec
 
 
@@ -133,10 +134,13 @@ class Pack:
 def model_memory_bytes(spec: RunSpec) -> int:
     """A generous estimate of one model's training memory in a pack (float32).
 
-    Parameters, gradients and up to two optimiser moments (4 copies of n_params), plus the
-    batch: inputs and, per hidden layer, pre-activations, activations and their gradients.
-    A full-batch run holds one chunk of at most `train.FULL_BATCH_CHUNK` examples at a time,
-    and, when it takes several chunks, a fifth copy: the gradient being accumulated.
+    Copies of its n_params parameters (`train.train_pack`): the current and the next
+    parameters, a gradient buffer unless the optimiser takes the gradient into its own
+    state (momentum), and the optimiser's state buffers (`optim.OPTIMIZERS`). Then the
+    batch: inputs and, per hidden unit and layer, 4 values (pre-activation, activation,
+    backpropagated gradient and its product with φ'), and 2 per class. A full-batch run
+    holds one chunk of at most `train.FULL_BATCH_CHUNK` examples at a time, plus the first
+    layer's pack-wide products (2 per first-layer unit).
     """
     info = data.describe(spec.dataset)
     d = math.prod(info.image_shape)
@@ -144,11 +148,14 @@ def model_memory_bytes(spec: RunSpec) -> int:
         n_out * (n_in + 1)
         for n_in, n_out in itertools.pairwise([d] + [spec.width] * spec.depth + [info.n_classes])
     )
+    optimizer = OPTIMIZERS[spec.optimizer]
+    copies = 2 + (optimizer.accumulator is None) + len(optimizer.init({}))
     n_train = spec.train_subset or info.n_train
     batch = spec.batch_size or min(n_train, train.FULL_BATCH_CHUNK)
-    copies = 5 if spec.batch_size is None and n_train > batch else 4
-    activations = batch * (d + 4 * spec.width * spec.depth + 2 * info.n_classes)
-    return 4 * (copies * n_params + activations)
+    per_example = d + 4 * spec.width * spec.depth + 2 * info.n_classes
+    if spec.batch_size is None:
+        per_example += 2 * spec.width
+    return 4 * (copies * n_params + batch * per_example)
 
 
 def plan_packs(

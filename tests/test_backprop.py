@@ -1,0 +1,122 @@
+"""The written-out backward pass equals autograd, for every nonlinearity (float64)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad_and_value, vmap
+
+from sensgen.backprop import Backprop, logits
+from sensgen.models import Nonlinearity
+from sensgen.optim import MOMENTUM, OPTIMIZERS, OptimizerName
+from sensgen.train import Member, PackShape, init_pack
+
+M, B, D, C, WIDTH = 3, 9, 12, 4, 16
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(before)
+
+
+def _pack(nonlinearity, depth=2):
+    shape = PackShape(D, C, WIDTH, depth, nonlinearity, OptimizerName.SGD, B, 1, 1, False)
+    members = [Member(seed=s, lr=0.1, init_scale=1.0 + s / 2) for s in range(M)]
+    return init_pack(shape, members)
+
+
+def _batch(shared=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # Spread of 3 so every piece of every nonlinearity (ReLU6's top, ELU's tail) is met.
+    x = 3 * torch.randn((B, D) if shared else (M, B, D), generator=g)
+    return x, torch.randint(0, C, (M, B), generator=g)
+
+
+def _autograd(template, params, x, y):
+    """vmap(grad(mean CE)) over functional_call: the reference gradient and loss."""
+
+    def loss(p, xb, yb):
+        return F.cross_entropy(functional_call(template, p, (xb,)), yb)
+
+    xs = x if x.dim() == 3 else x.expand(M, -1, -1)
+    return vmap(grad_and_value(loss))(params, xs, y)
+
+
+def _empty_like(params):
+    return {k: torch.full_like(v, torch.nan) for k, v in params.items()}
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["own batches", "shared batch"])
+@pytest.mark.parametrize("nonlinearity", list(Nonlinearity))
+def test_gradient_and_loss_equal_autograd(nonlinearity, shared):
+    template, params = _pack(nonlinearity)
+    x, y = _batch(shared)
+    expected_grads, expected_losses = _autograd(template, params, x, y)
+    grads = _empty_like(params)  # β = 0 ignores what the buffers hold, NaN included
+    losses = Backprop(nonlinearity).loss_and_grad(params, x, y, grads, scale=1 / B)
+    torch.testing.assert_close(losses, expected_losses, rtol=1e-13, atol=1e-15)
+    for name, expected in expected_grads.items():
+        torch.testing.assert_close(grads[name], expected, rtol=1e-12, atol=1e-15)
+
+
+def test_one_hidden_layer_and_deeper_nets():
+    for depth in (1, 4):
+        template, params = _pack(Nonlinearity.TANH, depth)
+        x, y = _batch()
+        expected, _ = _autograd(template, params, x, y)
+        grads = _empty_like(params)
+        Backprop(Nonlinearity.TANH).loss_and_grad(params, x, y, grads, scale=1 / B)
+        for name in expected:
+            torch.testing.assert_close(grads[name], expected[name], rtol=1e-12, atol=1e-15)
+
+
+def test_chunks_accumulate_to_the_whole_batch():
+    # Two chunks with s = 1/B and β = 1 for the second give the mean over all B examples.
+    template, params = _pack(Nonlinearity.ELU)
+    x, y = _batch(shared=True)
+    expected_grads, expected_losses = _autograd(template, params, x, y)
+    backprop, grads = Backprop(Nonlinearity.ELU), _empty_like(params)
+    first = backprop.loss_and_grad(params, x[:4], y[:, :4], grads, scale=1 / B)
+    second = backprop.loss_and_grad(params, x[4:], y[:, 4:], grads, scale=1 / B, beta=1.0)
+    torch.testing.assert_close(first + second, expected_losses, rtol=1e-13, atol=1e-15)
+    for name, expected in expected_grads.items():
+        torch.testing.assert_close(grads[name], expected, rtol=1e-12, atol=1e-15)
+
+
+def test_beta_takes_the_momentum_step_in_place():
+    template, params = _pack(Nonlinearity.RELU)
+    x, y = _batch()
+    grads, _ = _autograd(template, params, x, y)
+    v = {
+        k: torch.randn(p.shape, generator=torch.Generator().manual_seed(1))
+        for k, p in params.items()
+    }
+    expected = {k: MOMENTUM * v[k] + grads[k] for k in v}
+    momentum = OPTIMIZERS[OptimizerName.MOMENTUM]
+    target, beta = momentum.gradient_target({"v": v}, None)
+    assert target is v and beta == MOMENTUM
+    Backprop(Nonlinearity.RELU).loss_and_grad(params, x, y, target, scale=1 / B, beta=beta)
+    for name in expected:
+        torch.testing.assert_close(v[name], expected[name], rtol=1e-12, atol=1e-15)
+
+
+def test_optimisers_without_an_accumulator_need_a_gradient_buffer():
+    adam = OPTIMIZERS[OptimizerName.ADAM]
+    grads = {"w": torch.zeros(2)}
+    assert adam.gradient_target(adam.init(grads), grads) == (grads, 0.0)
+    with pytest.raises(ValueError, match="gradient buffer"):
+        adam.gradient_target(adam.init(grads), None)
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["own batches", "shared batch"])
+def test_logits_equal_each_model_s_forward(shared):
+    template, params = _pack(Nonlinearity.SIGMOID)
+    x, _ = _batch(shared)
+    out = logits(Nonlinearity.SIGMOID, params, x)
+    assert out.shape == (M, B, C)
+    for m in range(M):
+        one = {k: v[m] for k, v in params.items()}
+        xm = x[m] if x.dim() == 3 else x
+        torch.testing.assert_close(out[m], functional_call(template, one, (xm,)))
