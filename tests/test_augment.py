@@ -215,6 +215,22 @@ def test_mixed_pack_equals_each_model_alone(batch_size):
 
 
 @pytest.mark.parametrize("batch_size", [16, None], ids=["minibatch", "full"])
+def test_augmenting_members_go_on_alike_when_a_pack_mate_leaves(batch_size):
+    # The wild member diverges at once and leaves the pack at the first check (step 20):
+    # the augmenting members after it move up a place and keep drawing as before.
+    wild = Member(9, 1e30, 1.0)
+    members = [MIXED[0], wild, MIXED[2], MIXED[1]]
+    x, y = _train_data(2)
+    shape = _shape(batch_size=batch_size)
+    pack = train_pack(shape, members, x, y.expand(4, -1))
+    assert pack.diverged.tolist() == [False, True, False, False]
+    for i in (0, 2, 3):
+        alone = train_pack(shape, [members[i]], x, y[None])
+        for name, value in pack.params.items():
+            torch.testing.assert_close(value[i], alone.params[name][0], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("batch_size", [16, None], ids=["minibatch", "full"])
 def test_non_augmenting_member_is_untouched_by_augmenting_pack_mates(batch_size):
     x, y = _train_data(1)
     plain = [Member(m.seed, m.lr, m.init_scale) for m in MIXED]

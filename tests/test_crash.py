@@ -334,12 +334,13 @@ def test_a_diverging_model_inside_a_pack_is_recorded_and_the_others_finish(tmp_p
     assert runs.loc[100.0, "status"] == "diverged"
     assert "non-finite" in runs.loc[100.0, "error"]
     assert runs.loc[0.1, "status"] == "done" and pd.isna(runs.loc[0.1, "error"])
-    # The NaNs next door did not touch the healthy model: with a healthy neighbour instead
-    # (same pack shape, so the same batched kernels) it ends bit for bit the same.
+    # The NaNs next door did not touch the healthy model: it ends as with a healthy
+    # neighbour instead, to float rounding (the diverged model leaves the pack at the first
+    # check, and the healthy one trains on in a pack of one, whose products round alike).
     spec = next(s for s in study_module.load(path).specs() if s.lr == 0.1)
     calm = execute_pack([spec, spec.model_copy(update={"lr": 0.01})]).results[0].metrics
     for column in METRICS:
-        assert runs.loc[0.1, column] == pytest.approx(calm[column], rel=1e-12, abs=1e-12)
+        assert runs.loc[0.1, column] == pytest.approx(calm[column], rel=1e-6, abs=1e-9)
 
 
 SMALL = """

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sensgen import train
 from sensgen.models import MLP, Nonlinearity
 from sensgen.optim import OptimizerName
 from sensgen.train import (
@@ -206,3 +207,31 @@ def test_finite_screen_and_exact_check():
     # the exact check clears it; model 2 is really non-finite.
     assert _sums_finite(params).tolist() == [False, True, False]
     assert [_finite(params, i) for i in range(3)] == [True, True, False]
+
+
+def test_stopped_models_leave_the_pack_and_the_rest_train_on_as_alone(monkeypatch):
+    # Clean-label models fit and a wild one diverges; at the next check (every 20 steps)
+    # they leave, and the noisy-label model trains on alone in a pack of one. Every model
+    # ends as when trained alone, in pack order.
+    sizes = []
+
+    class Recording(train.Backprop):
+        def loss_and_grad(self, params, *args, **kwargs):
+            sizes.append(params["layers.0.weight"].shape[0])
+            return super().loss_and_grad(params, *args, **kwargs)
+
+    monkeypatch.setattr(train, "Backprop", Recording)
+    x, ys = _data()
+    shape = _shape(OptimizerName.MOMENTUM, max_steps=400)
+    members = [*_members(OptimizerName.MOMENTUM), Member(seed=9, lr=1e30, init_scale=1.0)]
+    labels = torch.cat([ys, ys[:1]])
+    pack = train_pack(shape, members, x, labels)
+    assert pack.diverged.tolist() == [False, False, False, True]
+    assert sizes[:20] == [4] * 20 and sizes[-1] == 1 and sizes == sorted(sizes, reverse=True)
+    assert sizes[20] <= 3  # the wild model left at the first check
+    assert len(sizes) == 400  # the noisy model runs its whole budget
+    for i, member in enumerate(members):
+        alone = train_pack(shape, [member], x, labels[i : i + 1])
+        assert alone.steps[0] == pack.steps[i]
+        for name, value in pack.params.items():
+            torch.testing.assert_close(value[i], alone.params[name][0], rtol=1e-6, atol=1e-7)

@@ -20,9 +20,12 @@ which is the gradient (and value) of model m's mean loss over all N examples, wh
 one chunk's activations [M, n_c, width] are alive at a time. The models share each chunk
 (unless they augment), so the first layer is one matrix product for the whole pack.
 
-Each model stops on its own (masked updates) when it reaches 100% training accuracy (checked
-every `eval_every` steps, if `stop_at_fit`), when its step budget runs out, or when its loss
-or its next parameters stop being finite (diverged; it keeps its last finite parameters).
+Each model stops on its own when it reaches 100% training accuracy (checked every
+`eval_every` steps, if `stop_at_fit`), when its step budget runs out, or when its loss or
+its next parameters stop being finite (diverged; it keeps its last finite parameters). A
+stopped model takes no more updates (learning rate 0 leaves θ exactly as it is) and, at
+the next check, leaves the pack: the models still training go on as a smaller pack, so a
+study's slowest-fitting models do not carry the cost of those that fitted early.
 
 Randomness: model m's initial weights come from `torch.Generator().manual_seed(seed_m)`;
 its data order from a generator seeded by `derive_seed(seed_m, "order")`; if it augments
@@ -37,7 +40,6 @@ uses the unaugmented training set (paper §2.3).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -45,7 +47,9 @@ import torch
 from torch.func import stack_module_state
 
 from sensgen.backprop import Backprop, logits
-from sensgen.data import Augmentation, apply_augmentation, draw_augmentation
+from sensgen.batches import Augmenter, Minibatches
+from sensgen.batches import derive_seed as derive_seed  # re-exported: seeds of every purpose
+from sensgen.data import Augmentation
 from sensgen.models import MLP, Nonlinearity
 from sensgen.optim import OPTIMIZERS, OptimizerName
 
@@ -54,12 +58,6 @@ from sensgen.optim import OPTIMIZERS, OptimizerName
 # run's result must depend only on its spec, not on its pack-mates or the machine it ran on.
 # `planner.model_memory_bytes` sizes a full-batch run's activations by it.
 FULL_BATCH_CHUNK = 4096
-
-
-def derive_seed(seed: int, purpose: str) -> int:
-    """A 63-bit seed for one purpose ("order", "labels", ...) derived from a run's seed."""
-    digest = hashlib.sha256(f"{seed}:{purpose}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
 
 
 @dataclass(frozen=True)
@@ -149,53 +147,146 @@ def train_pack(
     n_models, n = len(members), x.shape[0]
     if y.shape != (n_models, n):
         raise ValueError(f"y must be [M, N] = [{n_models}, {n}], got {tuple(y.shape)}")
-    augmenter = _Augmenter.for_pack(shape, members, x)
-    device = x.device
+    augmenter = Augmenter.for_pack(
+        shape.augmentation, [m.augment for m in members], [m.seed for m in members], x
+    )
     template, params = init_pack(shape, members)  # drawn on the CPU: same weights anywhere
-    params = {k: v.to(device) for k, v in params.items()}
-    optimizer = OPTIMIZERS[shape.optimizer]
-    state = optimizer.init(params)
-    spare = {k: torch.empty_like(v) for k, v in params.items()}  # the next step's params
-    lr = torch.tensor([m.lr for m in members], dtype=torch.float64, device=device)
-    lr_active = lr.clone()  # 0 for stopped models: their updates leave θ exactly as it is
-    steps = torch.zeros(n_models, dtype=torch.int64, device=device)
-    active = torch.ones(n_models, dtype=torch.bool, device=device)
-    diverged = torch.zeros(n_models, dtype=torch.bool, device=device)
-    last_finite: dict[int, dict[str, torch.Tensor]] = {}  # diverged model -> its params
-
-    backprop = Backprop(shape.nonlinearity)
-    grads = None if optimizer.accumulator else {k: torch.empty_like(v) for k, v in params.items()}
-    target, beta = optimizer.gradient_target(state, grads)  # the gradient goes: β·target + g
-    batches = None if shape.batch_size is None else _Minibatches(members, shape.batch_size, x)
+    params = {k: v.to(x.device) for k, v in params.items()}
+    run = _PackRun(shape, members, params, x, y, augmenter)
     for step in range(shape.max_steps):
-        if batches is None:
-            losses = _full_batch_step(backprop, params, x, y, augmenter, target, beta)
-        else:
-            xb, yb = batches.next(x, y)
-            if augmenter is not None:
-                augmenter(xb)
-            scale = 1 / shape.batch_size
-            losses = backprop.loss_and_grad(params, xb, yb, target, scale=scale, beta=beta)
-        optimizer.update(params, grads, state, lr_active, steps, spare)
-        newly = _newly_diverged(losses, params, spare, active, last_finite)
-        if newly is not None:
-            diverged |= newly
-            active &= ~newly
-            lr_active = torch.where(active, lr, 0.0)
-        params, spare = spare, params
-        steps += active.long()
+        run.step(x)
         if on_step is not None:
             on_step(step)
         if (step + 1) % shape.eval_every == 0 or step + 1 == shape.max_steps:
             if shape.stop_at_fit:
-                active &= ~fits_training_set(template, params, x, y)
-                lr_active = torch.where(active, lr, 0.0)
-            if not active.any():
+                run.stop(fits_training_set(template, run.params, x, run.y))
+            if not run.active.any():
                 break
-    for i, values in last_finite.items():  # a diverged model ends with its last finite θ
-        for k, v in values.items():
-            params[k][i] = v
-    return PackOutcome(params=params, steps=steps, diverged=diverged)
+            run.compact()
+    return run.outcome()
+
+
+class _PackRun:
+    """The training state of the models of a pack still in it (all tensors [m, ...]).
+
+    `ids` [m] are their positions in the pack as given (M models). Stopped models keep
+    their place, with learning rate 0, until `compact` moves their results out into
+    full-pack tensors (`outcome`): the first time, the parameters' own [M, ...] buffers
+    become those results, and the models still training get fresh, smaller buffers.
+    """
+
+    def __init__(
+        self,
+        shape: PackShape,
+        members: Sequence[Member],
+        params: dict[str, torch.Tensor],
+        x: torch.Tensor,
+        y: torch.Tensor,
+        augmenter: Augmenter | None,
+    ) -> None:
+        device = y.device
+        n_models = len(members)
+        self.shape, self.y, self.augmenter = shape, y, augmenter
+        self.optimizer = OPTIMIZERS[shape.optimizer]
+        self.params = params
+        self.state = self.optimizer.init(params)
+        self.ids = torch.arange(n_models, device=device)
+        self.lr = torch.tensor([m.lr for m in members], dtype=torch.float64, device=device)
+        self.lr_active = self.lr.clone()  # 0 for stopped models: θ stays exactly as it is
+        self.steps = torch.zeros(n_models, dtype=torch.int64, device=device)
+        self.active = torch.ones(n_models, dtype=torch.bool, device=device)
+        self.diverged = torch.zeros(n_models, dtype=torch.bool, device=device)
+        self.last_finite: dict[int, dict[str, torch.Tensor]] = {}  # position -> its params
+        self.results: tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor] | None = None
+        self.batches = None
+        if shape.batch_size is not None:
+            self.batches = Minibatches([m.seed for m in members], shape.batch_size, x)
+        self._buffers()
+
+    def _buffers(self) -> None:
+        """The next step's parameters, the gradient (if the optimiser needs one), workspace."""
+        self.spare = {k: torch.empty_like(v) for k, v in self.params.items()}
+        self.grads = None
+        if self.optimizer.accumulator is None:
+            self.grads = {k: torch.empty_like(v) for k, v in self.params.items()}
+        self.target, self.beta = self.optimizer.gradient_target(self.state, self.grads)
+        self.backprop = Backprop(self.shape.nonlinearity)
+
+    def step(self, x: torch.Tensor) -> None:
+        """One update of every model still in the pack (stopped ones with lr 0)."""
+        if self.batches is None:
+            losses = _full_batch_step(
+                self.backprop, self.params, x, self.y, self.augmenter, self.target, self.beta
+            )
+        else:
+            xb, yb = self.batches.next(x, self.y)
+            if self.augmenter is not None:
+                self.augmenter(xb)
+            scale = 1 / self.shape.batch_size
+            losses = self.backprop.loss_and_grad(
+                self.params, xb, yb, self.target, scale=scale, beta=self.beta
+            )
+        self.optimizer.update(
+            self.params, self.grads, self.state, self.lr_active, self.steps, self.spare
+        )
+        newly = _newly_diverged(losses, self.params, self.spare, self.active, self.last_finite)
+        if newly is not None:
+            self.diverged |= newly
+            self.stop(newly)
+        self.params, self.spare = self.spare, self.params
+        self.steps += self.active.long()
+
+    def stop(self, which: torch.Tensor) -> None:
+        """Stop models `which` ([m] bool): no more updates."""
+        self.active &= ~which
+        self.lr_active = torch.where(self.active, self.lr, 0.0)
+
+    def compact(self) -> None:
+        """Move the stopped models' results out; the rest go on as a smaller pack."""
+        if bool(self.active.all()):
+            return
+        self._store()
+        keep = self.active.nonzero().flatten().tolist()
+        index = torch.tensor(keep, dtype=torch.int64, device=self.ids.device)
+        self.params = {k: v[index] for k, v in self.params.items()}
+        self.state = {name: {k: v[index] for k, v in s.items()} for name, s in self.state.items()}
+        for name in ("ids", "lr", "lr_active", "steps", "active", "diverged", "y"):
+            setattr(self, name, getattr(self, name)[index])
+        self.last_finite = {}  # only stopped models have some
+        if self.batches is not None:
+            self.batches.select(keep)
+        if self.augmenter is not None:
+            self.augmenter = self.augmenter.select(keep)
+        self._buffers()
+
+    def _store(self) -> None:
+        """Write every model's current result into the full-pack results.
+
+        The first time, the full pack's own buffers become the results (its parameters are
+        already in place, but for the diverged models' last finite ones).
+        """
+        if self.results is None:
+            self.results = (self.params, self.steps.clone(), self.diverged.clone())
+            ids = None
+        else:
+            ids = self.ids.tolist()
+        params, steps, diverged = self.results
+        for i in range(len(self.ids)):
+            if i in self.last_finite:
+                values = self.last_finite[i]
+            elif ids is not None:
+                values = {k: v[i] for k, v in self.params.items()}
+            else:
+                continue  # already in place
+            for k, v in values.items():
+                params[k][i if ids is None else ids[i]] = v
+        steps[self.ids], diverged[self.ids] = self.steps, self.diverged
+
+    def outcome(self) -> PackOutcome:
+        """Every model's final parameters, steps and divergence flag, in pack order."""
+        self._store()
+        params, steps, diverged = self.results
+        return PackOutcome(params=params, steps=steps, diverged=diverged)
 
 
 def _full_batch_step(
@@ -203,7 +294,7 @@ def _full_batch_step(
     params: dict[str, torch.Tensor],
     x: torch.Tensor,
     y: torch.Tensor,
-    augmenter: _Augmenter | None,
+    augmenter: Augmenter | None,
     target: dict[str, torch.Tensor],
     beta: float,
 ) -> torch.Tensor:
@@ -222,74 +313,6 @@ def _full_batch_step(
         chunk_beta = beta if c == 0 else 1.0
         losses += backprop.loss_and_grad(params, xb, yc, target, scale=1 / n, beta=chunk_beta)
     return losses
-
-
-class _Minibatches:
-    """Each model's next minibatch, gathered into one buffer [M, B, d] kept across steps.
-
-    Model m walks its own permutation of the N examples, drawn from its own generator and
-    redrawn every epoch; an epoch is ⌊N / B⌋ batches (the remainder of each is dropped).
-    """
-
-    def __init__(self, members: Sequence[Member], batch_size: int, x: torch.Tensor) -> None:
-        self.generators = [
-            torch.Generator().manual_seed(derive_seed(m.seed, "order")) for m in members
-        ]
-        self.b, self.n = batch_size, x.shape[0]
-        self.orders = torch.empty(0, 0, dtype=torch.int64)  # [M, N], one permutation per row
-        self.cursor = self.n  # forces a fresh permutation at the first step
-        self.x = torch.empty(len(members), batch_size, x.shape[1], dtype=x.dtype, device=x.device)
-
-    def next(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs [M, B, d], labels [M, B]) of the next step, from x [N, d], y [M, N]."""
-        if self.cursor + self.b > self.n:
-            perms = [torch.randperm(self.n, generator=g) for g in self.generators]
-            self.orders, self.cursor = torch.stack(perms).to(x.device), 0
-        idx = self.orders[:, self.cursor : self.cursor + self.b]
-        self.cursor += self.b
-        torch.index_select(x, 0, idx.flatten(), out=self.x.view(-1, x.shape[1]))
-        return self.x, torch.gather(y, 1, idx)
-
-
-class _Augmenter:
-    """Augments the batches of a pack's augmenting members, each with its own generator."""
-
-    def __init__(self, aug: Augmentation, which: torch.Tensor, seeds: list[int]) -> None:
-        self.aug = aug
-        self.which = which  # [K] indices of the augmenting members
-        self.generators = [torch.Generator().manual_seed(derive_seed(s, "augment")) for s in seeds]
-
-    @classmethod
-    def for_pack(
-        cls, shape: PackShape, members: Sequence[Member], x: torch.Tensor
-    ) -> _Augmenter | None:
-        """None when no member augments (the pack then trains exactly as without this)."""
-        which = [i for i, m in enumerate(members) if m.augment]
-        if not which:
-            return None
-        aug = shape.augmentation
-        if aug is None:
-            raise ValueError("members augment, but the PackShape has no augmentation")
-        if aug.dim != x.shape[1]:
-            raise ValueError(
-                f"augmentation is for images of {aug.image_shape}, x is [N, {x.shape[1]}]"
-            )
-        index = torch.tensor(which, dtype=torch.int64, device=x.device)
-        return cls(aug, index, [members[i].seed for i in which])
-
-    def __call__(self, xb: torch.Tensor) -> torch.Tensor:
-        """Augment members `which` of the batches xb [M, B, D] in place; returns xb.
-
-        Every augmenting member draws B translations (and flips) from its own generator,
-        so its draws do not depend on its pack-mates; all are applied in one batched call.
-        """
-        b, d = xb.shape[1:]
-        draws = [draw_augmentation(self.aug, b, generator=g) for g in self.generators]
-        shifts = torch.cat([s for s, _ in draws])  # [K*B, 2], member-major
-        flips = torch.cat([f for _, f in draws])  # [K*B]
-        moved = apply_augmentation(xb[self.which].reshape(-1, d), self.aug, shifts, flips)
-        xb[self.which] = moved.view(-1, b, d)
-        return xb
 
 
 def _newly_diverged(
