@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from sensgen import train
+from sensgen.backprop import logits as train_logits
 from sensgen.models import MLP, Nonlinearity
 from sensgen.optim import OptimizerName
 from sensgen.train import (
@@ -155,6 +156,25 @@ def test_predict_fit_and_unstack_agree():
         torch.testing.assert_close(unstack(template, out.params, i)(x), logits[i])
     fits = fits_training_set(template, out.params, x, ys)
     assert fits.tolist() == [(logits[i].argmax(-1) == ys[i]).all().item() for i in range(3)]
+
+
+def test_fit_check_goes_chunk_by_chunk_and_stops_early(monkeypatch):
+    x, _ = _data()
+    shape = _shape(OptimizerName.SGD)
+    template, params = init_pack(shape, _members(OptimizerName.SGD))
+    own = predict_pack(template, params, x).argmax(-1)  # labels each model gets all right
+    labels = own.clone()
+    labels[1, -1] = (labels[1, -1] + 1) % C  # model 1 misses only the very last point
+    labels[2, 0] = (labels[2, 0] + 1) % C  # model 2 misses the first point
+    for chunk_size in (1, 7, N, 4 * N):
+        fits = fits_training_set(template, params, x, labels, chunk_size=chunk_size)
+        assert fits.tolist() == [True, False, False]
+    both_miss = own.clone()
+    both_miss[:, 0] = (both_miss[:, 0] + 1) % C  # nobody fits after the first chunk: stop
+    calls = []
+    monkeypatch.setattr(train, "logits", lambda *args: calls.append(1) or train_logits(*args))
+    assert not fits_training_set(template, params, x, both_miss, chunk_size=7).any()
+    assert len(calls) == 1
 
 
 def test_labels_shape_is_checked():

@@ -363,12 +363,28 @@ def predict_pack(
     return torch.cat([logits(template.nonlinearity, params, xc) for xc in chunks], dim=1)
 
 
+@torch.no_grad()
 def fits_training_set(
-    template: MLP, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor
+    template: MLP,
+    params: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    chunk_size: int = 1024,
 ) -> torch.Tensor:
-    """[M] bool: whether each model classifies every training point correctly (own labels)."""
-    predictions = predict_pack(template, params, x).argmax(dim=-1)  # [M, N]
-    return (predictions == y).all(dim=1)
+    """[M] bool: whether each model classifies every training point correctly (own labels).
+
+    Goes through x chunk by chunk and stops as soon as every model has misclassified a
+    point (early in training, within the first chunk), so the check costs little until
+    models come close to fitting.
+    """
+    fit = torch.ones(y.shape[0], dtype=torch.bool, device=y.device)
+    chunks = zip(torch.split(x, chunk_size), torch.split(y, chunk_size, dim=1), strict=True)
+    for xc, yc in chunks:
+        predictions = logits(template.nonlinearity, params, xc).argmax(dim=-1)  # [M, n]
+        fit &= (predictions == yc).all(dim=1)
+        if not fit.any():
+            break
+    return fit
 
 
 def unstack(template: MLP, params: dict[str, torch.Tensor], index: int) -> MLP:
