@@ -357,7 +357,7 @@ def table_workers(rows: list[Measurement]) -> list[tuple[str, str]]:
 
 
 def _describe(config: Config) -> str:
-    measures = "all generalization measures" if config.generalization_measures else "no"
+    measures = "all" if config.generalization_measures else "no"
     return (
         f"fashion_mnist, {config.train_subset:,} training images, widths "
         f"{list(config.widths)} x depths {list(config.depths)} x adam|rmsprop x random (lr "

@@ -106,7 +106,8 @@ class PackOutcome:
 def init_pack(shape: PackShape, members: Sequence[Member]) -> tuple[MLP, dict[str, torch.Tensor]]:
     """Build each member's MLP from its own seed and stack them.
 
-    Returns a template MLP (for `functional_call`) and the stacked parameters [M, ...].
+    Returns a template MLP (its architecture, for `unstack` and `predict_pack`) and the
+    stacked parameters [M, ...].
     """
     nets = [
         MLP(
