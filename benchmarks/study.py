@@ -140,8 +140,11 @@ def run(config: Config) -> None:
     for i, (models, workers) in enumerate(wanted):
         print(f"  [{i + 1}/{len(wanted)}] {models} models, {workers} worker(s) ...", end=" ")
         sys.stdout.flush()
-        results[models, workers] = measure(config, models, workers)
-        print(f"{results[models, workers].wall_s:.1f} s")
+        m = results[models, workers] = measure(config, models, workers)
+        print(  # as it comes, so that a run stopped early still tells something
+            f"{m.wall_s:.1f} s, {m.models / m.wall_s * 3600:.1f} models/h, {m.fit} fit, "
+            f"{m.mean_steps:.0f} steps per model, peak RSS {_mib(m.tree_rss)} MiB"
+        )
     by_workers = [results[reference, w] for w in config.workers]
     table(f"1. Reference study: {reference} models, end to end", table_reference(by_workers))
     by_models = [results[n, single] for n in sorted(config.models)]
