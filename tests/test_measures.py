@@ -434,3 +434,53 @@ def test_study_file_selects_groups_and_rejects_unknown_ones(tmp_path):
                     '[measure]\ngeneralization_measures = ["norms", "flatnes"]\n')  # fmt: skip
     with pytest.raises(UserError, match=r"measure\.generalization_measures.*'flatnes'"):
         load(path)
+
+
+@pytest.mark.parametrize("magnitude_aware", [True, False])
+def test_early_stops_do_not_change_the_searches(monkeypatch, magnitude_aware):
+    # The searches stop a criterion's evaluation once its answer is settled (the rest of
+    # the draws, or of the ascent, cannot change it). Without the early stops they must
+    # return exactly the same σ and α.
+    from sensgen.measures import flatness
+
+    net, x, y = pacbayes_problem()
+    kw = {"seed": 5, "magnitude_aware": magnitude_aware}
+    early = (M.pacbayes_flatness(net, x, y, n_draws=7, **kw), M.sharpness(net, x, y, **kw))
+    calls = {"settled": 0, "stopped": 0}
+    full_mean, full_ascent = flatness.perturbed_accuracy, flatness.adversarial_accuracy
+
+    def every_draw(*args, settle=None, **options):
+        calls["settled"] += settle is not None
+        return full_mean(*args, **options)
+
+    def whole_ascent(*args, stop_below=None, **options):
+        calls["stopped"] += stop_below is not None
+        return full_ascent(*args, **options)
+
+    monkeypatch.setattr(flatness, "perturbed_accuracy", every_draw)
+    monkeypatch.setattr(flatness, "adversarial_accuracy", whole_ascent)
+    full = (M.pacbayes_flatness(net, x, y, n_draws=7, **kw), M.sharpness(net, x, y, **kw))
+    assert early == full
+    assert calls["settled"] > 10 and calls["stopped"] > 10  # every criterion asked to settle
+
+
+def test_settled_mean_is_on_the_same_side_of_the_threshold():
+    net, x, y = pacbayes_problem()
+    gen = torch.Generator().manual_seed(2)
+    noise = [
+        {
+            n: torch.randn(p.shape, generator=gen, dtype=torch.float64)
+            for n, p in net.named_parameters()
+        }
+        for _ in range(6)
+    ]
+    for sigma in (0.01, 0.3, 1.0, 3.0, 30.0):
+        mean = M.perturbed_accuracy(net, x, y, sigma, noise)
+        for threshold in (0.05, 0.5, mean, 0.95):
+            settled = M.perturbed_accuracy(net, x, y, sigma, noise, settle=threshold)
+            assert (settled >= threshold) == (mean >= threshold)
+        start = sharpness_start(net, 4)
+        worst = M.adversarial_accuracy(net, x, y, sigma, start)
+        for threshold in (0.05, 0.5, worst, 0.95):
+            stopped = M.adversarial_accuracy(net, x, y, sigma, start, stop_below=threshold)
+            assert (stopped >= threshold) == (worst >= threshold)

@@ -77,10 +77,11 @@ class Backprop:
         self.backward = ACTIVATION_BACKWARDS[nonlinearity]
         self._buffers: dict[tuple, torch.Tensor] = {}
 
-    def _buffer(self, slot: str, like: torch.Tensor, *shape: int, dtype=None) -> torch.Tensor:
-        key = (slot, shape, dtype or like.dtype, like.device)
+    def _buffer(self, slot: str, like: torch.Tensor, *shape: int) -> torch.Tensor:
+        """The kept buffer of `slot` for this shape (like's dtype and device)."""
+        key = (slot, shape, like.dtype, like.device)
         if key not in self._buffers:
-            self._buffers[key] = torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
+            self._buffers[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
         return self._buffers[key]
 
     def forward(self, params: Params, x: torch.Tensor) -> tuple[list, torch.Tensor]:

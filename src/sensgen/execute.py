@@ -131,7 +131,8 @@ def execute_pack(
     )
     done = [r.status is Status.DONE for r in results]
     profiles, regions = _geometry(specs, done, template, initial, outcome, x_train, y_true, measure)
-    wall = (time.perf_counter() - start) / len(specs)
+    measures = _measures(specs, done, template, initial, outcome, x_train, labels, measure)
+    wall = (time.perf_counter() - start) / len(specs)  # training and every measurement
     results = [_with_wall_time(r, wall) for r in results]
     weights = {
         f"{spec.run_id}.{name}": value[i].detach().cpu().contiguous()
@@ -139,7 +140,6 @@ def execute_pack(
         for name, value in outcome.params.items()
     }
     table = pd.concat(points, ignore_index=True) if measure.points else None
-    measures = _measures(specs, done, template, initial, outcome, x_train, labels, measure)
     return PackResult(results, table, weights, profiles, regions, measures)
 
 
