@@ -35,7 +35,9 @@ from sensgen.store import PlannedRun, RunResult, Store, open_results
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="uses SIGKILL and /proc")
 
 N_TEST = 360  # digits test points
-SEEDS = 24  # runs of the crash study: 12 packs of 2, a few seconds in all
+# Runs of the crash study: 12 packs of 2, about 0.5 s each on one thread. Packs must take
+# long enough that the kill moments below (up to 1 s after a pack) leave packs to run.
+SEEDS = 24
 CRASH = f"""
 name = "crash"
 [base]
@@ -45,8 +47,8 @@ lr = 0.1
 batch_size = 32
 width = 32
 depth = 1
-max_steps = 200
-eval_every = 100
+max_steps = 2000
+eval_every = 1000
 stop_at_fit = false
 [grid]
 seed = {list(range(SEEDS))}
