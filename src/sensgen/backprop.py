@@ -99,17 +99,13 @@ class Backprop:
         return hidden, self._affine(params, n_layers(params) - 1, a)
 
     def _affine(self, params: Params, index: int, a: torch.Tensor) -> torch.Tensor:
-        """h = a Wᵀ + b for layer `index`, in its buffer [M, B, n_out]."""
+        """`affine` for layer `index`, into its buffer [M, B, n_out]."""
         weight, bias = layer(params, index)
-        m, n_out, n_in = weight.shape
+        m, n_out, _ = weight.shape
         b = a.shape[-2]
         h = self._buffer(f"h{index}", weight, m, b, n_out)
-        if a.dim() == 3:
-            return torch.baddbmm(bias.unsqueeze(1), a, weight.transpose(1, 2), out=h)
-        # Shared input: one [B, d] × [d, M·n_out] product for the whole pack.
-        flat = self._buffer("shared", weight, b, m * n_out)
-        torch.mm(a, weight.view(m * n_out, n_in).t(), out=flat)
-        return torch.add(flat.view(b, m, n_out).transpose(0, 1), bias.unsqueeze(1), out=h)
+        scratch = self._buffer("shared", weight, b, m * n_out) if a.dim() == 2 else None
+        return affine(weight, bias, a, out=h, scratch=scratch)
 
     def loss_and_grad(
         self,
@@ -168,17 +164,31 @@ class Backprop:
             g_bias.mul_(beta).add_(delta.sum(dim=1))
 
 
+def affine(
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    a: torch.Tensor,
+    *,
+    out: torch.Tensor | None = None,
+    scratch: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """h = a Wᵀ + b for every model: [M, B, n_out] from a [M, B, n_in] or shared a [B, n_in].
+
+    A shared input is one [B, n_in] × [n_in, M·n_out] product for the whole pack (into
+    ``scratch`` [B, M·n_out] if given). The result goes into ``out`` if given.
+    """
+    if a.dim() == 3:
+        return torch.baddbmm(bias.unsqueeze(1), a, weight.transpose(1, 2), out=out)
+    m, n_out, n_in = weight.shape
+    flat = torch.mm(a, weight.reshape(m * n_out, n_in).t(), out=scratch)
+    return torch.add(flat.view(-1, m, n_out).transpose(0, 1), bias.unsqueeze(1), out=out)
+
+
 def logits(nonlinearity: Nonlinearity, params: Params, x: torch.Tensor) -> torch.Tensor:
     """Logits [M, B, C] of every model of a pack on x [M, B, d] or shared x [B, d]."""
     activation = ACTIVATIONS[nonlinearity]
     a = x
     for index in range(n_layers(params)):
-        weight, bias = layer(params, index)
-        if a.dim() == 3:
-            h = torch.baddbmm(bias.unsqueeze(1), a, weight.transpose(1, 2))
-        else:
-            m, n_out, n_in = weight.shape
-            flat = a @ weight.reshape(m * n_out, n_in).t()
-            h = flat.view(-1, m, n_out).transpose(0, 1) + bias.unsqueeze(1)
+        h = affine(*layer(params, index), a)
         a = h if index == n_layers(params) - 1 else activation(h)
     return a
