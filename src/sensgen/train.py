@@ -246,7 +246,7 @@ class _PackRun:
         """Move the stopped models' results out; the rest go on as a smaller pack."""
         if bool(self.active.all()):
             return
-        self._store()
+        self._store((~self.active).nonzero().flatten().tolist())
         keep = self.active.nonzero().flatten().tolist()
         index = torch.tensor(keep, dtype=torch.int64, device=self.ids.device)
         self.params = {k: v[index] for k, v in self.params.items()}
@@ -260,32 +260,28 @@ class _PackRun:
             self.augmenter = self.augmenter.select(keep)
         self._buffers()
 
-    def _store(self) -> None:
-        """Write every model's current result into the full-pack results.
+    def _store(self, positions: Sequence[int]) -> None:
+        """Write the results of the models at `positions` into the full-pack results.
 
-        The first time, the full pack's own buffers become the results (its parameters are
-        already in place, but for the diverged models' last finite ones).
+        The first time, the full pack's own buffers become the results: the parameters are
+        already in place, but for the diverged models' last finite ones.
         """
         if self.results is None:
             self.results = (self.params, self.steps.clone(), self.diverged.clone())
-            ids = None
-        else:
-            ids = self.ids.tolist()
         params, steps, diverged = self.results
-        for i in range(len(self.ids)):
-            if i in self.last_finite:
-                values = self.last_finite[i]
-            elif ids is not None:
+        in_place = params is self.params
+        ids = self.ids.tolist()
+        for i in positions:
+            values = self.last_finite.get(i)
+            if values is None and not in_place:
                 values = {k: v[i] for k, v in self.params.items()}
-            else:
-                continue  # already in place
-            for k, v in values.items():
-                params[k][i if ids is None else ids[i]] = v
+            for k, v in (values or {}).items():
+                params[k][ids[i]] = v
         steps[self.ids], diverged[self.ids] = self.steps, self.diverged
 
     def outcome(self) -> PackOutcome:
         """Every model's final parameters, steps and divergence flag, in pack order."""
-        self._store()
+        self._store(range(len(self.ids)))
         params, steps, diverged = self.results
         return PackOutcome(params=params, steps=steps, diverged=diverged)
 
