@@ -76,6 +76,7 @@ class Augmenter:
         self.aug = aug
         self.which = which
         self.generators = _generators(seeds, "augment")
+        self._index: torch.Tensor | None = None  # `which` as a tensor, made on first use
 
     @classmethod
     def for_pack(
@@ -107,9 +108,10 @@ class Augmenter:
         draws = [draw_augmentation(self.aug, b, generator=g) for g in self.generators]
         shifts = torch.cat([s for s, _ in draws])  # [K*B, 2], member-major
         flips = torch.cat([f for _, f in draws])  # [K*B]
-        which = torch.tensor(self.which, dtype=torch.int64, device=xb.device)
-        moved = apply_augmentation(xb[which].reshape(-1, d), self.aug, shifts, flips)
-        xb[which] = moved.view(-1, b, d)
+        if self._index is None:
+            self._index = torch.tensor(self.which, dtype=torch.int64, device=xb.device)
+        moved = apply_augmentation(xb[self._index].reshape(-1, d), self.aug, shifts, flips)
+        xb[self._index] = moved.view(-1, b, d)
         return xb
 
     def select(self, keep: list[int]) -> Augmenter | None:
@@ -121,4 +123,5 @@ class Augmenter:
             return None
         self.which = [i for i, _ in kept]
         self.generators = [g for _, g in kept]
+        self._index = None
         return self
