@@ -24,13 +24,20 @@ def study_dir(tmp_path_factory):
     return out
 
 
-def test_every_block_of_the_analysis_page_runs(study_dir, tmp_path, monkeypatch):
-    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(encoding="utf-8"), re.S)
-    assert len(blocks) == 4
-    monkeypatch.chdir(tmp_path)
+def _run_blocks(page, expected: int, study_literal: str, study_dir) -> dict:
+    """Run a page's ```python blocks in order in one namespace, with its study path
+    (``study_literal``, as written in the page) pointing at ``study_dir``."""
+    blocks = re.findall(r"```python\n(.*?)```", page.read_text(encoding="utf-8"), re.S)
+    assert len(blocks) == expected
     namespace: dict = {}
     for block in blocks:
-        exec(block.replace('"runs/quickstart"', repr(str(study_dir))), namespace)
+        exec(block.replace(study_literal, repr(str(study_dir))), namespace)
+    return namespace
+
+
+def test_every_block_of_the_analysis_page_runs(study_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    namespace = _run_blocks(DOC, 4, '"runs/quickstart"', study_dir)
     runs, kept, ci = namespace["runs"], namespace["kept"], namespace["ci"]
     assert len(runs) == 6 and set(runs["status"]) == {"done"}
     n_fit = int((runs["train_acc"] == 1.0).sum())
@@ -56,12 +63,8 @@ def test_every_block_of_the_measures_page_runs(tmp_path, monkeypatch):
         },
     )
     run(s, out, progress=False, report=False)
-    blocks = re.findall(r"```python\n(.*?)```", MEASURES_DOC.read_text(encoding="utf-8"), re.S)
-    assert len(blocks) == 2
     monkeypatch.chdir(tmp_path)
-    namespace: dict = {}
-    for block in blocks:
-        exec(block.replace('"runs/fig5"', repr(str(out))), namespace)
+    namespace = _run_blocks(MEASURES_DOC, 2, '"runs/fig5"', out)
     assert len(namespace["runs"]) == 4  # every model fits, so the inclusion rule keeps all
     scores, factors = namespace["scores"], namespace["factors"]
     assert {"jacobian_norm", "sharpness_mag", "pacbayes_mag_flatness"} <= set(scores["measure"])
