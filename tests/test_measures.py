@@ -228,6 +228,36 @@ def test_pacbayes_flatness_bisection_brackets_the_threshold():
     assert M.perturbed_accuracy(net, x, y, sigma + 1e-6, noise) < 0.9
 
 
+@pytest.mark.parametrize("magnitude_aware", [True, False])
+def test_perturbed_accuracy_is_the_mean_over_independent_draws(magnitude_aware):
+    # Each draw perturbs θ itself: acc(θ + s ∘ g_k), s_i = sqrt(σ²θ_i² + ε²) or σ, computed
+    # here draw by draw with functional_call. (A draw must not start from the previous
+    # draw's parameters: the perturbations would add up into a random walk.)
+    net, x, y = pacbayes_problem()
+    theta = {n: p.detach().double() for n, p in net.named_parameters()}
+    gen = torch.Generator().manual_seed(4)
+    noise = [
+        {n: torch.randn(t.shape, generator=gen, dtype=torch.float64) for n, t in theta.items()}
+        for _ in range(6)
+    ]
+    net64 = MLP(3, 3, width=6, depth=1).double()
+    for sigma in (0.05, 0.4, 2.0):
+        accuracies = []
+        for g in noise:
+            if magnitude_aware:
+                params = {
+                    n: t + (sigma**2 * t**2 + 1e-3**2).sqrt() * g[n] for n, t in theta.items()
+                }
+            else:
+                params = {n: t + sigma * g[n] for n, t in theta.items()}
+            z = torch.func.functional_call(net64, params, (x.double(),))
+            accuracies.append(float((z.argmax(1) == y).double().mean()))
+        mean = M.perturbed_accuracy(net, x, y, sigma, noise, magnitude_aware=magnitude_aware)
+        assert mean == pytest.approx(sum(accuracies) / len(accuracies), abs=1e-12)
+        assert len(set(accuracies)) > 1 or sigma == 0.05  # the draws differ: a real check
+    assert all(torch.equal(p.detach().double(), theta[n]) for n, p in net.named_parameters())
+
+
 def scaled_readout(net: MLP, factor: float) -> MLP:
     """A copy of a 1-hidden-layer net whose last layer (weights and bias) is scaled by
     ``factor``: its logits scale by ``factor``, its decisions do not change."""

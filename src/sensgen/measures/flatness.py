@@ -36,14 +36,21 @@ def perturbed_accuracy(
     the same side of t as the full mean (a bound on it).
     """
     net64 = copy.deepcopy(net).to("cpu", torch.float64)
-    theta = _params(net64)
+    # A copy: `_params` of a float64 CPU net returns its parameters themselves, which each
+    # draw overwrites below (θ must stay θ, or the draws would add up).
+    theta = {name: t.clone() for name, t in _params(net64).items()}
     x, y = x.to("cpu", torch.float64), y.to("cpu", torch.long)
     n, total = len(noise), 0.0
     with torch.no_grad():
+        # s depends on σ only: computed once for all the draws.
+        scale = {
+            name: (sigma**2 * t**2 + eps**2).sqrt() if magnitude_aware else sigma
+            for name, t in theta.items()
+        }
+        params = dict(net64.named_parameters())
         for k, g in enumerate(noise, start=1):
-            for name, p in net64.named_parameters():
-                scale = (sigma**2 * theta[name] ** 2 + eps**2).sqrt() if magnitude_aware else sigma
-                p.copy_(theta[name] + scale * g[name])
+            for name, p in params.items():
+                torch.add(theta[name], scale[name] * g[name], out=p)
             total += float((net64(x).argmax(1) == y).double().mean())
             if settle is not None and k < n:
                 if total / n >= settle:  # the mean can only grow from here
