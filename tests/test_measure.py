@@ -137,6 +137,7 @@ def test_anchor_indices_are_three_classes_in_range_and_deterministic() -> None:
 
 def test_anchor_indices_edge_cases() -> None:
     assert ellipse_anchor_indices(TEST.y, 0, seed=0).shape == (0, 3)
+    assert ellipse_anchor_indices(torch.tensor([0, 1, 0, 1]), 0, seed=0).shape == (0, 3)
     three = ellipse_anchor_indices(torch.tensor([4, 2, 9]), 5, seed=0)
     assert (three.sort(dim=1).values == torch.arange(3)).all()
     with pytest.raises(UserError, match="three classes"):

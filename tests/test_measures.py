@@ -282,6 +282,44 @@ def test_pacbayes_flatness_scale_invariance_and_cap():
     assert capped == {"sigma": 64.0, "flatness": 1 / 64.0**2}
 
 
+def test_norm_products_of_a_diverged_net_are_nan():
+    # A NaN weight makes every norm measure NaN (not 0 from log(NaN) → −∞: that would rank
+    # a diverged net as the "best" one).
+    net = diagonal_net()
+    with torch.no_grad():
+        net.layers[0].weight[0, 0] = math.nan
+    for measure in (M.frobenius_product, M.frobenius_geometric, M.frobenius_sum, M.path_norm):
+        assert math.isnan(measure(net)), measure.__name__
+
+
+def test_pacbayes_init_counts_the_whole_training_set():
+    # m of pacbayes_init is the training-set size, not the number of points the searches
+    # use: the bound moves by exactly log(m'/m) when only m changes.
+    net = diagonal_net()
+    init = copy.deepcopy(net)
+    x, y = margin_points([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    x, y = x[:, :2] - 2.0, y % 2
+    kw = {"seed": 0, "groups": ["distance", "flatness"]}
+    subset = M.all_measures(net, init, x, y, **kw)["pacbayes_init"]
+    whole = M.all_measures(net, init, x, y, n_train=6000, **kw)["pacbayes_init"]
+    assert whole - subset == pytest.approx(math.log(6000 / len(x)), rel=1e-12)
+
+
+def test_measures_take_the_model_in_eval_mode():
+    # Dropout left in training mode must not make the measures random: they measure the
+    # trained function (the copy is put in eval mode; the user's module is untouched).
+    net = diagonal_net()
+    noisy = nn.Sequential(net.layers[0], nn.ReLU(), nn.Dropout(0.5), net.layers[1])
+    assert noisy.training
+    x, y = margin_points([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    x, y = x[:, :2] - 2.0, y % 2
+    plain = nn.Sequential(net.layers[0], nn.ReLU(), net.layers[1])
+    assert M.margins(noisy, x, y).tolist() == M.margins(plain, x, y).tolist()
+    flat = [M.pacbayes_flatness(m, x, y, seed=1, n_draws=3) for m in (noisy, noisy, plain)]
+    assert flat[0] == flat[1] == flat[2]
+    assert noisy.training
+
+
 def test_a_study_stores_the_measures_of_each_done_model(tmp_path):
     """`measure.generalization_measures` stores all_measures per model; the stored values
     equal the measures recomputed from the stored weights and the seeded initialisation."""

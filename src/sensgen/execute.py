@@ -161,7 +161,7 @@ def _measures(specs, done, template, initial, outcome, x_train, labels, measure)
         net = unstack(template, outcome.params, i)
         init = unstack(template, initial, i)
         x, y = x_train[idx].cpu(), labels[i][idx].cpu()
-        values = all_measures(net, init, x, y, seed=spec.seed, groups=groups)
+        values = all_measures(net, init, x, y, seed=spec.seed, groups=groups, n_train=len(x_train))
         rows += [(spec.run_id, name, float(value)) for name, value in values.items()]
     return pd.DataFrame(rows, columns=["run_id", "measure", "value"]) if rows else None
 

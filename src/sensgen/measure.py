@@ -93,16 +93,19 @@ def ellipse_anchor_indices(
         int64 [n, 3] on the CPU, row i = the anchors (x1, x2, x3) of ellipse i.
 
     Raises:
-        UserError: fewer than three classes among the labels (n > 0).
+        UserError: fewer than three classes among the labels (n > 0; n = 0 gives an
+            empty [0, 3]).
 
     Example:
         >>> idx = ellipse_anchor_indices(torch.tensor([0, 1, 2, 0, 1, 2]), 4, seed=0)
         >>> idx.shape, bool((idx % 3).sort(dim=1).values.eq(torch.arange(3)).all())
         (torch.Size([4, 3]), True)
     """
+    if n_ellipses == 0:
+        return torch.empty(0, 3, dtype=torch.int64)
     labels = test_labels.detach().cpu().reshape(-1)
     classes, counts = labels.unique(return_counts=True)  # [K], [K], classes sorted
-    if n_ellipses > 0 and len(classes) < 3:
+    if len(classes) < 3:
         raise UserError(
             f"ellipses through three test points of different classes need three classes, "
             f"but the test labels hold {len(classes)}; set measure.transition_ellipses = 0."

@@ -35,7 +35,7 @@ def perturbed_accuracy(
     the rest cannot change that (accuracies lie in [0, 1]), and the value returned is on
     the same side of t as the full mean (a bound on it).
     """
-    net64 = copy.deepcopy(net).to("cpu", torch.float64)
+    net64 = copy.deepcopy(net).to("cpu", torch.float64).eval()  # no dropout noise
     # A copy: `_params` of a float64 CPU net returns its parameters themselves, which each
     # draw overwrites below (θ must stay θ, or the draws would add up).
     theta = {name: t.clone() for name, t in _params(net64).items()}
@@ -152,7 +152,7 @@ def adversarial_accuracy(
     ascent stops at the first iterate whose accuracy is below it (the minimum is then below
     it too) and returns that accuracy.
     """
-    net64 = copy.deepcopy(net).to("cpu", torch.float64)
+    net64 = copy.deepcopy(net).to("cpu", torch.float64).eval()  # no dropout noise
     theta = _params(net64)
     bound = {
         k: alpha * t.abs() + eps if magnitude_aware else torch.full_like(t, alpha)

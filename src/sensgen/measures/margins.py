@@ -10,8 +10,9 @@ from torch import nn
 
 
 def logits64(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The logits of a float64 CPU copy of ``net`` on x (the network itself is untouched)."""
-    net64 = copy.deepcopy(net).to("cpu", torch.float64)
+    """The logits of a float64 CPU copy of ``net``, in eval mode, on x (``net`` itself is
+    untouched)."""
+    net64 = copy.deepcopy(net).to("cpu", torch.float64).eval()  # no dropout noise
     with torch.no_grad():
         return net64(x.to("cpu", torch.float64))
 

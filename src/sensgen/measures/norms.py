@@ -43,11 +43,14 @@ def _spec_sq(w: torch.Tensor) -> float:
 
 
 def _exp(log_value: float) -> float:
-    """exp that returns inf instead of raising OverflowError."""
-    return math.exp(log_value) if log_value < 709.78 else math.inf
+    """exp that returns inf instead of raising OverflowError (and NaN for NaN)."""
+    return math.exp(log_value) if not log_value >= 709.78 else math.inf
 
 
 def _log_product(values: list[float]) -> float:
+    """Σ log v; a zero factor gives −∞, a NaN factor (a diverged net) NaN."""
+    if any(math.isnan(v) for v in values):
+        return math.nan
     return sum(math.log(v) if v > 0 else -math.inf for v in values)
 
 

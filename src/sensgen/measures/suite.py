@@ -9,7 +9,8 @@ Groups, so a study can skip the expensive searches:
 * ``margin``: ``margin`` (γ), ``inverse_margin`` and, with ``norms``, ``<name>_normalised``
   = value/γ² for each name in `NORMALISED`.
 * ``flatness``: ``pacbayes_mag_flatness`` = 1/σ'² (magnitude-aware search) and
-  ``pacbayes_init`` (plain search; m = len(x)). Two seeded bisection searches.
+  ``pacbayes_init`` (plain search; m = ``n_train``, the training-set size). Two seeded
+  bisection searches.
 * ``sharpness``: ``sharpness_mag`` = 1/α'² (magnitude-aware worst-case search).
 
 Cost: norms and distance are one SVD per layer; margin one forward pass. Each search tries
@@ -60,6 +61,7 @@ def all_measures(
     *,
     seed: int,
     groups: Sequence[str] = GROUPS,
+    n_train: int | None = None,
 ) -> dict[str, float]:
     """The measures of the given `GROUPS` for one model, as {name: float}.
 
@@ -70,6 +72,8 @@ def all_measures(
             flatness and sharpness).
         seed: seeds the flatness and sharpness searches.
         groups: any of `GROUPS` (module docstring lists each group's keys).
+        n_train: m of ``pacbayes_init``, the size of the training set the model was
+            trained on (x may be a subset of it); default len(x).
     """
     unknown = sorted(set(groups) - set(GROUPS))
     if unknown:
@@ -92,7 +96,7 @@ def all_measures(
     if "flatness" in groups:
         out["pacbayes_mag_flatness"] = pacbayes_flatness(net, x, y, seed=seed)["flatness"]
         sigma = pacbayes_flatness(net, x, y, seed=seed, magnitude_aware=False)["sigma"]
-        out["pacbayes_init"] = pacbayes_init(dist["l2"], sigma, len(x))
+        out["pacbayes_init"] = pacbayes_init(dist["l2"], sigma, n_train or len(x))
     if "sharpness" in groups:
         out["sharpness_mag"] = sharpness(net, x, y, seed=seed)["sharpness"]
     return out
