@@ -39,6 +39,12 @@ def test_jbar_claim_holds_only_when_its_interval_is_above_zero():
     assert rises.holds is False
     few = correlation_claims(_table(0.9, 0.8, 0.1, n=MIN_MODELS - 1))
     assert [c.holds for c in few] == [None, None]
+    # A baseline strongly *anti*-correlated with the gap explains it better than a weak
+    # Jbar: the comparison is on |ρ|.
+    _, beats = correlation_claims(_table(0.3, 0.1, -0.9))
+    assert beats.holds is False
+    _, beats = correlation_claims(_table(0.7, 0.5, -0.4))
+    assert beats.holds is True
 
 
 def _paired_runs(n_pairs=8, flip=0):
@@ -72,6 +78,21 @@ def test_pair_claims_need_a_majority_and_a_significant_sign_test():
     outcomes = pair_outcomes(pair_table(_paired_runs(flip=8), better_role="0.0"))
     gap = next(c for c in pair_claims(outcomes, "random_labels", "x") if "gap" in c.paper)
     assert gap.holds is False  # 0 of 8 on the paper's side, p = 2/256
+
+
+def test_report_of_pairs_whose_better_members_were_all_excluded(tmp_path):
+    # Augmented members that miss 100% training accuracy: the inclusion rule removes every
+    # "better" member. The report says so (and how the paper treats Study 4b), no crash.
+    runs = _paired_runs()
+    runs["pair_role"] = runs["pair_role"].map({"0.0": "true", "1.0": "false"})
+    runs.loc[runs["pair_role"] == "true", "train_acc"] = 0.998
+    pairs = {"factor": "augment", "values": [True, False]}
+    index = write_report(tmp_path, runs=runs, pairs=pairs, inclusion={"apply": True}, n_boot=50)
+    page = index.read_text()
+    assert "No pairs to compare" in page and "inclusion.apply=false" in page
+    kept = write_report(tmp_path, runs=runs, pairs=pairs, inclusion={"apply": False}, n_boot=50)
+    summary = json.loads((kept.parent / "summary.json").read_text())
+    assert summary["pairs"] == 8
 
 
 def test_per_point_claims_read_medians():

@@ -40,6 +40,12 @@ def test_analysed_runs_drop_only_failing_done_models():
     assert kept["run_id"].tolist() == ["r0", "r2", "r4", "r5"]  # unfinished runs stay
 
 
+def test_analysed_runs_without_a_status_column_treat_every_row_as_finished():
+    runs = _runs().drop(columns="status").iloc[:4]
+    kept = analysed_runs(runs, apply=True)
+    assert kept["run_id"].tolist() == ["r0", "r2"]
+
+
 def test_report_applies_the_rule_and_says_so(tmp_path):
     runs = _runs()
     index = write_report(tmp_path, runs=runs, inclusion={"apply": True, "min_train_acc": None})

@@ -253,3 +253,32 @@ def test_random_projection_with_a_single_output():
     assert ((est / exact - 1).abs() < 5 * (2 / 20000) ** 0.5).all()
     with pytest.raises(UserError, match="n_projections"):
         jacobian_norm_estimate(net, x, n_projections=0, generator=torch.Generator())
+
+
+@pytest.mark.parametrize("noisy", [nn.Dropout(0.5), nn.BatchNorm1d(8)])
+def test_metrics_refuse_a_model_whose_output_depends_on_train_mode(noisy):
+    # Dropout draws masks and batch norm uses (and updates) batch statistics: in train mode
+    # the "function" changes between calls and points interact. The metrics say so up
+    # front, touch nothing, and run once the model is in eval mode.
+    from sensgen.metrics import transitions
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), noisy, nn.ReLU(), nn.Linear(8, 3))
+    x = torch.randn(6, 4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for call in (
+        lambda: jacobian_norm(model, x),
+        lambda: jacobian_norm_estimate(
+            model, x, n_projections=2, generator=torch.Generator().manual_seed(0)
+        ),
+        lambda: transitions(model, x, method="exact"),
+        lambda: transitions(model, x, method="sampled"),
+    ):
+        with pytest.raises(UserError, match=r"train mode.*model\.eval\(\)"):
+            call()
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    model.eval()
+    first, second = jacobian_norm(model, x), jacobian_norm(model, x)
+    assert torch.equal(first, second) and torch.equal(first[:2], jacobian_norm(model, x[:2]))
+    assert transitions(model, x, method="exact") == transitions(model, x, method="exact")

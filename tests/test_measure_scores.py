@@ -113,6 +113,14 @@ def test_continuous_axis_is_left_out():
     assert table.empty
 
 
+def test_n_counts_the_values_the_scores_use():
+    # An infinite measure (flatness at σ = 0) is dropped by the correlations, so n says so.
+    runs = grid_runs()
+    measures = grid_measures(runs).assign(perfect=lambda m: m["perfect"].where(m.index > 0, np.inf))
+    table = measure_score_table(runs, measures).set_index("measure")
+    assert table.loc["perfect", "n"] == 7 and table.loc["reversed", "n"] == 8
+
+
 def test_psi_by_axis_counts_cells():
     frame = pd.DataFrame({"a": [1, 1, 2, 2, 3], "b": [1, 2, 1, 2, 1],
                           "mu": [1.0, 2, 3, 1, 0], "g": [1.0, 2, 3, 4, 5]})  # fmt: skip

@@ -176,6 +176,22 @@ def test_reversed_measure():
     )
 
 
+def test_cmi_pgdl_leaves_out_pairs_of_axes_without_a_complete_grid():
+    # A random-search lr (a new value per model) makes every pair with lr incomplete: the
+    # score comes from the complete pairs only, and is NaN when none is complete.
+    frame = grid(AXES3, gap_binary, lambda r, g: -g)
+    with_lr = frame.assign(lr=np.linspace(1e-3, 1e-2, len(frame)))
+    assert cmi_pgdl(with_lr, "mu", "gap", [*AXES3, "lr"]) == pytest.approx(
+        cmi_pgdl(frame, "mu", "gap", list(AXES3))
+    )
+    assert np.isnan(cmi_pgdl(with_lr, "mu", "gap", ["a", "lr"]))
+    # One missing corner of the (a, b) grid: (a, b) is left out, (a, c) and (b, c) stay.
+    holed = frame.loc[~((frame["a"] == 1) & (frame["b"] == 1))]
+    ac, bc = (cmi_pgdl(holed, "mu", "gap", pair) for pair in (["a", "c"], ["b", "c"]))
+    assert cmi_pgdl(holed, "mu", "gap", list(AXES3)) == pytest.approx(min(ac, bc))
+    assert np.isnan(cmi_pgdl(holed, "mu", "gap", ["a", "b"]))
+
+
 def test_ranking_frames_drop_nan_models():
     frame = grid(AXES3, gap_binary, lambda r, g: np.exp(g))
     with_nan = pd.concat(

@@ -160,7 +160,9 @@ def _beats(dataset: str, jacobian: pd.Series, baseline: str, by: pd.DataFrame) -
     values = (jacobian["spearman_rho"], other["spearman_rho"])
     n = min(int(jacobian["n"]), int(other["n"]))
     undefined = n < MIN_MODELS or any(math.isnan(v) for v in values)
-    return Claim("Fig. 1", paper, measured, None if undefined else bool(values[0] > values[1]))
+    # Jbar must correlate more strongly in either direction: a baseline at ρ = −0.9
+    # explains the gap (reversed) better than Jbar at +0.3.
+    return Claim("Fig. 1", paper, measured, None if undefined else bool(values[0] > abs(values[1])))
 
 
 def _signed(value: float) -> str:

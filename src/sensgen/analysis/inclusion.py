@@ -58,5 +58,7 @@ def analysed_runs(
 ) -> pd.DataFrame:
     """``runs`` less the finished models that fail the rule (other statuses are kept)."""
     marked = mark_included(runs, apply=apply, min_train_acc=min_train_acc)
-    done = marked["status"] == DONE if "status" in marked.columns else True
+    if "status" not in marked.columns:  # every row counts as finished
+        return marked.loc[marked["included"]].reset_index(drop=True)
+    done = marked["status"] == DONE
     return marked.loc[~done | marked["included"]].reset_index(drop=True)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import math
 
+import numpy as np
 import pandas as pd
 
 from sensgen.analysis.ranking import cmi_pgdl, granulated_psi, kendall_tau, psi_by_axis, spearman
@@ -151,7 +152,8 @@ def _scores(group: pd.DataFrame, name: str, axes: list[str]) -> dict:
     if len(axes) >= 2:
         with contextlib.suppress(ValueError, ZeroDivisionError):
             cmi = cmi_pgdl(frame, "_mu", "_gap", axes)
-    finite = values.notna() & group["gap"].notna()
+    # The correlations drop non-finite values (an infinite flatness: σ = 0), so n does too.
+    finite = np.isfinite(values.to_numpy()) & np.isfinite(group["gap"].to_numpy(float))
     return {
         "measure": name,
         "n": int(finite.sum()),

@@ -84,6 +84,12 @@ def _finite_frame(frame: pd.DataFrame, measure: str, gap: str, axes: Sequence[st
     return frame.loc[np.isfinite(values).all(axis=1)], axes
 
 
+def _complete_grid(data: pd.DataFrame, h1: str, h2: str) -> bool:
+    """Whether every combination of an h1 value and an h2 value has a model."""
+    combinations = len(data[[h1, h2]].drop_duplicates())
+    return combinations == data[h1].nunique(dropna=False) * data[h2].nunique(dropna=False)
+
+
 def granulated_psi(
     frame: pd.DataFrame, measure: str, gap: str, axes: Sequence[str]
 ) -> tuple[float, dict[str, float]]:
@@ -195,6 +201,9 @@ def cmi_pgdl(frame: pd.DataFrame, measure: str, gap: str, axes: Sequence[str]) -
     * Task score = min over {h1, h2} with a defined score (mean H(V_g) > 0); NaN when none
       is defined, e.g. with exactly 2 axes and one model per grid cell, where every bin
       holds a single ordered pair and so H(V_g) = 0.
+    * The scorer is defined on a complete grid. A pair {h1, h2} whose value combinations
+      are not all present among the models (a random-search axis such as a continuous lr)
+      is left out, so a design without any complete pair of axes scores NaN.
 
     Because self-pairs and ties give V = 0 for both variables, the score is not symmetric
     in the sign of μ: a perfectly reversed μ does not score 100 (unlike ``cmi_jiang``).
@@ -210,6 +219,8 @@ def cmi_pgdl(frame: pd.DataFrame, measure: str, gap: str, axes: Sequence[str]) -
     v_mu = (mu[a] > mu[b]).astype(int)
     scores = []
     for h1, h2 in itertools.combinations(axes, 2):
+        if not _complete_grid(data, h1, h2):
+            continue
         keys = [codes[h1][a], codes[h1][b], codes[h2][a], codes[h2][b]]
         _, mi, h_g = _binned_information(v_g, v_mu, keys)
         if h_g.size and h_g.mean() > 0:

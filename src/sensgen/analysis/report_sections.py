@@ -105,6 +105,8 @@ def pairs_section(runs: pd.DataFrame, pairs: Mapping[str, Any] | None, save: Sav
         return Section()
     factor, values = pairs["factor"], list(pairs["values"])
     better = role_of(factor, values[0])
+    if better not in set(runs["pair_role"].dropna().astype(str)):
+        return Section([_no_pairs_left(factor, better)])
     table = pair_table(runs, better_role=better)
     outcomes = pair_outcomes(table)
     others = ", ".join(role_of(factor, v) for v in values[1:])
@@ -125,6 +127,20 @@ def pairs_section(runs: pd.DataFrame, pairs: Mapping[str, Any] | None, save: Sav
         ),
     ]
     return Section(parts, claims, {"pair_outcomes": outcomes, "pairs": len(table)})
+
+
+def _no_pairs_left(factor: str, better: str) -> str:
+    """The pairs section when the inclusion rule left no model of the better role."""
+    hint = (
+        " The paper analyses its augmentation pairs (Study 4b) without the rule: set "
+        "<code>[inclusion] apply = false</code> (<code>--set inclusion.apply=false</code>)."
+        if factor == "augment"
+        else ""
+    )
+    return (
+        f"<h2>Paired factor: {esc(factor)} (Fig. 4)</h2><p>No pairs to compare: the inclusion "
+        f"rule left no model with {esc(factor)} = {esc(better)}.{hint}</p>"
+    )
 
 
 def per_point_section(points: pd.DataFrame, runs: pd.DataFrame, save: Save) -> Section:

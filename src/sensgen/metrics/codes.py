@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from sensgen.errors import UserError
+from sensgen.metrics._mode import require_eval_mode
 from sensgen.models import MLP, Nonlinearity
 
 # Sorted breakpoints of each φ. Smooth φ map to (0.0,): their sign code (sensgen's extension).
@@ -111,10 +112,12 @@ def hidden_preactivations(
         each preactivation is [B, n_l] in x's dtype.
 
     Raises:
-        UserError: if a non-MLP module has no activation module.
+        UserError: if a non-MLP module has no activation module, or has dropout or batch
+            norm in train mode.
     """
     if isinstance(model, MLP):
         return _mlp_preactivations(model, x, n_layers)
+    require_eval_mode(model, "activation codes")
     return _hooked_preactivations(model, x, n_layers)
 
 

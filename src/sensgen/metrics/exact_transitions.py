@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from sensgen.errors import UserError
+from sensgen.metrics._mode import require_eval_mode
 from sensgen.metrics.codes import (
     BREAKPOINTS,
     HiddenLayer,
@@ -82,6 +83,7 @@ def transition_details(
     See the module docstring for the method; arguments as in `sensgen.metrics.transitions`.
     """
     check_path(path)
+    require_eval_mode(model, "transitions")
     net = _float64(model)
     polygon = _Polygon(like_model(net, path), closed)
     size = chunk_size or default_chunk_size(model, path)

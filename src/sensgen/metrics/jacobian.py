@@ -37,6 +37,7 @@ from torch import nn
 from torch.func import functional_call, jacrev, vjp, vmap
 
 from sensgen.errors import UserError, parse_choice
+from sensgen.metrics._mode import require_eval_mode
 from sensgen.models import DERIVATIVES, MLP
 
 # Elements in the largest per-chunk intermediate: about 4 MiB in float32, which keeps it in
@@ -75,9 +76,9 @@ def jacobian_norm(
     is the mean of these values over the test set; averaging is the caller's job.
 
     Args:
-        model: any module mapping a batch [B, ...] to logits [B, C]. Call ``model.eval()``
-            first if it has dropout or batch norm; its parameters and ``.grad`` are not
-            touched.
+        model: any module mapping a batch [B, ...] to logits [B, C], in eval mode if it
+            has dropout or batch norm (else `UserError`); its parameters, buffers and
+            ``.grad`` are not touched.
         x: inputs [B, ...] (for sensgen MLPs [B, d]).
         output: "softmax" or "logits".
         chunk_size: points per chunk; None picks one that bounds memory (~64 MiB per
@@ -121,6 +122,7 @@ def jacobian_norms(
         )
     if chunk_size is not None and chunk_size < 1:
         raise UserError(f"chunk_size must be a positive integer, got {chunk_size}.")
+    require_eval_mode(model, "jacobian_norm")
     empty = torch.zeros(0, dtype=torch.float64, device=x.device)
     if x.shape[0] == 0:
         return dict.fromkeys(wanted, empty)
@@ -270,6 +272,7 @@ def jacobian_norm_estimate(
     how = parse_choice(Output, output, "output")
     if n_projections < 1:
         raise UserError(f"n_projections must be a positive integer, got {n_projections}.")
+    require_eval_mode(model, "jacobian_norm_estimate")
     params = {name: p.detach() for name, p in model.named_parameters()}
     buffers = {name: b.detach() for name, b in model.named_buffers()}
     logits, pullback = vjp(lambda v: functional_call(model, (params, buffers), (v,)), x)
