@@ -180,6 +180,18 @@ def test_study_with_profiles_and_regions_runs_stores_and_resumes(tmp_path):
     before = open_results(tmp_path / "geo").profiles()
     run(s, tmp_path / "geo", progress=False, report=False)  # nothing to do
     assert open_results(tmp_path / "geo").profiles().equals(before)
+    # The report reads the maps of models the inclusion rule keeps (at most a few):
+    # here the rule keeps the two best-fitted models, and the cap is 2.
+    from sensgen.analysis import report
+
+    best = runs.sort_values("train_acc", ascending=False)
+    rule = {"apply": True, "min_train_acc": float(best["train_acc"].iloc[1])}
+    kept = set(best.loc[best["train_acc"] >= rule["min_train_acc"], "run_id"])
+    assert 2 <= len(kept) < len(runs)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(report, "_MAX_REGION_RUNS", 2)
+        maps = report._read_store(tmp_path / "geo", None, rule)[3]
+    assert len(maps) == 2 and set(maps) <= kept
 
 
 def test_profiles_and_regions_are_empty_or_refused_when_not_measured(tmp_path):

@@ -100,15 +100,17 @@ def write_report(
     """
     out_dir = Path(out_dir)
     profiles, maps, measures = pd.DataFrame(), {}, pd.DataFrame({"run_id": []})
-    if runs is None:
-        runs, points, profiles, maps, measures = _read_store(out_dir, points)
+    from_store = runs is None
+    if from_store:
         table = _study_tables(out_dir)
         inclusion = _inclusion(table.get("inclusion", {})) if inclusion is None else inclusion
         pairs = table.get("pairs") if pairs is None else pairs
+    rule = dict(inclusion or {"apply": False})
+    if from_store:
+        runs, points, profiles, maps, measures = _read_store(out_dir, points, rule)
     report = out_dir / REPORT_DIR
     report.mkdir(parents=True, exist_ok=True)
     counts = tables.status_counts(runs)
-    rule = dict(inclusion or {"apply": False})
     n_done = len(tables.done_runs(runs))
     runs = analysed_runs(runs, **rule)
     kept = set(runs["run_id"]) if "run_id" in runs.columns else set()
@@ -148,8 +150,11 @@ def write_report(
     return index
 
 
-def _read_store(out_dir: Path, points: pd.DataFrame | None) -> tuple[Any, ...]:
-    """Reads the runs, points (unless given), profiles, region maps and measures of a study."""
+def _read_store(
+    out_dir: Path, points: pd.DataFrame | None, rule: Mapping[str, Any]
+) -> tuple[Any, ...]:
+    """Reads the runs, points (unless given), profiles, region maps (of the first models
+    the inclusion `rule` keeps) and measures of a study."""
     from sensgen.store import open_results  # deferred: analysis works without a store
 
     with open_results(out_dir) as results:
@@ -158,7 +163,8 @@ def _read_store(out_dir: Path, points: pd.DataFrame | None) -> tuple[Any, ...]:
         profiles = results.profiles()
         maps = {}
         if (out_dir / "regions").is_dir() and any((out_dir / "regions").iterdir()):
-            for run_id in tables.done_runs(runs)["run_id"][:_MAX_REGION_RUNS]:
+            kept = analysed_runs(tables.done_runs(runs), **rule)
+            for run_id in kept["run_id"][:_MAX_REGION_RUNS]:
                 with contextlib.suppress(UserError):  # a run measured without maps
                     maps[run_id] = results.region_maps(run_id)
         return runs, points, profiles, maps, results.measures()
