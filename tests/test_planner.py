@@ -6,6 +6,7 @@ import pytest
 
 from sensgen import study
 from sensgen.errors import UserError
+from sensgen.batches import derive_seed
 from sensgen.planner import draw_samples, model_memory_bytes, plan_packs
 from sensgen.spec import RunSpec
 
@@ -65,6 +66,34 @@ def test_more_draws_keep_the_earlier_ones():
     axes = {"lr": {"log_uniform": [1e-4, 1e-2]}, "width": [8, 16]}
     assert draw_samples(axes, 5, seed=1) == draw_samples(axes, 9, seed=1)[:5]
     assert draw_samples(axes, 5, seed=1) != draw_samples(axes, 5, seed=2)
+
+
+def test_each_draw_gets_a_model_seed_of_its_own(tmp_path):
+    # Review fix: every draw trained from seed 0, so draws of one shape started from
+    # proportional weights and saw the same minibatch order.
+    no_grid = SAMPLED.split("[grid]")[0]
+    specs = _load(tmp_path, no_grid).specs()
+    assert len({x.seed for x in specs}) == 40
+    expected = [derive_seed(0, f"sample:3:{i}") for i in range(40)]
+    assert [x.seed for x in specs] == expected
+    # More draws keep the earlier runs; the saved study.toml (which writes the default
+    # [base] seed = 0 out) plans the same runs; another base seed is a fresh replicate.
+    more = _load(tmp_path, no_grid.replace("n = 40", "n = 50")).specs()
+    assert [x.run_id for x in more[:40]] == [x.run_id for x in specs]
+    saved = study.load(_save(tmp_path, _load(tmp_path, no_grid))).specs()
+    assert [x.run_id for x in saved] == [x.run_id for x in specs]
+    replicate = _load(tmp_path, no_grid, seed="7").specs()
+    assert [x.width for x in replicate] == [x.width for x in specs]
+    assert not {x.seed for x in replicate} & {x.seed for x in specs}
+    # A [grid] seed axis is used as written.
+    assert {x.seed for x in _load(tmp_path, SAMPLED).specs()} == {0, 1}
+    assert {x.seed for x in _load(tmp_path, no_grid + "[grid]\nseed = [5]\n").specs()} == {5}
+
+
+def _save(tmp_path, s):
+    path = tmp_path / "saved.toml"
+    path.write_text(s.to_toml(), encoding="utf-8")
+    return path
 
 
 @pytest.mark.parametrize(

@@ -45,7 +45,7 @@ from pydantic import (
 from sensgen import data
 from sensgen.errors import UserError
 from sensgen.measures.suite import GROUPS as MEASURE_GROUPS
-from sensgen.planner import Pack, PlannedSpec, draw_samples, expand, plan_packs
+from sensgen.planner import Pack, PlannedSpec, draw_samples, expand, plan_packs, seed_draws
 from sensgen.spec import FULL, SPEC_SCHEMA, RunSpec
 
 __all__ = [
@@ -147,7 +147,9 @@ class Sampling(BaseModel):
     """`[sample]`: n random configurations over some axes (paper §4: random search).
 
     Every other key is an axis: a list (uniform choice), ``{choice = [...]}``,
-    ``{log_uniform = [lo, hi]}`` or ``{uniform = [lo, hi]}``.
+    ``{log_uniform = [lo, hi]}`` or ``{uniform = [lo, hi]}``. `seed` seeds the draws; each
+    draw also gets a model seed of its own (`planner.seed_draws`) unless `[grid]` has a
+    `seed` axis.
     """
 
     model_config = ConfigDict(frozen=True, extra="allow")
@@ -216,6 +218,9 @@ class Study(BaseModel):
         samples = []
         if self.sample is not None:
             samples = draw_samples(self.sample.axes(), self.sample.n, self.sample.seed)
+            # A [grid] seed axis still wins: grid values override a draw's in expand().
+            base_seed = self.base.get("seed", RunSpec().seed)
+            samples = seed_draws(samples, self.sample.seed, base_seed)
         factor = self.pairs.factor if self.pairs else None
         values = self.pairs.values if self.pairs else None
         return expand(self.base, self.grid, samples, factor, values)
