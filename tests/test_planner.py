@@ -1,13 +1,15 @@
 """Random search, paired factors, scales and memory-bounded packs."""
 
 import math
+import re
 
 import pytest
 
 from sensgen import study
-from sensgen.errors import UserError
 from sensgen.batches import derive_seed
-from sensgen.planner import draw_samples, model_memory_bytes, plan_packs
+from sensgen.errors import UserError
+from sensgen.planner import model_memory_bytes, plan_packs
+from sensgen.sampling import draw_samples
 from sensgen.spec import RunSpec
 
 SAMPLED = """
@@ -88,6 +90,84 @@ def test_each_draw_gets_a_model_seed_of_its_own(tmp_path):
     # A [grid] seed axis is used as written.
     assert {x.seed for x in _load(tmp_path, SAMPLED).specs()} == {0, 1}
     assert {x.seed for x in _load(tmp_path, no_grid + "[grid]\nseed = [5]\n").specs()} == {5}
+
+
+CONDITIONAL = """
+name = "conditional"
+[base]
+dataset = "digits"
+[sample]
+n = 60
+seed = 2
+optimizer = ["sgd", "momentum", "adam", "rmsprop"]
+width = [8, 16]
+lr = {by = "optimizer", sgd = {log_uniform = [1e-3, 1e-1]}, momentum = [0.01, 0.1], \
+adam = {log_uniform = [1e-4, 3e-3]}, rmsprop = {choice = [3e-4]}}
+"""
+
+
+def test_a_conditional_axis_draws_from_the_branch_of_the_value_drawn(tmp_path):
+    # The paper's space (§4): learning-rate ranges differ per optimiser.
+    specs = _load(tmp_path, CONDITIONAL).specs()
+    by_optimizer = {}
+    for x in specs:
+        by_optimizer.setdefault(x.optimizer, []).append(x.lr)
+    assert set(by_optimizer) == {"sgd", "momentum", "adam", "rmsprop"}
+    assert all(1e-3 <= lr <= 1e-1 for lr in by_optimizer["sgd"])
+    assert set(by_optimizer["momentum"]) <= {0.01, 0.1}
+    assert all(1e-4 <= lr <= 3e-3 for lr in by_optimizer["adam"])
+    assert set(by_optimizer["rmsprop"]) == {3e-4}
+    # Plain axes are drawn first: adding the conditional axis leaves them as they were.
+    axes = {"optimizer": ["sgd", "adam"], "width": [8, 16, 32]}
+    conditional = {**axes, "lr": {"by": "optimizer", "sgd": [0.1], "adam": [0.001]}}
+    with_lr = draw_samples(conditional, 30, seed=0)
+    without = draw_samples(axes, 30, seed=0)
+    assert [{k: d[k] for k in axes} for d in with_lr] == without
+    assert all(d["lr"] == (0.1 if d["optimizer"] == "sgd" else 0.001) for d in with_lr)
+
+
+def test_a_conditional_axis_on_numbers_uses_their_toml_text(tmp_path):
+    axes = {"batch_size": [32, 128], "lr": {"by": "batch_size", "32": [0.1], "128": [0.3]}}
+    draws = draw_samples(axes, 20, seed=0)
+    assert {(d["batch_size"], d["lr"]) for d in draws} == {(32, 0.1), (128, 0.3)}
+    # Written out as the study directory's study.toml and read back: the same runs
+    # (the key "0.5" must be quoted there, or TOML reads a dotted key).
+    text = CONDITIONAL.replace("width = [8, 16]", "init_scale = [0.5, 2.0]").replace(
+        "[sample]", '[sample]\nwidth = {by = "init_scale", "0.5" = [8], "2.0" = [16]}'
+    )
+    s = _load(tmp_path, text)
+    assert {(x.init_scale, x.width) for x in s.specs()} == {(0.5, 8), (2.0, 16)}
+    saved = study.load(_save(tmp_path, s)).specs()
+    assert [x.run_id for x in saved] == [x.run_id for x in s.specs()]
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (('by = "optimizer"', 'by = "depth"'), "must name another [sample] axis"),
+        (
+            ("rmsprop = {choice = [3e-4]}", "rmsprop = [3e-4], adamw = [1e-3]"),
+            "not values of optimizer: adamw",
+        ),
+        ((", rmsprop = {choice = [3e-4]}", ""), "missing: rmsprop"),
+        (("momentum = [0.01, 0.1]", "momentum = {uniform = [0.1, 0.01]}"), "sample.lr.momentum"),
+    ],
+)
+def test_bad_conditional_axes_are_refused_naming_the_key(tmp_path, edit, message):
+    text = CONDITIONAL.replace(*edit)
+    assert text != CONDITIONAL
+    with pytest.raises(UserError, match=re.escape(message)) as err:
+        _load(tmp_path, text)
+    assert "sample.lr" in str(err.value)
+
+
+def test_a_conditional_axis_needs_a_list_axis_to_follow(tmp_path):
+    text = CONDITIONAL.replace(
+        'optimizer = ["sgd", "momentum", "adam", "rmsprop"]',
+        "optimizer = {log_uniform = [1, 2]}",
+    )
+    with pytest.raises(UserError, match=r"sample\.lr: by = 'optimizer' must name"):
+        _load(tmp_path, text)
 
 
 def _save(tmp_path, s):

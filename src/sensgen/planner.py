@@ -5,7 +5,7 @@ Expansion (paper §4: "sampled at random, not a full grid"; Study 4: matched pai
 1. Configurations: `n` random draws from the `[sample]` axes (uniform choices, log-uniform
    or uniform ranges), each from its own seeded generator; one empty draw without `[sample]`.
    Unless `[grid]` has a `seed` axis, each draw also gets a model seed of its own
-   (`seed_draws`): independent initial weights and data order per configuration.
+   (`sampling.seed_draws`): independent initial weights and data order per configuration.
 2. Each configuration is crossed with the `[grid]` axes (the Cartesian product).
 3. With `[pairs]`, each result is instantiated once per factor value. The members share
    every other field, the seed included, and a `pair_id` (SHA-256 of the spec without the
@@ -22,14 +22,11 @@ import hashlib
 import itertools
 import json
 import math
-import random
-import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Any
 
 from sensgen import data, train
-from sensgen.batches import derive_seed
 from sensgen.optim import OPTIMIZERS
 from sensgen.spec import RunSpec
 
@@ -41,72 +38,6 @@ class PlannedSpec:
     spec: RunSpec
     pair_id: str | None = None
     pair_role: str | None = None
-
-
-def draw_samples(axes: Mapping[str, Any], n: int, seed: int) -> list[dict[str, Any]]:
-    """`n` random configurations; draw i uses its own generator seeded by (seed, i).
-
-    An axis is a list (uniform choice), ``{choice = [...]}``, ``{log_uniform = [lo, hi]}``
-    or ``{uniform = [lo, hi]}``; a range over an integer run field (width, depth,
-    batch_size, ...) rounds to integers, one over a float field (lr, init_scale,
-    random_labels) never does, whatever the bounds are written as. Each draw depends only
-    on (seed, i), so raising n keeps the earlier draws.
-    """
-    draws = []
-    for i in range(n):
-        rng = random.Random(f"{seed}:{i}")
-        draws.append(
-            {name: _draw(rng, axis, name in _INTEGER_FIELDS) for name, axis in sorted(axes.items())}
-        )
-    return draws
-
-
-def seed_draws(
-    draws: list[dict[str, Any]], sample_seed: int, base_seed: int
-) -> list[dict[str, Any]]:
-    """The draws, each with a model `seed` of its own unless it already has one.
-
-    Draw i gets seed_i = derive_seed(base_seed, "sample:{sample_seed}:{i}"): without this
-    every draw would train from the run default seed 0, so two draws of one shape would
-    start from proportional weights (W ~ N(0, σ_w²/fan_in) from one generator) and see the
-    same minibatch order, which are not the independent models the paper's random search
-    draws. Like the draws, seed_i depends only on (sample_seed, i), so raising n keeps the
-    earlier runs; a different `[base] seed` gives a fresh replicate of the same
-    configurations. Grid and pair members of a draw share its seed (a matched comparison).
-    """
-    return [
-        {"seed": derive_seed(base_seed, f"sample:{sample_seed}:{i}"), **draw}
-        for i, draw in enumerate(draws)
-    ]
-
-
-def _leaf_types(annotation: Any) -> set[Any]:
-    args = typing.get_args(annotation)
-    if not args:
-        return {annotation}
-    if typing.get_origin(annotation) is Annotated:
-        return _leaf_types(args[0])
-    return set().union(*(_leaf_types(a) for a in args))
-
-
-# Run fields holding integers: a sampled range over them is rounded (bool is not int here).
-_INTEGER_FIELDS = frozenset(
-    name for name, f in RunSpec.model_fields.items() if int in _leaf_types(f.annotation)
-)
-
-
-def _draw(rng: random.Random, axis: Any, integer: bool) -> Any:
-    if isinstance(axis, list):
-        return rng.choice(axis)
-    ((kind, values),) = axis.items()
-    if kind == "choice":
-        return rng.choice(values)
-    lo, hi = values
-    if kind == "log_uniform":
-        value = math.exp(rng.uniform(math.log(lo), math.log(hi)))
-    else:
-        value = rng.uniform(lo, hi)
-    return round(value) if integer else value
 
 
 def expand(

@@ -27,6 +27,7 @@ workers or devices. Same-shape specs are grouped into packs that train together.
 from __future__ import annotations
 
 import json
+import re
 import tomllib
 from collections.abc import Mapping
 from importlib import resources
@@ -45,7 +46,8 @@ from pydantic import (
 from sensgen import data
 from sensgen.errors import UserError
 from sensgen.measures.suite import GROUPS as MEASURE_GROUPS
-from sensgen.planner import Pack, PlannedSpec, draw_samples, expand, plan_packs, seed_draws
+from sensgen.planner import Pack, PlannedSpec, expand, plan_packs
+from sensgen.sampling import check_sample_axes, draw_samples, seed_draws
 from sensgen.spec import FULL, SPEC_SCHEMA, RunSpec
 
 __all__ = [
@@ -147,8 +149,9 @@ class Sampling(BaseModel):
     """`[sample]`: n random configurations over some axes (paper §4: random search).
 
     Every other key is an axis: a list (uniform choice), ``{choice = [...]}``,
-    ``{log_uniform = [lo, hi]}`` or ``{uniform = [lo, hi]}``. `seed` seeds the draws; each
-    draw also gets a model seed of its own (`planner.seed_draws`) unless `[grid]` has a
+    ``{log_uniform = [lo, hi]}``, ``{uniform = [lo, hi]}``, or a conditional axis
+    ``{by = "optimizer", adam = AXIS, sgd = AXIS, ...}``. `seed` seeds the draws; each
+    draw also gets a model seed of its own (`sampling.seed_draws`) unless `[grid]` has a
     `seed` axis.
     """
 
@@ -255,13 +258,18 @@ class Study(BaseModel):
         return "\n".join(lines) + "\n"
 
 
+def _toml_key(key: str) -> str:
+    """A bare key where TOML allows one, else quoted ("0.5" bare would be a dotted key)."""
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)
+
+
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
     if isinstance(value, int | float):
         return repr(value)
     return json.dumps(str(value))
@@ -407,8 +415,7 @@ def _check_axes(study: Study, source: str) -> None:
     for key, values in study.grid.items():
         if not values:
             raise UserError(f"{source}: grid.{key} is an empty list; give at least one value.")
-    for key, axis in sample_axes.items():
-        _check_sample_axis(key, axis, source)
+    check_sample_axes(sample_axes, source)
     if study.pairs is not None:
         factor = study.pairs.factor
         if factor not in PAIR_FACTORS:
@@ -433,30 +440,6 @@ def _check_pair_values(factor: str, values: list[Any], source: str) -> None:
         raise UserError(
             f"{source}: pairs.values {values!r} name the same {factor} more than once "
             f"(as run fields they are {canonical!r}); give each member of a pair its own value."
-        )
-
-
-def _check_sample_axis(key: str, axis: Any, source: str) -> None:
-    where = f"{source}: sample.{key}"
-    if isinstance(axis, list):
-        if not axis:
-            raise UserError(f"{where} is an empty list; give at least one value.")
-        return
-    if not isinstance(axis, dict) or len(axis) != 1:
-        raise UserError(
-            f"{where} must be a list of values or one of {{choice = [...]}}, "
-            "{log_uniform = [lo, hi]}, {uniform = [lo, hi]}."
-        )
-    ((kind, values),) = axis.items()
-    if kind == "choice" and isinstance(values, list) and values:
-        return
-    ranged = kind in ("log_uniform", "uniform") and isinstance(values, list) and len(values) == 2
-    numbers = ranged and all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
-    if not numbers or values[0] >= values[1] or (kind == "log_uniform" and values[0] <= 0):
-        raise UserError(
-            f"{where} = {{{kind} = {values!r}}} is not a valid axis: use {{choice = [...]}} "
-            "with values, or {log_uniform|uniform = [lo, hi]} with lo < hi (lo > 0 for "
-            "log_uniform)."
         )
 
 
