@@ -2,7 +2,7 @@
 
 Run from the repository root:
 
-    python benchmarks/study.py              # full run, about 2 hours on 2 CPU cores (estimate)
+    python benchmarks/study.py              # full run, about 1.5 hours on 2 CPU cores
     python benchmarks/study.py --quick      # smoke run, about 2 minutes on 2 busy cores
     python benchmarks/study.py --models 16,32,64 --workers 1,2   # choose the runs
 
