@@ -144,18 +144,25 @@ def test_a_conditional_axis_on_numbers_uses_their_toml_text(tmp_path):
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (('by = "optimizer"', 'by = "depth"'), "must name another [sample] axis"),
+        (('by = "optimizer"', 'by = "colour"'), "must name a run field"),
         (
-            ("rmsprop = {choice = [3e-4]}", "rmsprop = [3e-4], adamw = [1e-3]"),
-            "not values of optimizer: adamw",
+            ('by = "optimizer"', 'by = "depth"'),
+            "every value of depth (fixed in [base]); missing: 2",
         ),
-        ((", rmsprop = {choice = [3e-4]}", ""), "missing: rmsprop"),
+        (("[3e-4]}}\n", "[3e-4]}}\n[grid]\nnonlinearity = ['relu', 'elu']\n"), None),
+        (
+            (", rmsprop = {choice = [3e-4]}", ""),
+            "every value of sample.optimizer; missing: rmsprop",
+        ),
         (("momentum = [0.01, 0.1]", "momentum = {uniform = [0.1, 0.01]}"), "sample.lr.momentum"),
     ],
 )
 def test_bad_conditional_axes_are_refused_naming_the_key(tmp_path, edit, message):
     text = CONDITIONAL.replace(*edit)
     assert text != CONDITIONAL
+    if message is None:  # a [grid] axis beside a conditional one is fine
+        assert _load(tmp_path, text).specs()
+        return
     with pytest.raises(UserError, match=re.escape(message)) as err:
         _load(tmp_path, text)
     assert "sample.lr" in str(err.value)
@@ -166,8 +173,65 @@ def test_a_conditional_axis_needs_a_list_axis_to_follow(tmp_path):
         'optimizer = ["sgd", "momentum", "adam", "rmsprop"]',
         "optimizer = {log_uniform = [1, 2]}",
     )
-    with pytest.raises(UserError, match=r"sample\.lr: by = 'optimizer' must name"):
+    with pytest.raises(UserError, match=r"sample\.lr: by = 'optimizer' names a \[sample\] axis"):
         _load(tmp_path, text)
+    # A TOML date is no run value, but is refused as one, not with a traceback.
+    with pytest.raises(UserError, match="optimizer"):
+        _load(tmp_path, CONDITIONAL.replace('"sgd", "momentum"', '"sgd", 1979-05-27, "momentum"'))
+
+
+def test_a_conditional_axis_follows_a_field_fixed_in_base_and_extra_branches_are_unused(
+    tmp_path,
+):
+    # --set optimizer=sgd fixes it for every run (and drops the sample axis): lr follows.
+    specs = _load(tmp_path, CONDITIONAL, optimizer="sgd").specs()
+    assert {x.optimizer for x in specs} == {"sgd"}
+    assert all(1e-3 <= x.lr <= 1e-1 for x in specs)
+    # Narrowing the parent axis leaves the other branches unused, not refused.
+    narrowed = _load(tmp_path, CONDITIONAL, **{"sample.optimizer": '["adam"]'}).specs()
+    assert {x.optimizer for x in narrowed} == {"adam"}
+    assert all(1e-4 <= x.lr <= 3e-3 for x in narrowed)
+    # The paper scale of fig5-correlation: one optimiser for every run.
+    paper = study.load("fig5-correlation", {"scale": "paper", "optimizer": "momentum"}).specs()
+    assert {x.optimizer for x in paper} == {"momentum"}
+    assert {x.lr for x in paper} <= {1e-3, 3e-3, 1e-2, 3e-2, 1e-1}
+
+
+def test_an_axis_in_both_grid_and_sample_is_refused(tmp_path):
+    # Found by review: the grid's optimizer silently replaced the draw's, so sgd runs got
+    # the adam branch's learning rates.
+    with pytest.raises(UserError, match=r"optimizer is both a \[grid\] axis and a \[sample\]"):
+        study.load("fig5-correlation", {"scale": "paper", "grid.optimizer": '["sgd"]'})
+    text = CONDITIONAL.replace('by = "optimizer"', 'by = "width"').replace("width = [8, 16]\n", "")
+    with pytest.raises(UserError, match=r"names a \[grid\] axis"):
+        _load(tmp_path, text + "[grid]\nwidth = [8, 16]\n")
+
+
+def test_dotted_branch_keys_get_a_hint_to_quote_them(tmp_path):
+    text = """
+name = "dotted"
+[base]
+dataset = "digits"
+[sample]
+n = 4
+random_labels = [0.0, 0.5]
+lr = {by = "random_labels", 0.0 = [0.1], 0.5 = [0.2]}
+"""
+    with pytest.raises(UserError, match=r"missing: 0\.0, 0\.5\. Quote keys that hold a dot"):
+        _load(tmp_path, text)
+    quoted = text.replace("0.0 = [0.1], 0.5 = [0.2]", '"0.0" = [0.1], "0.5" = [0.2]')
+    assert {(x.random_labels, x.lr) for x in _load(tmp_path, quoted).specs()} <= {
+        (0.0, 0.1),
+        (0.5, 0.2),
+    }
+
+
+def test_the_base_seed_of_a_sampled_study_is_validated(tmp_path):
+    no_grid = SAMPLED.split("[grid]")[0]
+    ids = [x.run_id for x in _load(tmp_path, no_grid, seed="1").specs()]
+    assert [x.run_id for x in _load(tmp_path, no_grid, seed="1.0").specs()] == ids
+    with pytest.raises(UserError, match="seed"):
+        _load(tmp_path, no_grid, seed="-3")
 
 
 def _save(tmp_path, s):

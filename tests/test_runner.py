@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+from rich.console import Console
 from safetensors.torch import load_file
 
 from sensgen import study as study_module
@@ -333,6 +334,20 @@ def test_a_directory_from_another_spec_schema_is_refused(tiny, tmp_path, capsys)
     conn.close()
     assert _cli("run", str(tiny), "--out", str(out), "--no-progress") == 2
     assert "schema 1" in capsys.readouterr().err
+
+
+def test_a_directory_with_runs_this_study_does_not_plan_says_so(tiny, tmp_path, capsys):
+    # E.g. a sampled study run by a version that gave every draw seed 0: its draws now
+    # have seeds of their own, so resuming trains all of them beside the old ones.
+    out = tmp_path / "out"
+    run(study_module.load(tiny, {"random_labels": "0.0"}), out, progress=False, report=False)
+    capsys.readouterr()
+    other = study_module.load(tiny, {"random_labels": "0.0", "lr": "0.2"})
+    run(other, out, progress=False, report=False, console=Console(stderr=True, width=400))
+    assert "holds 4 finished runs that this study does not plan" in capsys.readouterr().err
+    assert len(open_results(out).runs()) == 8  # both studies' runs, nothing lost
+    run(other, out, progress=False, report=False, console=Console(stderr=True, width=400))
+    assert "holds 4 finished runs" in capsys.readouterr().err  # said at every run
 
 
 def test_pack_memory_budget_fills_the_free_gpu_memory_unless_the_study_sets_one(monkeypatch):

@@ -114,6 +114,7 @@ def run(
     with Store.open(out) as store, driver_lock(out, workers or 1) as record_workers:
         remove_dead_temporaries(out)
         _check_spec_schema(store, out)
+        _note_unplanned_runs(store, out, {s.run_id for s in specs}, console)
         # Fail fast on a missing or corrupt dataset, before any run is registered or trained.
         _preflight(_unfinished_datasets(store, specs))
         _write_study_file(out, study)
@@ -242,6 +243,27 @@ def _check_spec_schema(store: Store, out: Path) -> None:
             f"{out} holds runs planned under run-spec schema {found}; this sensgen plans "
             f"schema {SPEC_SCHEMA}, whose run ids differ. Run the study into a new --out "
             "directory (the old one stays readable with `sensgen report`)."
+        )
+
+
+def _note_unplanned_runs(store: Store, out: Path, run_ids: set[str], console: Console) -> None:
+    """Say so when the directory holds finished runs that this study does not plan.
+
+    They stay, and the report shows them beside this study's: right for a study run on
+    several datasets into one directory or shrunk, a surprise for a study that changed
+    (or that an older sensgen planned: since each `[sample]` draw has a seed of its own,
+    sampled studies plan other runs, and resuming one trains them all again).
+    """
+    runs = store.runs()
+    if runs.empty:
+        return
+    unplanned = runs["status"].isin(list(FINAL)) & ~runs["run_id"].isin(run_ids)
+    if unplanned.any():
+        console.print(
+            f"[yellow]note:[/] {out} holds {int(unplanned.sum())} finished runs that this "
+            "study does not plan (the study changed, or an older sensgen planned it: sampled "
+            "studies now give each draw its own seed). They stay, and the report shows them "
+            "too; to keep studies apart, run into a new --out directory."
         )
 
 

@@ -25,16 +25,19 @@ from sensgen.errors import UserError
 from sensgen.spec import RunSpec
 
 
-def draw_samples(axes: Mapping[str, Any], n: int, seed: int) -> list[dict[str, Any]]:
+def draw_samples(
+    axes: Mapping[str, Any], n: int, seed: int, fixed: Mapping[str, Any] | None = None
+) -> list[dict[str, Any]]:
     """`n` random configurations; draw i uses its own generator seeded by (seed, i).
 
     An axis is a list (uniform choice), ``{choice = [...]}``, ``{log_uniform = [lo, hi]}``
     or ``{uniform = [lo, hi]}``; a range over an integer run field (width, depth,
     batch_size, ...) rounds to integers, one over a float field (lr, init_scale,
     random_labels) never does, whatever the bounds are written as. A *conditional* axis,
-    ``{by = "optimizer", sgd = AXIS, adam = AXIS, ...}``, draws from the axis named by the
-    value another axis took in this draw (the paper's learning-rate ranges differ per
-    optimiser, §4). Each draw depends only on (seed, i), so raising n keeps the earlier
+    ``{by = "optimizer", sgd = AXIS, adam = AXIS, ...}``, draws from the branch named by the
+    value another axis took in this draw, or else by the run field's value in ``fixed``
+    (the study's `[base]` with the run defaults): the paper's learning-rate ranges differ
+    per optimiser (§4). Each draw depends only on (seed, i), so raising n keeps the earlier
     draws; plain axes are drawn first, in name order, then conditional ones, so adding a
     conditional axis leaves the others' values as they were.
     """
@@ -45,7 +48,8 @@ def draw_samples(axes: Mapping[str, Any], n: int, seed: int) -> list[dict[str, A
         rng = random.Random(f"{seed}:{i}")
         draw = {name: _draw(rng, axis, name in _INTEGER_FIELDS) for name, axis in plain}
         for name, axis in conditional:
-            branch = axis[condition_key(draw[axis["by"]])]
+            parent = axis["by"]
+            branch = axis[condition_key(draw[parent] if parent in draw else fixed[parent])]
             draw[name] = _draw(rng, branch, name in _INTEGER_FIELDS)
         draws.append(dict(sorted(draw.items())))
     return draws
@@ -58,8 +62,8 @@ def is_conditional(axis: Any) -> bool:
 
 def condition_key(value: Any) -> str:
     """The key of a conditional axis's branch for a drawn value: strings as they are,
-    numbers and booleans as TOML writes them ("32", "0.5", "true")."""
-    return value if isinstance(value, str) else json.dumps(value)
+    numbers and booleans as JSON writes them ("32", "0.5", "1e-05", "true")."""
+    return value if isinstance(value, str) else json.dumps(value, default=str)
 
 
 def seed_draws(
@@ -110,45 +114,74 @@ def _draw(rng: random.Random, axis: Any, integer: bool) -> Any:
     return round(value) if integer else value
 
 
-def check_sample_axes(sample_axes: dict[str, Any], source: str) -> None:
-    """Every axis is well formed; raises `UserError` naming ``sample.KEY`` otherwise."""
+def check_sample_axes(
+    sample_axes: dict[str, Any], fixed: Mapping[str, Any], grid: Mapping[str, Any], source: str
+) -> None:
+    """Every axis is well formed; raises `UserError` naming ``sample.KEY`` otherwise.
+
+    ``fixed`` holds the run fields' values outside `[sample]` (`[base]` over the run
+    defaults); ``grid`` the `[grid]` axes, which a conditional axis cannot follow.
+    """
     for key, axis in sample_axes.items():
         if is_conditional(axis):
-            _check_conditional_axis(key, axis, sample_axes, source)
+            _check_conditional_axis(key, axis, sample_axes, fixed, grid, source)
         else:
             _check_sample_axis(key, axis, source)
 
 
 def _check_conditional_axis(
-    key: str, axis: dict[str, Any], sample_axes: dict[str, Any], source: str
+    key: str,
+    axis: dict[str, Any],
+    sample_axes: dict[str, Any],
+    fixed: Mapping[str, Any],
+    grid: Mapping[str, Any],
+    source: str,
 ) -> None:
-    """``{by = AXIS, VALUE = SUB_AXIS, ...}``: `by` names a plain list or choice axis of
-    `[sample]`, and every value it can take has a branch (and nothing else does)."""
+    """``{by = FIELD, VALUE = SUB_AXIS, ...}``: FIELD is a plain list or choice axis of
+    `[sample]`, or a run field fixed for the whole study (`[base]` or its default), and
+    every value it can take has a branch. Other branches are allowed (unused), so a scale
+    may narrow the parent axis without restating the conditional one."""
     where = f"{source}: sample.{key}"
     parent_name = axis["by"]
-    parent = sample_axes.get(parent_name) if isinstance(parent_name, str) else None
-    if isinstance(parent, dict) and set(parent) == {"choice"}:
-        parent = parent["choice"]
-    if not isinstance(parent, list) or not parent:
+    usage = f'e.g. {key} = {{by = "optimizer", adam = [...], sgd = [...]}}'
+    if isinstance(parent_name, str) and parent_name in sample_axes:
+        parent = sample_axes[parent_name]
+        if isinstance(parent, dict) and set(parent) == {"choice"}:
+            parent = parent["choice"]
+        if not isinstance(parent, list) or not parent:
+            raise UserError(
+                f"{where}: by = {parent_name!r} names a [sample] axis that is not a list or "
+                f"{{choice = [...]}}; a conditional axis needs the values it can take ({usage})."
+            )
+        values, origin = parent, f"sample.{parent_name}"
+    elif isinstance(parent_name, str) and parent_name in grid:
         raise UserError(
-            f"{where}: by = {parent_name!r} must name another [sample] axis given as a list "
-            "or {choice = [...]} (a conditional axis draws from the branch of the value "
-            f'that axis took), e.g. {key} = {{by = "optimizer", adam = [...], sgd = [...]}}.'
+            f"{where}: by = {parent_name!r} names a [grid] axis, but draws are made before "
+            f"the grid is crossed. Move {parent_name} to [sample], or fix it in [base]."
         )
-    expected = {condition_key(v) for v in parent}
-    branches = {k for k in axis if k != "by"}
-    if branches != expected:
-        problems = []
-        if missing := sorted(expected - branches):
-            problems.append(f"missing: {', '.join(missing)}")
-        if extra := sorted(branches - expected):
-            problems.append(f"not values of {parent_name}: {', '.join(extra)}")
+    elif isinstance(parent_name, str) and parent_name in fixed:
+        values, origin = [fixed[parent_name]], f"{parent_name} (fixed in [base])"
+    else:
         raise UserError(
-            f"{where}: give one branch per value of sample.{parent_name} "
-            f"({', '.join(sorted(expected))}); {'; '.join(problems)}."
+            f"{where}: by = {parent_name!r} must name a run field: another [sample] axis "
+            f"given as a list or {{choice = [...]}}, or a field set in [base] ({usage})."
+        )
+    branches = {k for k in axis if k != "by"}
+    if missing := sorted({condition_key(v) for v in values} - branches):
+        hint = ""
+        if any(isinstance(axis[k], dict) and not _is_axis_table(axis[k]) for k in branches):
+            hint = ' Quote keys that hold a dot, e.g. "0.5" = [...]: bare, TOML splits them.'
+        raise UserError(
+            f"{where}: give a branch for every value of {origin}; missing: "
+            f"{', '.join(missing)}.{hint}"
         )
     for value in sorted(branches):
         _check_sample_axis(f"{key}.{value}", axis[value], source)
+
+
+def _is_axis_table(axis: dict[str, Any]) -> bool:
+    """Whether a table is one of the axis forms (``{choice = ...}`` or a range)."""
+    return len(axis) == 1 and next(iter(axis)) in ("choice", "log_uniform", "uniform")
 
 
 def _check_sample_axis(key: str, axis: Any, source: str) -> None:

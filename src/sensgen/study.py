@@ -220,13 +220,19 @@ class Study(BaseModel):
         """Every run of the study with its pair membership, deduplicated by run_id."""
         samples = []
         if self.sample is not None:
-            samples = draw_samples(self.sample.axes(), self.sample.n, self.sample.seed)
-            # A [grid] seed axis still wins: grid values override a draw's in expand().
-            base_seed = self.base.get("seed", RunSpec().seed)
+            axes, fixed = self.sample.axes(), self.fixed_fields()
+            samples = draw_samples(axes, self.sample.n, self.sample.seed, fixed)
+            # Validated, so that seed = 1.0 and seed = 1 give the same draws' seeds. A
+            # [grid] seed axis still wins: grid values override a draw's in expand().
+            base_seed = RunSpec.model_validate({"seed": fixed["seed"]}).seed
             samples = seed_draws(samples, self.sample.seed, base_seed)
         factor = self.pairs.factor if self.pairs else None
         values = self.pairs.values if self.pairs else None
         return expand(self.base, self.grid, samples, factor, values)
+
+    def fixed_fields(self) -> dict[str, Any]:
+        """Every run field's value outside [grid] and [sample]: [base] over the defaults."""
+        return {**RunSpec().model_dump(mode="json"), **self.base}
 
     def specs(self) -> list[RunSpec]:
         """Every run of the study, deduplicated by run_id."""
@@ -290,7 +296,7 @@ def load(path_or_preset: str | Path, overrides: Mapping[str, str] | None = None)
     """Load a study from a TOML file or a preset name, applying `--set KEY=VALUE` overrides.
 
     Overrides address `base.KEY`, `grid.KEY` (a TOML array), `execution.KEY`, `name` or a
-    bare run-spec KEY (which sets `base.KEY` and removes that axis from the grid).
+    bare run-spec KEY (which sets `base.KEY` and removes that axis from [grid] and [sample]).
 
     Raises:
         UserError: missing file, TOML syntax error, unknown key, bad value — naming it.
@@ -382,7 +388,11 @@ def _set_key(raw: dict, key: str, value: Any, origin: str, source: str) -> None:
         raw[field] = value
     elif table == "" and field in RunSpec.model_fields:
         raw.setdefault("base", {})[field] = value
-        raw.get("grid", {}).pop(field, None)
+        for table in ("grid", "sample"):
+            axes = raw.get(table)
+            # sample.seed is the sampler's own seed, not an axis.
+            if isinstance(axes, dict) and not (table == "sample" and field == "seed"):
+                axes.pop(field, None)
     else:
         raise UserError(
             f"{origin}: unknown key {key!r} for {source}. Use TABLE.FIELD with TABLE one of "
@@ -415,7 +425,13 @@ def _check_axes(study: Study, source: str) -> None:
     for key, values in study.grid.items():
         if not values:
             raise UserError(f"{source}: grid.{key} is an empty list; give at least one value.")
-    check_sample_axes(sample_axes, source)
+    check_sample_axes(sample_axes, study.fixed_fields(), study.grid, source)
+    if both := sorted(study.grid.keys() & sample_axes.keys()):
+        key = both[0]
+        raise UserError(
+            f"{source}: {key} is both a [grid] axis and a [sample] axis, and a run takes "
+            f"one value (the grid's would silently win). Keep grid.{key} or sample.{key}."
+        )
     if study.pairs is not None:
         factor = study.pairs.factor
         if factor not in PAIR_FACTORS:
