@@ -1,9 +1,10 @@
 """`[sample]`: random configurations over some run fields (paper §4: random search).
 
 An axis is a list (uniform choice), ``{choice = [...]}``, ``{log_uniform = [lo, hi]}``,
-``{uniform = [lo, hi]}``, or a conditional axis ``{by = AXIS, VALUE = AXIS, ...}`` whose
-range depends on the value another axis took in the same draw, e.g. the paper's learning
-rates per optimiser (§4: sgd and momentum 1e-3 … 1e-1, adam and rmsprop 1e-4 … 3e-3):
+``{uniform = [lo, hi]}``, or a conditional axis ``{by = FIELD, VALUE = AXIS, ...}`` whose
+range depends on the value another axis took in the same draw (or that `[base]` fixes),
+e.g. the paper's learning rates per optimiser (§4: sgd and momentum 1e-3 … 1e-1, adam
+and rmsprop 1e-4 … 3e-3):
 
     lr = {by = "optimizer", sgd = {log_uniform = [1e-3, 1e-1]}, adam = ...}
 
