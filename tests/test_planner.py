@@ -57,7 +57,7 @@ def test_sampled_ranges_round_by_the_fields_type_not_by_the_bounds():
         "lr": {"log_uniform": [1, 10]},
         "width": {"log_uniform": [4.0, 64.0]},
     }
-    draws = draw_samples(axes, 20, seed=0)
+    draws = draw_samples(axes, 20, seed=0, fixed={})
     assert len({d["random_labels"] for d in draws}) == 20
     assert all(0 < d["random_labels"] < 1 for d in draws)
     assert all(isinstance(d["lr"], float) and 1 <= d["lr"] <= 10 for d in draws)
@@ -66,8 +66,8 @@ def test_sampled_ranges_round_by_the_fields_type_not_by_the_bounds():
 
 def test_more_draws_keep_the_earlier_ones():
     axes = {"lr": {"log_uniform": [1e-4, 1e-2]}, "width": [8, 16]}
-    assert draw_samples(axes, 5, seed=1) == draw_samples(axes, 9, seed=1)[:5]
-    assert draw_samples(axes, 5, seed=1) != draw_samples(axes, 5, seed=2)
+    assert draw_samples(axes, 5, seed=1, fixed={}) == draw_samples(axes, 9, seed=1, fixed={})[:5]
+    assert draw_samples(axes, 5, seed=1, fixed={}) != draw_samples(axes, 5, seed=2, fixed={})
 
 
 def test_each_draw_gets_a_model_seed_of_its_own(tmp_path):
@@ -120,15 +120,15 @@ def test_a_conditional_axis_draws_from_the_branch_of_the_value_drawn(tmp_path):
     # Plain axes are drawn first: adding the conditional axis leaves them as they were.
     axes = {"optimizer": ["sgd", "adam"], "width": [8, 16, 32]}
     conditional = {**axes, "lr": {"by": "optimizer", "sgd": [0.1], "adam": [0.001]}}
-    with_lr = draw_samples(conditional, 30, seed=0)
-    without = draw_samples(axes, 30, seed=0)
+    with_lr = draw_samples(conditional, 30, seed=0, fixed={})
+    without = draw_samples(axes, 30, seed=0, fixed={})
     assert [{k: d[k] for k in axes} for d in with_lr] == without
     assert all(d["lr"] == (0.1 if d["optimizer"] == "sgd" else 0.001) for d in with_lr)
 
 
 def test_a_conditional_axis_on_numbers_uses_their_toml_text(tmp_path):
     axes = {"batch_size": [32, 128], "lr": {"by": "batch_size", "32": [0.1], "128": [0.3]}}
-    draws = draw_samples(axes, 20, seed=0)
+    draws = draw_samples(axes, 20, seed=0, fixed={})
     assert {(d["batch_size"], d["lr"]) for d in draws} == {(32, 0.1), (128, 0.3)}
     # Written out as the study directory's study.toml and read back: the same runs
     # (the key "0.5" must be quoted there, or TOML reads a dotted key).
@@ -203,8 +203,25 @@ def test_an_axis_in_both_grid_and_sample_is_refused(tmp_path):
     with pytest.raises(UserError, match=r"optimizer is both a \[grid\] axis and a \[sample\]"):
         study.load("fig5-correlation", {"scale": "paper", "grid.optimizer": '["sgd"]'})
     text = CONDITIONAL.replace('by = "optimizer"', 'by = "width"').replace("width = [8, 16]\n", "")
-    with pytest.raises(UserError, match=r"names a \[grid\] axis"):
+    with pytest.raises(UserError, match=r"names a field set after the draws \(a \[grid\] axis"):
         _load(tmp_path, text + "[grid]\nwidth = [8, 16]\n")
+
+
+def test_a_conditional_axis_cannot_follow_the_pairs_factor_or_the_seed(tmp_path):
+    # Found by review: it followed [base]'s value, not the members' own.
+    paired = CONDITIONAL.replace('by = "optimizer"', 'by = "batch_size"') + (
+        '[pairs]\nfactor = "batch_size"\nvalues = [128, "full"]\n'
+    )
+    with pytest.raises(UserError, match=r"names a field set after the draws"):
+        _load(tmp_path, paired)
+    with pytest.raises(UserError, match=r"names a field set after the draws"):
+        _load(tmp_path, CONDITIONAL.replace('by = "optimizer"', 'by = "seed"'))
+    # A [base] value is read as the run field: augment = 1 is augment = true.
+    text = CONDITIONAL.replace('by = "optimizer"', 'by = "augment"').replace(
+        "[sample]", "augment = 1\n[sample]"
+    )
+    with pytest.raises(UserError, match="missing: true"):
+        _load(tmp_path, text)
 
 
 def test_dotted_branch_keys_get_a_hint_to_quote_them(tmp_path):

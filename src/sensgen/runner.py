@@ -261,9 +261,9 @@ def _note_unplanned_runs(store: Store, out: Path, run_ids: set[str], console: Co
     if unplanned.any():
         console.print(
             f"[yellow]note:[/] {out} holds {int(unplanned.sum())} finished runs that this "
-            "study does not plan (the study changed, or an older sensgen planned it: sampled "
-            "studies now give each draw its own seed). They stay, and the report shows them "
-            "too; to keep studies apart, run into a new --out directory."
+            "study does not plan (the study changed since they ran, or another sensgen "
+            "version planned it). They stay, and the report shows them too; to keep studies "
+            "apart, run into a new --out directory."
         )
 
 

@@ -18,7 +18,7 @@ import json
 import math
 import random
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Annotated, Any
 
 from sensgen.batches import derive_seed
@@ -27,7 +27,7 @@ from sensgen.spec import RunSpec
 
 
 def draw_samples(
-    axes: Mapping[str, Any], n: int, seed: int, fixed: Mapping[str, Any] | None = None
+    axes: Mapping[str, Any], n: int, seed: int, fixed: Mapping[str, Any]
 ) -> list[dict[str, Any]]:
     """`n` random configurations; draw i uses its own generator seeded by (seed, i).
 
@@ -70,7 +70,7 @@ def condition_key(value: Any) -> str:
 def seed_draws(
     draws: list[dict[str, Any]], sample_seed: int, base_seed: int
 ) -> list[dict[str, Any]]:
-    """The draws, each with a model `seed` of its own unless it already has one.
+    """The draws, each with a model `seed` of its own.
 
     Draw i gets seed_i = derive_seed(base_seed, "sample:{sample_seed}:{i}"): without this
     every draw would train from the run default seed 0, so two draws of one shape would
@@ -116,16 +116,17 @@ def _draw(rng: random.Random, axis: Any, integer: bool) -> Any:
 
 
 def check_sample_axes(
-    sample_axes: dict[str, Any], fixed: Mapping[str, Any], grid: Mapping[str, Any], source: str
+    sample_axes: dict[str, Any], fixed: Mapping[str, Any], varied: Iterable[str], source: str
 ) -> None:
     """Every axis is well formed; raises `UserError` naming ``sample.KEY`` otherwise.
 
     ``fixed`` holds the run fields' values outside `[sample]` (`[base]` over the run
-    defaults); ``grid`` the `[grid]` axes, which a conditional axis cannot follow.
+    defaults); ``varied`` the fields set after the draws (`[grid]` axes, the `[pairs]`
+    factor, the seed), which a conditional axis cannot follow.
     """
     for key, axis in sample_axes.items():
         if is_conditional(axis):
-            _check_conditional_axis(key, axis, sample_axes, fixed, grid, source)
+            _check_conditional_axis(key, axis, sample_axes, fixed, set(varied), source)
         else:
             _check_sample_axis(key, axis, source)
 
@@ -135,7 +136,7 @@ def _check_conditional_axis(
     axis: dict[str, Any],
     sample_axes: dict[str, Any],
     fixed: Mapping[str, Any],
-    grid: Mapping[str, Any],
+    varied: set[str],
     source: str,
 ) -> None:
     """``{by = FIELD, VALUE = SUB_AXIS, ...}``: FIELD is a plain list or choice axis of
@@ -143,9 +144,9 @@ def _check_conditional_axis(
     every value it can take has a branch. Other branches are allowed (unused), so a scale
     may narrow the parent axis without restating the conditional one."""
     where = f"{source}: sample.{key}"
-    parent_name = axis["by"]
+    parent_name = axis["by"] if isinstance(axis["by"], str) else repr(axis["by"])
     usage = f'e.g. {key} = {{by = "optimizer", adam = [...], sgd = [...]}}'
-    if isinstance(parent_name, str) and parent_name in sample_axes:
+    if parent_name in sample_axes:
         parent = sample_axes[parent_name]
         if isinstance(parent, dict) and set(parent) == {"choice"}:
             parent = parent["choice"]
@@ -155,12 +156,13 @@ def _check_conditional_axis(
                 f"{{choice = [...]}}; a conditional axis needs the values it can take ({usage})."
             )
         values, origin = parent, f"sample.{parent_name}"
-    elif isinstance(parent_name, str) and parent_name in grid:
+    elif parent_name in varied:
         raise UserError(
-            f"{where}: by = {parent_name!r} names a [grid] axis, but draws are made before "
-            f"the grid is crossed. Move {parent_name} to [sample], or fix it in [base]."
+            f"{where}: by = {parent_name!r} names a field set after the draws (a [grid] axis, "
+            f"the [pairs] factor or the seed). Move {parent_name} to [sample], or fix it in "
+            "[base]."
         )
-    elif isinstance(parent_name, str) and parent_name in fixed:
+    elif parent_name in fixed:
         values, origin = [fixed[parent_name]], f"{parent_name} (fixed in [base])"
     else:
         raise UserError(

@@ -222,17 +222,19 @@ class Study(BaseModel):
         if self.sample is not None:
             axes, fixed = self.sample.axes(), self.fixed_fields()
             samples = draw_samples(axes, self.sample.n, self.sample.seed, fixed)
-            # Validated, so that seed = 1.0 and seed = 1 give the same draws' seeds. A
-            # [grid] seed axis still wins: grid values override a draw's in expand().
-            base_seed = RunSpec.model_validate({"seed": fixed["seed"]}).seed
-            samples = seed_draws(samples, self.sample.seed, base_seed)
+            # A [grid] seed axis still wins: grid values override a draw's in expand().
+            samples = seed_draws(samples, self.sample.seed, fixed["seed"])
         factor = self.pairs.factor if self.pairs else None
         values = self.pairs.values if self.pairs else None
         return expand(self.base, self.grid, samples, factor, values)
 
     def fixed_fields(self) -> dict[str, Any]:
-        """Every run field's value outside [grid] and [sample]: [base] over the defaults."""
-        return {**RunSpec().model_dump(mode="json"), **self.base}
+        """Every run field's value outside [grid] and [sample]: [base] over the defaults,
+        each validated as the run field (``augment = 1`` is ``true``)."""
+        fields = RunSpec().model_dump(mode="json")
+        for key, value in self.base.items():
+            fields[key] = RunSpec.model_validate({key: value}).model_dump(mode="json")[key]
+        return fields
 
     def specs(self) -> list[RunSpec]:
         """Every run of the study, deduplicated by run_id."""
@@ -380,7 +382,8 @@ def _apply_scale(raw: dict, source: str) -> None:
 
 
 def _set_key(raw: dict, key: str, value: Any, origin: str, source: str) -> None:
-    """Set TABLE.FIELD, a top-level key, or a bare run field (which leaves the grid)."""
+    """Set TABLE.FIELD, a top-level key, or a bare run field (which leaves [grid] and
+    [sample])."""
     table, _, field = key.rpartition(".")
     if table in TABLES:
         raw.setdefault(table, {})[field] = value
@@ -388,10 +391,10 @@ def _set_key(raw: dict, key: str, value: Any, origin: str, source: str) -> None:
         raw[field] = value
     elif table == "" and field in RunSpec.model_fields:
         raw.setdefault("base", {})[field] = value
-        for table in ("grid", "sample"):
-            axes = raw.get(table)
+        for name in ("grid", "sample"):
+            axes = raw.get(name)
             # sample.seed is the sampler's own seed, not an axis.
-            if isinstance(axes, dict) and not (table == "sample" and field == "seed"):
+            if isinstance(axes, dict) and not (name == "sample" and field == "seed"):
                 axes.pop(field, None)
     else:
         raise UserError(
@@ -425,9 +428,10 @@ def _check_axes(study: Study, source: str) -> None:
     for key, values in study.grid.items():
         if not values:
             raise UserError(f"{source}: grid.{key} is an empty list; give at least one value.")
-    check_sample_axes(sample_axes, study.fixed_fields(), study.grid, source)
-    if both := sorted(study.grid.keys() & sample_axes.keys()):
-        key = both[0]
+    varied = {*study.grid, "seed", *([study.pairs.factor] if study.pairs else [])}
+    check_sample_axes(sample_axes, study.fixed_fields(), varied, source)
+    if overlap := sorted(study.grid.keys() & sample_axes.keys()):
+        key = overlap[0]
         raise UserError(
             f"{source}: {key} is both a [grid] axis and a [sample] axis, and a run takes "
             f"one value (the grid's would silently win). Keep grid.{key} or sample.{key}."
