@@ -42,26 +42,26 @@ def draw_samples(
     draws; plain axes are drawn first, in name order, then conditional ones, so adding a
     conditional axis leaves the others' values as they were.
     """
-    plain = sorted((k, a) for k, a in axes.items() if not is_conditional(a))
-    conditional = sorted((k, a) for k, a in axes.items() if is_conditional(a))
+    plain = sorted((k, a) for k, a in axes.items() if not _is_conditional(a))
+    conditional = sorted((k, a) for k, a in axes.items() if _is_conditional(a))
     draws = []
     for i in range(n):
         rng = random.Random(f"{seed}:{i}")
         draw = {name: _draw(rng, axis, name in _INTEGER_FIELDS) for name, axis in plain}
         for name, axis in conditional:
             parent = axis["by"]
-            branch = axis[condition_key(draw[parent] if parent in draw else fixed[parent])]
+            branch = axis[_condition_key(draw[parent] if parent in draw else fixed[parent])]
             draw[name] = _draw(rng, branch, name in _INTEGER_FIELDS)
         draws.append(dict(sorted(draw.items())))
     return draws
 
 
-def is_conditional(axis: Any) -> bool:
+def _is_conditional(axis: Any) -> bool:
     """Whether a `[sample]` axis is conditional: a table with a ``by`` key."""
     return isinstance(axis, dict) and "by" in axis
 
 
-def condition_key(value: Any) -> str:
+def _condition_key(value: Any) -> str:
     """The key of a conditional axis's branch for a drawn value: strings as they are,
     numbers and booleans as JSON writes them ("32", "0.5", "1e-05", "true")."""
     return value if isinstance(value, str) else json.dumps(value, default=str)
@@ -125,7 +125,7 @@ def check_sample_axes(
     factor, the seed), which a conditional axis cannot follow.
     """
     for key, axis in sample_axes.items():
-        if is_conditional(axis):
+        if _is_conditional(axis):
             _check_conditional_axis(key, axis, sample_axes, fixed, set(varied), source)
         else:
             _check_sample_axis(key, axis, source)
@@ -170,7 +170,7 @@ def _check_conditional_axis(
             f"given as a list or {{choice = [...]}}, or a field set in [base] ({usage})."
         )
     branches = {k for k in axis if k != "by"}
-    if missing := sorted({condition_key(v) for v in values} - branches):
+    if missing := sorted({_condition_key(v) for v in values} - branches):
         hint = ""
         if any(isinstance(axis[k], dict) and not _is_axis_table(axis[k]) for k in branches):
             hint = ' Quote keys that hold a dot, e.g. "0.5" = [...]: bare, TOML splits them.'
@@ -182,9 +182,12 @@ def _check_conditional_axis(
         _check_sample_axis(f"{key}.{value}", axis[value], source)
 
 
+_RANGES = ("log_uniform", "uniform")
+
+
 def _is_axis_table(axis: dict[str, Any]) -> bool:
     """Whether a table is one of the axis forms (``{choice = ...}`` or a range)."""
-    return len(axis) == 1 and next(iter(axis)) in ("choice", "log_uniform", "uniform")
+    return len(axis) == 1 and next(iter(axis)) in ("choice", *_RANGES)
 
 
 def _check_sample_axis(key: str, axis: Any, source: str) -> None:
@@ -201,7 +204,7 @@ def _check_sample_axis(key: str, axis: Any, source: str) -> None:
     ((kind, values),) = axis.items()
     if kind == "choice" and isinstance(values, list) and values:
         return
-    ranged = kind in ("log_uniform", "uniform") and isinstance(values, list) and len(values) == 2
+    ranged = kind in _RANGES and isinstance(values, list) and len(values) == 2
     numbers = ranged and all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
     if not numbers or values[0] >= values[1] or (kind == "log_uniform" and values[0] <= 0):
         raise UserError(
