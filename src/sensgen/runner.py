@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
+import pandas as pd
 import torch
 from rich.console import Console
 from rich.progress import (
@@ -113,10 +114,13 @@ def run(
     specs = [p.spec for p in planned]
     with Store.open(out) as store, driver_lock(out, workers or 1) as record_workers:
         remove_dead_temporaries(out)
-        _check_spec_schema(store, out)
-        _note_unplanned_runs(store, out, {s.run_id for s in specs}, console)
-        # Fail fast on a missing or corrupt dataset, before any run is registered or trained.
-        _preflight(_unfinished_datasets(store, specs))
+        stored = store.runs()  # as found: read once for the checks below
+        _check_spec_schema(stored, out)
+        finished = _finished_ids(stored)
+        _note_unplanned_runs(finished - {s.run_id for s in specs}, out, console)
+        # Fail fast on a missing or corrupt dataset, before any run is registered or trained;
+        # only the runs not yet in a final status will need their data.
+        _preflight({s.dataset for s in specs if s.run_id not in finished})
         _write_study_file(out, study)
         memory = pack_memory_budget(study.execution, device)
         packs = plan_packs(specs, study.execution.pack_size, memory)
@@ -227,13 +231,13 @@ def _report_outdated(index: Path, store: Store) -> bool:
     return latest is not None and latest.timestamp() > index.stat().st_mtime
 
 
-def _check_spec_schema(store: Store, out: Path) -> None:
-    """Refuse a directory whose runs were planned under another run-spec schema.
+def _check_spec_schema(runs: pd.DataFrame, out: Path) -> None:
+    """Refuse a directory whose runs (the store's `runs` table) were planned under another
+    run-spec schema.
 
     Their run ids were hashed differently, so resuming would train every model again next
     to the old rows instead of recognising them.
     """
-    runs = store.runs()
     if runs.empty:
         return
     schemas = {json.loads(text).get("schema") for text in runs["spec"]}
@@ -246,21 +250,22 @@ def _check_spec_schema(store: Store, out: Path) -> None:
         )
 
 
-def _note_unplanned_runs(store: Store, out: Path, run_ids: set[str], console: Console) -> None:
-    """Say so when the directory holds finished runs that this study does not plan.
+def _finished_ids(runs: pd.DataFrame) -> set[str]:
+    """Run ids in a final status (done, failed, diverged) in the store's `runs` table."""
+    return set(runs.loc[runs["status"].isin(list(FINAL)), "run_id"]) if len(runs) else set()
+
+
+def _note_unplanned_runs(unplanned: set[str], out: Path, console: Console) -> None:
+    """Say so when the directory holds finished runs (`unplanned`) this study does not plan.
 
     They stay, and the report shows them beside this study's: right for a study run on
     several datasets into one directory or shrunk, a surprise for a study that changed
     (or that an older sensgen planned: since each `[sample]` draw has a seed of its own,
     sampled studies plan other runs, and resuming one trains them all again).
     """
-    runs = store.runs()
-    if runs.empty:
-        return
-    unplanned = runs["status"].isin(list(FINAL)) & ~runs["run_id"].isin(run_ids)
-    if unplanned.any():
+    if unplanned:
         console.print(
-            f"[yellow]note:[/] {out} holds {int(unplanned.sum())} finished runs that this "
+            f"[yellow]note:[/] {out} holds {len(unplanned)} finished runs that this "
             "study does not plan (the study changed since they ran, or another sensgen "
             "version planned it). They stay, and the report shows them too; to keep studies "
             "apart, run into a new --out directory."
@@ -290,13 +295,6 @@ def _pending_packs(store: Store, run_ids: set[str]) -> list[_PendingPack]:
         specs = tuple(RunSpec.from_json(text) for text in group.sort_values("run_id")["spec"])
         packs.append(_PendingPack(str(pack_id), specs))
     return packs
-
-
-def _unfinished_datasets(store: Store, specs: Sequence[RunSpec]) -> set[str]:
-    """Datasets of the runs not yet in a final status (those that will need their data)."""
-    runs = store.runs()
-    final = set(runs.loc[runs["status"].isin(list(FINAL)), "run_id"]) if len(runs) else set()
-    return {s.dataset for s in specs if s.run_id not in final}
 
 
 def _preflight(datasets: set[str]) -> None:
