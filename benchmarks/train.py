@@ -13,8 +13,12 @@ another). Printed, as ratios measured in this one run:
 * examples × models per second of each, and packed / loop (targets: ≥ 2× on the reference
   pack, ≥ 5× on the small-model pack);
 * the matmul GFLOP/s each achieves, and its share of this machine's float32 matmul peak,
-  measured in the same run as the best of `torch.mm` on square matrices (target: ≥ 65% on
-  the reference pack);
+  measured in the same run as the best `torch.mm` on square matrices, probed between all
+  the timings since the guest's speed drifts (target: ≥ 65% on the reference pack);
+* for the minibatch packs, the same GFLOP/s of the pack's batched matrix products timed
+  alone (the `torch.baddbmm`/`torch.bmm` calls of its steps on tensors of its shapes, with
+  nothing else): the ceiling of any trainer built on them, so "products alone / loop" bounds
+  the packed / loop ratio this machine allows;
 * the largest parameter difference between the two after 3 steps and at the end (a check
   that they did the same work; rounding differences grow as training goes on).
 
@@ -74,7 +78,7 @@ FULL = Config(
         Case("small", 32, 64, 2, 32, 10_000, 2 * (10_000 // 32)),
         Case("full batch", 32, 64, 2, None, 2_000, 100),
     ),
-    repeats=3,
+    repeats=5,
     peak_size=2048,
 )
 QUICK = Config(
@@ -103,18 +107,25 @@ def run(config: Config) -> None:
     )
     train = data.load("fashion_mnist", split="train")
     pick = torch.randperm(len(train.y), generator=torch.Generator().manual_seed(SEED))
-    peak = matmul_peak(config.peak_size, 10)
-    print(f"float32 matmul peak: {peak:,.1f} GFLOP/s (torch.mm, {config.peak_size}² matrices)")
+    peak = MatmulPeak(config.peak_size)
+    measured = []
     for case in config.cases:
         x, y = train.x[pick[: case.n_train]], train.y[pick[: case.n_train]]
-        table(f"{case.name}: {_describe(case)}", bench_case(case, x, y, peak, config.repeats))
+        measured.append((case, bench_case(case, x, y, peak, config.repeats)))
+    print(
+        f"float32 matmul peak: {peak.best:,.1f} GFLOP/s (the best torch.mm of "
+        f"{config.peak_size}² matrices, timed {peak.probes} times through the run)"
+    )
+    for case, rows in measured:
+        table(f"{case.name}: {_describe(case)}", rows(peak.best))
     print(f"\ntotal {time.perf_counter() - start:.1f} s")
 
 
 def bench_case(
-    case: Case, x: torch.Tensor, y: torch.Tensor, peak: float, repeats: int
-) -> list[tuple[str, str]]:
-    """Times packed and looped training of one case; returns the table's rows."""
+    case: Case, x: torch.Tensor, y: torch.Tensor, peak: MatmulPeak, repeats: int
+) -> Callable[[float], list[tuple[str, str]]]:
+    """Times packed and looped training of one case (probing the peak between timings);
+    returns the table's rows as a function of the peak, known at the end of the run."""
     members = [Member(seed=SEED + m, lr=LR, init_scale=1.0) for m in range(case.n_models)]
     results: dict[str, dict[str, torch.Tensor]] = {}
 
@@ -124,7 +135,10 @@ def bench_case(
     def loop() -> None:
         results["loop"] = train_loop(case, members, x, y)
 
-    best = _interleaved({"packed": packed, "loop": loop}, repeats)
+    fns = {"packed": packed, "loop": loop}
+    if case.batch_size is not None:
+        fns["products alone"] = products_alone(case, x.shape[1])
+    best = _interleaved(fns, repeats, between=peak.probe)
     examples = case.steps * (case.batch_size or case.n_train) * case.n_models
     flops = examples * flops_per_example(x.shape[1], case.width, case.depth)
     rate = {k: examples / t for k, t in best.items()}
@@ -133,27 +147,46 @@ def bench_case(
     diff = _max_difference(results["packed"], results["loop"])
     few = case._replace(steps=AGREEMENT_STEPS)
     first = _max_difference(train_packed(few, members, x, y), train_loop(few, members, x, y))
-    rows = [
-        ("packed (sensgen)", f"{rate['packed']:>12,.0f} examples×models/s  {best['packed']:.2f} s"),
-        ("plain loop", f"{rate['loop']:>12,.0f} examples×models/s  {best['loop']:.2f} s"),
-        ("ratio packed / loop", f"{speedup:.2f}x{_verdict(speedup, SPEEDUP_TARGETS, case)}"),
-        (
-            "matmul GFLOP/s, packed / loop",
-            f"{gflops['packed']:,.1f} / {gflops['loop']:,.1f} "
-            f"({gflops['packed'] / peak:.0%} / {gflops['loop'] / peak:.0%} of the peak)",
-        ),
-        (
-            "max |θ_packed − θ_loop|",
-            f"{first:.1e} after {AGREEMENT_STEPS} steps, {diff:.1e} at the end "
-            "(float rounding, amplified by training)",
-        ),
-    ]
-    if case.name == "reference":
-        share = gflops["packed"] / peak
-        verdict = "met" if share >= PEAK_TARGET else "NOT met"
-        rows.append(
-            ("packed share of peak", f"{share:.0%}  target >= {PEAK_TARGET:.0%}: {verdict}")
-        )
+
+    def rows(peak: float) -> list[tuple[str, str]]:
+        rows = [
+            (
+                "packed (sensgen)",
+                f"{rate['packed']:>12,.0f} examples×models/s  {best['packed']:.2f} s",
+            ),
+            ("plain loop", f"{rate['loop']:>12,.0f} examples×models/s  {best['loop']:.2f} s"),
+            ("ratio packed / loop", f"{speedup:.2f}x{_verdict(speedup, SPEEDUP_TARGETS, case)}"),
+            (
+                "matmul GFLOP/s, packed / loop",
+                f"{gflops['packed']:,.1f} / {gflops['loop']:,.1f} "
+                f"({gflops['packed'] / peak:.0%} / {gflops['loop'] / peak:.0%} of the peak)",
+            ),
+        ]
+        if "products alone" in best:
+            ceiling = gflops["products alone"]
+            rows.append(
+                (
+                    "products alone, GFLOP/s",
+                    f"{ceiling:,.1f} ({ceiling / peak:.0%} of the peak; packed runs at "
+                    f"{gflops['packed'] / ceiling:.0%} of it; products alone / loop = "
+                    f"{rate['products alone'] / rate['loop']:.2f}x)",
+                )
+            )
+        rows += [
+            (
+                "max |θ_packed − θ_loop|",
+                f"{first:.1e} after {AGREEMENT_STEPS} steps, {diff:.1e} at the end "
+                "(float rounding, amplified by training)",
+            ),
+        ]
+        if case.name == "reference":
+            share = gflops["packed"] / peak
+            verdict = "met" if share >= PEAK_TARGET else "NOT met"
+            rows.append(
+                ("packed share of peak", f"{share:.0%}  target >= {PEAK_TARGET:.0%}: {verdict}")
+            )
+        return rows
+
     return rows
 
 
@@ -216,6 +249,44 @@ def train_loop(
     return {k: torch.stack([f[k] for f in finals]) for k in finals[0]}
 
 
+def products_alone(case: Case, in_dim: int) -> Callable[[], None]:
+    """The batched matrix products of `case.steps` packed steps and nothing else.
+
+    Per step and layer l, as `sensgen.backprop.Backprop` calls them on [M, ...] tensors of
+    the pack's shapes: the forward h = a Wᵀ + b (`baddbmm`), the momentum-taking weight
+    gradient v ← μv + δᵀa (`baddbmm`) and, above the first layer, the input gradient δW
+    (`bmm`). The values are random and do not change: only the time is wanted.
+    """
+    gen = torch.Generator().manual_seed(SEED)
+    m, b = case.n_models, case.batch_size
+    sizes = [in_dim] + [case.width] * case.depth + [N_CLASSES]
+    layers = []
+    for n_in, n_out in itertools.pairwise(sizes):
+        weight = torch.randn(m, n_out, n_in, generator=gen) / n_in**0.5
+        layers.append(
+            (
+                weight,
+                torch.randn(m, 1, n_out, generator=gen),  # bias
+                torch.rand(m, b, n_in, generator=gen),  # the layer's input a
+                torch.empty(m, b, n_out),  # h
+                torch.zeros_like(weight),  # v
+                torch.randn(m, b, n_out, generator=gen) / b,  # δ
+                torch.empty(m, b, n_in),  # δW
+            )
+        )
+
+    def run() -> None:
+        for _ in range(case.steps):
+            for weight, bias, a, h, _, _, _ in layers:
+                torch.baddbmm(bias, a, weight.transpose(1, 2), out=h)
+            for index, (weight, _, a, _, v, delta, upstream) in reversed(list(enumerate(layers))):
+                torch.baddbmm(v, delta.transpose(1, 2), a, beta=MOMENTUM, out=v)
+                if index > 0:
+                    torch.bmm(delta, weight, out=upstream)
+
+    return run
+
+
 def _max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in b)
 
@@ -227,22 +298,38 @@ def flops_per_example(in_dim: int, width: int, depth: int) -> int:
     return 2 * sum(products) * 2 + 2 * sum(products[1:])
 
 
-def matmul_peak(size: int, repeats: int) -> float:
-    """Best float32 GFLOP/s of `torch.mm` on [size, size] matrices, all threads."""
-    gen = torch.Generator().manual_seed(SEED)
-    a, b = (torch.randn(size, size, generator=gen) for _ in range(2))
-    out = torch.empty(size, size)
-    torch.mm(a, b, out=out)  # warm-up
-    best = min(_time(lambda: torch.mm(a, b, out=out)) for _ in range(repeats))
-    return 2 * size**3 / best / 1e9
+class MatmulPeak:
+    """The best float32 GFLOP/s of `torch.mm` on [size, size] matrices (all threads) seen
+    by any `probe`. The guest's speed drifts by tens of percent from minute to minute, so
+    the peak is probed between all the timings of the run, not once."""
+
+    def __init__(self, size: int) -> None:
+        gen = torch.Generator().manual_seed(SEED)
+        self.a, self.b = (torch.randn(size, size, generator=gen) for _ in range(2))
+        self.out = torch.empty(size, size)
+        torch.mm(self.a, self.b, out=self.out)  # warm-up
+        self.best, self.probes = 0.0, 0
+        self.probe()
+
+    def probe(self, repeats: int = 3) -> None:
+        """Times `repeats` products; keeps the best rate."""
+        size = self.a.shape[0]
+        for _ in range(repeats):
+            seconds = _time(lambda: torch.mm(self.a, self.b, out=self.out))
+            self.best = max(self.best, 2 * size**3 / seconds / 1e9)
+        self.probes += 1
 
 
-def _interleaved(fns: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
-    """Best wall time of each function over `repeats` rounds, run in turn within a round."""
+def _interleaved(
+    fns: dict[str, Callable[[], None]], repeats: int, between: Callable[[], None]
+) -> dict[str, float]:
+    """Best wall time of each function over `repeats` rounds, run in turn within a round;
+    `between` runs after each timing (untimed)."""
     best = dict.fromkeys(fns, float("inf"))
     for _ in range(repeats):
         for name, fn in fns.items():
             best[name] = min(best[name], _time(fn))
+            between()
     return best
 
 

@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad_and_value, vmap
 
-from sensgen.backprop import Backprop, logits
-from sensgen.models import Nonlinearity
+from sensgen.backprop import ACTIVATIONS_INTO, Backprop, logits
+from sensgen.models import ACTIVATIONS, Nonlinearity
 from sensgen.optim import MOMENTUM, OPTIMIZERS, OptimizerName
 from sensgen.train import Member, PackShape, init_pack
 
@@ -120,3 +120,17 @@ def test_logits_equal_each_model_s_forward(shared):
         one = {k: v[m] for k, v in params.items()}
         xm = x[m] if x.dim() == 3 else x
         torch.testing.assert_close(out[m], functional_call(template, one, (xm,)))
+
+
+@pytest.mark.parametrize("nonlinearity", list(Nonlinearity))
+def test_activations_into_buffers_equal_the_models_activations(nonlinearity):
+    """The out= kernels the pack uses give φ(h) bit for bit as `sensgen.models` does,
+    at every breakpoint and for non-finite inputs too."""
+    special = torch.tensor([-6.0, -3.0, -1.0, -0.0, 0.0, 1.0, 3.0, 6.0, torch.inf, -torch.inf])
+    h = torch.cat([special, 4 * torch.randn(200, generator=torch.Generator().manual_seed(0))])
+    out = torch.full_like(h, torch.nan)
+    ACTIVATIONS_INTO[nonlinearity](h, out)
+    assert torch.equal(out, ACTIVATIONS[nonlinearity](h))
+    nan = torch.tensor([torch.nan])
+    assert ACTIVATIONS_INTO[nonlinearity](nan, torch.zeros(1)).isnan().all()
+    assert ACTIVATIONS[nonlinearity](nan).isnan().all()

@@ -38,17 +38,41 @@ Params = dict[str, torch.Tensor]
 
 _aten = torch.ops.aten
 
-# φ'(h) ⊙ g from the pre-activation h and the activation a = φ(h): autograd's own kernels.
-ACTIVATION_BACKWARDS: dict[
-    Nonlinearity, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-] = {
-    Nonlinearity.RELU: lambda g, h, a: _aten.threshold_backward(g, a, 0),
-    Nonlinearity.RELU6: lambda g, h, a: _aten.hardtanh_backward(g, h, 0.0, 6.0),
-    Nonlinearity.HARD_TANH: lambda g, h, a: _aten.hardtanh_backward(g, h, -1.0, 1.0),
-    Nonlinearity.HARD_SIGMOID: lambda g, h, a: _aten.hardsigmoid_backward(g, h),
-    Nonlinearity.TANH: lambda g, h, a: _aten.tanh_backward(g, a),
-    Nonlinearity.SIGMOID: lambda g, h, a: _aten.sigmoid_backward(g, a),
-    Nonlinearity.ELU: lambda g, h, a: _aten.elu_backward(g, 1.0, 1, 1, False, h),
+Unary = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Backward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+# a = φ(h) written into `out`: the kernels of `sensgen.models.ACTIVATIONS`, in their out=
+# form, so that a step allocates nothing (a fresh [M, B, n] tensor per call costs page
+# faults, more than the kernel itself for the reference pack; issue 8).
+ACTIVATIONS_INTO: dict[Nonlinearity, Unary] = {
+    # relu's own out= form computes into a new tensor and copies; relu is clamp_min(h, 0).
+    Nonlinearity.RELU: lambda h, out: _aten.clamp_min.out(h, 0.0, out=out),
+    Nonlinearity.RELU6: lambda h, out: _aten.hardtanh.out(h, 0.0, 6.0, out=out),
+    Nonlinearity.HARD_TANH: lambda h, out: _aten.hardtanh.out(h, -1.0, 1.0, out=out),
+    Nonlinearity.HARD_SIGMOID: lambda h, out: _aten.hardsigmoid.out(h, out=out),
+    Nonlinearity.TANH: lambda h, out: _aten.tanh.out(h, out=out),
+    Nonlinearity.SIGMOID: lambda h, out: _aten.sigmoid.out(h, out=out),
+    Nonlinearity.ELU: lambda h, out: _aten.elu.out(h, 1.0, 1, 1, out=out),
+}
+
+# g ← φ'(h) ⊙ g in place, from the pre-activation h and the activation a = φ(h): autograd's
+# own kernels (elementwise, so writing over their input g is safe).
+ACTIVATION_BACKWARDS: dict[Nonlinearity, Backward] = {
+    Nonlinearity.RELU: lambda g, h, a: _aten.threshold_backward.grad_input(g, a, 0, grad_input=g),
+    Nonlinearity.RELU6: lambda g, h, a: _aten.hardtanh_backward.grad_input(
+        g, h, 0.0, 6.0, grad_input=g
+    ),
+    Nonlinearity.HARD_TANH: lambda g, h, a: _aten.hardtanh_backward.grad_input(
+        g, h, -1.0, 1.0, grad_input=g
+    ),
+    Nonlinearity.HARD_SIGMOID: lambda g, h, a: _aten.hardsigmoid_backward.grad_input(
+        g, h, grad_input=g
+    ),
+    Nonlinearity.TANH: lambda g, h, a: _aten.tanh_backward.grad_input(g, a, grad_input=g),
+    Nonlinearity.SIGMOID: lambda g, h, a: _aten.sigmoid_backward.grad_input(g, a, grad_input=g),
+    Nonlinearity.ELU: lambda g, h, a: _aten.elu_backward.grad_input(
+        g, 1.0, 1, 1, False, h, grad_input=g
+    ),
 }
 
 
@@ -73,7 +97,7 @@ class Backprop:
     """
 
     def __init__(self, nonlinearity: Nonlinearity) -> None:
-        self.activation = ACTIVATIONS[nonlinearity]
+        self.activation = ACTIVATIONS_INTO[nonlinearity]
         self.backward = ACTIVATION_BACKWARDS[nonlinearity]
         self._buffers: dict[tuple, torch.Tensor] = {}
 
@@ -94,7 +118,7 @@ class Backprop:
         a = x
         for index in range(n_layers(params) - 1):
             h = self._affine(params, index, a)
-            a = self.activation(h)
+            a = self.activation(h, self._buffer(f"a{index}", h, *h.shape))
             hidden.append((h, a))
         return hidden, self._affine(params, n_layers(params) - 1, a)
 
@@ -129,7 +153,7 @@ class Backprop:
                 (accumulating chunks), μ takes a momentum step (`Optimizer.accumulator`).
         """
         hidden, z = self.forward(params, x)
-        log_p = torch.log_softmax(z, dim=-1)
+        log_p = _aten._log_softmax.out(z, -1, False, out=self._buffer("log_p", z, *z.shape))
         picked = log_p.gather(-1, y.unsqueeze(-1)).squeeze(-1)  # [M, B]
         losses = picked.sum(dim=1).mul_(-scale)
         delta = log_p.exp_()  # softmax(z), in log_p's memory
@@ -161,7 +185,8 @@ class Backprop:
         if beta == 0.0:
             torch.sum(delta, dim=1, out=g_bias)
         else:
-            g_bias.mul_(beta).add_(delta.sum(dim=1))
+            bias_grad = torch.sum(delta, dim=1, out=self._buffer("db", delta, *g_bias.shape))
+            g_bias.mul_(beta).add_(bias_grad)
 
 
 def affine(

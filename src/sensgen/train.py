@@ -121,8 +121,8 @@ def init_pack(shape: PackShape, members: Sequence[Member]) -> tuple[MLP, dict[st
         )
         for m in members
     ]
-    params, _ = stack_module_state(nets)
-    return nets[0], {k: v.detach().clone() for k, v in params.items()}
+    params, _ = stack_module_state(nets)  # new stacked tensors, not views of the nets'
+    return nets[0], {k: v.detach() for k, v in params.items()}
 
 
 def train_pack(
