@@ -24,14 +24,16 @@ another). Printed, as ratios measured in this one run:
 
 FLOPs count the matrix products only: per example and model, 2·Σ_l n_{l−1} n_l forward,
 as much again for the weight gradients and 2·Σ_{l≥2} n_{l−1} n_l for the input gradients
-(the first layer's input needs none). Timings are the best of a few interleaved repeats, so
-a busy machine slows both alike. Everything is seeded.
+(the first layer's input needs none). The trainers run in turn, round after round, so a
+busy minute slows both alike: rates are each one's best round, and the ratios the median
+(and range) over rounds of the two times of the same round. Everything is seeded.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import statistics
 import time
 from collections.abc import Callable
 from typing import NamedTuple
@@ -138,12 +140,13 @@ def bench_case(
     fns = {"packed": packed, "loop": loop}
     if case.batch_size is not None:
         fns["products alone"] = products_alone(case, x.shape[1])
-    best = _interleaved(fns, repeats, between=peak.probe)
+    times = _interleaved(fns, repeats, between=peak.probe)
+    best = {k: min(t) for k, t in times.items()}
     examples = case.steps * (case.batch_size or case.n_train) * case.n_models
     flops = examples * flops_per_example(x.shape[1], case.width, case.depth)
     rate = {k: examples / t for k, t in best.items()}
     gflops = {k: flops / t / 1e9 for k, t in best.items()}
-    speedup = rate["packed"] / rate["loop"]
+    speedup = _paired(times["loop"], times["packed"])
     diff = _max_difference(results["packed"], results["loop"])
     few = case._replace(steps=AGREEMENT_STEPS)
     first = _max_difference(train_packed(few, members, x, y), train_loop(few, members, x, y))
@@ -155,7 +158,10 @@ def bench_case(
                 f"{rate['packed']:>12,.0f} examples×models/s  {best['packed']:.2f} s",
             ),
             ("plain loop", f"{rate['loop']:>12,.0f} examples×models/s  {best['loop']:.2f} s"),
-            ("ratio packed / loop", f"{speedup:.2f}x{_verdict(speedup, SPEEDUP_TARGETS, case)}"),
+            (
+                "ratio packed / loop",
+                f"{_spread(speedup)}{_verdict(statistics.median(speedup), SPEEDUP_TARGETS, case)}",
+            ),
             (
                 "matmul GFLOP/s, packed / loop",
                 f"{gflops['packed']:,.1f} / {gflops['loop']:,.1f} "
@@ -167,9 +173,10 @@ def bench_case(
             rows.append(
                 (
                     "products alone, GFLOP/s",
-                    f"{ceiling:,.1f} ({ceiling / peak:.0%} of the peak; packed runs at "
-                    f"{gflops['packed'] / ceiling:.0%} of it; products alone / loop = "
-                    f"{rate['products alone'] / rate['loop']:.2f}x)",
+                    f"{ceiling:,.1f} ({ceiling / peak:.0%} of the peak); packed / products "
+                    f"alone {_spread(_paired(times['products alone'], times['packed']))}, "
+                    f"products alone / loop "
+                    f"{_spread(_paired(times['loop'], times['products alone']))}",
                 )
             )
         rows += [
@@ -322,15 +329,28 @@ class MatmulPeak:
 
 def _interleaved(
     fns: dict[str, Callable[[], None]], repeats: int, between: Callable[[], None]
-) -> dict[str, float]:
-    """Best wall time of each function over `repeats` rounds, run in turn within a round;
+) -> dict[str, list[float]]:
+    """Wall times of each function in each of `repeats` rounds, run in turn within a round;
     `between` runs after each timing (untimed)."""
-    best = dict.fromkeys(fns, float("inf"))
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            best[name] = min(best[name], _time(fn))
+            times[name].append(_time(fn))
             between()
-    return best
+    return times
+
+
+def _paired(slow: list[float], fast: list[float]) -> list[float]:
+    """Speed ratio fast / slow in each round: slow's time over fast's."""
+    return [s / f for s, f in zip(slow, fast, strict=True)]
+
+
+def _spread(ratios: list[float]) -> str:
+    """'1.95x (1.80–2.10 over 5 rounds)': the median and range of per-round ratios."""
+    if len(ratios) == 1:
+        return f"{ratios[0]:.2f}x"
+    median = statistics.median(ratios)
+    return f"{median:.2f}x ({min(ratios):.2f}–{max(ratios):.2f} over {len(ratios)} rounds)"
 
 
 def _time(fn: Callable[[], object]) -> float:
