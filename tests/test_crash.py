@@ -29,8 +29,9 @@ from safetensors.torch import load_file
 from sensgen import study as study_module
 from sensgen.cli import main
 from sensgen.execute import execute_pack
-from sensgen.runner import run, study_status
+from sensgen.runner import run
 from sensgen.store import PlannedRun, RunResult, Store, open_results
+from sensgen.study_dir import study_status
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="uses SIGKILL and /proc")
 

@@ -16,8 +16,9 @@ from sensgen.cli import main
 from sensgen.execute import execute_pack
 from sensgen.metrics import jacobian_norm
 from sensgen.models import MLP
-from sensgen.runner import run, study_status
+from sensgen.runner import run
 from sensgen.store import open_results
+from sensgen.study_dir import study_status
 
 TINY = """
 name = "tiny"

@@ -87,7 +87,7 @@ def run(
 @app.command()
 def status(directory: Annotated[Path, typer.Argument(help="A study directory.")]) -> None:
     """Show done / running / failed / pending per pack, and an ETA."""
-    from sensgen.runner import study_status
+    from sensgen.study_dir import study_status
 
     summary = study_status(directory)
     table = Table(title=f"{directory} ({summary.study_name})")

@@ -14,8 +14,6 @@ while it writes (`sensgen.driver`), so a second `sensgen run` on the same DIR is
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -23,7 +21,6 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-import pandas as pd
 import torch
 from rich.console import Console
 from rich.progress import (
@@ -37,13 +34,20 @@ from rich.progress import (
 
 from sensgen import data
 from sensgen import study as study_module
-from sensgen.driver import driver_lock, live_driver_workers, remove_dead_temporaries
+from sensgen.driver import driver_lock, remove_dead_temporaries
 from sensgen.errors import UserError
 from sensgen.execute import execute_or_fail
-from sensgen.store import FINAL, PlannedRun, Status, Store
-from sensgen.study import SPEC_SCHEMA, Execution, Measurements, RunSpec, Study, plan_packs
+from sensgen.store import PlannedRun, Status, Store
+from sensgen.study import Execution, Measurements, RunSpec, Study, plan_packs
+from sensgen.study_dir import (
+    check_same_study,
+    check_spec_schema,
+    finished_ids,
+    note_unplanned_runs,
+    report_outdated,
+    write_study_file,
+)
 
-STUDY_FILE = "study.toml"
 GPU_MEMORY_SHARE = 0.8  # of the free GPU memory a pack may fill (the rest: CUDA context, eval)
 
 
@@ -109,19 +113,19 @@ def run(
     study = study if isinstance(study, Study) else study_module.load(study)
     executor = _check_options(executor, workers, device)
     out = Path(out_dir)
-    _check_same_study(out, study)
+    check_same_study(out, study)
     planned = study.planned()
     specs = [p.spec for p in planned]
     with Store.open(out) as store, driver_lock(out, workers or 1) as record_workers:
         remove_dead_temporaries(out)
         stored = store.runs()  # as found: read once for the checks below
-        _check_spec_schema(stored, out)
-        finished = _finished_ids(stored)
-        _note_unplanned_runs(finished - {s.run_id for s in specs}, out, console)
+        check_spec_schema(stored, out)
+        finished = finished_ids(stored)
+        note_unplanned_runs(finished - {s.run_id for s in specs}, out, console)
         # Fail fast on a missing or corrupt dataset, before any run is registered or trained;
         # only the runs not yet in a final status will need their data.
         _preflight({s.dataset for s in specs if s.run_id not in finished})
-        _write_study_file(out, study)
+        write_study_file(out, study)
         memory = pack_memory_budget(study.execution, device)
         packs = plan_packs(specs, study.execution.pack_size, memory)
         pairs = {p.spec.run_id: p for p in planned}
@@ -152,10 +156,10 @@ def run(
                 record_workers=record_workers,
             )
         counts = _counts(store, {s.run_id for s in specs})
-        report_outdated = _report_outdated(out / "report" / "index.html", store)
+        stale_report = report_outdated(out / "report" / "index.html", store)
     report_path = None
     index = out / "report" / "index.html"
-    if report and (pending or report_outdated):
+    if report and (pending or stale_report):
         from sensgen.analysis import write_report
 
         report_path = write_report(out)
@@ -200,82 +204,6 @@ def pack_memory_budget(execution: Execution, device: str) -> int:
         free, _total = torch.cuda.mem_get_info()
         return int(GPU_MEMORY_SHARE * free)
     return int(execution.pack_memory_gb * 2**30)
-
-
-def _check_same_study(out: Path, study: Study) -> None:
-    """Refuse to mix two different studies in one directory (extending one is fine)."""
-    path = out / STUDY_FILE
-    if not path.exists():
-        return
-    try:
-        previous = study_module.load(path)
-    except UserError:
-        return  # an unreadable copy is rewritten below; results.db stays authoritative
-    if previous.name != study.name:
-        raise UserError(
-            f"{out} already holds study {previous.name!r}, not {study.name!r}. Choose another "
-            "--out directory, or run the same study to resume it."
-        )
-
-
-def _report_outdated(index: Path, store: Store) -> bool:
-    """Whether DIR/report/index.html is missing or older than the last finished run.
-
-    A driver killed while writing the report of newly finished runs leaves the previous
-    report in place; the next `run` must rewrite it even though it trains nothing.
-    """
-    if not index.exists():
-        return True
-    finished = store.runs()["finished_at"]
-    latest = finished.max() if finished.notna().any() else None
-    return latest is not None and latest.timestamp() > index.stat().st_mtime
-
-
-def _check_spec_schema(runs: pd.DataFrame, out: Path) -> None:
-    """Refuse a directory whose runs (the store's `runs` table) were planned under another
-    run-spec schema.
-
-    Their run ids were hashed differently, so resuming would train every model again next
-    to the old rows instead of recognising them.
-    """
-    if runs.empty:
-        return
-    schemas = {json.loads(text).get("schema") for text in runs["spec"]}
-    if schemas != {SPEC_SCHEMA}:
-        found = ", ".join(str(s) for s in sorted(schemas, key=str))
-        raise UserError(
-            f"{out} holds runs planned under run-spec schema {found}; this sensgen plans "
-            f"schema {SPEC_SCHEMA}, whose run ids differ. Run the study into a new --out "
-            "directory (the old one stays readable with `sensgen report`)."
-        )
-
-
-def _finished_ids(runs: pd.DataFrame) -> set[str]:
-    """Run ids in a final status (done, failed, diverged) in the store's `runs` table."""
-    return set(runs.loc[runs["status"].isin(list(FINAL)), "run_id"]) if len(runs) else set()
-
-
-def _note_unplanned_runs(unplanned: set[str], out: Path, console: Console) -> None:
-    """Say so when the directory holds finished runs (`unplanned`) this study does not plan.
-
-    They stay, and the report shows them beside this study's: right for a study run on
-    several datasets into one directory or shrunk, a surprise for a study that changed
-    (or that an older sensgen planned: since each `[sample]` draw has a seed of its own,
-    sampled studies plan other runs, and resuming one trains them all again).
-    """
-    if unplanned:
-        console.print(
-            f"[yellow]note:[/] {out} holds {len(unplanned)} finished runs that this "
-            "study does not plan (the study changed since they ran, or another sensgen "
-            "version planned it). They stay, and the report shows them too; to keep studies "
-            "apart, run into a new --out directory."
-        )
-
-
-def _write_study_file(out: Path, study: Study) -> None:
-    tmp = out / f".{STUDY_FILE}.tmp-{os.getpid()}"
-    tmp.write_text(study.to_toml(), encoding="utf-8")
-    os.replace(tmp, out / STUDY_FILE)
 
 
 def _pending_packs(store: Store, run_ids: set[str]) -> list[_PendingPack]:
@@ -396,64 +324,3 @@ def _progress_bar(show: bool, console: Console) -> Iterator[Progress]:
     )
     with Progress(*columns, console=console, disable=not show, transient=False) as bar:
         yield bar
-
-
-@dataclass(frozen=True)
-class StatusSummary:
-    """Where a study directory stands: one row per pack and the totals."""
-
-    study_name: str
-    packs: list[tuple]  # (pack_id, runs, done, failed, diverged, running, pending, status)
-    counts: dict[str, int]
-    eta_s: float | None  # mean wall time of finished packs × open packs / workers
-    workers: int | None = None  # --workers of the live `sensgen run`; None: no run is alive
-
-    def headline(self) -> str:
-        total = sum(self.counts.values())
-        parts = ", ".join(f"{self.counts.get(s, 0)} {s}" for s in Status)
-        open_runs = self.counts.get(Status.PENDING, 0) + self.counts.get(Status.RUNNING, 0)
-        if self.workers is not None:
-            eta = "" if self.eta_s is None else f"; ETA {self.eta_s / 60:.1f} min"
-            return f"{total} runs: {parts}{eta}."
-        if not open_runs:
-            return f"{total} runs: {parts}."
-        stale = self.counts.get(Status.RUNNING, 0)
-        left = f" ({stale} `running` were left by an interrupted one)" if stale else ""
-        cost = ""
-        if self.eta_s is not None:
-            cost = f", about {self.eta_s / 60:.1f} min at one pack at a time"
-        return (
-            f"{total} runs: {parts}. No `sensgen run` is working on this directory{left}; "
-            f"run it again to finish the rest{cost}."
-        )
-
-
-def study_status(out_dir: str | Path) -> StatusSummary:
-    """Summarise DIR/results.db (read-only; safe while a run is writing)."""
-    from sensgen.store import open_results
-
-    out = Path(out_dir)
-    before = live_driver_workers(out)
-    with open_results(out) as results:
-        packs = results.pack_status()
-    # Alive before or after the read: the `running` rows read are (or were just) its own.
-    workers = before or live_driver_workers(out)
-    name = "?"
-    if (out / STUDY_FILE).exists():
-        try:
-            name = study_module.load(out / STUDY_FILE).name
-        except UserError:
-            name = "unreadable study.toml"
-    columns = ("n_done", "n_failed", "n_diverged", "n_running", "n_pending")
-    rows = [
-        (r.pack_id, r.n_runs, *(int(getattr(r, c)) for c in columns), r.status)
-        for r in packs.itertuples()
-    ]
-    counts = {str(s): int(packs[f"n_{s}"].sum()) for s in Status} if len(packs) else {}
-    finished = packs[packs["n_pending"] + packs["n_running"] == 0]
-    open_packs = len(packs) - len(finished)
-    timed = finished.loc[finished["wall_s"] > 0, "wall_s"]  # failed packs have no wall time
-    eta = None
-    if open_packs and len(timed):
-        eta = open_packs * float(timed.mean()) / (workers or 1)
-    return StatusSummary(name, rows, counts, eta, workers)

@@ -1,0 +1,147 @@
+"""The tables of a study file besides `[base]` and `[grid]` (`sensgen.study.Study`).
+
+`[measure]` (`Measurements`: what is measured on each trained model), `[execution]` (how
+the study runs), `[sample]` (random draws over some axes, paper §4), `[pairs]` (each
+configuration once per value of one factor, paper §3 Study 4) and `[inclusion]` (which
+trained models the analysis keeps, paper §4). Each is a frozen pydantic model that names
+an unknown or out-of-range key in its error. Only `[sample]` and `[pairs]` change which
+runs a study plans; the others never enter a run's identity.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from sensgen.measures.suite import GROUPS as MEASURE_GROUPS
+
+
+class Measurements(BaseModel):
+    """What is measured on each trained model besides losses, accuracies and the test Jbar.
+
+    None of it enters a run's identity: it describes the trained function, not training.
+
+    Fields: `jacobian_train_points` (Jbar also on this many training points, a fixed subset;
+    0: off), `transition_ellipses` (exact transition counts on this many ellipses through
+    three test points of different classes; 0: off), `transition_sides` (sides of the
+    inscribed polygon, paper §3 Study 4 default 1,200), `points` (store the per-test-point
+    table).
+
+    Study 2 (Fig. 2, `sensgen.geometry.measure_profiles`): `profile_ellipses` ellipses of each
+    kind (random, different-class and same-class training points; 0: off), each sampled at
+    `profile_points` angles and binned into `profile_bins` bins (a multiple of 3, so the
+    anchors are bin centres). Study 3 (Fig. 3, `sensgen.geometry.measure_regions`):
+    `region_planes` planes through three training points (0: off), `region_resolution`²
+    pixels over `region_extent` times the anchors' extent, at init and after training.
+    Beyond the paper (`sensgen.measures`): `generalization_measures` stores the norm-,
+    margin- and flatness-based measures per model (true: every group of
+    `sensgen.measures.GROUPS`; or a list of groups, e.g. ``["norms", "margin"]`` to skip the
+    flatness and sharpness searches), margin and flatness on `measure_points` training
+    points.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    jacobian_train_points: Annotated[int, Field(ge=0)] = 1000
+    transition_ellipses: Annotated[int, Field(ge=0, le=100_000)] = 0
+    transition_sides: Annotated[int, Field(ge=6, le=10_000_000)] = 1200
+    points: bool = True
+    profile_ellipses: Annotated[int, Field(ge=0, le=10_000)] = 0
+    profile_points: Annotated[int, Field(ge=3, le=1_000_000)] = 600
+    profile_bins: Annotated[int, Field(ge=3, le=100_000, multiple_of=3)] = 60
+    region_planes: Annotated[int, Field(ge=0, le=1_000)] = 0
+    region_resolution: Annotated[int, Field(ge=2, le=4096)] = 256
+    region_extent: Annotated[float, Field(gt=0.0, le=100.0)] = 1.5
+    generalization_measures: bool | list[str] = False
+    measure_points: Annotated[int, Field(ge=1)] = 1000
+
+    @field_validator("generalization_measures")
+    @classmethod
+    def _known_groups(cls, value: bool | list[str]) -> bool | list[str]:
+        unknown = [] if isinstance(value, bool) else sorted(set(value) - set(MEASURE_GROUPS))
+        if unknown:
+            raise ValueError(
+                f"unknown measure group(s) {unknown}: use true (all), false, or a list of "
+                f"{', '.join(MEASURE_GROUPS)}"
+            )
+        return value
+
+    def measure_groups(self) -> tuple[str, ...]:
+        """The `sensgen.measures.GROUPS` to compute (empty: none), in their canonical order."""
+        chosen = self.generalization_measures
+        if isinstance(chosen, bool):
+            return MEASURE_GROUPS if chosen else ()
+        return tuple(g for g in MEASURE_GROUPS if g in chosen)
+
+    @model_validator(mode="after")
+    def _points_fill_bins(self) -> Measurements:
+        if self.profile_ellipses and self.profile_points < self.profile_bins:
+            raise ValueError(
+                f"profile_points ({self.profile_points}) must be >= profile_bins "
+                f"({self.profile_bins}) so every angle bin holds a sample; use a multiple, "
+                f"e.g. {10 * self.profile_bins}"
+            )
+        return self
+
+
+class Execution(BaseModel):
+    """How a study runs; none of this enters a run's identity."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    pack_size: Annotated[int, Field(ge=1, le=4096)] = 16
+    pack_memory_gb: Annotated[float, Field(gt=0.0)] = 4.0  # estimated training memory per pack
+
+
+class Sampling(BaseModel):
+    """`[sample]`: n random configurations over some axes (paper §4: random search).
+
+    Every other key is an axis: a list (uniform choice), ``{choice = [...]}``,
+    ``{log_uniform = [lo, hi]}``, ``{uniform = [lo, hi]}``, or a conditional axis
+    ``{by = "optimizer", adam = AXIS, sgd = AXIS, ...}``. `seed` seeds the draws; each
+    draw also gets a model seed of its own (`sampling.seed_draws`) unless `[grid]` has a
+    `seed` axis.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    n: Annotated[int, Field(ge=1, le=1_000_000)]
+    seed: Annotated[int, Field(ge=0)] = 0
+
+    def axes(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class Pairing(BaseModel):
+    """`[pairs]`: every configuration once per value of one factor (paper §3 Study 4).
+
+    The first value is the member expected to generalize better (the x axis of Fig. 4);
+    with more than two values the first is compared with each of the others.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    factor: str
+    values: Annotated[list[Any], Field(min_length=2)]
+
+
+class Inclusion(BaseModel):
+    """`[inclusion]`: which trained models the analysis keeps (paper §4).
+
+    `min_train_acc` None means the paper's rule: 100% training accuracy, 99.9% for CIFAR-100.
+    `apply = false` keeps every finished model (the paper's augmentation pairs, Fig. 4b).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    apply: bool = True
+    min_train_acc: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+
+    def threshold(self, dataset: str) -> float:
+        if self.min_train_acc is not None:
+            return self.min_train_acc
+        return 0.999 if dataset == "cifar100" else 1.0
+
+
+PAIR_FACTORS = ("random_labels", "augment", "nonlinearity", "batch_size")
