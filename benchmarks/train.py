@@ -19,6 +19,8 @@ another). Printed, as ratios measured in this one run:
   alone (the `torch.baddbmm`/`torch.bmm` calls of its steps on tensors of its shapes, with
   nothing else): the ceiling of any trainer built on them, so "products alone / loop" bounds
   the packed / loop ratio this machine allows;
+* the time the packed trainer spends initialising the models (their seeded draws), so
+  that the rest reads as per-step work;
 * the largest parameter difference between the two after 3 steps and at the end (a check
   that they did the same work; rounding differences grow as training goes on).
 
@@ -45,7 +47,7 @@ from _report import cpu_model, table
 from sensgen import data
 from sensgen.models import MLP, Nonlinearity
 from sensgen.optim import MOMENTUM, OptimizerName
-from sensgen.train import Member, PackShape, derive_seed, train_pack
+from sensgen.train import Member, PackShape, derive_seed, init_pack, train_pack
 
 SEED = 0
 LR = 0.01
@@ -138,6 +140,9 @@ def bench_case(
         results["loop"] = train_loop(case, members, x, y)
 
     fns = {"packed": packed, "loop": loop}
+    # The models' seeded initialisation, part of the packed time (the loop builds the same
+    # models one by one): timed apart so that the rest can be read as per-step work.
+    fns["init"] = lambda: init_pack(pack_shape(case, x.shape[1]), members)
     if case.batch_size is not None:
         fns["products alone"] = products_alone(case, x.shape[1])
     times = _interleaved(fns, repeats, between=peak.probe)
@@ -168,6 +173,15 @@ def bench_case(
                 f"({gflops['packed'] / peak:.0%} / {gflops['loop'] / peak:.0%} of the peak)",
             ),
         ]
+        init_share = statistics.median(
+            i / p for i, p in zip(times["init"], times["packed"], strict=True)
+        )
+        rows.append(
+            (
+                "of which model init",
+                f"{best['init']:.2f} s ({init_share:.0%} of the packed time, median over rounds)",
+            )
+        )
         if "products alone" in best:
             ceiling = gflops["products alone"]
             rows.append(
@@ -201,8 +215,14 @@ def train_packed(
     case: Case, members: list[Member], x: torch.Tensor, y: torch.Tensor
 ) -> dict[str, torch.Tensor]:
     """sensgen's packed trainer: every model at once. Returns the stacked parameters."""
-    shape = PackShape(
-        in_dim=x.shape[1],
+    labels = y.expand(len(members), -1)
+    return train_pack(pack_shape(case, x.shape[1]), members, x, labels).params
+
+
+def pack_shape(case: Case, in_dim: int) -> PackShape:
+    """The `PackShape` of a case: momentum SGD, ReLU, no early stop."""
+    return PackShape(
+        in_dim=in_dim,
         n_classes=N_CLASSES,
         width=case.width,
         depth=case.depth,
@@ -213,8 +233,6 @@ def train_packed(
         eval_every=case.steps,
         stop_at_fit=False,
     )
-    labels = y.expand(len(members), -1)
-    return train_pack(shape, members, x, labels).params
 
 
 def train_loop(

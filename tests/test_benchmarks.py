@@ -17,6 +17,7 @@ from sensgen import data
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     data.locate("fashion_mnist") is None,
     reason="Fashion-MNIST is absent (install Debian's `dataset-fashion-mnist`)",
@@ -35,6 +36,7 @@ def test_training_benchmark_quick_run_agrees_with_the_plain_loop():
     for case in ("reference", "small", "full batch"):
         assert f"\n{case}: 32 × 784-" in out
     assert out.count("products alone, GFLOP/s") == 2  # the two minibatch packs
+    assert out.count("of which model init") == 3
     agreement = [float(v) for v in re.findall(r"([\d.e+-]+) after 3 steps", out)]
     assert len(agreement) == 3
     # Minibatch packs: 1.5e-8 and 6e-8 here; full batch sums 1,000 examples per product.

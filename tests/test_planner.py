@@ -332,6 +332,62 @@ def test_bad_pairs_are_named(tmp_path, edit, message):
         _load(tmp_path, PAIRED.replace(*edit))
 
 
+FULL_BATCH_PAIRS = PAIRED.replace(
+    'factor = "random_labels"\nvalues = [0.0, 1.0]',
+    'factor = "batch_size"\nvalues = [32, "full"]\noverrides = [{}, {max_steps = 50}]',
+).replace("lr = 0.1", "lr = 0.1\nmax_steps = 500")
+
+
+def test_pair_members_may_override_other_fields(tmp_path):
+    """The paper's full-batch members take 1e4 steps against 1e5 (§4): an override."""
+    planned = _load(tmp_path, FULL_BATCH_PAIRS).planned()
+    groups = {}
+    for p in planned:
+        groups.setdefault(p.pair_id, []).append(p.spec)
+    assert len(groups) == 4 and all(len(g) == 2 for g in groups.values())
+    for mini, full in groups.values():
+        assert (mini.batch_size, mini.max_steps) == (32, 500)
+        assert (full.batch_size, full.max_steps) == (None, 50)
+        a, b = mini.model_dump(), full.model_dump()
+        assert {k for k in a if a[k] != b[k]} == {"batch_size", "max_steps"}
+    # Without overrides (or with empty ones) the pairs, and their ids, are as before.
+    plain = FULL_BATCH_PAIRS.replace("overrides = [{}, {max_steps = 50}]", "")
+    empty = FULL_BATCH_PAIRS.replace("{max_steps = 50}", "{}")
+    ids = [
+        {(p.spec.run_id, p.pair_id) for p in _load(tmp_path, t).planned()} for t in (plain, empty)
+    ]
+    assert ids[0] == ids[1]
+
+
+def test_pair_overrides_round_trip_and_a_bare_set_applies_to_every_run(tmp_path):
+    s = _load(tmp_path, FULL_BATCH_PAIRS)
+    again = _load(tmp_path, s.to_toml())
+    assert [p.spec.run_id for p in again.planned()] == [p.spec.run_id for p in s.planned()]
+    assert again.pairs.overrides == [{}, {"max_steps": 50}]
+    capped = _load(tmp_path, FULL_BATCH_PAIRS, max_steps="20")
+    assert {p.spec.max_steps for p in capped.planned()} == {20}
+    assert capped.pairs.overrides == [{}, {}]
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ("[{}]", r"1 tables for 2 pairs\.values"),
+        ("[{}, {max_stesp = 5}]", r"pairs\.overrides\[1\]\.max_stesp: unknown run field"),
+        ("[{}, {max_steps = 0}]", r"pairs\.overrides\[1\]\.max_steps"),
+        ("[{batch_size = 16}, {}]", "is the pair factor"),
+        ("[{}, {width = 32}]", r"a \[grid\] or \[sample\] axis"),
+    ],
+)
+def test_bad_pair_overrides_are_named(tmp_path, edit, message):
+    text = FULL_BATCH_PAIRS.replace("[{}, {max_steps = 50}]", edit)
+    with pytest.raises(UserError, match=message):
+        _load(tmp_path, text)
+    unseeded = FULL_BATCH_PAIRS.replace("seed = [0, 1]\n", "")
+    with pytest.raises(UserError, match=r"pairs\.overrides\[1\]\.seed: seed is the pair.s shared"):
+        _load(tmp_path, unseeded.replace("{max_steps = 50}", "{seed = 3}"))
+
+
 SCALED = (
     PAIRED
     + """

@@ -46,24 +46,41 @@ def expand(
     samples: list[dict[str, Any]],
     pair_factor: str | None = None,
     pair_values: list[Any] | None = None,
+    pair_overrides: list[dict[str, Any]] | None = None,
 ) -> list[PlannedSpec]:
-    """Every run of a study: samples × grid (× pair values), deduplicated by run_id."""
+    """Every run of a study: samples × grid (× pair values), deduplicated by run_id.
+
+    Pair member i sets the factor to ``pair_values[i]`` and the fields of
+    ``pair_overrides[i]`` (if given); a pair's id hashes what its members share.
+    """
     axes = list(grid)
     planned: dict[str, PlannedSpec] = {}
     for sample in samples or [{}]:
         for values in itertools.product(*(grid[a] for a in axes)):
             fields = {**base, **sample, **dict(zip(axes, values, strict=True))}
-            for p in _paired(fields, pair_factor, pair_values):
+            for p in _paired(fields, pair_factor, pair_values, pair_overrides):
                 planned.setdefault(p.spec.run_id, p)
     return list(planned.values())
 
 
-def _paired(fields: dict[str, Any], factor: str | None, values: list[Any] | None):
+def _paired(
+    fields: dict[str, Any],
+    factor: str | None,
+    values: list[Any] | None,
+    overrides: list[dict[str, Any]] | None,
+):
     if factor is None:
         yield PlannedSpec(RunSpec.model_validate(fields))
         return
-    members = [RunSpec.model_validate({**fields, factor: v}) for v in values or []]
-    shared = members[0].model_dump(mode="json", exclude={factor})
+    values = values or []
+    overrides = overrides or [{} for _ in values]
+    members = [
+        RunSpec.model_validate({**fields, **extra, factor: v})
+        for v, extra in zip(values, overrides, strict=True)
+    ]
+    # Without overrides this is the factor alone: pair ids stay what they were.
+    differing = {factor, *(key for extra in overrides for key in extra)}
+    shared = members[0].model_dump(mode="json", exclude=differing)
     pair_id = hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).hexdigest()[:16]
     for spec in members:
         yield PlannedSpec(spec, pair_id, _role(spec.model_dump(mode="json")[factor]))

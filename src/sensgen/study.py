@@ -101,9 +101,10 @@ class Study(BaseModel):
             samples = draw_samples(axes, self.sample.n, self.sample.seed, fixed)
             # A [grid] seed axis still wins: grid values override a draw's in expand().
             samples = seed_draws(samples, self.sample.seed, fixed["seed"])
-        factor = self.pairs.factor if self.pairs else None
-        values = self.pairs.values if self.pairs else None
-        return expand(self.base, self.grid, samples, factor, values)
+        if self.pairs is None:
+            return expand(self.base, self.grid, samples)
+        pairs = self.pairs
+        return expand(self.base, self.grid, samples, pairs.factor, pairs.values, pairs.overrides)
 
     def fixed_fields(self) -> dict[str, Any]:
         """Every run field's value outside [grid] and [sample]: [base] over the defaults,
@@ -259,8 +260,8 @@ def _apply_scale(raw: dict, source: str) -> None:
 
 
 def _set_key(raw: dict, key: str, value: Any, origin: str, source: str) -> None:
-    """Set TABLE.FIELD, a top-level key, or a bare run field (which leaves [grid] and
-    [sample])."""
+    """Set TABLE.FIELD, a top-level key, or a bare run field (which leaves [grid], [sample]
+    and the pairs' overrides, so that its value applies to every run)."""
     table, _, field = key.rpartition(".")
     if table in TABLES:
         raw.setdefault(table, {})[field] = value
@@ -273,11 +274,20 @@ def _set_key(raw: dict, key: str, value: Any, origin: str, source: str) -> None:
             # sample.seed is the sampler's own seed, not an axis.
             if isinstance(axes, dict) and not (name == "sample" and field == "seed"):
                 axes.pop(field, None)
+        _drop_pair_override(raw.get("pairs"), field)
     else:
         raise UserError(
             f"{origin}: unknown key {key!r} for {source}. Use TABLE.FIELD with TABLE one of "
             f"{', '.join(TABLES)}, or a run field ({', '.join(RunSpec.model_fields)})."
         )
+
+
+def _drop_pair_override(pairs: Any, field: str) -> None:
+    """Remove `field` from every table of ``pairs.overrides`` (unvalidated raw TOML)."""
+    overrides = pairs.get("overrides") if isinstance(pairs, dict) else None
+    for extra in overrides if isinstance(overrides, list) else []:
+        if isinstance(extra, dict):
+            extra.pop(field, None)
 
 
 def _validate(raw: dict, source: str) -> Study:
@@ -326,6 +336,7 @@ def _check_axes(study: Study, source: str) -> None:
                 "pairs set it, so remove it there."
             )
         _check_pair_values(factor, study.pairs.values, source)
+        _check_pair_overrides(study, {*study.grid, *sample_axes}, source)
 
 
 def _check_pair_values(factor: str, values: list[Any], source: str) -> None:
@@ -338,6 +349,38 @@ def _check_pair_values(factor: str, values: list[Any], source: str) -> None:
             f"{source}: pairs.values {values!r} name the same {factor} more than once "
             f"(as run fields they are {canonical!r}); give each member of a pair its own value."
         )
+
+
+def _check_pair_overrides(study: Study, axes: set[str], source: str) -> None:
+    """One table of run fields per pair value; none names the factor, the seed or an axis."""
+    pairs = study.pairs
+    if pairs is None or pairs.overrides is None:
+        return
+    if len(pairs.overrides) != len(pairs.values):
+        raise UserError(
+            f"{source}: pairs.overrides has {len(pairs.overrides)} tables for "
+            f"{len(pairs.values)} pairs.values; give one per value ({{}} for none)."
+        )
+    for i, extra in enumerate(pairs.overrides):
+        for key, value in extra.items():
+            where = f"pairs.overrides[{i}].{key}"
+            if key not in RunSpec.model_fields:
+                raise UserError(
+                    f"{source}: {where}: unknown run field {key!r}. Valid fields: "
+                    f"{', '.join(RunSpec.model_fields)}."
+                )
+            if key in (pairs.factor, "seed") or key in axes:
+                why = "the pair factor" if key == pairs.factor else "the pair's shared seed"
+                if key in axes:
+                    why = "a [grid] or [sample] axis"
+                raise UserError(
+                    f"{source}: {where}: {key} is {why}, which a member may not override; "
+                    "remove it from the overrides."
+                )
+            try:
+                RunSpec.model_validate({key: value})
+            except ValidationError as err:
+                raise UserError(f"{source}: {where}: {_describe(err)}") from None
 
 
 def _describe(err: ValidationError) -> str:

@@ -118,12 +118,16 @@ class Pairing(BaseModel):
 
     The first value is the member expected to generalize better (the x axis of Fig. 4);
     with more than two values the first is compared with each of the others.
+    `overrides` (optional, one table per value) gives other run fields a member sets,
+    e.g. ``[{}, {max_steps = 10000}]`` for the paper's 1e4 full-batch steps against 1e5
+    (§4); the members of a pair share every field but the factor and these.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     factor: str
     values: Annotated[list[Any], Field(min_length=2)]
+    overrides: list[dict[str, Any]] | None = None
 
 
 class Inclusion(BaseModel):
