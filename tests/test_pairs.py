@@ -18,6 +18,7 @@ from sensgen.analysis.pairs import (
     role_of,
     sign_test,
 )
+from sensgen.analysis.report_sections import pairs_section
 from sensgen.planner import expand
 from sensgen.study import PAIR_FACTORS
 
@@ -267,3 +268,15 @@ def test_paired_scatter_on_an_empty_table_says_so():
     assert len(fig.axes) == 1
     assert "no complete pairs" in _texts(fig)
     fig.savefig(io.BytesIO(), format="png")
+
+
+def test_pairs_section_names_the_fields_members_override():
+    pairs = {"factor": "random_labels", "values": [0.0, 1.0]}
+    saved = []
+    plain = pairs_section(_label_runs(), pairs, lambda name, fig: saved.append(name))
+    assert any("identical but for random_labels (0.0," in part for part in plain.html)
+    budget = {**pairs, "overrides": [{}, {"max_steps": 50}]}
+    section = pairs_section(_label_runs(), budget, lambda name, fig: saved.append(name))
+    text = "the max_steps each member sets"
+    assert any(f"identical but for random_labels and {text} (0.0," in p for p in section.html)
+    assert saved == ["pairs", "pairs"]

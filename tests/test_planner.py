@@ -11,6 +11,7 @@ from sensgen.errors import UserError
 from sensgen.planner import model_memory_bytes, plan_packs
 from sensgen.sampling import draw_samples
 from sensgen.spec import RunSpec
+from sensgen.study_dir import check_same_study, write_study_file
 
 SAMPLED = """
 name = "sampled"
@@ -359,6 +360,39 @@ def test_pair_members_may_override_other_fields(tmp_path):
     assert ids[0] == ids[1]
 
 
+def test_a_conditional_axis_cannot_follow_an_overridden_field(tmp_path):
+    text = FULL_BATCH_PAIRS.replace("{max_steps = 50}", '{optimizer = "adam"}') + (
+        '[sample]\nn = 2\nlr = {by = "optimizer", sgd = [0.1], adam = [0.001]}\n'
+    )
+    with pytest.raises(UserError, match=r"'optimizer' names a field set after the draws"):
+        _load(tmp_path, text)
+
+
+def test_a_directory_refuses_other_pair_overrides_and_other_studies(tmp_path):
+    """A run keeps its first pair: changed overrides would put two members in one role."""
+    out = tmp_path / "out"
+    out.mkdir()
+    first = _load(tmp_path, FULL_BATCH_PAIRS)
+    write_study_file(out, first)
+    check_same_study(out, first)  # resuming is fine
+    check_same_study(out, _load(tmp_path, FULL_BATCH_PAIRS, **{"grid.width": "[8, 32]"}))
+    for changed in ("{max_steps = 80}", "{}"):
+        other = _load(tmp_path, FULL_BATCH_PAIRS.replace("{max_steps = 50}", changed))
+        with pytest.raises(UserError, match=r"pairs\.overrides = \[\{\}, \{'max_steps': 50"):
+            check_same_study(out, other)
+    with pytest.raises(UserError, match="already holds study 'paired', not 'other'"):
+        check_same_study(out, _load(tmp_path, FULL_BATCH_PAIRS, name="other"))
+
+
+def test_none_is_written_as_full(tmp_path):
+    s = study.Study(
+        name="x", base={"dataset": "digits"}, pairs={"factor": "batch_size", "values": [32, None]}
+    )
+    again = _load(tmp_path, s.to_toml())
+    assert again.pairs.values == [32, "full"]
+    assert [p.spec.run_id for p in again.planned()] == [p.spec.run_id for p in s.planned()]
+
+
 def test_pair_overrides_round_trip_and_a_bare_set_applies_to_every_run(tmp_path):
     s = _load(tmp_path, FULL_BATCH_PAIRS)
     again = _load(tmp_path, s.to_toml())
@@ -377,6 +411,8 @@ def test_pair_overrides_round_trip_and_a_bare_set_applies_to_every_run(tmp_path)
         ("[{}, {max_steps = 0}]", r"pairs\.overrides\[1\]\.max_steps"),
         ("[{batch_size = 16}, {}]", "is the pair factor"),
         ("[{}, {width = 32}]", r"a \[grid\] or \[sample\] axis"),
+        ("[{}, {dataset = 'mnist_sample'}]", "dataset is what the pair shares"),
+        ("[{}, {augment = true}]", "augment is what the pair shares"),
     ],
 )
 def test_bad_pair_overrides_are_named(tmp_path, edit, message):
@@ -384,7 +420,9 @@ def test_bad_pair_overrides_are_named(tmp_path, edit, message):
     with pytest.raises(UserError, match=message):
         _load(tmp_path, text)
     unseeded = FULL_BATCH_PAIRS.replace("seed = [0, 1]\n", "")
-    with pytest.raises(UserError, match=r"pairs\.overrides\[1\]\.seed: seed is the pair.s shared"):
+    with pytest.raises(
+        UserError, match=r"pairs\.overrides\[1\]\.seed: seed is what the pair shares"
+    ):
         _load(tmp_path, unseeded.replace("{max_steps = 50}", "{seed = 3}"))
 
 

@@ -7,9 +7,10 @@ Expansion (paper §4: "sampled at random, not a full grid"; Study 4: matched pai
    Unless `[grid]` has a `seed` axis, each draw also gets a model seed of its own
    (`sampling.seed_draws`): independent initial weights and data order per configuration.
 2. Each configuration is crossed with the `[grid]` axes (the Cartesian product).
-3. With `[pairs]`, each result is instantiated once per factor value. The members share
-   every other field, the seed included, and a `pair_id` (SHA-256 of the spec without the
-   factor); `pair_role` is the factor's value as text ("relu", "full", "true", "0.0"), the
+3. With `[pairs]`, each result is instantiated once per factor value (and the fields of
+   that value's `overrides` table, if any). The members share every other field, the seed
+   included, and a `pair_id` (SHA-256 of the spec without the factor and the overridden
+   fields); `pair_role` is the factor's value as text ("relu", "full", "true", "0.0"), the
    first value being the member the paper expects to generalize better.
 
 Specs are deduplicated by `run_id`. Packs group specs that can train together (same

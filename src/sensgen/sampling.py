@@ -122,7 +122,7 @@ def check_sample_axes(
 
     ``fixed`` holds the run fields' values outside `[sample]` (`[base]` over the run
     defaults); ``varied`` the fields set after the draws (`[grid]` axes, the `[pairs]`
-    factor, the seed), which a conditional axis cannot follow.
+    factor and overridden fields, the seed), which a conditional axis cannot follow.
     """
     for key, axis in sample_axes.items():
         if _is_conditional(axis):
@@ -159,8 +159,8 @@ def _check_conditional_axis(
     elif parent_name in varied:
         raise UserError(
             f"{where}: by = {parent_name!r} names a field set after the draws (a [grid] axis, "
-            f"the [pairs] factor or the seed). Move {parent_name} to [sample], or fix it in "
-            "[base]."
+            f"the [pairs] factor or overrides, or the seed). Move {parent_name} to [sample], "
+            "or fix it in [base]."
         )
     elif parent_name in fixed:
         values, origin = [fixed[parent_name]], f"{parent_name} (fixed in [base])"

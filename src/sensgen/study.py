@@ -150,6 +150,8 @@ def _toml_key(key: str) -> str:
 
 
 def _toml_value(value: Any) -> str:
+    if value is None:  # only batch_size and train_subset take None, spelled "full"
+        return json.dumps(FULL)
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, list):
@@ -315,7 +317,9 @@ def _check_axes(study: Study, source: str) -> None:
     for key, values in study.grid.items():
         if not values:
             raise UserError(f"{source}: grid.{key} is an empty list; give at least one value.")
-    varied = {*study.grid, "seed", *([study.pairs.factor] if study.pairs else [])}
+    varied = {*study.grid, "seed"}
+    if study.pairs is not None:  # set per member, after the draws
+        varied |= {study.pairs.factor, *(k for e in study.pairs.overrides or [] for k in e)}
     check_sample_axes(sample_axes, study.fixed_fields(), varied, source)
     if overlap := sorted(study.grid.keys() & sample_axes.keys()):
         key = overlap[0]
@@ -369,18 +373,22 @@ def _check_pair_overrides(study: Study, axes: set[str], source: str) -> None:
                     f"{source}: {where}: unknown run field {key!r}. Valid fields: "
                     f"{', '.join(RunSpec.model_fields)}."
                 )
-            if key in (pairs.factor, "seed") or key in axes:
-                why = "the pair factor" if key == pairs.factor else "the pair's shared seed"
+            if key in (pairs.factor, "seed", "dataset", *PAIR_FACTORS) or key in axes:
+                why = "the pair factor" if key == pairs.factor else "what the pair shares"
                 if key in axes:
                     why = "a [grid] or [sample] axis"
                 raise UserError(
-                    f"{source}: {where}: {key} is {why}, which a member may not override; "
-                    "remove it from the overrides."
+                    f"{source}: {where}: {key} is {why}, which a member may not override "
+                    "(the pair would differ in more than its factor and budget); remove it "
+                    "from the overrides."
                 )
             try:
                 RunSpec.model_validate({key: value})
             except ValidationError as err:
-                raise UserError(f"{source}: {where}: {_describe(err)}") from None
+                reason = err.errors()[0]["msg"]
+                raise UserError(
+                    f"{source}: {where}: {reason}. Fix the study and run again."
+                ) from None
 
 
 def _describe(err: ValidationError) -> str:

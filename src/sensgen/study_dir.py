@@ -39,6 +39,13 @@ def check_same_study(out: Path, study: Study) -> None:
             f"{out} already holds study {previous.name!r}, not {study.name!r}. Choose another "
             "--out directory, or run the same study to resume it."
         )
+    before, now = (s.pairs.overrides if s.pairs else None for s in (previous, study))
+    if previous.pairs and study.pairs and (before or None) != (now or None):
+        raise UserError(
+            f"{out} holds pairs planned with pairs.overrides = {before}; this study has "
+            f"{now}. A run keeps the pair it was planned in, so the new members would join "
+            "(or miss) the old pairs. Run it into a new --out directory."
+        )
 
 
 def report_outdated(index: Path, store: Store) -> bool:

@@ -114,9 +114,11 @@ def pairs_section(runs: pd.DataFrame, pairs: Mapping[str, Any] | None, save: Sav
     label = f"{factor} = {better}"
     other = f"{factor} = {others}"
     save("pairs", paired_scatter(table, factor=factor, better_label=label, other_label=other))
+    overridden = sorted({k for extra in pairs.get("overrides") or [] for k in extra})
+    also = f" and the {', '.join(overridden)} each member sets" if overridden else ""
     parts = [
         f"<h2>Paired factor: {esc(factor)} (Fig. 4)</h2>",
-        f"<p>{len(table)} comparisons of models identical but for {esc(factor)} "
+        f"<p>{len(table)} comparisons of models identical but for {esc(factor)}{esc(also)} "
         f"({esc(better)}, expected to generalize better, against {esc(others)}).</p>",
         figure_html("pairs", _caption(claims, "Fig. 4")),
         html_table(
