@@ -53,10 +53,12 @@ from sensgen.study_tables import (
     Measurements,
     Pairing,
     Sampling,
+    check_pairing,
 )
 
 __all__ = [
     "FULL",
+    "PAIR_FACTORS",
     "SPEC_SCHEMA",
     "Execution",
     "Inclusion",
@@ -328,67 +330,7 @@ def _check_axes(study: Study, source: str) -> None:
             f"one value (the grid's would silently win). Keep grid.{key} or sample.{key}."
         )
     if study.pairs is not None:
-        factor = study.pairs.factor
-        if factor not in PAIR_FACTORS:
-            raise UserError(
-                f"{source}: pairs.factor {factor!r} is not a paired factor; choose one of "
-                f"{', '.join(PAIR_FACTORS)}."
-            )
-        if factor in study.grid or factor in sample_axes:
-            raise UserError(
-                f"{source}: pairs.factor {factor!r} also appears in [grid] or [sample]; the "
-                "pairs set it, so remove it there."
-            )
-        _check_pair_values(factor, study.pairs.values, source)
-        _check_pair_overrides(study, {*study.grid, *sample_axes}, source)
-
-
-def _check_pair_values(factor: str, values: list[Any], source: str) -> None:
-    """The values must stay distinct once validated (1 and true are one augment value)."""
-    canonical = [
-        RunSpec.model_validate({factor: v}).model_dump(mode="json")[factor] for v in values
-    ]
-    if len({json.dumps(v) for v in canonical}) != len(canonical):
-        raise UserError(
-            f"{source}: pairs.values {values!r} name the same {factor} more than once "
-            f"(as run fields they are {canonical!r}); give each member of a pair its own value."
-        )
-
-
-def _check_pair_overrides(study: Study, axes: set[str], source: str) -> None:
-    """One table of run fields per pair value; none names the factor, the seed or an axis."""
-    pairs = study.pairs
-    if pairs is None or pairs.overrides is None:
-        return
-    if len(pairs.overrides) != len(pairs.values):
-        raise UserError(
-            f"{source}: pairs.overrides has {len(pairs.overrides)} tables for "
-            f"{len(pairs.values)} pairs.values; give one per value ({{}} for none)."
-        )
-    for i, extra in enumerate(pairs.overrides):
-        for key, value in extra.items():
-            where = f"pairs.overrides[{i}].{key}"
-            if key not in RunSpec.model_fields:
-                raise UserError(
-                    f"{source}: {where}: unknown run field {key!r}. Valid fields: "
-                    f"{', '.join(RunSpec.model_fields)}."
-                )
-            if key in (pairs.factor, "seed", "dataset", *PAIR_FACTORS) or key in axes:
-                why = "the pair factor" if key == pairs.factor else "what the pair shares"
-                if key in axes:
-                    why = "a [grid] or [sample] axis"
-                raise UserError(
-                    f"{source}: {where}: {key} is {why}, which a member may not override "
-                    "(the pair would differ in more than its factor and budget); remove it "
-                    "from the overrides."
-                )
-            try:
-                RunSpec.model_validate({key: value})
-            except ValidationError as err:
-                reason = err.errors()[0]["msg"]
-                raise UserError(
-                    f"{source}: {where}: {reason}. Fix the study and run again."
-                ) from None
+        check_pairing(study.pairs, {*study.grid, *sample_axes}, source)
 
 
 def _describe(err: ValidationError) -> str:

@@ -10,11 +10,21 @@ runs a study plans; the others never enter a run's identity.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from sensgen.errors import UserError
 from sensgen.measures.suite import GROUPS as MEASURE_GROUPS
+from sensgen.spec import RunSpec
 
 
 class Measurements(BaseModel):
@@ -149,3 +159,72 @@ class Inclusion(BaseModel):
 
 
 PAIR_FACTORS = ("random_labels", "augment", "nonlinearity", "batch_size")
+
+
+def check_pairing(pairs: Pairing, axes: set[str], source: str) -> None:
+    """A `[pairs]` table is sound: a paired factor that no [grid] or [sample] axis (`axes`)
+    also sets, distinct values, and overrides `_check_pair_overrides` accepts.
+
+    Raises:
+        UserError: naming the key, for the study file `source`.
+    """
+    factor = pairs.factor
+    if factor not in PAIR_FACTORS:
+        raise UserError(
+            f"{source}: pairs.factor {factor!r} is not a paired factor; choose one of "
+            f"{', '.join(PAIR_FACTORS)}."
+        )
+    if factor in axes:
+        raise UserError(
+            f"{source}: pairs.factor {factor!r} also appears in [grid] or [sample]; the "
+            "pairs set it, so remove it there."
+        )
+    _check_pair_values(factor, pairs.values, source)
+    _check_pair_overrides(pairs, axes, source)
+
+
+def _check_pair_values(factor: str, values: list[Any], source: str) -> None:
+    """The values must stay distinct once validated (1 and true are one augment value)."""
+    canonical = [
+        RunSpec.model_validate({factor: v}).model_dump(mode="json")[factor] for v in values
+    ]
+    if len({json.dumps(v) for v in canonical}) != len(canonical):
+        raise UserError(
+            f"{source}: pairs.values {values!r} name the same {factor} more than once "
+            f"(as run fields they are {canonical!r}); give each member of a pair its own value."
+        )
+
+
+def _check_pair_overrides(pairs: Pairing, axes: set[str], source: str) -> None:
+    """One table of run fields per pair value; none names the factor, the seed or an axis."""
+    if pairs.overrides is None:
+        return
+    if len(pairs.overrides) != len(pairs.values):
+        raise UserError(
+            f"{source}: pairs.overrides has {len(pairs.overrides)} tables for "
+            f"{len(pairs.values)} pairs.values; give one per value ({{}} for none)."
+        )
+    for i, extra in enumerate(pairs.overrides):
+        for key, value in extra.items():
+            where = f"pairs.overrides[{i}].{key}"
+            if key not in RunSpec.model_fields:
+                raise UserError(
+                    f"{source}: {where}: unknown run field {key!r}. Valid fields: "
+                    f"{', '.join(RunSpec.model_fields)}."
+                )
+            if key in (pairs.factor, "seed", "dataset", *PAIR_FACTORS) or key in axes:
+                why = "the pair factor" if key == pairs.factor else "what the pair shares"
+                if key in axes:
+                    why = "a [grid] or [sample] axis"
+                raise UserError(
+                    f"{source}: {where}: {key} is {why}, which a member may not override "
+                    "(the pair would differ in more than its factor and budget); remove it "
+                    "from the overrides."
+                )
+            try:
+                RunSpec.model_validate({key: value})
+            except ValidationError as err:
+                reason = err.errors()[0]["msg"]
+                raise UserError(
+                    f"{source}: {where}: {reason}. Fix the study and run again."
+                ) from None
