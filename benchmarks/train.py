@@ -173,9 +173,7 @@ def bench_case(
                 f"({gflops['packed'] / peak:.0%} / {gflops['loop'] / peak:.0%} of the peak)",
             ),
         ]
-        init_share = statistics.median(
-            i / p for i, p in zip(times["init"], times["packed"], strict=True)
-        )
+        init_share = statistics.median(_paired(times["init"], times["packed"]))
         rows.append(
             (
                 "of which model init",

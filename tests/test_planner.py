@@ -419,6 +419,9 @@ def test_bad_pair_overrides_are_named(tmp_path, edit, message):
     text = FULL_BATCH_PAIRS.replace("[{}, {max_steps = 50}]", edit)
     with pytest.raises(UserError, match=message):
         _load(tmp_path, text)
+
+
+def test_pair_overrides_may_not_set_the_shared_seed(tmp_path):
     unseeded = FULL_BATCH_PAIRS.replace("seed = [0, 1]\n", "")
     with pytest.raises(
         UserError, match=r"pairs\.overrides\[1\]\.seed: seed is what the pair shares"

@@ -19,7 +19,7 @@ from rich.console import Console
 from sensgen import study as study_module
 from sensgen.driver import live_driver_workers
 from sensgen.errors import UserError
-from sensgen.store import FINAL, Status, Store
+from sensgen.store import FINAL, Status, Store, open_results
 from sensgen.study import SPEC_SCHEMA, Study
 
 STUDY_FILE = "study.toml"
@@ -140,8 +140,6 @@ class StatusSummary:
 
 def study_status(out_dir: str | Path) -> StatusSummary:
     """Summarise DIR/results.db (read-only; safe while a run is writing)."""
-    from sensgen.store import open_results
-
     out = Path(out_dir)
     before = live_driver_workers(out)
     with open_results(out) as results:

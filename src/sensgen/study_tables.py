@@ -212,7 +212,7 @@ def _check_pair_overrides(pairs: Pairing, axes: set[str], source: str) -> None:
                     f"{source}: {where}: unknown run field {key!r}. Valid fields: "
                     f"{', '.join(RunSpec.model_fields)}."
                 )
-            if key in (pairs.factor, "seed", "dataset", *PAIR_FACTORS) or key in axes:
+            if key in ("seed", "dataset", *PAIR_FACTORS) or key in axes:  # factor included
                 why = "the pair factor" if key == pairs.factor else "what the pair shares"
                 if key in axes:
                     why = "a [grid] or [sample] axis"
