@@ -150,16 +150,16 @@ def test_full_batch_memory_stops_growing_at_the_chunk():
     assert _full_batch_memory(1000) < _full_batch_memory(chunk)  # below it, grows with N
     beyond = {_full_batch_memory(n) for n in (chunk + 1, 20_000, None)}  # None: all 50,000
     # One chunk's activations (float32: input, 4 per hidden unit and layer, 2 for the first
-    # layer's pack-wide products, 2 per class) and 6 copies of the parameters for Adam
-    # (current, next, gradient, m, v and its scratch buffer).
+    # layer's pack-wide products, 2 per class) and 5 copies of the parameters for Adam
+    # (the parameters, gradient, m, v and its scratch buffer).
     n_params = (3072 * 256 + 256) + (256 * 256 + 256) + (256 * 10 + 10)
     activations = chunk * (3072 + 4 * 256 * 2 + 2 * 256 + 2 * 10)
-    assert beyond == {4 * (6 * n_params + activations)}
+    assert beyond == {4 * (5 * n_params + activations)}
 
 
 @pytest.mark.parametrize(
     ("optimizer", "copies"),
-    [("sgd", 3), ("momentum", 3), ("rmsprop", 5), ("adam", 6)],
+    [("sgd", 2), ("momentum", 2), ("rmsprop", 4), ("adam", 5)],
 )
 def test_memory_counts_the_trainer_s_parameter_copies(optimizer, copies):
     spec = RunSpec(dataset="digits", width=64, depth=1, batch_size=10, optimizer=optimizer)

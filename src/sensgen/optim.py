@@ -1,12 +1,14 @@
 """Optimisers over a pack's stacked parameters (one leading model axis), updated in place.
 
 Each optimiser is a pair ``init(params) -> state`` and
-``update(params, grads, state, lr, step, out)``: it advances ``state`` in place and writes
-the new parameters into ``out`` (same names and shapes as ``params``), leaving ``params``
-untouched, so the caller still holds the last parameters if the new ones are not finite.
+``direction(grads, state, lr, step) -> (u, s)``: it advances ``state`` in place and returns
+the step θ ← θ − s·u as a direction u (same names and shapes as the parameters) and a
+per-model scale s [M] (float64). The caller applies it in place
+(`sensgen.divergence.apply_update`), after deciding which models' θ to copy aside in case
+they stop being finite (`sensgen.divergence.DivergenceGuard`).
 Momentum SGD names an ``accumulator``: its state ``v`` takes the step v ← μv + g from
 whoever computes the gradient (the backward pass adds its products into v with β = μ, one
-pass fewer over the pack and no gradient buffer), and its ``update`` reads only v.
+pass fewer over the pack and no gradient buffer), and its direction is v itself.
 Every tensor carries a leading model axis M; ``lr`` [M] and ``step`` [M] are per model, so
 models in one pack have their own learning rate and step count. A model with lr = 0 keeps
 its parameters exactly (θ − 0·u = θ for finite u). In-place updates into preallocated
@@ -49,15 +51,17 @@ class OptimizerName(StrEnum):
 
 @dataclass(frozen=True)
 class Optimizer:
-    """``init(params) -> state``; ``update(params, grads, state, lr, step, out)`` in place.
+    """``init(params) -> state``; ``direction(grads, state, lr, step) -> (u, s)``.
 
-    With an ``accumulator`` (a state name), the gradient g is not passed to ``update``
+    With an ``accumulator`` (a state name), the gradient g is not passed to ``direction``
     (``grads`` is None): the caller adds it into that state as s ← ``decay``·s + g first.
     `gradient_target` says where the gradient goes and with which β.
     """
 
     init: Callable[[Params], State]
-    update: Callable[[Params, Params | None, State, torch.Tensor, torch.Tensor, Params], None]
+    direction: Callable[
+        [Params | None, State, torch.Tensor, torch.Tensor], tuple[Params, torch.Tensor]
+    ]
     accumulator: str | None = None
     decay: float = 0.0
 
@@ -70,52 +74,45 @@ class Optimizer:
         return state[self.accumulator], self.decay
 
 
-def per_model(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """View a per-model vector [M] as [M, 1, ...] to broadcast against a stacked [M, ...]."""
-    return values.view(-1, *([1] * (like.ndim - 1)))
-
-
-def _per_model(scalars: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """`per_model` in the stacked tensor's dtype (learning rates, bias corrections)."""
-    return per_model(scalars.to(like.dtype), like)
-
-
 def _zeros_like(params: Params) -> Params:
     return {k: torch.zeros_like(v) for k, v in params.items()}
 
 
-def _sgd_update(params, grads, state, lr, step, out):
-    for k, p in params.items():
-        torch.addcmul(p, _per_model(lr, p), grads[k], value=-1, out=out[k])
+def _per_model(scalars: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-model vector [M] as [M, 1, ...] in the stacked tensor's dtype (bias
+    corrections), to broadcast against a stacked [M, ...]."""
+    return scalars.to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
 
 
-def _momentum_update(params, grads, state, lr, step, out):
+def _sgd_direction(grads, state, lr, step):
+    return grads, lr
+
+
+def _momentum_direction(grads, state, lr, step):
     # v ← μv + g is already done (the accumulator). torch.optim.SGD starts the buffer at
     # the first gradient; with v = 0, μ·0 + g is exactly g.
-    for k, p in params.items():
-        torch.addcmul(p, _per_model(lr, p), state["v"][k], value=-1, out=out[k])
+    return state["v"], lr
 
 
-def _adam_update(params, grads, state, lr, step, out):
+def _adam_direction(grads, state, lr, step):
     b1, b2 = ADAM_BETAS
     t = (step + 1).to(torch.float64)
-    step_size = lr / (1 - b1**t)  # η / (1 − β₁ᵗ), per model
-    for k, p in params.items():
-        g, buf = grads[k], state["buf"][k]
+    for k, g in grads.items():
+        buf = state["buf"][k]
         m = state["m"][k].mul_(b1).add_(g, alpha=1 - b1)
         v = state["v"][k].mul_(b2).addcmul_(g, g, value=1 - b2)
-        torch.div(v, _per_model(1 - b2**t, p), out=buf).sqrt_().add_(ADAM_EPS)  # √v̂ + ε
+        torch.div(v, _per_model(1 - b2**t, g), out=buf).sqrt_().add_(ADAM_EPS)  # √v̂ + ε
         torch.div(m, buf, out=buf)
-        torch.addcmul(p, _per_model(step_size, p), buf, value=-1, out=out[k])
+    return state["buf"], lr / (1 - b1**t)  # m / (√v̂ + ε), η / (1 − β₁ᵗ) per model
 
 
-def _rmsprop_update(params, grads, state, lr, step, out):
-    for k, p in params.items():
-        g, buf = grads[k], state["buf"][k]
+def _rmsprop_direction(grads, state, lr, step):
+    for k, g in grads.items():
+        buf = state["buf"][k]
         v = state["v"][k].mul_(RMSPROP_ALPHA).addcmul_(g, g, value=1 - RMSPROP_ALPHA)
         torch.sqrt(v, out=buf).add_(RMSPROP_EPS)
         torch.div(g, buf, out=buf)
-        torch.addcmul(p, _per_model(lr, p), buf, value=-1, out=out[k])
+    return state["buf"], lr
 
 
 def _buffers(*names: str) -> Callable[[Params], State]:
@@ -124,8 +121,8 @@ def _buffers(*names: str) -> Callable[[Params], State]:
 
 
 OPTIMIZERS: dict[OptimizerName, Optimizer] = {
-    OptimizerName.SGD: Optimizer(_buffers(), _sgd_update),
-    OptimizerName.MOMENTUM: Optimizer(_buffers("v"), _momentum_update, "v", MOMENTUM),
-    OptimizerName.ADAM: Optimizer(_buffers("m", "v", "buf"), _adam_update),
-    OptimizerName.RMSPROP: Optimizer(_buffers("v", "buf"), _rmsprop_update),
+    OptimizerName.SGD: Optimizer(_buffers(), _sgd_direction),
+    OptimizerName.MOMENTUM: Optimizer(_buffers("v"), _momentum_direction, "v", MOMENTUM),
+    OptimizerName.ADAM: Optimizer(_buffers("m", "v", "buf"), _adam_direction),
+    OptimizerName.RMSPROP: Optimizer(_buffers("v", "buf"), _rmsprop_direction),
 }

@@ -105,9 +105,9 @@ class Pack:
 def model_memory_bytes(spec: RunSpec) -> int:
     """A generous estimate of one model's training memory in a pack (float32).
 
-    Copies of its n_params parameters (`train.train_pack`): the current and the next
-    parameters, a gradient buffer unless the optimiser takes the gradient into its own
-    state (momentum), and the optimiser's state buffers (`optim.OPTIMIZERS`). Then the
+    Copies of its n_params parameters (`train.train_pack`): the parameters (updated in
+    place, `divergence`), a gradient buffer unless the optimiser takes the gradient into its
+    own state (momentum), and the optimiser's state buffers (`optim.OPTIMIZERS`). Then the
     batch: inputs and, per hidden unit and layer, 4 values (pre-activation, activation,
     backpropagated gradient and its product with φ'), and 2 per class. A full-batch run
     holds one chunk of at most `train.FULL_BATCH_CHUNK` examples at a time, plus the first
@@ -120,7 +120,7 @@ def model_memory_bytes(spec: RunSpec) -> int:
         for n_in, n_out in itertools.pairwise([d] + [spec.width] * spec.depth + [info.n_classes])
     )
     optimizer = OPTIMIZERS[spec.optimizer]
-    copies = 2 + (optimizer.accumulator is None) + len(optimizer.init({}))
+    copies = 1 + (optimizer.accumulator is None) + len(optimizer.init({}))
     n_train = spec.train_subset or info.n_train
     batch = spec.batch_size or min(n_train, train.FULL_BATCH_CHUNK)
     per_example = d + 4 * spec.width * spec.depth + 2 * info.n_classes

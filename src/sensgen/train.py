@@ -50,6 +50,7 @@ from sensgen.backprop import Backprop, logits
 from sensgen.batches import Augmenter, Minibatches
 from sensgen.batches import derive_seed as derive_seed  # re-exported: seeds of every purpose
 from sensgen.data import Augmentation
+from sensgen.divergence import DivergenceGuard
 from sensgen.models import MLP, Nonlinearity
 from sensgen.optim import OPTIMIZERS, OptimizerName
 
@@ -198,6 +199,7 @@ class _PackRun:
         self.active = torch.ones(n_models, dtype=torch.bool, device=device)
         self.diverged = torch.zeros(n_models, dtype=torch.bool, device=device)
         self.last_finite: dict[int, dict[str, torch.Tensor]] = {}  # position -> its params
+        self.guard = DivergenceGuard(params)
         self.results: tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor] | None = None
         self.batches = None
         if shape.batch_size is not None:
@@ -205,8 +207,7 @@ class _PackRun:
         self._buffers()
 
     def _buffers(self) -> None:
-        """The next step's parameters, the gradient (if the optimiser needs one), workspace."""
-        self.spare = {k: torch.empty_like(v) for k, v in self.params.items()}
+        """The gradient (if the optimiser needs one) and the backward pass's workspace."""
         self.grads = None
         if self.optimizer.accumulator is None:
             self.grads = {k: torch.empty_like(v) for k, v in self.params.items()}
@@ -227,14 +228,16 @@ class _PackRun:
             losses = self.backprop.loss_and_grad(
                 self.params, xb, yb, self.target, scale=scale, beta=self.beta
             )
-        self.optimizer.update(
-            self.params, self.grads, self.state, self.lr_active, self.steps, self.spare
+        direction, scale = self.optimizer.direction(
+            self.grads, self.state, self.lr_active, self.steps
         )
-        newly = _newly_diverged(losses, self.params, self.spare, self.active, self.last_finite)
+        newly, last_finite = self.guard.update(
+            self.params, direction, scale, losses, self.active, ~self.diverged
+        )
         if newly is not None:
+            self.last_finite.update(last_finite)
             self.diverged |= newly
             self.stop(newly)
-        self.params, self.spare = self.spare, self.params
         self.steps += self.active.long()
 
     def stop(self, which: torch.Tensor) -> None:
@@ -250,6 +253,7 @@ class _PackRun:
         keep = self.active.nonzero().flatten().tolist()
         index = torch.tensor(keep, dtype=torch.int64, device=self.ids.device)
         self.params = {k: v[index] for k, v in self.params.items()}
+        self.guard.select(index)
         self.state = {name: {k: v[index] for k, v in s.items()} for name, s in self.state.items()}
         for name in ("ids", "lr", "lr_active", "steps", "active", "diverged", "y"):
             setattr(self, name, getattr(self, name)[index])
@@ -310,45 +314,6 @@ def _full_batch_step(
         chunk_beta = beta if c == 0 else 1.0
         losses += backprop.loss_and_grad(params, xb, yc, target, scale=1 / n, beta=chunk_beta)
     return losses
-
-
-def _newly_diverged(
-    losses: torch.Tensor,
-    params: dict[str, torch.Tensor],
-    spare: dict[str, torch.Tensor],
-    active: torch.Tensor,
-    last_finite: dict[int, dict[str, torch.Tensor]],
-) -> torch.Tensor | None:
-    """[M] bool of the active models whose loss or next parameters (`spare`) are not finite,
-    or None when there are none (one [M] flag read per step, no copy of the pack). Each one's
-    current parameters, its last finite ones, are copied into `last_finite`.
-    """
-    finite = torch.isfinite(losses)
-    newly = active & ~(finite & _sums_finite(spare))
-    if not newly.any():
-        return None
-    for i in newly.nonzero().flatten().tolist():
-        if finite[i] and _finite(spare, i):
-            newly[i] = False  # a float32 sum overflowed; every value is finite
-        else:
-            last_finite[i] = {k: v[i].clone() for k, v in params.items()}
-    return newly
-
-
-def _sums_finite(params: dict[str, torch.Tensor]) -> torch.Tensor:
-    """[M] bool, a one-pass screen for non-finite parameters: whether each model's
-    per-tensor sums are finite. An inf or NaN value makes its sum inf or NaN, so True means
-    every value is finite; False may also be an overflowing sum of finite values, which the
-    caller settles with `_finite`. (An exact ``isfinite(v).all()`` takes four passes and
-    float64 sums a conversion: either costs more than the optimiser step itself.)
-    """
-    sums = [v.flatten(start_dim=1).sum(dim=1) for v in params.values()]
-    return torch.isfinite(torch.stack(sums)).all(dim=0)
-
-
-def _finite(params: dict[str, torch.Tensor], index: int) -> bool:
-    """Whether every parameter of model `index` is finite (exact)."""
-    return all(bool(torch.isfinite(v[index]).all()) for v in params.values())
 
 
 @torch.no_grad()

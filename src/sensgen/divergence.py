@@ -1,0 +1,118 @@
+"""Divergence of a pack updated in place: who stopped being finite, and their last finite θ.
+
+A model diverges at a step when its loss, or any of its next parameters
+
+    θ' = θ − s·u        (s [M] the optimiser's per-model scale, u its direction; `optim`)
+
+is not finite (NaN or ±inf); it then keeps θ, its last finite parameters (paper §4 trains
+thousands of models, some with learning rates that blow up). The update runs in place, so θ
+must be copied aside *before* it for any model that may diverge, and no pass over the new
+parameters may be spent to find out afterwards (a step of the reference pack is a few
+memory passes besides its products; issue 8). `DivergenceGuard` decides from a bound:
+
+    b_m ≥ max |θ_m|  kept per model,   r_m = max over tensors of ‖u_m‖₂ ≥ max |u_m|.
+
+If r_m and b_m + 2·s_m·r_m are finite and below `SAFE_BOUND` = FLT_MAX / 4, every
+|θ'| ≤ |θ| + s|u| is far from overflow: θ' is finite, with no check at all, and
+b_m ← b_m + 2·s_m·r_m stays a bound (the factor 2 covers float32 rounding of the norm,
+of s and of the product). ‖u‖₂ is one fast pass over u (the squares overflow to inf for
+|u| > 1.8e19, NaN propagates): the cost of the sum screen it replaces, and the in-place
+update saves the write of a second copy of the pack. Otherwise the model is *at risk*: its
+θ is copied, the update runs, and an exact check of its θ' settles it. Training models
+stay far below the bound (b grows by s·r per step, ~10² at most in practice), so copies are
+made only at a blow-up.
+
+The bound is for finite, slowly growing parameters only: `b` starts as 2·‖θ_m‖₂ per
+tensor (≥ max |θ_m|), and is reset that way after every at-risk step that stays finite.
+"""
+
+from __future__ import annotations
+
+import torch
+
+Params = dict[str, torch.Tensor]
+
+# Far below float32's largest value (3.4e38): |θ| + s|u| below it cannot overflow, even
+# after the float32 rounding of each term.
+SAFE_BOUND = torch.finfo(torch.float32).max / 4
+
+
+def norms(tensors: Params) -> torch.Tensor:
+    """[M] float64: per model, the largest ‖·‖₂ of its slices of `tensors` ([M, ...] each).
+
+    ≥ the largest |value| up to float32 rounding; inf or NaN if any value is not finite
+    (or its square overflows)."""
+    per_tensor = [torch.linalg.vector_norm(t.flatten(start_dim=1), dim=1) for t in tensors.values()]
+    return torch.stack(per_tensor).amax(dim=0).to(torch.float64)  # amax keeps NaN
+
+
+def is_finite(params: Params, index: int) -> bool:
+    """Whether every parameter of model `index` is finite (exact)."""
+    return all(bool(torch.isfinite(v[index]).all()) for v in params.values())
+
+
+def apply_update(params: Params, direction: Params, scale: torch.Tensor) -> None:
+    """θ ← θ − s·u in place, s [M] per model (a model with s = 0 and finite u keeps θ)."""
+    for k, p in params.items():
+        p.addcmul_(scale.to(p.dtype).view(-1, *([1] * (p.ndim - 1))), direction[k], value=-1)
+
+
+class DivergenceGuard:
+    """Applies a pack's updates in place and reports the models that diverge.
+
+    Args:
+        params: the stacked parameters [M, ...], finite (the models' initial weights).
+    """
+
+    def __init__(self, params: Params) -> None:
+        self.bound = 2 * norms(params)  # [M] float64, ≥ max |θ_m|
+
+    def select(self, index: torch.Tensor) -> None:
+        """Keep the bounds of the models at `index` (the pack shrank to them)."""
+        self.bound = self.bound[index]
+
+    def update(
+        self,
+        params: Params,
+        direction: Params,
+        scale: torch.Tensor,
+        losses: torch.Tensor,
+        active: torch.Tensor,
+        live: torch.Tensor,
+    ) -> tuple[torch.Tensor | None, dict[int, Params]]:
+        """θ ← θ − s·u for every model; which active models diverged, and their last θ.
+
+        Args:
+            params, direction: θ and u, [M, ...] each; θ is updated in place.
+            scale: s [M] (0 for stopped models, whose θ must not change).
+            losses: this step's losses [M] (from θ).
+            active: [M] bool, the models still training: they may diverge.
+            live: [M] bool, the models whose θ must stay finite (active, or stopped
+                without diverging). A diverged model's slice may hold NaN.
+
+        Returns:
+            (newly [M] bool, or None when no model diverged; {position: its θ before this
+            update} for each newly diverged model).
+        """
+        growth = 2 * scale.to(torch.float64) * norms(direction)  # 0·inf is NaN: at risk
+        risky = live & ~(torch.isfinite(growth) & (self.bound + growth < SAFE_BOUND))
+        risky |= active & ~torch.isfinite(losses)
+        at_risk = risky.nonzero().flatten().tolist()  # one [M] read per step
+        before = {i: {k: v[i].clone() for k, v in params.items()} for i in at_risk}
+        apply_update(params, direction, scale)
+        self.bound += torch.where(risky, 0.0, growth)
+        if not at_risk:
+            return None, {}
+        newly = torch.zeros_like(active)
+        last_finite = {}
+        for i in at_risk:
+            finite = is_finite(params, i)
+            if bool(active[i]) and not (finite and bool(torch.isfinite(losses[i]))):
+                newly[i] = True
+                last_finite[i] = before[i]
+                continue
+            if not finite:  # a stopped model: s = 0 met a non-finite u; it keeps its θ
+                for k, v in before[i].items():
+                    params[k][i] = v
+            self.bound[i] = 2 * norms({k: v[i : i + 1] for k, v in params.items()})[0]
+        return (newly if newly.any() else None), last_finite

@@ -1,0 +1,147 @@
+"""The in-place update and its divergence guard: exact updates, copies only when at risk."""
+
+import pytest
+import torch
+
+from sensgen.divergence import SAFE_BOUND, DivergenceGuard, apply_update, is_finite, norms
+
+M = 4
+NAN, INF = float("nan"), float("inf")
+
+
+def _params(seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {"w": torch.randn(M, 5, 3, generator=gen), "b": torch.randn(M, 5, generator=gen)}
+
+
+def _all(value: bool) -> torch.Tensor:
+    return torch.full((M,), value)
+
+
+def _update(guard, params, direction, scale, losses=None, active=None, live=None):
+    losses = torch.zeros(M) if losses is None else losses
+    active = _all(True) if active is None else active
+    live = active if live is None else live
+    return guard.update(params, direction, scale, losses, active, live)
+
+
+def test_norms_bound_every_value_and_flag_non_finite_ones():
+    params = _params()
+    largest = torch.stack([v.flatten(1).abs().amax(1) for v in params.values()]).amax(0)
+    assert (norms(params) >= largest.double()).all()
+    params["w"][1, 0, 0] = NAN
+    params["b"][2, 4] = -INF
+    params["w"][3, 2, 2] = 1e20  # finite, but its square overflows: not a usable bound
+    assert torch.isfinite(norms(params)).tolist() == [True, False, False, False]
+    assert [is_finite(params, i) for i in range(M)] == [True, False, False, True]
+
+
+def test_healthy_steps_are_the_plain_update_with_no_copy_and_a_valid_bound():
+    params, guard = _params(), None
+    guard = DivergenceGuard(params)
+    scale = torch.tensor([0.1, 0.5, 0.0, 2.0], dtype=torch.float64)
+    for step in range(20):
+        direction = _params(seed=100 + step)
+        expected = {
+            k: torch.addcmul(p, scale.float().view(-1, *[1] * (p.ndim - 1)), direction[k], value=-1)
+            for k, p in params.items()
+        }
+        newly, last_finite = _update(guard, params, direction, scale)
+        assert newly is None and last_finite == {}
+        for k in params:
+            assert torch.equal(params[k], expected[k])  # bit for bit, in place
+        largest = torch.stack([v.flatten(1).abs().amax(1) for v in params.values()]).amax(0)
+        assert (guard.bound >= largest.double()).all()
+
+
+def test_a_non_finite_direction_diverges_and_keeps_the_parameters_before_the_step():
+    params = _params()
+    before = {k: v.clone() for k, v in params.items()}
+    guard = DivergenceGuard(params)
+    direction = _params(seed=1)
+    direction["w"][1, 2, 1] = NAN
+    scale = torch.full((M,), 0.1, dtype=torch.float64)
+    newly, last_finite = _update(guard, params, direction, scale)
+    assert newly.tolist() == [False, True, False, False]
+    assert set(last_finite) == {1}
+    for k in params:
+        assert torch.equal(last_finite[1][k], before[k][1])
+        others = [0, 2, 3]
+        lr = scale.float()[others].view(-1, *[1] * (params[k].ndim - 1))
+        expected = torch.addcmul(before[k][others], lr, direction[k][others], value=-1)
+        assert torch.equal(params[k][others], expected)
+
+
+def test_a_non_finite_loss_diverges_even_when_the_update_is_finite():
+    params = _params()
+    before = {k: v.clone() for k, v in params.items()}
+    guard = DivergenceGuard(params)
+    losses = torch.tensor([0.0, 0.0, INF, 0.0])
+    newly, last_finite = _update(guard, params, _params(1), torch.ones(M), losses=losses)
+    assert newly.tolist() == [False, False, True, False]
+    assert all(torch.equal(last_finite[2][k], before[k][2]) for k in params)
+
+
+def test_an_overflowing_update_of_finite_values_diverges():
+    params = _params()
+    params["w"][0, 0, 0] = 3e38
+    before = params["w"][0].clone()
+    guard = DivergenceGuard(params)  # its bound is already inf: model 0 is at risk
+    direction = {k: torch.zeros_like(v) for k, v in params.items()}
+    direction["w"][0, 0, 0] = -1e38  # θ' = 3e38 + 1e38 overflows to inf
+    newly, last_finite = _update(guard, params, direction, torch.ones(M))
+    assert newly.tolist() == [True, False, False, False]
+    assert torch.equal(last_finite[0]["w"], before)
+
+
+def test_a_huge_but_finite_step_is_checked_and_goes_on():
+    # u's norm overflows (1e20² > float32's max), so the bound says nothing: the model is
+    # copied and checked exactly; θ' is finite, so it trains on with a fresh bound.
+    params = _params()
+    guard = DivergenceGuard(params)
+    direction = {k: torch.zeros_like(v) for k, v in params.items()}
+    direction["w"][2, 1, 1] = 1e20
+    scale = torch.full((M,), 1e-10, dtype=torch.float64)
+    newly, last_finite = _update(guard, params, direction, scale)
+    assert newly is None and last_finite == {}
+    assert params["w"][2, 1, 1].abs() > 9e9
+    assert torch.isfinite(guard.bound).all() and guard.bound[2] >= 9e9
+
+
+def test_a_bound_near_overflow_forces_the_exact_check(monkeypatch):
+    params = _params()
+    guard = DivergenceGuard(params)
+    guard.bound[3] = SAFE_BOUND
+    checked = []
+    monkeypatch.setattr(
+        "sensgen.divergence.is_finite", lambda p, i: checked.append(i) or is_finite(p, i)
+    )
+    newly, _ = _update(guard, params, _params(1), torch.ones(M))
+    assert newly is None and checked == [3]
+    assert guard.bound[3] < 1e3  # reset from the parameters themselves
+
+
+@pytest.mark.parametrize("bad", [NAN, INF])
+def test_stopped_models_keep_their_parameters_and_diverged_ones_are_left_alone(bad):
+    # Model 0 stopped (fitted): s = 0 must leave θ as it is, even against a non-finite u.
+    # Model 1 diverged earlier: its slice may hold anything, and is neither copied nor fixed.
+    params = _params()
+    before = {k: v.clone() for k, v in params.items()}
+    guard = DivergenceGuard(params)
+    direction = _params(1)
+    direction["b"][0, 0] = bad
+    direction["b"][1, 0] = bad
+    scale = torch.tensor([0.0, 0.0, 0.1, 0.1], dtype=torch.float64)
+    active = torch.tensor([False, False, True, True])
+    live = torch.tensor([True, False, True, True])
+    newly, last_finite = _update(guard, params, direction, scale, active=active, live=live)
+    assert newly is None and last_finite == {}
+    assert all(torch.equal(params[k][0], before[k][0]) for k in params)
+    assert not is_finite(params, 1)
+
+
+def test_apply_update_with_zero_scale_is_the_identity():
+    params = _params()
+    before = {k: v.clone() for k, v in params.items()}
+    apply_update(params, _params(1), torch.zeros(M, dtype=torch.float64))
+    assert all(torch.equal(params[k], before[k]) for k in params)
