@@ -384,6 +384,21 @@ def test_a_directory_refuses_other_pair_overrides_and_other_studies(tmp_path):
         check_same_study(out, _load(tmp_path, FULL_BATCH_PAIRS, name="other"))
 
 
+def test_empty_pair_overrides_are_the_same_study_as_none(tmp_path):
+    # [{}, {}] (e.g. what a bare --set leaves) changes no member: resuming is fine.
+    out = tmp_path / "out"
+    out.mkdir()
+    plain = _load(tmp_path, FULL_BATCH_PAIRS.replace("overrides = [{}, {max_steps = 50}]\n", ""))
+    assert plain.pairs.overrides is None
+    empty = _load(tmp_path, FULL_BATCH_PAIRS.replace("{max_steps = 50}", "{}"))
+    assert empty.pairs.overrides == [{}, {}]
+    assert [p.spec.run_id for p in empty.planned()] == [p.spec.run_id for p in plain.planned()]
+    write_study_file(out, plain)
+    check_same_study(out, empty)
+    write_study_file(out, empty)
+    check_same_study(out, plain)
+
+
 def test_none_is_written_as_full(tmp_path):
     s = study.Study(
         name="x", base={"dataset": "digits"}, pairs={"factor": "batch_size", "values": [32, None]}

@@ -40,12 +40,17 @@ def check_same_study(out: Path, study: Study) -> None:
             "--out directory, or run the same study to resume it."
         )
     before, now = (s.pairs.overrides if s.pairs else None for s in (previous, study))
-    if previous.pairs and study.pairs and (before or None) != (now or None):
+    if previous.pairs and study.pairs and _effective(before) != _effective(now):
         raise UserError(
             f"{out} holds pairs planned with pairs.overrides = {before}; this study has "
             f"{now}. A run keeps the pair it was planned in, so the new members would join "
             "(or miss) the old pairs. Run it into a new --out directory."
         )
+
+
+def _effective(overrides: list[dict] | None) -> list[dict] | None:
+    """Pair overrides as they act: none at all when absent or every table is empty."""
+    return overrides if overrides and any(overrides) else None
 
 
 def report_outdated(index: Path, store: Store) -> bool:
