@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sensgen.divergence import SAFE_BOUND, DivergenceGuard, apply_update, is_finite, norms
+from sensgen.divergence import DivergenceGuard, apply_update, is_finite, norms, safe_bound
 
 M = 4
 NAN, INF = float("nan"), float("inf")
@@ -37,7 +37,7 @@ def test_norms_bound_every_value_and_flag_non_finite_ones():
 
 
 def test_healthy_steps_are_the_plain_update_with_no_copy_and_a_valid_bound():
-    params, guard = _params(), None
+    params = _params()
     guard = DivergenceGuard(params)
     scale = torch.tensor([0.1, 0.5, 0.0, 2.0], dtype=torch.float64)
     for step in range(20):
@@ -111,7 +111,7 @@ def test_a_huge_but_finite_step_is_checked_and_goes_on():
 def test_a_bound_near_overflow_forces_the_exact_check(monkeypatch):
     params = _params()
     guard = DivergenceGuard(params)
-    guard.bound[3] = SAFE_BOUND
+    guard.bound[3] = safe_bound(torch.float32)
     checked = []
     monkeypatch.setattr(
         "sensgen.divergence.is_finite", lambda p, i: checked.append(i) or is_finite(p, i)
@@ -119,6 +119,25 @@ def test_a_bound_near_overflow_forces_the_exact_check(monkeypatch):
     newly, _ = _update(guard, params, _params(1), torch.ones(M))
     assert newly is None and checked == [3]
     assert guard.bound[3] < 1e3  # reset from the parameters themselves
+
+
+@pytest.mark.parametrize(
+    "scale",
+    [1e39, -1e39, -1e30],  # beyond float32 (inf once applied), and negative
+)
+def test_a_scale_out_of_the_usual_range_is_at_risk_and_checked(scale):
+    params = _params()
+    before = {k: v.clone() for k, v in params.items()}
+    guard = DivergenceGuard(params)
+    direction = {k: torch.full_like(v, 1e10) for k, v in params.items()}
+    direction["w"][2] = 0.0  # with u = 0 too: an inf s times 0 is NaN
+    direction["b"][2] = 0.0
+    scales = torch.tensor([0.1, scale, scale, 0.1], dtype=torch.float64)
+    newly, last_finite = _update(guard, params, direction, scales)
+    assert newly.tolist() == [False, True, abs(scale) > 3.5e38, False]
+    for i in last_finite:
+        assert all(torch.equal(last_finite[i][k], before[k][i]) for k in params)
+    assert (guard.bound[[0, 3]] > 0).all()
 
 
 @pytest.mark.parametrize("bad", [NAN, INF])

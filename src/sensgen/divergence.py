@@ -10,20 +10,25 @@ must be copied aside *before* it for any model that may diverge, and no pass ove
 parameters may be spent to find out afterwards (a step of the reference pack is a few
 memory passes besides its products; issue 8). `DivergenceGuard` decides from a bound:
 
-    b_m ≥ max |θ_m|  kept per model,   r_m = max over tensors of ‖u_m‖₂ ≥ max |u_m|.
+    b_m ≥ max |θ_m|  kept per model,   r_m = max over tensors of ‖u_m‖₂ ≥ max |u_m|,
 
-If r_m and b_m + 2·s_m·r_m are finite and below `SAFE_BOUND` = FLT_MAX / 4, every
-|θ'| ≤ |θ| + s|u| is far from overflow: θ' is finite, with no check at all, and
-b_m ← b_m + 2·s_m·r_m stays a bound (the factor 2 covers float32 rounding of the norm,
-of s and of the product). ‖u‖₂ is one fast pass over u (the squares overflow to inf for
-|u| > 1.8e19, NaN propagates): the cost of the sum screen it replaces, and the in-place
-update saves the write of a second copy of the pack. Otherwise the model is *at risk*: its
-θ is copied, the update runs, and an exact check of its θ' settles it. Training models
-stay far below the bound (b grows by s·r per step, ~10² at most in practice), so copies are
-made only at a blow-up.
+with s_m taken as the update applies it (rounded to the parameters' dtype) and in absolute
+value. If 2·s_m·r_m and b_m + 2·s_m·r_m are finite and below the safe bound, a quarter of
+the dtype's largest value (FLT_MAX / 4 = 8.5e37 for float32), every |θ'| ≤ |θ| + s|u| is
+far from overflow: θ' is finite, with no check at all. Then b_m ← b_m + 2·s_m·r_m; the
+factor 2 is slack for rounding (the norm, the product s·u and the subtraction, each
+within a relative 2⁻²⁴), and the 4× margin of the safe bound is what keeps θ' finite even
+where rounding makes b short of max |θ'| by a fraction of one step's growth. (‖u‖₂ may
+also fall short of max |u| when the squares underflow, |u| ≲ 1e-23: a shortfall of
+s·1e-23 per step, equally covered.) ‖u‖₂ is one fast pass over u (the squares overflow to
+inf for |u| > 1.8e19, NaN propagates): the cost of the sum screen it replaces, and the
+in-place update saves the write of a second copy of the pack. Otherwise the model is *at
+risk*: its θ is copied, the update runs, and an exact check of its θ' settles it.
+Training models stay far below the bound (b grows by 2·s·r per step, 10³–10⁴ over a whole
+run in practice), so copies are made only at a blow-up.
 
-The bound is for finite, slowly growing parameters only: `b` starts as 2·‖θ_m‖₂ per
-tensor (≥ max |θ_m|), and is reset that way after every at-risk step that stays finite.
+`b` starts as twice the largest per-tensor ‖θ_m‖₂ (≥ max |θ_m|), and is reset that way
+after every at-risk step that stays finite.
 """
 
 from __future__ import annotations
@@ -32,16 +37,18 @@ import torch
 
 Params = dict[str, torch.Tensor]
 
-# Far below float32's largest value (3.4e38): |θ| + s|u| below it cannot overflow, even
-# after the float32 rounding of each term.
-SAFE_BOUND = torch.finfo(torch.float32).max / 4
+
+def safe_bound(dtype: torch.dtype) -> float:
+    """A quarter of the largest finite value of `dtype` (8.5e37 for float32): |θ| + s|u|
+    below it cannot overflow, even after the rounding of each term."""
+    return torch.finfo(dtype).max / 4
 
 
 def norms(tensors: Params) -> torch.Tensor:
     """[M] float64: per model, the largest ‖·‖₂ of its slices of `tensors` ([M, ...] each).
 
-    ≥ the largest |value| up to float32 rounding; inf or NaN if any value is not finite
-    (or its square overflows)."""
+    ≥ the largest |value| up to rounding (and to squares that underflow, |value| ≲ 1e-23
+    in float32); inf or NaN if any value is not finite (or its square overflows)."""
     per_tensor = [torch.linalg.vector_norm(t.flatten(start_dim=1), dim=1) for t in tensors.values()]
     return torch.stack(per_tensor).amax(dim=0).to(torch.float64)  # amax keeps NaN
 
@@ -66,6 +73,7 @@ class DivergenceGuard:
 
     def __init__(self, params: Params) -> None:
         self.bound = 2 * norms(params)  # [M] float64, ≥ max |θ_m|
+        self.dtype = next(iter(params.values())).dtype
 
     def select(self, index: torch.Tensor) -> None:
         """Keep the bounds of the models at `index` (the pack shrank to them)."""
@@ -84,7 +92,8 @@ class DivergenceGuard:
 
         Args:
             params, direction: θ and u, [M, ...] each; θ is updated in place.
-            scale: s [M] (0 for stopped models, whose θ must not change).
+            scale: s [M], float64 (0 for stopped models, whose θ must not change); applied
+                rounded to the parameters' dtype, as the bound takes it.
             losses: this step's losses [M] (from θ).
             active: [M] bool, the models still training: they may diverge.
             live: [M] bool, the models whose θ must stay finite (active, or stopped
@@ -94,8 +103,12 @@ class DivergenceGuard:
             (newly [M] bool, or None when no model diverged; {position: its θ before this
             update} for each newly diverged model).
         """
-        growth = 2 * scale.to(torch.float64) * norms(direction)  # 0·inf is NaN: at risk
-        risky = live & ~(torch.isfinite(growth) & (self.bound + growth < SAFE_BOUND))
+        # s as the update applies it (an lr beyond float32's range is inf there), and |s|:
+        # a negative s must grow the bound too. 0·inf is NaN: at risk.
+        applied = scale.to(self.dtype).to(torch.float64).abs()
+        growth = 2 * applied * norms(direction)
+        safe = safe_bound(self.dtype)
+        risky = live & ~(torch.isfinite(growth) & (self.bound + growth < safe))
         risky |= active & ~torch.isfinite(losses)
         at_risk = risky.nonzero().flatten().tolist()  # one [M] read per step
         before = {i: {k: v[i].clone() for k, v in params.items()} for i in at_risk}
