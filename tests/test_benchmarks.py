@@ -1,8 +1,9 @@
-"""The training benchmark runs, and its packed and looped trainers did the same work.
+"""The training benchmarks run, and what they compare did the same work.
 
 Timings are printed, never asserted (issue 8: targets are read off the benchmark's
 output). What is asserted: every table is printed, and after 3 steps the packed trainer's
-parameters equal the plain loop's to float32 rounding, for each configuration.
+parameters equal the plain loop's to float32 rounding, for each configuration; and the
+plain step that `benchmarks/compiled_step.py` compiles is sensgen's step (float64).
 """
 
 import re
@@ -11,8 +12,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from sensgen import data
+from sensgen.backprop import Backprop
+from sensgen.divergence import apply_update
+from sensgen.models import Nonlinearity
+from sensgen.optim import OPTIMIZERS, OptimizerName
+from sensgen.train import Member, PackShape, init_pack
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,3 +48,39 @@ def test_training_benchmark_quick_run_agrees_with_the_plain_loop():
     assert len(agreement) == 3
     # Minibatch packs: 1.5e-8 and 6e-8 here; full batch sums 1,000 examples per product.
     assert max(agreement[:2]) < 1e-6 and agreement[2] < 1e-4
+
+
+def test_the_compiled_step_benchmark_times_sensgen_s_step(monkeypatch):
+    # benchmarks/compiled_step.py's plain step must do sensgen's work: the same losses and,
+    # after 3 momentum steps, the same parameters (float64, so only rounding differs).
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import compiled_step
+
+    m, b, n_classes = 3, 8, compiled_step.SIZES[-1]
+    shape = PackShape(
+        in_dim=12, n_classes=n_classes, width=6, depth=2, nonlinearity=Nonlinearity.RELU,
+        optimizer=OptimizerName.MOMENTUM, batch_size=b, max_steps=3, eval_every=3,
+        stop_at_fit=False,
+    )  # fmt: skip
+    _, params = init_pack(
+        shape, [Member(seed=i, lr=compiled_step.LR, init_scale=1.0) for i in range(m)]
+    )
+    params = {k: v.double() for k, v in params.items()}
+    w = [params[f"layers.{k}.weight"].clone() for k in range(3)]
+    bias = [params[f"layers.{k}.bias"].clone() for k in range(3)]
+    vw, vb = [torch.zeros_like(t) for t in w], [torch.zeros_like(t) for t in bias]
+    momentum, backprop = OPTIMIZERS[OptimizerName.MOMENTUM], Backprop(Nonlinearity.RELU)
+    state = momentum.init(params)
+    lr = torch.full((m,), compiled_step.LR, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        x = torch.randn(m, b, 12, generator=gen, dtype=torch.float64)
+        y = torch.randint(n_classes, (m, b), generator=gen)
+        target, beta = momentum.gradient_target(state, None)
+        losses = backprop.loss_and_grad(params, x, y, target, scale=1 / b, beta=beta)
+        apply_update(params, *momentum.direction(None, state, lr, torch.zeros(m)))
+        plain = compiled_step.plain_step(w, bias, vw, vb, x, y)
+        torch.testing.assert_close(plain, losses, rtol=1e-12, atol=1e-14)
+    for k in range(3):
+        torch.testing.assert_close(w[k], params[f"layers.{k}.weight"], rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(bias[k], params[f"layers.{k}.bias"], rtol=1e-12, atol=1e-14)
