@@ -72,14 +72,17 @@ def test_one_hidden_layer_and_deeper_nets():
             torch.testing.assert_close(grads[name], expected[name], rtol=1e-12, atol=1e-15)
 
 
-def test_chunks_accumulate_to_the_whole_batch():
-    # Two chunks with s = 1/B and β = 1 for the second give the mean over all B examples.
-    template, params = _pack(Nonlinearity.ELU)
+@pytest.mark.parametrize("nonlinearity", [Nonlinearity.ELU, Nonlinearity.RELU])
+@pytest.mark.parametrize("split", [4, 1], ids=["chunks of 4", "a chunk of 1"])
+def test_chunks_accumulate_to_the_whole_batch(nonlinearity, split):
+    # Two chunks with s = 1/B and β = 1 for the second give the mean over all B examples
+    # (ELU keeps h apart from φ(h); ReLU writes φ(h) over h; a chunk of 1 has B = 1).
+    template, params = _pack(nonlinearity)
     x, y = _batch(shared=True)
     expected_grads, expected_losses = _autograd(template, params, x, y)
-    backprop, grads = Backprop(Nonlinearity.ELU), _empty_like(params)
-    first = backprop.loss_and_grad(params, x[:4], y[:, :4], grads, scale=1 / B)
-    second = backprop.loss_and_grad(params, x[4:], y[:, 4:], grads, scale=1 / B, beta=1.0)
+    backprop, grads = Backprop(nonlinearity), _empty_like(params)
+    first = backprop.loss_and_grad(params, x[:split], y[:, :split], grads, scale=1 / B)
+    second = backprop.loss_and_grad(params, x[split:], y[:, split:], grads, scale=1 / B, beta=1.0)
     torch.testing.assert_close(first + second, expected_losses, rtol=1e-13, atol=1e-15)
     for name, expected in expected_grads.items():
         torch.testing.assert_close(grads[name], expected, rtol=1e-12, atol=1e-15)
