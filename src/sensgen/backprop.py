@@ -59,11 +59,12 @@ ACTIVATIONS_INTO: dict[Nonlinearity, Unary] = {
 # own kernels (elementwise, so writing over their input g is safe).
 ACTIVATION_BACKWARDS: dict[Nonlinearity, Backward] = {
     Nonlinearity.RELU: lambda g, h, a: _aten.threshold_backward.grad_input(g, a, 0, grad_input=g),
+    # hardtanh's mask lo < h < hi is lo < a < hi on a = clamp(h, lo, hi), exactly.
     Nonlinearity.RELU6: lambda g, h, a: _aten.hardtanh_backward.grad_input(
-        g, h, 0.0, 6.0, grad_input=g
+        g, a, 0.0, 6.0, grad_input=g
     ),
     Nonlinearity.HARD_TANH: lambda g, h, a: _aten.hardtanh_backward.grad_input(
-        g, h, -1.0, 1.0, grad_input=g
+        g, a, -1.0, 1.0, grad_input=g
     ),
     Nonlinearity.HARD_SIGMOID: lambda g, h, a: _aten.hardsigmoid_backward.grad_input(
         g, h, grad_input=g
@@ -79,7 +80,15 @@ ACTIVATION_BACKWARDS: dict[Nonlinearity, Backward] = {
 # The nonlinearities whose φ' is computed from a = φ(h) alone: their activation may be
 # written over h (in place: no second [M, B, n] buffer to fetch, 0.1 ms per layer on the
 # reference pack; issue 8). The others need h in the backward pass.
-BACKWARD_FROM_ACTIVATION = frozenset({Nonlinearity.RELU, Nonlinearity.TANH, Nonlinearity.SIGMOID})
+BACKWARD_FROM_ACTIVATION = frozenset(
+    {
+        Nonlinearity.RELU,
+        Nonlinearity.RELU6,
+        Nonlinearity.HARD_TANH,
+        Nonlinearity.TANH,
+        Nonlinearity.SIGMOID,
+    }
+)
 
 
 def n_layers(params: Params) -> int:
