@@ -3,7 +3,12 @@
 import pytest
 import torch
 
+from sensgen.batches import Augmenter
+from sensgen.data import Augmentation
 from sensgen.divergence import DivergenceGuard, apply_update, is_finite, norms, safe_bound
+from sensgen.models import Nonlinearity
+from sensgen.optim import OptimizerName
+from sensgen.train import Member, PackShape, _PackRun, init_pack
 
 M = 4
 NAN, INF = float("nan"), float("inf")
@@ -164,3 +169,42 @@ def test_apply_update_with_zero_scale_is_the_identity():
     before = {k: v.clone() for k, v in params.items()}
     apply_update(params, _params(1), torch.zeros(M, dtype=torch.float64))
     assert all(torch.equal(params[k], before[k]) for k in params)
+
+
+@pytest.mark.parametrize("optimizer", [OptimizerName.SGD, OptimizerName.MOMENTUM])
+@pytest.mark.parametrize("augment", [False, True], ids=["plain", "augmented"])
+def test_the_first_layer_bound_from_the_backward_pass_holds_along_training(optimizer, augment):
+    # SGD and momentum minibatches: the guard bounds the first layer's direction by
+    # V ← β·V + ‖δ_0‖‖x‖ instead of a pass over it; V must stay ≥ max |u| at every step.
+    gen = torch.Generator().manual_seed(0)
+    side, n = 4, 64
+    x = torch.rand(n, side * side, generator=gen)
+    y = torch.randint(0, 3, (3, n), generator=gen)
+    aug = Augmentation((1, side, side), 1, True, (-2.0,)) if augment else None
+    shape = PackShape(side * side, 3, 8, 2, Nonlinearity.RELU, optimizer, 8, 30, 30, False, aug)
+    members = [Member(seed=i, lr=lr, init_scale=1.0, augment=augment) for i, lr in
+               enumerate([0.05, 0.5, 3.0])]  # fmt: skip
+    _, params = init_pack(shape, members)
+    run = _PackRun(shape, members, params, x, y, Augmenter.for_pack(
+        aug, [augment] * 3, [m.seed for m in members], x))  # fmt: skip
+    assert run._tracks_first_layer()
+    for _ in range(30):
+        run.step(x)
+        direction, _ = run.optimizer.direction(run.grads, run.state, run.lr, run.steps)
+        largest = direction["layers.0.weight"].flatten(1).abs().amax(1).double()
+        tracked = run.guard.tracked["layers.0.weight"]
+        live = ~run.diverged
+        assert (tracked[live] >= largest[live]).all()
+        assert (tracked[live] <= 1e6 * largest[live] + 1e-6).all()  # a bound, not a blanket
+
+
+def test_full_batch_and_adam_take_the_pass_over_every_direction():
+    x = torch.rand(20, 4)
+    y = torch.zeros(1, 20, dtype=torch.long)
+    for optimizer, batch in ((OptimizerName.MOMENTUM, None), (OptimizerName.ADAM, 4)):
+        shape = PackShape(4, 2, 3, 1, Nonlinearity.RELU, optimizer, batch, 2, 2, False)
+        members = [Member(seed=0, lr=0.1, init_scale=1.0)]
+        _, params = init_pack(shape, members)
+        run = _PackRun(shape, members, params, x, y, None)
+        run.step(x)
+        assert not run._tracks_first_layer() and run.guard.tracked == {}

@@ -158,6 +158,7 @@ class Backprop:
         *,
         scale: float,
         beta: float = 0.0,
+        input_norms: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Each model's loss s·Σ_b CE (module docstring) [M], its gradient into `grads`.
 
@@ -169,6 +170,11 @@ class Backprop:
             scale: s, 1/B for the mean over the batch.
             beta: β; 0 overwrites (what the buffers hold is ignored, NaN included), 1 adds
                 (accumulating chunks), μ takes a momentum step (`Optimizer.accumulator`).
+            input_norms: ‖x_m‖_F per model [M] (float64), if given: then
+                ``first_grad_bound`` [M] becomes ‖δ_0‖_F·‖x_m‖_F ≥ max |∂loss/∂W_0| (each
+                entry Σ_b δ_bi x_bj is at most ‖δ_·i‖‖x_·j‖, Cauchy–Schwarz), for
+                `sensgen.divergence` (one pass over δ_0 [M, B, n_0] instead of one over
+                the first layer's weights; inf or NaN if δ_0 is not finite).
         """
         hidden, z = self.forward(params, x)
         # The log-softmax over classes runs on a [M, C, B] copy of z: along a middle dim the
@@ -186,6 +192,9 @@ class Backprop:
         for index in reversed(range(n_layers(params))):
             a_in = x if index == 0 else hidden[index - 1][1]
             self._weight_grad(index, delta, a_in, grads, beta)
+            if index == 0 and input_norms is not None:
+                delta_norm = torch.linalg.vector_norm(delta, dim=(1, 2)).to(torch.float64)
+                self.first_grad_bound = delta_norm * input_norms
             if index > 0:
                 weight, _ = layer(params, index)
                 upstream = self._buffer(f"d{index}", weight, *hidden[index - 1][0].shape)

@@ -44,16 +44,25 @@ class Minibatches:
         self.orders = torch.empty(0, 0, dtype=torch.int64)  # [M, N], one permutation per row
         self.cursor = self.n  # forces a fresh permutation at the first step
         self.x = torch.empty(len(seeds), batch_size, x.shape[1], dtype=x.dtype, device=x.device)
+        self.idx = torch.empty(0, 0, dtype=torch.int64)  # [M, B], the last batch's rows
+        self.row_sq: torch.Tensor | None = None  # ‖x_i‖² [N], float64, made on first use
 
     def next(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs [M, B, d], labels [M, B]) of the next step, from x [N, d], y [M, N]."""
         if self.cursor + self.b > self.n:
             perms = [torch.randperm(self.n, generator=g) for g in self.generators]
             self.orders, self.cursor = torch.stack(perms).to(x.device), 0
-        idx = self.orders[:, self.cursor : self.cursor + self.b]
+        idx = self.idx = self.orders[:, self.cursor : self.cursor + self.b]
         self.cursor += self.b
         torch.index_select(x, 0, idx.flatten(), out=self.x.view(-1, x.shape[1]))
         return self.x, torch.gather(y, 1, idx)
+
+    def input_norms(self, x: torch.Tensor) -> torch.Tensor:
+        """‖x_batch_m‖_F [M] (float64) of the last batch from x [N, d], unaugmented: from
+        the rows' squared norms, computed once, not from a pass over the batch."""
+        if self.row_sq is None:
+            self.row_sq = torch.linalg.vector_norm(x, dim=1, dtype=torch.float64) ** 2
+        return self.row_sq[self.idx].sum(dim=1).sqrt()
 
     def select(self, keep: list[int]) -> None:
         """Keep only models `keep` (positions), each going on with its own permutation."""

@@ -29,6 +29,14 @@ run in practice), so copies are made only at a blow-up.
 
 `b` starts as twice the largest per-tensor ‖θ_m‖₂ (≥ max |θ_m|), and is reset that way
 after every at-risk step that stays finite.
+
+**Tracked directions.** Where u is the optimiser's gradient target itself, u ← β·u + g
+(momentum SGD's v, β = μ; plain SGD's gradient, β = 0), the caller may give, instead of
+u's pass, a bound G ≥ max |g| for some of its tensors (`Backprop`'s ‖δ_0‖_F‖x‖_F for the
+first layer, the largest tensor of an MLP on images): the guard keeps V ← β·V + G ≥ max |u|
+for them (V starts at G, u at zero) and uses V in r. Rounding (of the norms, the product
+and β·u + g, each within a relative ~10⁻⁵) is covered by the same factor 2 and margin.
+V is reset from u itself after an at-risk step that stays finite.
 """
 
 from __future__ import annotations
@@ -74,10 +82,22 @@ class DivergenceGuard:
     def __init__(self, params: Params) -> None:
         self.bound = 2 * norms(params)  # [M] float64, ≥ max |θ_m|
         self.dtype = next(iter(params.values())).dtype
+        self.tracked: Params = {}  # name -> V [M] float64 ≥ max |u|, tracked directions
 
     def select(self, index: torch.Tensor) -> None:
         """Keep the bounds of the models at `index` (the pack shrank to them)."""
         self.bound = self.bound[index]
+        self.tracked = {k: v[index] for k, v in self.tracked.items()}
+
+    def _direction_norms(self, direction: Params, grad_bounds: Params, decay: float):
+        """r [M] ≥ max |u_m|: tracked tensors by V ← β·V + G, the others by their norms."""
+        for k, g in grad_bounds.items():
+            v = self.tracked.get(k)
+            self.tracked[k] = g if v is None else decay * v + g
+        others = {k: u for k, u in direction.items() if k not in self.tracked}
+        parts = [norms(others)] if others else []
+        parts += list(self.tracked.values())
+        return torch.stack(parts).amax(dim=0)  # amax keeps NaN
 
     def update(
         self,
@@ -87,6 +107,8 @@ class DivergenceGuard:
         losses: torch.Tensor,
         active: torch.Tensor,
         live: torch.Tensor,
+        grad_bounds: Params | None = None,
+        decay: float = 0.0,
     ) -> tuple[torch.Tensor | None, dict[int, Params]]:
         """θ ← θ − s·u for every model; which active models diverged, and their last θ.
 
@@ -98,6 +120,9 @@ class DivergenceGuard:
             active: [M] bool, the models still training: they may diverge.
             live: [M] bool, the models whose θ must stay finite (active, or stopped
                 without diverging). A diverged model's slice may hold NaN.
+            grad_bounds: for tracked directions (module docstring), per tensor name a
+                bound G [M] (float64) ≥ max |g| of this step's gradient, where
+                u ← ``decay``·u + g. Give the same names at every step, from the first.
 
         Returns:
             (newly [M] bool, or None when no model diverged; {position: its θ before this
@@ -106,7 +131,7 @@ class DivergenceGuard:
         # s as the update applies it (an lr beyond float32's range is inf there), and |s|:
         # a negative s must grow the bound too. 0·inf is NaN: at risk.
         applied = scale.to(self.dtype).to(torch.float64).abs()
-        growth = 2 * applied * norms(direction)
+        growth = 2 * applied * self._direction_norms(direction, grad_bounds or {}, decay)
         safe = safe_bound(self.dtype)
         risky = live & ~(torch.isfinite(growth) & (self.bound + growth < safe))
         risky |= active & ~torch.isfinite(losses)
@@ -128,4 +153,6 @@ class DivergenceGuard:
                 for k, v in before[i].items():
                     params[k][i] = v
             self.bound[i] = 2 * norms({k: v[i : i + 1] for k, v in params.items()})[0]
+            for k, v in self.tracked.items():
+                v[i] = norms({k: direction[k][i : i + 1]})[0]
         return (newly if newly.any() else None), last_finite

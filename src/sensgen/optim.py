@@ -55,6 +55,8 @@ class Optimizer:
 
     With an ``accumulator`` (a state name), the gradient g is not passed to ``direction``
     (``grads`` is None): the caller adds it into that state as s ← ``decay``·s + g first.
+    ``steps_along_target``: the direction is the gradient target itself (`gradient_target`),
+    u ← β·u + g, so a bound on g bounds u (`sensgen.divergence`).
     `gradient_target` says where the gradient goes and with which β.
     """
 
@@ -64,6 +66,7 @@ class Optimizer:
     ]
     accumulator: str | None = None
     decay: float = 0.0
+    steps_along_target: bool = False
 
     def gradient_target(self, state: State, grads: Params | None) -> tuple[Params, float]:
         """(buffers, β) such that the step's gradient g must be written as buf ← β·buf + g."""
@@ -121,8 +124,10 @@ def _buffers(*names: str) -> Callable[[Params], State]:
 
 
 OPTIMIZERS: dict[OptimizerName, Optimizer] = {
-    OptimizerName.SGD: Optimizer(_buffers(), _sgd_direction),
-    OptimizerName.MOMENTUM: Optimizer(_buffers("v"), _momentum_direction, "v", MOMENTUM),
+    OptimizerName.SGD: Optimizer(_buffers(), _sgd_direction, steps_along_target=True),
+    OptimizerName.MOMENTUM: Optimizer(
+        _buffers("v"), _momentum_direction, "v", MOMENTUM, steps_along_target=True
+    ),
     OptimizerName.ADAM: Optimizer(_buffers("m", "v", "buf"), _adam_direction),
     OptimizerName.RMSPROP: Optimizer(_buffers("v", "buf"), _rmsprop_direction),
 }

@@ -226,19 +226,38 @@ class _PackRun:
                 self.augmenter(xb)
             scale = 1 / self.shape.batch_size
             losses = self.backprop.loss_and_grad(
-                self.params, xb, yb, self.target, scale=scale, beta=self.beta
-            )
+                self.params, xb, yb, self.target, scale=scale, beta=self.beta,
+                input_norms=self._input_norms(x, xb),
+            )  # fmt: skip
         direction, scale = self.optimizer.direction(
             self.grads, self.state, self.lr_active, self.steps
         )
+        bounds = None
+        if self._tracks_first_layer():  # no pass over the first layer's direction
+            bounds = {"layers.0.weight": self.backprop.first_grad_bound}
         newly, last_finite = self.guard.update(
-            self.params, direction, scale, losses, self.active, ~self.diverged
-        )
+            self.params, direction, scale, losses, self.active, ~self.diverged,
+            grad_bounds=bounds, decay=self.beta,
+        )  # fmt: skip
         if newly is not None:
             self.last_finite.update(last_finite)
             self.diverged |= newly
             self.stop(newly)
         self.steps += self.active.long()
+
+    def _tracks_first_layer(self) -> bool:
+        """Whether the divergence guard bounds the first layer's direction from the
+        backward pass (`sensgen.divergence`): minibatches, and a direction that is the
+        gradient target (SGD, momentum). A full-batch step costs far more than that pass."""
+        return self.batches is not None and self.optimizer.steps_along_target
+
+    def _input_norms(self, x: torch.Tensor, xb: torch.Tensor) -> torch.Tensor | None:
+        """‖x_batch_m‖_F [M] for `_tracks_first_layer` (augmented batches: from xb)."""
+        if not self._tracks_first_layer():
+            return None
+        if self.augmenter is not None:
+            return torch.linalg.vector_norm(xb, dim=(1, 2)).to(torch.float64)
+        return self.batches.input_norms(x)
 
     def stop(self, which: torch.Tensor) -> None:
         """Stop models `which` ([m] bool): no more updates."""
