@@ -208,3 +208,46 @@ def test_full_batch_and_adam_take_the_pass_over_every_direction():
         run = _PackRun(shape, members, params, x, y, None)
         run.step(x)
         assert not run._tracks_first_layer() and run.guard.tracked == {}
+
+
+def _extreme_run(optimizer, lrs, layer1, xval=1e30, steps=5):
+    # Inputs of 1e30 and first weights of 1/xval: the first layer's gradient δ_0ᵀx can
+    # overflow float32 while ‖δ_0‖ is small, or be large while δ_0's squares underflow.
+    d = 4
+    x = torch.full((2, d), xval)
+    y = torch.zeros(len(lrs), 2, dtype=torch.long)
+    shape = PackShape(d, 2, 2, 1, Nonlinearity.RELU, optimizer, 2, steps, steps, False)
+    members = [Member(seed=i, lr=lr, init_scale=1.0) for i, lr in enumerate(lrs)]
+    _, params = init_pack(shape, members)
+    params["layers.0.weight"].fill_(1.0 / xval)
+    params["layers.0.bias"].zero_()
+    params["layers.1.bias"].zero_()
+    for i, w in enumerate(layer1):
+        params["layers.1.weight"][i] = torch.tensor(w)
+    initial = {k: v.clone() for k, v in params.items()}
+    return _PackRun(shape, members, params, x, y, None), x, initial
+
+
+@pytest.mark.parametrize("optimizer", [OptimizerName.SGD, OptimizerName.MOMENTUM])
+def test_a_first_layer_gradient_beyond_float32_is_caught_not_bounded(optimizer):
+    # V = ‖δ_0‖‖x‖ ≈ 6e40 is finite in float64 while u_0 is inf in float32: the guard must
+    # not trust it, even for a small learning rate (and for a stopped model, lr 0).
+    c = 4e10
+    run, x, initial = _extreme_run(optimizer, [1e-5, 0.1], [[[c, 0.0], [0.0, c]]] * 2)
+    run.stop(torch.tensor([False, True]))  # model 1 stopped but not diverged: θ must stay
+    run.step(x)
+    assert run.diverged.tolist() == [True, False]
+    assert all(torch.equal(run.last_finite[0][k], initial[k][0]) for k in initial)
+    assert all(torch.equal(run.params[k][1], initial[k][1]) for k in initial)
+
+
+@pytest.mark.parametrize("optimizer", [OptimizerName.SGD, OptimizerName.MOMENTUM])
+def test_underflowing_errors_still_bound_the_first_layer_gradient(optimizer):
+    # δ_0 ≈ 1e-26 (a margin of 60): its float32 squares vanish, yet δ_0ᵀx ≈ 1e5 for x of
+    # 1e30; with lr 1e34 the step overflows, and the guard must see it coming.
+    run, x, initial = _extreme_run(optimizer, [1e34], [[[7.5, 7.5], [10.0, -10.0]]])
+    run.step(x)
+    direction, _ = run.optimizer.direction(run.grads, run.state, run.lr, run.steps)
+    assert run.guard.tracked["layers.0.weight"][0] >= direction["layers.0.weight"].abs().max()
+    assert run.diverged.tolist() == [True]
+    assert all(torch.equal(run.last_finite[0][k], initial[k][0]) for k in initial)

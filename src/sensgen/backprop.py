@@ -194,7 +194,7 @@ class Backprop:
             self._weight_grad(index, delta, a_in, grads, beta)
             if index == 0 and input_norms is not None:
                 delta_norm = torch.linalg.vector_norm(delta, dim=(1, 2)).to(torch.float64)
-                self.first_grad_bound = delta_norm * input_norms
+                self.first_grad_bound = underflow_slack(delta_norm, delta) * input_norms
             if index > 0:
                 weight, _ = layer(params, index)
                 upstream = self._buffer(f"d{index}", weight, *hidden[index - 1][0].shape)
@@ -220,6 +220,13 @@ class Backprop:
         else:
             bias_grad = torch.sum(delta, dim=1, out=self._buffer("db", delta, *g_bias.shape))
             g_bias.mul_(beta).add_(bias_grad)
+
+
+def underflow_slack(norm: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """A ‖·‖₂ per model [M] of values [M, ...], raised by what the squares below the
+    dtype's smallest normal number may have lost (underflow, flush-to-zero), so that it
+    stays ≥ the exact norm: each of the n entries loses less than that tiny number."""
+    return norm + (2 * values[0].numel() * torch.finfo(values.dtype).tiny) ** 0.5
 
 
 def affine(

@@ -60,8 +60,9 @@ class Minibatches:
     def input_norms(self, x: torch.Tensor) -> torch.Tensor:
         """‖x_batch_m‖_F [M] (float64) of the last batch from x [N, d], unaugmented: from
         the rows' squared norms, computed once, not from a pass over the batch."""
-        if self.row_sq is None:
-            self.row_sq = torch.linalg.vector_norm(x, dim=1, dtype=torch.float64) ** 2
+        if self.row_sq is None:  # in float64, 1,024 rows at a time (not a copy of all x)
+            rows = [torch.linalg.vector_norm(c, dim=1, dtype=torch.float64) for c in x.split(1024)]
+            self.row_sq = torch.cat(rows) ** 2
         return self.row_sq[self.idx].sum(dim=1).sqrt()
 
     def select(self, keep: list[int]) -> None:

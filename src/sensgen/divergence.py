@@ -35,7 +35,10 @@ after every at-risk step that stays finite.
 u's pass, a bound G ≥ max |g| for some of its tensors (`Backprop`'s ‖δ_0‖_F‖x‖_F for the
 first layer, the largest tensor of an MLP on images): the guard keeps V ← β·V + G ≥ max |u|
 for them (V starts at G, u at zero) and uses V in r. Rounding (of the norms, the product
-and β·u + g, each within a relative ~10⁻⁵) is covered by the same factor 2 and margin.
+and β·u + g, each within a relative ~10⁻⁵) is covered by the same factor 2 and margin;
+the norm of δ_0 is raised by what underflowing squares may lose (`underflow_slack`: its
+entries are multiplied by ‖x‖, so the loss is not negligible as for u's own norm), and a
+V beyond half the dtype's largest value counts as inf, since u may have overflowed there.
 V is reset from u itself after an at-risk step that stays finite.
 """
 
@@ -91,12 +94,19 @@ class DivergenceGuard:
 
     def _direction_norms(self, direction: Params, grad_bounds: Params, decay: float):
         """r [M] ≥ max |u_m|: tracked tensors by V ← β·V + G, the others by their norms."""
+        if self.tracked and set(grad_bounds) != set(self.tracked):
+            raise ValueError(f"grad_bounds must name {sorted(self.tracked)} at every step")
         for k, g in grad_bounds.items():
             v = self.tracked.get(k)
-            self.tracked[k] = g if v is None else decay * v + g
+            # (β = 0: V = G, also after a V of inf or NaN, which 0·V would keep.)
+            self.tracked[k] = g if v is None or decay == 0 else decay * v + g
         others = {k: u for k, u in direction.items() if k not in self.tracked}
         parts = [norms(others)] if others else []
-        parts += list(self.tracked.values())
+        # V is float64: past the dtype's range u may already hold ±inf (or NaN) while V is
+        # finite. Below half the largest value, no partial sum of the products or of β·u + g
+        # overflows (each is at most V up to rounding); beyond it, V counts as inf (at risk).
+        limit = torch.finfo(self.dtype).max / 2
+        parts += [torch.where(v < limit, v, torch.inf) for v in self.tracked.values()]
         return torch.stack(parts).amax(dim=0)  # amax keeps NaN
 
     def update(

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import torch
 from torch.func import stack_module_state
 
-from sensgen.backprop import Backprop, logits
+from sensgen.backprop import Backprop, logits, underflow_slack
 from sensgen.batches import Augmenter, Minibatches
 from sensgen.batches import derive_seed as derive_seed  # re-exported: seeds of every purpose
 from sensgen.data import Augmentation
@@ -256,7 +256,7 @@ class _PackRun:
         if not self._tracks_first_layer():
             return None
         if self.augmenter is not None:
-            return torch.linalg.vector_norm(xb, dim=(1, 2)).to(torch.float64)
+            return underflow_slack(torch.linalg.vector_norm(xb, dim=(1, 2)).double(), xb)
         return self.batches.input_norms(x)
 
     def stop(self, which: torch.Tensor) -> None:
