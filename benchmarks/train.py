@@ -4,6 +4,7 @@ Run from the repository root:
 
     python benchmarks/train.py            # full run, a few minutes on 2 CPU cores
     python benchmarks/train.py --quick    # smoke run, under a minute
+    python benchmarks/train.py --profile  # where the reference pack's step spends its time
 
 For each configuration, the same models (same initial weights, same batches, same steps)
 are trained twice: by sensgen's packed trainer (`sensgen.train.train_pack`, all models at
@@ -99,8 +100,39 @@ QUICK = Config(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run, under a minute")
+    parser.add_argument(
+        "--profile", action="store_true", help="per-operation profile of the reference pack"
+    )
     args = parser.parse_args(argv)
-    run(QUICK if args.quick else FULL)
+    if args.profile:
+        profile(FULL.cases[0])
+    else:
+        run(QUICK if args.quick else FULL)
+
+
+def profile(case: Case, steps: int = 40) -> None:
+    """`torch.profiler` over `steps` packed steps of `case` (after as many to warm up):
+    each operation's self time per step, so the step's products and passes can be read
+    apart (docs/benchmarks.md)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    train = data.load("fashion_mnist", split="train")
+    pick = torch.randperm(len(train.y), generator=torch.Generator().manual_seed(SEED))
+    x, y = train.x[pick[: case.n_train]], train.y[pick[: case.n_train]]
+    members = [Member(seed=SEED + m, lr=LR, init_scale=1.0) for m in range(case.n_models)]
+    few = case._replace(steps=steps)
+    train_packed(few, members, x, y)  # warm-up: buffers, allocator, thread pool
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        train_packed(few, members, x, y)
+        wall = time.perf_counter() - start
+    rows = [
+        (e.key, f"{e.self_cpu_time_total / steps / 1e3:7.3f} ms/step  ({e.count // steps} calls)")
+        for e in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:15]
+    ]
+    rows.append(("wall time under the profiler", f"{wall / steps * 1e3:7.1f} ms/step"))
+    table(f"profile, {case.name}: {_describe(few)} (model init included)", rows)
 
 
 def run(config: Config) -> None:
