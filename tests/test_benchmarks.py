@@ -84,3 +84,24 @@ def test_the_compiled_step_benchmark_times_sensgen_s_step(monkeypatch):
     for k in range(3):
         torch.testing.assert_close(w[k], params[f"layers.{k}.weight"], rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(bias[k], params[f"layers.{k}.bias"], rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    data.locate("fashion_mnist") is None,
+    reason="Fashion-MNIST is absent (install Debian's `dataset-fashion-mnist`)",
+)
+def test_the_profile_shows_the_step_s_products():
+    done = subprocess.run(
+        [sys.executable, "benchmarks/train.py", "--profile"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    calls = dict(re.findall(r"(aten::\w+) +[\d.]+ ms/step +\((\d+) calls\)", done.stdout))
+    # the reference pack (2 hidden layers): 6 baddbmm (forward and weight gradients) and
+    # 2 bmm (the input gradients of the two upper layers) per step
+    assert calls["aten::baddbmm"] == "6" and calls["aten::bmm"] == "2"
+    assert "wall time under the profiler" in done.stdout
