@@ -23,22 +23,29 @@ from sensgen.train import Member, PackShape, init_pack
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-@pytest.mark.slow
-@pytest.mark.skipif(
+needs_fashion_mnist = pytest.mark.skipif(
     data.locate("fashion_mnist") is None,
     reason="Fashion-MNIST is absent (install Debian's `dataset-fashion-mnist`)",
 )
-def test_training_benchmark_quick_run_agrees_with_the_plain_loop():
+
+
+def _run_training_benchmark(flag: str) -> str:
+    """The stdout of `python benchmarks/train.py FLAG`, which must succeed."""
     done = subprocess.run(
-        [sys.executable, "benchmarks/train.py", "--quick"],
+        [sys.executable, "benchmarks/train.py", flag],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert done.returncode == 0, done.stderr
-    out = done.stdout
+    return done.stdout
+
+
+@pytest.mark.slow
+@needs_fashion_mnist
+def test_training_benchmark_quick_run_agrees_with_the_plain_loop():
+    out = _run_training_benchmark("--quick")
     assert re.search(r"float32 matmul peak: [\d,.]+ GFLOP/s", out)
     for case in ("reference", "small", "full batch"):
         assert f"\n{case}: 32 × 784-" in out
@@ -87,21 +94,11 @@ def test_the_compiled_step_benchmark_times_sensgen_s_step(monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    data.locate("fashion_mnist") is None,
-    reason="Fashion-MNIST is absent (install Debian's `dataset-fashion-mnist`)",
-)
+@needs_fashion_mnist
 def test_the_profile_shows_the_step_s_products():
-    done = subprocess.run(
-        [sys.executable, "benchmarks/train.py", "--profile"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr
-    calls = dict(re.findall(r"(aten::\w+) +[\d.]+ ms/step +\((\d+) calls\)", done.stdout))
+    out = _run_training_benchmark("--profile")
+    calls = dict(re.findall(r"(aten::\w+) +[\d.]+ ms/step +\((\d+) calls\)", out))
     # the reference pack (2 hidden layers): 6 baddbmm (forward and weight gradients) and
     # 2 bmm (the input gradients of the two upper layers) per step
     assert calls["aten::baddbmm"] == "6" and calls["aten::bmm"] == "2"
-    assert "wall time under the profiler" in done.stdout
+    assert "wall time under the profiler" in out

@@ -32,6 +32,7 @@ from collections.abc import Callable
 
 import torch
 
+from sensgen.divergence import underflow_slack
 from sensgen.models import ACTIVATIONS, Nonlinearity
 
 Params = dict[str, torch.Tensor]
@@ -115,6 +116,7 @@ class Backprop:
         self.activation = ACTIVATIONS_INTO[nonlinearity]
         self.backward = ACTIVATION_BACKWARDS[nonlinearity]
         self.in_place = nonlinearity in BACKWARD_FROM_ACTIVATION
+        self.first_grad_bound: torch.Tensor | None = None  # see `loss_and_grad`
         self._buffers: dict[tuple, torch.Tensor] = {}
 
     def _buffer(self, slot: str, like: torch.Tensor, *shape: int) -> torch.Tensor:
@@ -220,13 +222,6 @@ class Backprop:
         else:
             bias_grad = torch.sum(delta, dim=1, out=self._buffer("db", delta, *g_bias.shape))
             g_bias.mul_(beta).add_(bias_grad)
-
-
-def underflow_slack(norm: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """A ‖·‖₂ per model [M] of values [M, ...], raised by what the squares below the
-    dtype's smallest normal number may have lost (underflow, flush-to-zero), so that it
-    stays ≥ the exact norm: each of the n entries loses less than that tiny number."""
-    return norm + (2 * values[0].numel() * torch.finfo(values.dtype).tiny) ** 0.5
 
 
 def affine(

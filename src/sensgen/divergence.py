@@ -46,6 +46,8 @@ from __future__ import annotations
 
 import torch
 
+from sensgen.optim import per_model
+
 Params = dict[str, torch.Tensor]
 
 
@@ -64,6 +66,13 @@ def norms(tensors: Params) -> torch.Tensor:
     return torch.stack(per_tensor).amax(dim=0).to(torch.float64)  # amax keeps NaN
 
 
+def underflow_slack(norm: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """A ‖·‖₂ per model [M] of values [M, ...], raised by what the squares below the
+    dtype's smallest normal number may have lost (underflow, flush-to-zero), so that it
+    stays ≥ the exact norm: each of the n entries loses less than that tiny number."""
+    return norm + (2 * values[0].numel() * torch.finfo(values.dtype).tiny) ** 0.5
+
+
 def is_finite(params: Params, index: int) -> bool:
     """Whether every parameter of model `index` is finite (exact)."""
     return all(bool(torch.isfinite(v[index]).all()) for v in params.values())
@@ -72,7 +81,7 @@ def is_finite(params: Params, index: int) -> bool:
 def apply_update(params: Params, direction: Params, scale: torch.Tensor) -> None:
     """θ ← θ − s·u in place, s [M] per model (a model with s = 0 and finite u keeps θ)."""
     for k, p in params.items():
-        p.addcmul_(scale.to(p.dtype).view(-1, *([1] * (p.ndim - 1))), direction[k], value=-1)
+        p.addcmul_(per_model(scale, p), direction[k], value=-1)
 
 
 class DivergenceGuard:

@@ -81,8 +81,8 @@ def _zeros_like(params: Params) -> Params:
     return {k: torch.zeros_like(v) for k, v in params.items()}
 
 
-def _per_model(scalars: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A per-model vector [M] as [M, 1, ...] in the stacked tensor's dtype (bias
+def per_model(scalars: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-model vector [M] as [M, 1, ...] in the stacked tensor's dtype (scales, bias
     corrections), to broadcast against a stacked [M, ...]."""
     return scalars.to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
 
@@ -104,7 +104,7 @@ def _adam_direction(grads, state, lr, step):
         buf = state["buf"][k]
         m = state["m"][k].mul_(b1).add_(g, alpha=1 - b1)
         v = state["v"][k].mul_(b2).addcmul_(g, g, value=1 - b2)
-        torch.div(v, _per_model(1 - b2**t, g), out=buf).sqrt_().add_(ADAM_EPS)  # √v̂ + ε
+        torch.div(v, per_model(1 - b2**t, g), out=buf).sqrt_().add_(ADAM_EPS)  # √v̂ + ε
         torch.div(m, buf, out=buf)
     return state["buf"], lr / (1 - b1**t)  # m / (√v̂ + ε), η / (1 − β₁ᵗ) per model
 

@@ -46,11 +46,11 @@ from dataclasses import dataclass
 import torch
 from torch.func import stack_module_state
 
-from sensgen.backprop import Backprop, logits, underflow_slack
+from sensgen.backprop import Backprop, logits
 from sensgen.batches import Augmenter, Minibatches
 from sensgen.batches import derive_seed as derive_seed  # re-exported: seeds of every purpose
 from sensgen.data import Augmentation
-from sensgen.divergence import DivergenceGuard
+from sensgen.divergence import DivergenceGuard, underflow_slack
 from sensgen.models import MLP, Nonlinearity
 from sensgen.optim import OPTIMIZERS, OptimizerName
 
