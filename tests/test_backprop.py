@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad_and_value, vmap
 
-from sensgen.backprop import ACTIVATIONS_INTO, Backprop, logits
+from sensgen.backprop import ACTIVATIONS_INTO, Backprop, logits, minibatch_layout
 from sensgen.models import ACTIVATIONS, Nonlinearity
 from sensgen.optim import MOMENTUM, OPTIMIZERS, OptimizerName
 from sensgen.train import Member, PackShape, init_pack
@@ -103,6 +103,36 @@ def test_beta_takes_the_momentum_step_in_place():
     Backprop(Nonlinearity.RELU).loss_and_grad(params, x, y, target, scale=1 / B, beta=beta)
     for name in expected:
         torch.testing.assert_close(v[name], expected[name], rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("beta", [0.0, MOMENTUM], ids=["gradient", "momentum step"])
+def test_first_layer_stored_transposed_gives_the_same_gradient_in_its_own_layout(beta):
+    template, params = _pack(Nonlinearity.RELU)
+    laid_out = minibatch_layout(params)
+    w0 = laid_out["layers.0.weight"]
+    # Same shape and values; only the storage of W₀ is [M, n_in, n_out].
+    assert w0.shape == params["layers.0.weight"].shape and not w0.is_contiguous()
+    assert w0.transpose(1, 2).is_contiguous() and torch.equal(w0, params["layers.0.weight"])
+    assert all(laid_out[k] is v for k, v in params.items() if k != "layers.0.weight")
+    x, y = _batch()
+    expected_grads, expected_losses = _autograd(template, params, x, y)
+    start = {
+        k: torch.randn(v.shape, generator=torch.Generator().manual_seed(2))
+        for k, v in params.items()
+    }
+    grads = {k: torch.empty_like(laid_out[k]).copy_(v) for k, v in start.items()}
+    pointers = {k: v.data_ptr() for k, v in grads.items()}
+    losses = Backprop(Nonlinearity.RELU).loss_and_grad(
+        laid_out, x, y, grads, scale=1 / B, beta=beta
+    )
+    torch.testing.assert_close(losses, expected_losses, rtol=1e-13, atol=1e-15)
+    for name, expected in expected_grads.items():
+        # Written into the caller's buffers, in their layout (W₀'s stays transposed).
+        assert grads[name].data_ptr() == pointers[name]
+        assert grads[name].stride() == laid_out[name].stride()
+        torch.testing.assert_close(
+            grads[name], beta * start[name] + expected, rtol=1e-12, atol=1e-15
+        )
 
 
 def test_optimisers_without_an_accumulator_need_a_gradient_buffer():

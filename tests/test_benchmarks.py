@@ -53,8 +53,11 @@ def test_training_benchmark_quick_run_agrees_with_the_plain_loop():
     assert out.count("of which model init") == 3
     agreement = [float(v) for v in re.findall(r"([\d.e+-]+) after 3 steps", out)]
     assert len(agreement) == 3
-    # Minibatch packs: 1.5e-8 and 6e-8 here; full batch sums 1,000 examples per product.
-    assert max(agreement[:2]) < 1e-6 and agreement[2] < 1e-4
+    # 3 steps move the weights by ~1e-2. The reference pack's first-layer product sums in
+    # another order than nn.Linear's (`minibatch_layout`), and a ReLU unit that rounding
+    # puts on the other side of 0 moves a weight by ~1e-5 (1.9e-5 here); the small pack
+    # agrees to 6e-8; full batch sums 1,000 examples per product.
+    assert agreement[0] < 1e-4 and agreement[1] < 1e-6 and agreement[2] < 1e-4
 
 
 def test_the_compiled_step_benchmark_times_sensgen_s_step(monkeypatch):

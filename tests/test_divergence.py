@@ -41,6 +41,14 @@ def test_norms_bound_every_value_and_flag_non_finite_ones():
     assert [is_finite(params, i) for i in range(M)] == [True, False, False, True]
 
 
+def test_norms_read_a_transposed_layout_as_its_values():
+    # The first layer of a minibatch pack is stored as [M, n_in, n_out] (`minibatch_layout`).
+    params = _params()
+    laid_out = {k: v.transpose(1, -1).contiguous().transpose(1, -1) for k, v in params.items()}
+    assert not laid_out["w"].is_contiguous()
+    torch.testing.assert_close(norms(laid_out), norms(params), rtol=1e-6, atol=0)
+
+
 def test_healthy_steps_are_the_plain_update_with_no_copy_and_a_valid_bound():
     params = _params()
     guard = DivergenceGuard(params)

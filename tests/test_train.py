@@ -56,6 +56,8 @@ def test_pack_equals_single_model_runs(optimizer):
     shape = _shape(optimizer, max_steps=400)
     members = _members(optimizer)
     pack = train_pack(shape, members, x, ys)
+    # Returned in the usual layout, whatever the training used (`minibatch_layout`).
+    assert all(v.is_contiguous() for v in pack.params.values())
     for i, member in enumerate(members):
         alone = train_pack(shape, [member], x, ys[i : i + 1])
         assert alone.steps[0] == pack.steps[i]

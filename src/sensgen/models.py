@@ -25,6 +25,7 @@ from enum import StrEnum
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import skip_init
 
 from sensgen.errors import parse_choice
 
@@ -109,8 +110,10 @@ class MLP(nn.Module):
         self.nonlinearity = Nonlinearity.parse(nonlinearity)
         self.init_scale = float(init_scale)
         sizes = [in_dim] + [width] * depth + [n_classes]
+        # skip_init: nn.Linear's own initialisation would draw every weight once more, from
+        # the global generator, only to be overwritten (half of a pack's set-up; issue 8).
         self.layers = nn.ModuleList(
-            nn.Linear(fan_in, fan_out) for fan_in, fan_out in itertools.pairwise(sizes)
+            skip_init(nn.Linear, fan_in, fan_out) for fan_in, fan_out in itertools.pairwise(sizes)
         )
         self.reset_parameters(generator=generator)
 

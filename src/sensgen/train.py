@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import torch
 from torch.func import stack_module_state
 
-from sensgen.backprop import Backprop, logits
+from sensgen.backprop import Backprop, logits, minibatch_layout
 from sensgen.batches import Augmenter, Minibatches
 from sensgen.batches import derive_seed as derive_seed  # re-exported: seeds of every purpose
 from sensgen.data import Augmentation
@@ -190,8 +190,8 @@ class _PackRun:
         n_models = len(members)
         self.shape, self.y, self.augmenter = shape, y, augmenter
         self.optimizer = OPTIMIZERS[shape.optimizer]
-        self.params = params
-        self.state = self.optimizer.init(params)
+        self.params = params if shape.batch_size is None else minibatch_layout(params)
+        self.state = self.optimizer.init(self.params)
         self.ids = torch.arange(n_models, device=device)
         self.lr = torch.tensor([m.lr for m in members], dtype=torch.float64, device=device)
         self.lr_active = self.lr.clone()  # 0 for stopped models: θ stays exactly as it is
@@ -199,7 +199,7 @@ class _PackRun:
         self.active = torch.ones(n_models, dtype=torch.bool, device=device)
         self.diverged = torch.zeros(n_models, dtype=torch.bool, device=device)
         self.last_finite: dict[int, dict[str, torch.Tensor]] = {}  # position -> its params
-        self.guard = DivergenceGuard(params)
+        self.guard = DivergenceGuard(self.params)
         self.results: tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor] | None = None
         self.batches = None
         if shape.batch_size is not None:
@@ -306,6 +306,7 @@ class _PackRun:
         """Every model's final parameters, steps and divergence flag, in pack order."""
         self._store(range(len(self.ids)))
         params, steps, diverged = self.results
+        params = {k: v.contiguous() for k, v in params.items()}  # the training layout, undone
         return PackOutcome(params=params, steps=steps, diverged=diverged)
 
 
