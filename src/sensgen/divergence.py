@@ -64,7 +64,9 @@ def norms(tensors: Params) -> torch.Tensor:
     in float32); inf or NaN if any value is not finite (or its square overflows)."""
     # Over the trailing dims, not a flattened view: that would copy a tensor stored
     # transposed (the first layer's weights; `sensgen.train`).
-    per_tensor = [torch.linalg.vector_norm(t, dim=tuple(range(1, t.ndim))) for t in tensors.values()]
+    per_tensor = [
+        torch.linalg.vector_norm(t, dim=tuple(range(1, t.ndim))) for t in tensors.values()
+    ]
     return torch.stack(per_tensor).amax(dim=0).to(torch.float64)  # amax keeps NaN
 
 
