@@ -310,14 +310,18 @@ def products_alone(case: Case, in_dim: int) -> Callable[[], None]:
     Per step and layer l, as `sensgen.backprop.Backprop` calls them on [M, ...] tensors of
     the pack's shapes: the forward h = a Wᵀ + b (`baddbmm`), the momentum-taking weight
     gradient v ← μv + δᵀa (`baddbmm`) and, above the first layer, the input gradient δW
-    (`bmm`). The values are random and do not change: only the time is wanted.
+    (`bmm`), the first layer's weights and momenta stored as [M, n_in, n_out] as the
+    trainer stores them (`sensgen.backprop.minibatch_layout`). The values are random and do
+    not change: only the time is wanted.
     """
     gen = torch.Generator().manual_seed(SEED)
     m, b = case.n_models, case.batch_size
     sizes = [in_dim] + [case.width] * case.depth + [N_CLASSES]
     layers = []
-    for n_in, n_out in itertools.pairwise(sizes):
+    for index, (n_in, n_out) in enumerate(itertools.pairwise(sizes)):
         weight = torch.randn(m, n_out, n_in, generator=gen) / n_in**0.5
+        if index == 0:  # stored as [M, n_in, n_out], as the trainer has it (minibatch_layout)
+            weight = weight.transpose(1, 2).contiguous().transpose(1, 2)
         layers.append(
             (
                 weight,
@@ -335,7 +339,11 @@ def products_alone(case: Case, in_dim: int) -> Callable[[], None]:
             for weight, bias, a, h, _, _, _ in layers:
                 torch.baddbmm(bias, a, weight.transpose(1, 2), out=h)
             for index, (weight, _, a, _, v, delta, upstream) in reversed(list(enumerate(layers))):
-                torch.baddbmm(v, delta.transpose(1, 2), a, beta=MOMENTUM, out=v)
+                if index == 0:  # into v in its layout, [M, n_in, n_out]: aᵀδ
+                    v_t = v.transpose(1, 2)
+                    torch.baddbmm(v_t, a.transpose(1, 2), delta, beta=MOMENTUM, out=v_t)
+                else:
+                    torch.baddbmm(v, delta.transpose(1, 2), a, beta=MOMENTUM, out=v)
                 if index > 0:
                     torch.bmm(delta, weight, out=upstream)
 
