@@ -1,0 +1,105 @@
+"""The optimisers' fused and unfused forms agree (issue 8: Adam in one pass)."""
+
+import pytest
+import torch
+
+from sensgen import optim
+from sensgen.optim import OPTIMIZERS, OptimizerName
+
+M = 3
+
+
+def _params(dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(M, 5, 4, generator=g, dtype=dtype)
+    # The first layer of a minibatch pack is stored transposed (`minibatch_layout`).
+    w0 = torch.randn(M, 6, 5, generator=g, dtype=dtype).transpose(1, 2).contiguous()
+    return {"w0": w0.transpose(1, 2), "w": w, "b": torch.randn(M, 5, generator=g, dtype=dtype)}
+
+
+def _grads(params, seed):
+    """Random gradients, laid out as their parameters (as `train` allocates them)."""
+    g = torch.Generator().manual_seed(seed)
+    values = {k: torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in params.items()}
+    return {k: torch.empty_like(params[k]).copy_(v) for k, v in values.items()}
+
+
+def _steps(direction, dtype, n_steps=6, buffer_fill=0.0):
+    """Each step's s·u [M, ...] per tensor, from `direction` on a fresh Adam state."""
+    params = _params(dtype)
+    state = OPTIMIZERS[OptimizerName.ADAM].init(params)
+    for buf in state["buf"].values():
+        buf.fill_(buffer_fill)
+    lr = torch.tensor([1e-3, 3e-2, 0.0], dtype=torch.float64)
+    updates = []
+    for t in range(n_steps):
+        u, s = direction(_grads(params, seed=t + 1), state, lr, torch.full((M,), t))
+        updates.append({k: optim.per_model(s, v) * v for k, v in u.items()})
+    return updates
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_adam_equals_the_unfused_form(dtype):
+    tol = {torch.float32: 1e-5, torch.float64: 1e-14}[dtype]  # a few roundings apart
+    fused = _steps(optim._fused_adam_direction, dtype)
+    plain = _steps(optim._adam_direction_unfused, dtype)
+    for a, b in zip(fused, plain, strict=True):
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=tol, atol=tol * 1e-3)
+    assert (plain[0]["w"][1].abs() > 1e-2).all()  # a real step (η = 3e-2, |m̂/√v̂| = 1)
+
+
+def test_fused_adam_overwrites_whatever_its_buffer_held():
+    zero = _steps(optim._fused_adam_direction, torch.float64)
+    junk = _steps(optim._fused_adam_direction, torch.float64, buffer_fill=123.0)
+    for a, b in zip(zero, junk, strict=True):
+        for k in a:
+            assert torch.equal(a[k], b[k])
+
+
+def test_fused_adam_takes_the_step_count_of_the_models_still_training():
+    # Model 2 stopped at step 3 (lr 0 since); the others are at step 7: their bias
+    # corrections use t = 8, as in the unfused form.
+    params = _params(torch.float64)
+    grads = _grads(params, seed=1)
+    lr = torch.tensor([1e-3, 2e-3, 0.0], dtype=torch.float64)
+    steps = torch.tensor([7, 7, 3])
+    results = []
+    for direction in (optim._fused_adam_direction, optim._adam_direction_unfused):
+        state = OPTIMIZERS[OptimizerName.ADAM].init(params)
+        u, s = direction(grads, state, lr, steps)
+        results.append({k: optim.per_model(s, v) * v for k, v in u.items()})
+    for k in params:
+        torch.testing.assert_close(results[0][k][:2], results[1][k][:2], rtol=1e-14, atol=0)
+        assert (results[0][k][2] == 0).all()  # lr 0: no step
+
+
+def test_fused_adam_only_takes_tensors_laid_out_alike():
+    params = _params(torch.float32)
+    state = OPTIMIZERS[OptimizerName.ADAM].init(params)
+    grads = _grads(params, seed=1)
+    assert optim.fused_adam_available(grads, state)
+    mixed = {**grads, "w0": grads["w0"].contiguous()}  # W₀'s gradient, not transposed
+    assert not optim.fused_adam_available(mixed, state)
+    strided = {**grads, "w": torch.randn(M, 5, 8)[:, :, ::2]}  # a view with gaps
+    sliced_state = {**state, "m": {**state["m"], "w": torch.zeros(M, 5, 8)[:, :, ::2]}}
+    sliced_state["v"] = {**state["v"], "w": torch.zeros(M, 5, 8)[:, :, ::2]}
+    sliced_state["buf"] = {**state["buf"], "w": torch.zeros(M, 5, 8)[:, :, ::2]}
+    assert not optim.fused_adam_available(strided, sliced_state)
+    # Mixed layouts go the unfused way, which reads each element where it is.
+    u, s = OPTIMIZERS[OptimizerName.ADAM].direction(mixed, state, torch.ones(M), torch.zeros(M))
+    expected = -torch.sign(mixed["w0"])  # the first step is −sign(g) (m̂ = g, √v̂ = |g|)
+    torch.testing.assert_close(optim.per_model(-s, u["w0"]) * u["w0"], expected)
+
+
+def test_adam_falls_back_to_the_unfused_form_without_the_fused_kernel(monkeypatch):
+    params = _params(torch.float32)
+    state = OPTIMIZERS[OptimizerName.ADAM].init(params)
+    assert optim.fused_adam_available(_grads(params, seed=1), state)
+    monkeypatch.delattr(torch, "_fused_adamw_")
+    assert not optim.fused_adam_available(_grads(params, seed=1), state)
+    fallback = _steps(OPTIMIZERS[OptimizerName.ADAM].direction, torch.float32)
+    plain = _steps(optim._adam_direction_unfused, torch.float32)
+    for a, b in zip(fallback, plain, strict=True):
+        for k in a:
+            assert torch.equal(a[k], b[k])
