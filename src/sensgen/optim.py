@@ -15,6 +15,10 @@ its parameters exactly (θ − 0·u = θ for finite u). In-place updates into pr
 buffers make a step a few memory passes over the pack (the update is memory-bound: it
 touches every parameter of every model; issue 8).
 
+Adam's direction comes from torch's fused AdamW kernel where it can (one pass over g, m, v
+and the direction instead of eight; `_fused_adam_direction`), otherwise from the same
+formula in separate in-place ops; the two agree to float rounding (tests check this).
+
 The update rules are those of `torch.optim` (tests check this):
 
 * sgd:       θ ← θ − η g
