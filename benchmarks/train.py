@@ -9,7 +9,8 @@ Run from the repository root:
 For each configuration, the same models (same initial weights, same batches, same steps)
 are trained twice: by sensgen's packed trainer (`sensgen.train.train_pack`, all models at
 once) and by the loop a user would write (one `nn.Module` and `torch.optim.SGD` after
-another). Printed, as ratios measured in this one run:
+another; `torch.optim.Adam` for the Adam pack, which times the optimisers' passes on the
+reference pack's shapes). Printed, as ratios measured in this one run:
 
 * examples × models per second of each, and packed / loop (targets: ≥ 2× on the reference
   pack, ≥ 5× on the small-model pack);
@@ -59,7 +60,7 @@ AGREEMENT_STEPS = 3  # packed and loop compared after this many steps too
 
 
 class Case(NamedTuple):
-    """One training configuration: `n_models` MLPs of in-width-…-10, momentum SGD."""
+    """One training configuration: `n_models` MLPs of in-width-…-10."""
 
     name: str
     n_models: int
@@ -68,6 +69,8 @@ class Case(NamedTuple):
     batch_size: int | None  # None: full batch
     n_train: int
     steps: int
+    optimizer: OptimizerName = OptimizerName.MOMENTUM
+    lr: float = LR
 
 
 class Config(NamedTuple):
@@ -82,6 +85,7 @@ FULL = Config(
         Case("reference", 32, 256, 2, 128, 10_000, 2 * (10_000 // 128)),
         Case("small", 32, 64, 2, 32, 10_000, 2 * (10_000 // 32)),
         Case("full batch", 32, 64, 2, None, 2_000, 100),
+        Case("adam", 32, 256, 2, 128, 10_000, 2 * (10_000 // 128), OptimizerName.ADAM, 1e-3),
     ),
     repeats=5,
     peak_size=2048,
@@ -91,6 +95,7 @@ QUICK = Config(
         Case("reference", 32, 256, 2, 128, 2_000, 2 * (2_000 // 128)),
         Case("small", 32, 64, 2, 32, 2_000, 2_000 // 32),
         Case("full batch", 32, 64, 2, None, 1_000, 20),
+        Case("adam", 32, 256, 2, 128, 2_000, 2 * (2_000 // 128), OptimizerName.ADAM, 1e-3),
     ),
     repeats=1,
     peak_size=1024,
@@ -162,7 +167,7 @@ def bench_case(
 ) -> Callable[[float], list[tuple[str, str]]]:
     """Times packed and looped training of one case (probing the peak between timings);
     returns the table's rows as a function of the peak, known at the end of the run."""
-    members = [Member(seed=SEED + m, lr=LR, init_scale=1.0) for m in range(case.n_models)]
+    members = [Member(seed=SEED + m, lr=case.lr, init_scale=1.0) for m in range(case.n_models)]
     results: dict[str, dict[str, torch.Tensor]] = {}
 
     def packed() -> None:
@@ -175,7 +180,7 @@ def bench_case(
     # The models' seeded initialisation, part of the packed time (the loop builds the same
     # models one by one): timed apart so that the rest can be read as per-step work.
     fns["init"] = lambda: init_pack(pack_shape(case, x.shape[1]), members)
-    if case.batch_size is not None:
+    if case.batch_size is not None and case.optimizer == OptimizerName.MOMENTUM:
         fns["products alone"] = products_alone(case, x.shape[1])
     times = _interleaved(fns, repeats, between=peak.probe)
     best = {k: min(t) for k, t in times.items()}
@@ -250,14 +255,14 @@ def train_packed(
 
 
 def pack_shape(case: Case, in_dim: int) -> PackShape:
-    """The `PackShape` of a case: momentum SGD, ReLU, no early stop."""
+    """The `PackShape` of a case: ReLU, no early stop."""
     return PackShape(
         in_dim=in_dim,
         n_classes=N_CLASSES,
         width=case.width,
         depth=case.depth,
         nonlinearity=Nonlinearity.RELU,
-        optimizer=OptimizerName.MOMENTUM,
+        optimizer=case.optimizer,
         batch_size=case.batch_size,
         max_steps=case.steps,
         eval_every=case.steps,
@@ -268,7 +273,8 @@ def pack_shape(case: Case, in_dim: int) -> PackShape:
 def train_loop(
     case: Case, members: list[Member], x: torch.Tensor, y: torch.Tensor
 ) -> dict[str, torch.Tensor]:
-    """The plain loop: one `nn.Module` and `torch.optim.SGD` at a time, on the same batches
+    """The plain loop: one `nn.Module` and `torch.optim` optimiser (SGD with momentum, or
+    Adam, as a user writes them: their default implementation) at a time, on the same batches
     as the packed trainer (each model's own permutation per epoch, the remainder dropped).
     Returns the parameters stacked like the packed trainer's."""
     finals = []
@@ -283,7 +289,10 @@ def train_loop(
             member.init_scale,
             generator=torch.Generator().manual_seed(member.seed),
         )
-        opt = torch.optim.SGD(net.parameters(), lr=member.lr, momentum=MOMENTUM)
+        if case.optimizer == OptimizerName.ADAM:
+            opt = torch.optim.Adam(net.parameters(), lr=member.lr)
+        else:
+            opt = torch.optim.SGD(net.parameters(), lr=member.lr, momentum=MOMENTUM)
         order_gen = torch.Generator().manual_seed(derive_seed(member.seed, "order"))
         b = case.batch_size or n
         cursor, order = n, torch.arange(n)  # forces a fresh permutation at the first step
@@ -422,11 +431,15 @@ def _verdict(value: float, targets: dict[str, float], case: Case) -> str:
     return f"   target >= {target:g}x: {'met' if value >= target else 'NOT met'}"
 
 
+_OPTIMIZER_NAMES = {OptimizerName.MOMENTUM: "momentum SGD", OptimizerName.ADAM: "Adam"}
+
+
 def _describe(case: Case) -> str:
     layers = "-".join(["784"] + [str(case.width)] * case.depth + [str(N_CLASSES)])
     batch = "full batch" if case.batch_size is None else f"batch {case.batch_size}"
     return (
-        f"{case.n_models} × {layers} relu, momentum SGD, {batch}, {case.steps} steps, "
+        f"{case.n_models} × {layers} relu, {_OPTIMIZER_NAMES[case.optimizer]}, {batch}, "
+        f"{case.steps} steps, "
         f"{case.n_train:,} Fashion-MNIST images"
     )
 

@@ -143,9 +143,13 @@ def test_optimisers_without_an_accumulator_need_a_gradient_buffer():
         adam.gradient_target(adam.init(grads), None)
 
 
+@pytest.mark.parametrize("layout", ["as is", "minibatch"])
 @pytest.mark.parametrize("shared", [False, True], ids=["own batches", "shared batch"])
-def test_logits_equal_each_model_s_forward(shared):
+def test_logits_equal_each_model_s_forward(shared, layout):
+    # (The fit check runs the shared training set through a minibatch pack's layout.)
     template, params = _pack(Nonlinearity.SIGMOID)
+    if layout == "minibatch":
+        params = minibatch_layout(params)
     x, _ = _batch(shared)
     out = logits(Nonlinearity.SIGMOID, params, x)
     assert out.shape == (M, B, C)

@@ -47,12 +47,13 @@ def _run_training_benchmark(flag: str) -> str:
 def test_training_benchmark_quick_run_agrees_with_the_plain_loop():
     out = _run_training_benchmark("--quick")
     assert re.search(r"float32 matmul peak: [\d,.]+ GFLOP/s", out)
-    for case in ("reference", "small", "full batch"):
+    for case in ("reference", "small", "full batch", "adam"):
         assert f"\n{case}: 32 × 784-" in out
-    assert out.count("products alone, GFLOP/s") == 2  # the two minibatch packs
-    assert out.count("of which model init") == 3
+    assert "relu, Adam, batch 128" in out
+    assert out.count("products alone, GFLOP/s") == 2  # the two momentum minibatch packs
+    assert out.count("of which model init") == 4
     agreement = [float(v) for v in re.findall(r"([\d.e+-]+) after 3 steps", out)]
-    assert len(agreement) == 3
+    assert len(agreement) == 4
     # 3 steps move the weights by ~1e-2. The reference pack's first-layer product sums in
     # another order than nn.Linear's (`minibatch_layout`), and a ReLU unit that rounding
     # puts on the other side of 0 moves a weight by ~1e-5 (1.9e-5 here); the small pack

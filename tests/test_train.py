@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sensgen import train
+from sensgen import backprop, optim, train
 from sensgen.backprop import logits as train_logits
 from sensgen.models import MLP, Nonlinearity
 from sensgen.optim import OptimizerName
@@ -218,6 +218,41 @@ def test_a_diverged_member_leaves_its_pack_mates_bit_for_bit_alone():
     for name, value in alone.params.items():
         assert torch.equal(pack.params[name][0], value[0])
         assert torch.isfinite(pack.params[name][1]).all()
+
+
+@pytest.mark.parametrize("width", [17, 64], ids=["per-model slices", "whole tensors"])
+def test_adam_members_end_bit_for_bit_as_alone(width):
+    # The fused Adam kernel rounds a tensor's last elements apart (`optim`): a model must
+    # end exactly as alone whatever its place in the pack and the sizes of its layers.
+    x, ys = _data(3)
+    shape = PackShape(D, C, width, 2, Nonlinearity.RELU, OptimizerName.ADAM, 32, 40, 20, False)
+    members = [Member(1, 0.01, 1.0), Member(2, 0.02, 1.5), Member(3, 0.005, 1.0)]
+    pack = train_pack(shape, members, x, ys)
+    for i, member in enumerate(members):
+        alone = train_pack(shape, [member], x, ys[i : i + 1])
+        for name, value in alone.params.items():
+            assert torch.equal(pack.params[name][i], value[0]), (i, name)
+
+
+@pytest.mark.parametrize("optimizer", [OptimizerName.MOMENTUM, OptimizerName.ADAM])
+def test_a_compacted_pack_keeps_the_fast_layout_and_the_fused_step(optimizer):
+    x, ys = _data()
+    members = _members(optimizer)
+    _, params = init_pack(_shape(optimizer), members)
+    run = train._PackRun(_shape(optimizer), members, params, x, ys, None)
+    for _ in range(3):
+        run.step(x)
+    run.stop(torch.tensor([False, True, False]))
+    run.compact()
+    assert run.params["layers.0.weight"].shape[0] == 2
+    buffers = [run.params, *run.state.values()] + ([run.grads] if run.grads else [])
+    for tensors in buffers:
+        assert backprop._stored_transposed(tensors["layers.0.weight"])
+        assert tensors["layers.1.weight"].is_contiguous()
+    if optimizer == OptimizerName.ADAM:
+        assert optim.fused_adam_available(run.grads, run.state)
+    run.step(x)
+    assert all(torch.isfinite(v).all() for v in run.params.values())
 
 
 def test_stopped_models_leave_the_pack_and_the_rest_train_on_as_alone(monkeypatch):

@@ -264,7 +264,11 @@ def affine(
     A shared input is one [B, n_in] × [n_in, M·n_out] product for the whole pack (into
     ``scratch`` [B, M·n_out] if given). The result goes into ``out`` if given.
     """
-    if a.dim() == 3:
+    if a.dim() == 3 or _stored_transposed(weight):
+        # A shared input meets a first layer stored transposed (`minibatch_layout`) in the
+        # fit check during training: M products over the one x [B, d] read W₀ as it is
+        # stored, where the flat product would copy it at every chunk.
+        a = a if a.dim() == 3 else a.expand(weight.shape[0], -1, -1)
         return torch.baddbmm(bias.unsqueeze(1), a, weight.transpose(1, 2), out=out)
     m, n_out, n_in = weight.shape
     flat = torch.mm(a, weight.reshape(m * n_out, n_in).t(), out=scratch)

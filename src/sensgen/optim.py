@@ -136,27 +136,39 @@ def _in_memory_order(t: torch.Tensor) -> torch.Tensor:
     return t.permute(order)
 
 
+# The fused kernel runs each tensor it is given in vectors of up to 16 (float32, AVX-512)
+# elements and the last numel % 16 apart, with other rounding. A model's slice of a
+# stacked [M, ...] tensor is passed whole only if its size is a multiple of this, so that
+# no model has a tail; otherwise each model's slice is passed as a tensor of its own, so
+# that a model's tail is the same in any pack, and alone: a model's result must not depend
+# on its pack-mates (`sensgen.train`).
+_FUSED_VECTOR_MULTIPLE = 64
+
+
 def _fused_adam_direction(grads, state, lr, step):
     # torch's fused AdamW kernel (that of torch.optim.AdamW(fused=True)) in one pass over
     # g, m, v and the direction buffer, instead of the eight of the unfused form below
-    # (the Adam step of the reference pack: 10 → 2.5 ms; issue 8). It updates a parameter
+    # (the reference pack's Adam direction, guard pass and update: 10 → 4.8 ms; its whole
+    # step 36.5 → 23 ms; issue 8). It updates a parameter
     # p ← p·(1 − η·λ) − η·m̂/(√v̂ + ε); with η = λ = 1 and p the buffer, that is
     # buf ← −m̂/(√v̂ + ε) = −u, whatever it held (if finite), so θ ← θ − (−η)·buf.
     # One step count t for the pack: the models still training have all taken every step
     # (those that stopped have fewer, and lr 0: their direction does not matter).
-    names = list(grads)
     t = (step.max() + 1).to(torch.float32)
-
-    def views(tensors):  # laid out alike (fused_adam_available): the same permutation each
-        return [_in_memory_order(tensors[k]) for k in names]
-
+    lists = [[], [], [], []]  # buffers, gradients, m, v
+    for k, g in grads.items():
+        group = (state["buf"][k], g, state["m"][k], state["v"][k])
+        for into, tensor in zip(lists, group, strict=True):
+            # laid out alike (fused_adam_available): the same permutation for each
+            whole = _in_memory_order(tensor)
+            if (tensor[0].numel() % _FUSED_VECTOR_MULTIPLE) == 0:
+                into.append(whole)
+            else:
+                into.extend(whole.unbind(0))  # the model axis has the largest stride
     torch._fused_adamw_(
-        views(state["buf"]),
-        views(grads),
-        views(state["m"]),
-        views(state["v"]),
+        *lists,
         [],
-        [t] * len(names),
+        [t] * len(lists[0]),
         lr=1.0,
         beta1=ADAM_BETAS[0],
         beta2=ADAM_BETAS[1],

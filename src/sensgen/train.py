@@ -155,6 +155,7 @@ def train_pack(
     template, params = init_pack(shape, members)  # drawn on the CPU: same weights anywhere
     params = {k: v.to(x.device) for k, v in params.items()}
     run = _PackRun(shape, members, params, x, y, augmenter)
+    del params  # the run holds them, laid out for its steps (a copy of W₀ for minibatches)
     for step in range(shape.max_steps):
         run.step(x)
         if on_step is not None:
@@ -306,7 +307,10 @@ class _PackRun:
         """Every model's final parameters, steps and divergence flag, in pack order."""
         self._store(range(len(self.ids)))
         params, steps, diverged = self.results
-        params = {k: v.contiguous() for k, v in params.items()}  # the training layout, undone
+        # The training layout undone (a copy of W₀ for minibatch packs), once the optimiser
+        # state and gradients are gone, so that the copy adds nothing to the pack's peak.
+        self.state = self.grads = self.target = self.backprop = None
+        params = {k: v.contiguous() for k, v in params.items()}
         return PackOutcome(params=params, steps=steps, diverged=diverged)
 
 
