@@ -23,8 +23,10 @@ reference pack's shapes). Printed, as ratios measured in this one run:
   the packed / loop ratio this machine allows;
 * the time the packed trainer spends initialising the models (their seeded draws), so
   that the rest reads as per-step work;
-* the largest parameter difference between the two after 3 steps and at the end (a check
-  that they did the same work; rounding differences grow as training goes on).
+* the largest parameter difference between the two after 3 steps, both in float64 (the
+  check that they did the same work: float32 rounding, which differs between them, can
+  put a ReLU unit on the other side of 0), and at the end of the timed float32 runs
+  (rounding differences grow as training goes on).
 
 FLOPs count the matrix products only: per example and model, 2·Σ_l n_{l−1} n_l forward,
 as much again for the weight gradients and 2·Σ_{l≥2} n_{l−1} n_l for the input gradients
@@ -190,8 +192,7 @@ def bench_case(
     gflops = {k: flops / t / 1e9 for k, t in best.items()}
     speedup = _paired(times["loop"], times["packed"])
     diff = _max_difference(results["packed"], results["loop"])
-    few = case._replace(steps=AGREEMENT_STEPS)
-    first = _max_difference(train_packed(few, members, x, y), train_loop(few, members, x, y))
+    first = _agreement_in_float64(case, members, x, y)
 
     def rows(peak: float) -> list[tuple[str, str]]:
         rows = [
@@ -231,8 +232,8 @@ def bench_case(
         rows += [
             (
                 "max |θ_packed − θ_loop|",
-                f"{first:.1e} after {AGREEMENT_STEPS} steps, {diff:.1e} at the end "
-                "(float rounding, amplified by training)",
+                f"{first:.1e} after {AGREEMENT_STEPS} steps in float64, {diff:.1e} at the end "
+                "of the timed float32 runs (float rounding, amplified by training)",
             ),
         ]
         if case.name == "reference":
@@ -357,6 +358,27 @@ def products_alone(case: Case, in_dim: int) -> Callable[[], None]:
                     torch.bmm(delta, weight, out=upstream)
 
     return run
+
+
+def _agreement_in_float64(
+    case: Case, members: list[Member], x: torch.Tensor, y: torch.Tensor
+) -> float:
+    """max |θ_packed − θ_loop| after `AGREEMENT_STEPS` steps, both trainers in float64.
+
+    The check that both did the same work. In float32 they round differently (the pack's
+    products sum in another order than nn.Linear's), and a ReLU unit that rounding puts
+    on the other side of 0 changes a gradient by a whole example's term: ~1e-5 after 3
+    momentum steps, and for Adam, which scales a near-zero gradient up to a step of about
+    the learning rate, ~1e-3. In float64 such flips do not happen here: 1e-13.
+    """
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # the models' weights
+    try:
+        few = case._replace(steps=AGREEMENT_STEPS)
+        x64 = x.double()
+        return _max_difference(train_packed(few, members, x64, y), train_loop(few, members, x64, y))
+    finally:
+        torch.set_default_dtype(before)
 
 
 def _max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
