@@ -1,4 +1,4 @@
-"""The optimisers' fused and unfused forms agree (issue 8: Adam in one pass)."""
+"""The optimisers' fused and unfused forms agree (issue 8: Adam and RMSprop in one pass)."""
 
 import pytest
 import torch
@@ -24,10 +24,16 @@ def _grads(params, seed):
     return {k: torch.empty_like(params[k]).copy_(v) for k, v in values.items()}
 
 
-def _steps(direction, dtype, n_steps=6, buffer_fill=0.0):
-    """Each step's s·u [M, ...] per tensor, from `direction` on a fresh Adam state."""
+FORMS = {  # fused, unfused
+    OptimizerName.ADAM: (optim._fused_adam_direction, optim._adam_direction_unfused),
+    OptimizerName.RMSPROP: (optim._fused_rmsprop_direction, optim._rmsprop_direction_unfused),
+}
+
+
+def _steps(direction, dtype, n_steps=6, buffer_fill=0.0, optimizer=OptimizerName.ADAM):
+    """Each step's s·u [M, ...] per tensor, from `direction` on a fresh optimiser state."""
     params = _params(dtype)
-    state = OPTIMIZERS[OptimizerName.ADAM].init(params)
+    state = OPTIMIZERS[optimizer].init(params)
     for buf in state["buf"].values():
         buf.fill_(buffer_fill)
     lr = torch.tensor([1e-3, 3e-2, 0.0], dtype=torch.float64)
@@ -38,20 +44,43 @@ def _steps(direction, dtype, n_steps=6, buffer_fill=0.0):
     return updates
 
 
+@pytest.mark.parametrize("optimizer", list(FORMS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_fused_adam_equals_the_unfused_form(dtype):
+def test_the_fused_step_equals_the_unfused_form(dtype, optimizer):
     tol = {torch.float32: 1e-5, torch.float64: 1e-14}[dtype]  # a few roundings apart
-    fused = _steps(optim._fused_adam_direction, dtype)
-    plain = _steps(optim._adam_direction_unfused, dtype)
+    fused_form, unfused_form = FORMS[optimizer]
+    fused = _steps(fused_form, dtype, optimizer=optimizer)
+    plain = _steps(unfused_form, dtype, optimizer=optimizer)
     for a, b in zip(fused, plain, strict=True):
         for k in a:
             torch.testing.assert_close(a[k], b[k], rtol=tol, atol=tol * 1e-3)
-    assert (plain[0]["w"][1].abs() > 1e-2).all()  # a real step (η = 3e-2, |m̂/√v̂| = 1)
+    # A real step: η = 3e-2 and |m̂/√v̂| = 1 (Adam), |g|/√((1−α)g²) = 10 (RMSprop).
+    assert (plain[0]["w"][1].abs() > 1e-2).all()
 
 
-def test_fused_adam_overwrites_whatever_its_buffer_held():
-    zero = _steps(optim._fused_adam_direction, torch.float64)
-    junk = _steps(optim._fused_adam_direction, torch.float64, buffer_fill=123.0)
+def test_rmsprop_by_the_fused_kernel_is_torch_s_rmsprop():
+    # The kernel's bias corrections at t = 2²⁴ are exactly 1 (optim.NO_BIAS_CORRECTION_STEP).
+    params = _params(torch.float64)
+    state = OPTIMIZERS[OptimizerName.RMSPROP].init(params)
+    lr = torch.full((M,), 1e-2, dtype=torch.float64)
+    copies = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
+    reference = torch.optim.RMSprop(list(copies.values()), lr=1e-2)
+    for t in range(5):
+        grads = _grads(params, seed=t + 1)
+        u, s = optim._fused_rmsprop_direction(grads, state, lr, torch.full((M,), t))
+        for k in params:
+            params[k] = params[k] - optim.per_model(s, u[k]) * u[k]
+            copies[k].grad = grads[k].clone()
+        reference.step()
+    for k in params:
+        torch.testing.assert_close(params[k], copies[k].detach(), rtol=1e-14, atol=1e-15)
+
+
+@pytest.mark.parametrize("optimizer", list(FORMS))
+def test_the_fused_step_overwrites_whatever_its_buffer_held(optimizer):
+    fused_form, _ = FORMS[optimizer]
+    zero = _steps(fused_form, torch.float64, optimizer=optimizer)
+    junk = _steps(fused_form, torch.float64, buffer_fill=123.0, optimizer=optimizer)
     for a, b in zip(zero, junk, strict=True):
         for k in a:
             assert torch.equal(a[k], b[k])

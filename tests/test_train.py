@@ -220,12 +220,13 @@ def test_a_diverged_member_leaves_its_pack_mates_bit_for_bit_alone():
         assert torch.isfinite(pack.params[name][1]).all()
 
 
+@pytest.mark.parametrize("optimizer", [OptimizerName.ADAM, OptimizerName.RMSPROP])
 @pytest.mark.parametrize("width", [17, 64], ids=["per-model slices", "whole tensors"])
-def test_adam_members_end_bit_for_bit_as_alone(width):
-    # The fused Adam kernel rounds a tensor's last elements apart (`optim`): a model must
-    # end exactly as alone whatever its place in the pack and the sizes of its layers.
+def test_fused_step_members_end_bit_for_bit_as_alone(width, optimizer):
+    # The fused kernel rounds a tensor's last elements apart (`optim`): a model must end
+    # exactly as alone whatever its place in the pack and the sizes of its layers.
     x, ys = _data(3)
-    shape = PackShape(D, C, width, 2, Nonlinearity.RELU, OptimizerName.ADAM, 32, 40, 20, False)
+    shape = PackShape(D, C, width, 2, Nonlinearity.RELU, optimizer, 32, 40, 20, False)
     members = [Member(1, 0.01, 1.0), Member(2, 0.02, 1.5), Member(3, 0.005, 1.0)]
     pack = train_pack(shape, members, x, ys)
     for i, member in enumerate(members):
@@ -234,7 +235,7 @@ def test_adam_members_end_bit_for_bit_as_alone(width):
             assert torch.equal(pack.params[name][i], value[0]), (i, name)
 
 
-@pytest.mark.parametrize("optimizer", [OptimizerName.MOMENTUM, OptimizerName.ADAM])
+@pytest.mark.parametrize("optimizer", list(OptimizerName))
 def test_a_compacted_pack_keeps_the_fast_layout_and_the_fused_step(optimizer):
     x, ys = _data()
     members = _members(optimizer)
@@ -249,7 +250,7 @@ def test_a_compacted_pack_keeps_the_fast_layout_and_the_fused_step(optimizer):
     for tensors in buffers:
         assert backprop._stored_transposed(tensors["layers.0.weight"])
         assert tensors["layers.1.weight"].is_contiguous()
-    if optimizer == OptimizerName.ADAM:
+    if optimizer in (OptimizerName.ADAM, OptimizerName.RMSPROP):
         assert optim.fused_adam_available(run.grads, run.state)
     run.step(x)
     assert all(torch.isfinite(v).all() for v in run.params.values())

@@ -15,9 +15,10 @@ its parameters exactly (θ − 0·u = θ for finite u). In-place updates into pr
 buffers make a step a few memory passes over the pack (the update is memory-bound: it
 touches every parameter of every model; issue 8).
 
-Adam's direction comes from torch's fused AdamW kernel where it can (one pass over g, m, v
-and the direction instead of eight; `_fused_adam_direction`), otherwise from the same
-formula in separate in-place ops; the two agree to float rounding (tests check this).
+Adam's and RMSprop's directions come from torch's fused AdamW kernel where it can (one
+pass over g, m, v and the direction instead of five to eight; `_fused_step`), otherwise
+from the same formulas in separate in-place ops; the two agree to float rounding (tests
+check this).
 
 The update rules are those of `torch.optim` (tests check this):
 
@@ -146,15 +147,33 @@ _FUSED_VECTOR_MULTIPLE = 64
 
 
 def _fused_adam_direction(grads, state, lr, step):
-    # torch's fused AdamW kernel (that of torch.optim.AdamW(fused=True)) in one pass over
-    # g, m, v and the direction buffer, instead of the eight of the unfused form below
-    # (the reference pack's Adam direction, guard pass and update: 10 → 4.8 ms; its whole
-    # step 36.5 → 23 ms; issue 8). It updates a parameter
-    # p ← p·(1 − η·λ) − η·m̂/(√v̂ + ε); with η = λ = 1 and p the buffer, that is
-    # buf ← −m̂/(√v̂ + ε) = −u, whatever it held (if finite), so θ ← θ − (−η)·buf.
-    # One step count t for the pack: the models still training have all taken every step
-    # (those that stopped have fewer, and lr 0: their direction does not matter).
+    # (The reference pack's Adam direction, guard pass and update: 10 → 4.8 ms; its whole
+    # step 36.5 → 23 ms; issue 8.) One step count t for the pack: the models still
+    # training have all taken every step (those that stopped have fewer, and lr 0: their
+    # direction does not matter).
     t = (step.max() + 1).to(torch.float32)
+    _fused_step(grads, state, t, ADAM_BETAS[0], ADAM_BETAS[1], ADAM_EPS)
+    return state["buf"], -lr
+
+
+# RMSprop is Adam with β₁ = 0 (m = g) and no bias correction: v ← αv + (1−α)g²,
+# u = g/(√v + ε). The kernel divides by 1 − β₁ᵗ and √(1 − αᵗ); at t = 2²⁴ both are exactly
+# 1 in floating point (0ᵗ = 0, and 0.99^(2²⁴) underflows to 0), so its step is RMSprop's.
+NO_BIAS_CORRECTION_STEP = float(2**24)
+
+
+def _fused_rmsprop_direction(grads, state, lr, step):
+    t = torch.tensor(NO_BIAS_CORRECTION_STEP, device=step.device)
+    _fused_step(grads, state, t, 0.0, RMSPROP_ALPHA, RMSPROP_EPS)
+    return state["buf"], -lr
+
+
+def _fused_step(grads, state, t, beta1, beta2, eps) -> None:
+    """buf ← −m̂/(√v̂ + ε), with m and v advanced by g, by torch's fused AdamW kernel (that
+    of torch.optim.AdamW(fused=True)): one pass over g, m, v and the buffer instead of the
+    eight of the unfused form. The kernel updates a parameter p ← p·(1 − η·λ) − η·m̂/(√v̂ + ε);
+    with η = λ = 1 and p the buffer, that is −m̂/(√v̂ + ε), whatever the buffer held (if
+    finite); the caller applies it as θ ← θ − (−η)·buf. t: the step count, a 0-dim tensor."""
     lists = [[], [], [], []]  # buffers, gradients, m, v
     for k, g in grads.items():
         group = (state["buf"][k], g, state["m"][k], state["v"][k])
@@ -170,14 +189,13 @@ def _fused_adam_direction(grads, state, lr, step):
         [],
         [t] * len(lists[0]),
         lr=1.0,
-        beta1=ADAM_BETAS[0],
-        beta2=ADAM_BETAS[1],
+        beta1=beta1,
+        beta2=beta2,
         weight_decay=1.0,
-        eps=ADAM_EPS,
+        eps=eps,
         amsgrad=False,
         maximize=False,
     )
-    return state["buf"], -lr
 
 
 def _adam_direction_unfused(grads, state, lr, step):
@@ -193,6 +211,12 @@ def _adam_direction_unfused(grads, state, lr, step):
 
 
 def _rmsprop_direction(grads, state, lr, step):
+    if fused_adam_available(grads, state):
+        return _fused_rmsprop_direction(grads, state, lr, step)
+    return _rmsprop_direction_unfused(grads, state, lr, step)
+
+
+def _rmsprop_direction_unfused(grads, state, lr, step):
     for k, g in grads.items():
         buf = state["buf"][k]
         v = state["v"][k].mul_(RMSPROP_ALPHA).addcmul_(g, g, value=1 - RMSPROP_ALPHA)
@@ -212,5 +236,6 @@ OPTIMIZERS: dict[OptimizerName, Optimizer] = {
         _buffers("v"), _momentum_direction, "v", MOMENTUM, steps_along_target=True
     ),
     OptimizerName.ADAM: Optimizer(_buffers("m", "v", "buf"), _adam_direction),
-    OptimizerName.RMSPROP: Optimizer(_buffers("v", "buf"), _rmsprop_direction),
+    # (RMSprop's m, the last gradient, serves the fused kernel: `_fused_rmsprop_direction`.)
+    OptimizerName.RMSPROP: Optimizer(_buffers("v", "m", "buf"), _rmsprop_direction),
 }
