@@ -159,7 +159,7 @@ def test_full_batch_memory_stops_growing_at_the_chunk():
 
 @pytest.mark.parametrize(
     ("optimizer", "copies"),
-    [("sgd", 2), ("momentum", 2), ("rmsprop", 5), ("adam", 5)],
+    [("sgd", 2), ("momentum", 2), ("rmsprop", 4), ("adam", 5)],
 )
 def test_memory_counts_the_trainer_s_parameter_copies(optimizer, copies):
     spec = RunSpec(dataset="digits", width=64, depth=1, batch_size=10, optimizer=optimizer)

@@ -76,6 +76,26 @@ def test_rmsprop_by_the_fused_kernel_is_torch_s_rmsprop():
         torch.testing.assert_close(params[k], copies[k].detach(), rtol=1e-14, atol=1e-15)
 
 
+def test_fused_rmsprop_at_the_edges_of_float32_is_torch_s_rmsprop():
+    # Gradients whose squares overflow (v = inf: step 0), flip sign near FLT_MAX, underflow
+    # or are exactly 0: element by element the step torch.optim.RMSprop takes.
+    signs = torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0, -1.0])
+    lr = torch.full((1,), 1e-2, dtype=torch.float64)
+    w = torch.zeros(1, 6)
+    state = OPTIMIZERS[OptimizerName.RMSPROP].init({"w": w})
+    ref = w.clone().requires_grad_()
+    reference = torch.optim.RMSprop([ref], lr=1e-2)
+    for t in range(4):
+        g = torch.tensor([[3e38, 1e20, 1e-30, 0.0, 0.5, -2.0]]) * signs**t
+        grads = {"w": g.clone()}
+        u, s = optim._fused_rmsprop_direction(grads, state, lr, torch.full((1,), t))
+        assert torch.equal(grads["w"], g)  # the gradient, written back over itself
+        w = w - optim.per_model(s, u["w"]) * u["w"]
+        ref.grad = g.clone()
+        reference.step()
+        torch.testing.assert_close(w, ref.detach(), rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("optimizer", list(FORMS))
 def test_the_fused_step_overwrites_whatever_its_buffer_held(optimizer):
     fused_form, _ = FORMS[optimizer]

@@ -114,8 +114,9 @@ def fused_adam_available(grads: Params, state: State) -> bool:
     dense memory (the kernel walks their memory in one order, whatever their strides)."""
     if not hasattr(torch, "_fused_adamw_"):
         return False
+    first_moments = state.get("m", grads)  # RMSprop's m is its gradient (below)
     for k, g in grads.items():
-        group = [g, state["m"][k], state["v"][k], state["buf"][k]]
+        group = [g, first_moments[k], state["v"][k], state["buf"][k]]
         if g.device.type not in ("cpu", "cuda") or not _dense(g):
             return False
         if any(t.stride() != g.stride() or t.device != g.device for t in group):
@@ -152,31 +153,37 @@ def _fused_adam_direction(grads, state, lr, step):
     # training have all taken every step (those that stopped have fewer, and lr 0: their
     # direction does not matter).
     t = (step.max() + 1).to(torch.float32)
-    _fused_step(grads, state, t, ADAM_BETAS[0], ADAM_BETAS[1], ADAM_EPS)
+    _fused_step(grads, state["m"], state["v"], state["buf"], t, *ADAM_BETAS, ADAM_EPS)
     return state["buf"], -lr
 
 
 # RMSprop is Adam with β₁ = 0 (m = g) and no bias correction: v ← αv + (1−α)g²,
 # u = g/(√v + ε). The kernel divides by 1 − β₁ᵗ and √(1 − αᵗ); at t = 2²⁴ both are exactly
 # 1 in floating point (0ᵗ = 0, and 0.99^(2²⁴) underflows to 0), so its step is RMSprop's.
+# Its m is the gradient buffer itself: the kernel computes m + (1 − β₁)(g − m), which is g
+# exactly when m is g (a separate m would make g − m overflow for opposite gradients near
+# FLT_MAX, and stay non-finite after one non-finite gradient, unlike torch's RMSprop); it
+# writes g back over g, element by element, and nothing reads the gradient afterwards.
 NO_BIAS_CORRECTION_STEP = float(2**24)
 
 
 def _fused_rmsprop_direction(grads, state, lr, step):
-    t = torch.tensor(NO_BIAS_CORRECTION_STEP, device=step.device)
-    _fused_step(grads, state, t, 0.0, RMSPROP_ALPHA, RMSPROP_EPS)
+    # float32: the CUDA kernel reads the step count as a float, whatever its dtype.
+    t = torch.tensor(NO_BIAS_CORRECTION_STEP, dtype=torch.float32, device=step.device)
+    _fused_step(grads, grads, state["v"], state["buf"], t, 0.0, RMSPROP_ALPHA, RMSPROP_EPS)
     return state["buf"], -lr
 
 
-def _fused_step(grads, state, t, beta1, beta2, eps) -> None:
+def _fused_step(grads, m, v, buf, t, beta1, beta2, eps) -> None:
     """buf ← −m̂/(√v̂ + ε), with m and v advanced by g, by torch's fused AdamW kernel (that
     of torch.optim.AdamW(fused=True)): one pass over g, m, v and the buffer instead of the
-    eight of the unfused form. The kernel updates a parameter p ← p·(1 − η·λ) − η·m̂/(√v̂ + ε);
-    with η = λ = 1 and p the buffer, that is −m̂/(√v̂ + ε), whatever the buffer held (if
-    finite); the caller applies it as θ ← θ − (−η)·buf. t: the step count, a 0-dim tensor."""
+    five (RMSprop) to eight (Adam) of the unfused forms. The kernel updates a parameter
+    p ← p·(1 − η·λ) − η·m̂/(√v̂ + ε); with η = λ = 1 and p the buffer, that is
+    −m̂/(√v̂ + ε), whatever the buffer held (if finite); the caller applies it as
+    θ ← θ − (−η)·buf. m, v, buf: dicts like grads; t: the step count, a 0-dim tensor."""
     lists = [[], [], [], []]  # buffers, gradients, m, v
     for k, g in grads.items():
-        group = (state["buf"][k], g, state["m"][k], state["v"][k])
+        group = (buf[k], g, m[k], v[k])
         for into, tensor in zip(lists, group, strict=True):
             # laid out alike (fused_adam_available): the same permutation for each
             whole = _in_memory_order(tensor)
@@ -236,6 +243,5 @@ OPTIMIZERS: dict[OptimizerName, Optimizer] = {
         _buffers("v"), _momentum_direction, "v", MOMENTUM, steps_along_target=True
     ),
     OptimizerName.ADAM: Optimizer(_buffers("m", "v", "buf"), _adam_direction),
-    # (RMSprop's m, the last gradient, serves the fused kernel: `_fused_rmsprop_direction`.)
-    OptimizerName.RMSPROP: Optimizer(_buffers("v", "m", "buf"), _rmsprop_direction),
+    OptimizerName.RMSPROP: Optimizer(_buffers("v", "buf"), _rmsprop_direction),
 }
