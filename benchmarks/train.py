@@ -41,7 +41,7 @@ import argparse
 import itertools
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -124,10 +124,8 @@ def profile(case: Case, steps: int = 40) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    train = data.load("fashion_mnist", split="train")
-    pick = torch.randperm(len(train.y), generator=torch.Generator().manual_seed(SEED))
-    x, y = train.x[pick[: case.n_train]], train.y[pick[: case.n_train]]
-    members = [Member(seed=SEED + m, lr=LR, init_scale=1.0) for m in range(case.n_models)]
+    [(x, y)] = _training_subsets([case])
+    members = _members(case)
     few = case._replace(steps=steps)
     train_packed(few, members, x, y)  # warm-up: buffers, allocator, thread pool
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -148,12 +146,9 @@ def run(config: Config) -> None:
         f"sensgen training benchmark: torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, {cpu_model()}"
     )
-    train = data.load("fashion_mnist", split="train")
-    pick = torch.randperm(len(train.y), generator=torch.Generator().manual_seed(SEED))
     peak = MatmulPeak(config.peak_size)
     measured = []
-    for case in config.cases:
-        x, y = train.x[pick[: case.n_train]], train.y[pick[: case.n_train]]
+    for case, (x, y) in zip(config.cases, _training_subsets(config.cases), strict=True):
         measured.append((case, bench_case(case, x, y, peak, config.repeats)))
     print(
         f"float32 matmul peak: {peak.best:,.1f} GFLOP/s (the best torch.mm of "
@@ -164,12 +159,25 @@ def run(config: Config) -> None:
     print(f"\ntotal {time.perf_counter() - start:.1f} s")
 
 
+def _training_subsets(cases: Sequence[Case]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each case's training set (x, y): the first n_train Fashion-MNIST training images in
+    one seeded order, the same for every case."""
+    train = data.load("fashion_mnist", split="train")
+    pick = torch.randperm(len(train.y), generator=torch.Generator().manual_seed(SEED))
+    return [(train.x[pick[: c.n_train]], train.y[pick[: c.n_train]]) for c in cases]
+
+
+def _members(case: Case) -> list[Member]:
+    """The case's models: seeds SEED, SEED + 1, ..., the case's learning rate."""
+    return [Member(seed=SEED + m, lr=case.lr, init_scale=1.0) for m in range(case.n_models)]
+
+
 def bench_case(
     case: Case, x: torch.Tensor, y: torch.Tensor, peak: MatmulPeak, repeats: int
 ) -> Callable[[float], list[tuple[str, str]]]:
     """Times packed and looped training of one case (probing the peak between timings);
     returns the table's rows as a function of the peak, known at the end of the run."""
-    members = [Member(seed=SEED + m, lr=case.lr, init_scale=1.0) for m in range(case.n_models)]
+    members = _members(case)
     results: dict[str, dict[str, torch.Tensor]] = {}
 
     def packed() -> None:
