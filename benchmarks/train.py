@@ -326,8 +326,9 @@ def products_alone(case: Case, in_dim: int) -> Callable[[], None]:
     """The batched matrix products of `case.steps` packed steps and nothing else.
 
     Per step and layer l, as `sensgen.backprop.Backprop` calls them on [M, ...] tensors of
-    the pack's shapes: the forward h = a Wᵀ + b (`baddbmm`), the momentum-taking weight
-    gradient v ← μv + δᵀa (`baddbmm`) and, above the first layer, the input gradient δW
+    the pack's shapes: the forward h = a Wᵀ + b (`baddbmm`), the weight gradient added
+    into momentum's scaled accumulator z ← z + δᵀa (`baddbmm`, β = 1: `optim.ScaledAccumulator`)
+    and, above the first layer, the input gradient δW
     (`bmm`), the first layer's weights and momenta stored as [M, n_in, n_out] as the
     trainer stores them (`sensgen.backprop.minibatch_layout`). The values are random and do
     not change: only the time is wanted.
@@ -359,9 +360,9 @@ def products_alone(case: Case, in_dim: int) -> Callable[[], None]:
             for index, (weight, _, a, _, v, delta, upstream) in reversed(list(enumerate(layers))):
                 if index == 0:  # into v in its layout, [M, n_in, n_out]: aᵀδ
                     v_t = v.transpose(1, 2)
-                    torch.baddbmm(v_t, a.transpose(1, 2), delta, beta=MOMENTUM, out=v_t)
+                    torch.baddbmm(v_t, a.transpose(1, 2), delta, out=v_t)
                 else:
-                    torch.baddbmm(v, delta.transpose(1, 2), a, beta=MOMENTUM, out=v)
+                    torch.baddbmm(v, delta.transpose(1, 2), a, out=v)
                 if index > 0:
                     torch.bmm(delta, weight, out=upstream)
 

@@ -88,21 +88,28 @@ def test_chunks_accumulate_to_the_whole_batch(nonlinearity, split):
         torch.testing.assert_close(grads[name], expected, rtol=1e-12, atol=1e-15)
 
 
-def test_beta_takes_the_momentum_step_in_place():
+def test_beta_and_gain_take_the_momentum_step_in_place():
+    # Momentum's scaled accumulator: z ← z + g/c_k (β = 1, a gain per model), so that
+    # c_k·z is μ·v + g for v = c_{k−1}·z (`ScaledAccumulator`).
     template, params = _pack(Nonlinearity.RELU)
     x, y = _batch()
     grads, _ = _autograd(template, params, x, y)
-    v = {
+    z = {
         k: torch.randn(p.shape, generator=torch.Generator().manual_seed(1))
         for k, p in params.items()
     }
-    expected = {k: MOMENTUM * v[k] + grads[k] for k in v}
+    steps = torch.tensor([0, 7, 15])  # per model: c_k = μ, μ⁸, μ¹⁶
     momentum = OPTIMIZERS[OptimizerName.MOMENTUM]
-    target, beta = momentum.gradient_target({"v": v}, None)
-    assert target is v and beta == MOMENTUM
-    Backprop(Nonlinearity.RELU).loss_and_grad(params, x, y, target, scale=1 / B, beta=beta)
+    c = momentum.scaled.scale(steps)
+    torch.testing.assert_close(c, MOMENTUM ** torch.tensor([1.0, 8.0, 16.0]), rtol=1e-15, atol=0)
+    expected = {k: z[k] + grads[k] / c.view(-1, *[1] * (v.ndim - 1)) for k, v in z.items()}
+    target, beta = momentum.gradient_target({"v": z}, None)
+    assert target is z and beta == 1.0
+    Backprop(Nonlinearity.RELU).loss_and_grad(
+        params, x, y, target, scale=1 / B, beta=beta, gain=momentum.gain(steps)
+    )
     for name in expected:
-        torch.testing.assert_close(v[name], expected[name], rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(z[name], expected[name], rtol=1e-12, atol=1e-15)
 
 
 @pytest.mark.parametrize("beta", [0.0, MOMENTUM], ids=["gradient", "momentum step"])

@@ -80,13 +80,17 @@ def test_the_compiled_step_benchmark_times_sensgen_s_step(monkeypatch):
     momentum, backprop = OPTIMIZERS[OptimizerName.MOMENTUM], Backprop(Nonlinearity.RELU)
     state = momentum.init(params)
     lr = torch.full((m,), compiled_step.LR, dtype=torch.float64)
+    steps = torch.zeros(m, dtype=torch.int64)
     gen = torch.Generator().manual_seed(1)
     for _ in range(3):
         x = torch.randn(m, b, 12, generator=gen, dtype=torch.float64)
         y = torch.randint(n_classes, (m, b), generator=gen)
         target, beta = momentum.gradient_target(state, None)
-        losses = backprop.loss_and_grad(params, x, y, target, scale=1 / b, beta=beta)
-        apply_update(params, *momentum.direction(None, state, lr, torch.zeros(m)))
+        losses = backprop.loss_and_grad(
+            params, x, y, target, scale=1 / b, beta=beta, gain=momentum.gain(steps)
+        )
+        apply_update(params, *momentum.direction(None, state, lr, steps))
+        steps += 1  # (3 steps: no renormalisation is due)
         plain = compiled_step.plain_step(w, bias, vw, vb, x, y)
         torch.testing.assert_close(plain, losses, rtol=1e-12, atol=1e-14)
     for k in range(3):

@@ -1,4 +1,5 @@
-"""The optimisers' fused and unfused forms agree (issue 8: Adam and RMSprop in one pass)."""
+"""The optimisers' fused and unfused forms agree (issue 8: Adam and RMSprop in one pass), and
+momentum's scaled accumulator is momentum."""
 
 import pytest
 import torch
@@ -152,3 +153,46 @@ def test_adam_falls_back_to_the_unfused_form_without_the_fused_kernel(monkeypatc
     for a, b in zip(fallback, plain, strict=True):
         for k in a:
             assert torch.equal(a[k], b[k])
+
+
+def test_momentum_s_scaled_accumulator_is_v_from_mu_v_plus_g():
+    # z ← z + g/c_k, direction c_k·z, renormalised every K steps: v ← μv + g for 3K + 5
+    # steps, each model from its own step count (model 1 starts mid-period, as a model
+    # that joined a pack late would not, but a model's own count is what sets its c).
+    momentum = OPTIMIZERS[OptimizerName.MOMENTUM]
+    scaled, period = momentum.scaled, optim.RESCALE_PERIOD
+    params = _params(torch.float64)
+    state = momentum.init(params)
+    v = {k: torch.zeros_like(p) for k, p in params.items()}
+    steps = torch.tensor([0, 9, 2 * period - 1])
+    lr = torch.tensor([0.1, 1.0, 2.0], dtype=torch.float64)
+    for step in range(3 * period + 5):
+        grads = _grads(params, seed=step)
+        gain = momentum.gain(steps)
+        assert (gain <= optim.MOMENTUM**-period * (1 + 1e-12)).all()
+        for k, z in state["v"].items():
+            z.add_(grads[k] * optim.per_model(gain, z))  # what the backward pass does
+            v[k] = optim.MOMENTUM * v[k] + grads[k]
+        u, s = momentum.direction(None, state, lr, steps)
+        for k in v:  # the step the update takes, s·u, is η·v
+            torch.testing.assert_close(
+                u[k] * optim.per_model(s, u[k]), v[k] * optim.per_model(lr, v[k]),
+                rtol=1e-12, atol=1e-14,
+            )  # fmt: skip
+        factor = scaled.renormalisation(steps)
+        due = steps % period == period - 1
+        assert torch.equal(factor == 1.0, ~due)
+        for z in state["v"].values():
+            z.mul_(optim.per_model(factor, z))
+        steps += 1
+    # renormalised: z never drifts beyond v / μ^K
+    for k, z in state["v"].items():
+        assert z.abs().max() <= v[k].abs().max() * optim.MOMENTUM**-period
+
+
+def test_the_pack_renormalises_when_its_models_are_due():
+    scaled = OPTIMIZERS[OptimizerName.MOMENTUM].scaled
+    due = [step for step in range(3 * optim.RESCALE_PERIOD) if scaled.renormalises_after(step)]
+    assert due == [k * optim.RESCALE_PERIOD - 1 for k in (1, 2, 3)]
+    assert OPTIMIZERS[OptimizerName.ADAM].scaled is None
+    assert OPTIMIZERS[OptimizerName.ADAM].gain(torch.zeros(2, dtype=torch.int64)) is None

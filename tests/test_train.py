@@ -111,6 +111,43 @@ def test_pack_matches_plain_torch_optim(optimizer):
             torch.testing.assert_close(pack.params[name][i], value, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("batch_size", [32, None], ids=["minibatch", "full batch"])
+def test_momentum_equals_torch_s_in_float64_across_renormalisations(batch_size):
+    # The scaled accumulator (`optim.ScaledAccumulator`) is v ← μv + g: in float64, to
+    # rounding, over 3 renormalisations, with models of different learning rates.
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        x, ys = _data(4)
+        x = x.double()
+        steps = 3 * optim.RESCALE_PERIOD + 3
+        shape = _shape(
+            OptimizerName.MOMENTUM, max_steps=steps, stop_at_fit=False, batch_size=batch_size
+        )
+        members = _members(OptimizerName.MOMENTUM)
+        pack = train_pack(shape, members, x, ys)
+        for i, member in enumerate(members):
+            if batch_size is None:
+                net = _full_batch_reference(shape, member, x, ys[i])
+            else:
+                net = _reference_run(shape, member, x, ys[i])
+            for name, value in net.state_dict().items():
+                torch.testing.assert_close(pack.params[name][i], value, rtol=1e-10, atol=1e-12)
+    finally:
+        torch.set_default_dtype(before)
+
+
+def _full_batch_reference(shape, member, x, y):
+    net = MLP(D, C, shape.width, shape.depth, shape.nonlinearity, member.init_scale,
+              generator=torch.Generator().manual_seed(member.seed))  # fmt: skip
+    opt = torch.optim.SGD(net.parameters(), lr=member.lr, momentum=0.9)
+    for _ in range(shape.max_steps):
+        opt.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+    return net
+
+
 def test_full_batch_is_exact_gradient_descent():
     x, ys = _data(2)
     shape = _shape(OptimizerName.SGD, max_steps=5, stop_at_fit=False, batch_size=None)

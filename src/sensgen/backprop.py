@@ -34,6 +34,7 @@ import torch
 
 from sensgen.divergence import underflow_slack
 from sensgen.models import ACTIVATIONS, Nonlinearity
+from sensgen.optim import per_model
 
 Params = dict[str, torch.Tensor]
 
@@ -160,6 +161,7 @@ class Backprop:
         *,
         scale: float,
         beta: float = 0.0,
+        gain: torch.Tensor | None = None,
         input_norms: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Each model's loss s·Σ_b CE (module docstring) [M], its gradient into `grads`.
@@ -171,12 +173,16 @@ class Backprop:
             grads: buffers shaped like `params`; each becomes β·(what it holds) + gradient.
             scale: s, 1/B for the mean over the batch.
             beta: β; 0 overwrites (what the buffers hold is ignored, NaN included), 1 adds
-                (accumulating chunks), μ takes a momentum step (`Optimizer.accumulator`).
+                (accumulating chunks, or a momentum step, `Optimizer.accumulator`).
+            gain: per model [M] (float64), a factor on the gradient (not the loss): the
+                buffers become β·(what they hold) + gain·gradient (momentum's scaled
+                accumulator, `sensgen.optim.ScaledAccumulator`). It multiplies δ_{L−1},
+                so every product downstream carries it at no extra pass.
             input_norms: ‖x_m‖_F per model [M] (float64), if given: then
                 ``first_grad_bound`` [M] becomes ‖δ_0‖_F·‖x_m‖_F ≥ max |∂loss/∂W_0| (each
                 entry Σ_b δ_bi x_bj is at most ‖δ_·i‖‖x_·j‖, Cauchy–Schwarz), for
                 `sensgen.divergence` (one pass over δ_0 [M, B, n_0] instead of one over
-                the first layer's weights; inf or NaN if δ_0 is not finite).
+                the first layer's weights; inf or NaN if δ_0 is not finite), gain included.
         """
         hidden, z = self.forward(params, x)
         # The log-softmax over classes runs on a [M, C, B] copy of z: along a middle dim the
@@ -190,7 +196,8 @@ class Backprop:
         losses = picked.sum(dim=1).mul_(-scale)
         delta_t = log_p.exp_()  # softmax(z) [M, C, B], in log_p's memory
         delta_t.scatter_add_(1, labels, torch.full_like(picked.unsqueeze(1), -1.0))
-        delta = delta_t.mul_(scale).transpose(1, 2)  # δ_{L−1} [M, B, C]
+        factor = scale if gain is None else per_model(gain * scale, delta_t)
+        delta = delta_t.mul_(factor).transpose(1, 2)  # δ_{L−1} [M, B, C]
         for index in reversed(range(n_layers(params))):
             a_in = x if index == 0 else hidden[index - 1][1]
             self._weight_grad(index, delta, a_in, grads, beta)

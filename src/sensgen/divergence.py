@@ -31,14 +31,17 @@ run in practice), so copies are made only at a blow-up.
 after every at-risk step that stays finite.
 
 **Tracked directions.** Where u is the optimiser's gradient target itself, u ← β·u + g
-(momentum SGD's v, β = μ; plain SGD's gradient, β = 0), the caller may give, instead of
-u's pass, a bound G ≥ max |g| for some of its tensors (`Backprop`'s ‖δ_0‖_F‖x‖_F for the
-first layer, the largest tensor of an MLP on images): the guard keeps V ← β·V + G ≥ max |u|
-for them (V starts at G, u at zero) and uses V in r. Rounding (of the norms, the product
-and β·u + g, each within a relative ~10⁻⁵) is covered by the same factor 2 and margin;
-the norm of δ_0 is raised by what underflowing squares may lose (`underflow_slack`: its
-entries are multiplied by ‖x‖, so the loss is not negligible as for u's own norm), and a
-V beyond half the dtype's largest value counts as inf, since u may have overflowed there.
+(momentum SGD's scaled accumulator z, β = 1 and g its gain times the gradient,
+`sensgen.optim.ScaledAccumulator`; plain SGD's gradient, β = 0), the caller may give,
+instead of u's pass, a bound G ≥ max |g| for some of its tensors (`Backprop`'s
+‖δ_0‖_F‖x‖_F for the first layer, the largest tensor of an MLP on images): the guard keeps
+V ← β·V + G ≥ max |u| for them (V starts at G, u at zero) and uses V in r; when the caller
+rescales u in place (z's renormalisation), `rescale` rescales V alike. Rounding (of the
+norms, the product and β·u + g, each within a relative ~10⁻⁵) is covered by the same
+factor 2 and margin; the norm of δ_0 is raised by what underflowing squares may lose
+(`underflow_slack`: its entries are multiplied by ‖x‖, so the loss is not negligible as
+for u's own norm), and a V beyond half the dtype's largest value counts as inf, since u
+may have overflowed there.
 V is reset from u itself after an at-risk step that stays finite.
 """
 
@@ -104,6 +107,12 @@ class DivergenceGuard:
         """Keep the bounds of the models at `index` (the pack shrank to them)."""
         self.bound = self.bound[index]
         self.tracked = {k: v[index] for k, v in self.tracked.items()}
+
+    def rescale(self, factor: torch.Tensor) -> None:
+        """The tracked directions were multiplied in place by ``factor`` [M] (float64,
+        finite, in [0, 1]; momentum's renormalisation, `sensgen.optim.ScaledAccumulator`):
+        their bounds follow (the rounding of u·factor is covered by the factor 2)."""
+        self.tracked = {k: v * factor for k, v in self.tracked.items()}
 
     def _direction_norms(self, direction: Params, grad_bounds: Params, decay: float):
         """r [M] ≥ max |u_m|: tracked tensors by V ← β·V + G, the others by their norms."""

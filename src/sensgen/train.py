@@ -52,7 +52,7 @@ from sensgen.batches import derive_seed as derive_seed  # re-exported: seeds of 
 from sensgen.data import Augmentation
 from sensgen.divergence import DivergenceGuard, underflow_slack
 from sensgen.models import MLP, Nonlinearity
-from sensgen.optim import OPTIMIZERS, OptimizerName
+from sensgen.optim import OPTIMIZERS, OptimizerName, per_model
 
 # Examples per chunk of a full-batch step (see the module docstring). Fixed, not sized to
 # the pack or the free memory: the chunks set the order of the floating-point sums, and a
@@ -197,6 +197,7 @@ class _PackRun:
         self.lr = torch.tensor([m.lr for m in members], dtype=torch.float64, device=device)
         self.lr_active = self.lr.clone()  # 0 for stopped models: θ stays exactly as it is
         self.steps = torch.zeros(n_models, dtype=torch.int64, device=device)
+        self.taken = 0  # steps of the pack; the models still training have taken them all
         self.active = torch.ones(n_models, dtype=torch.bool, device=device)
         self.diverged = torch.zeros(n_models, dtype=torch.bool, device=device)
         self.last_finite: dict[int, dict[str, torch.Tensor]] = {}  # position -> its params
@@ -217,17 +218,19 @@ class _PackRun:
 
     def step(self, x: torch.Tensor) -> None:
         """One update of every model still in the pack (stopped ones with lr 0)."""
+        gain = self.optimizer.gain(self.steps)
         if self.batches is None:
             losses = _full_batch_step(
-                self.backprop, self.params, x, self.y, self.augmenter, self.target, self.beta
-            )
+                self.backprop, self.params, x, self.y, self.augmenter, self.target, self.beta,
+                gain,
+            )  # fmt: skip
         else:
             xb, yb = self.batches.next(x, self.y)
             if self.augmenter is not None:
                 self.augmenter(xb)
             scale = 1 / self.shape.batch_size
             losses = self.backprop.loss_and_grad(
-                self.params, xb, yb, self.target, scale=scale, beta=self.beta,
+                self.params, xb, yb, self.target, scale=scale, beta=self.beta, gain=gain,
                 input_norms=self._input_norms(x, xb),
             )  # fmt: skip
         direction, scale = self.optimizer.direction(
@@ -244,7 +247,22 @@ class _PackRun:
             self.last_finite.update(last_finite)
             self.diverged |= newly
             self.stop(newly)
+        self._renormalise()
         self.steps += self.active.long()
+        self.taken += 1
+
+    def _renormalise(self) -> None:
+        """Momentum's scaled accumulator, when due (`sensgen.optim.ScaledAccumulator`):
+        z ← c·z per model, and the guard's bounds on it alike. The pack's step count says
+        when (its models still training are all due together) and each model's own step
+        count by how much (1 for those that stopped earlier: their z no longer matters)."""
+        scaled = self.optimizer.scaled
+        if scaled is None or not scaled.renormalises_after(self.taken):
+            return
+        factor = scaled.renormalisation(self.steps)
+        for z in self.target.values():
+            z.mul_(per_model(factor, z))
+        self.guard.rescale(factor)
 
     def _tracks_first_layer(self) -> bool:
         """Whether the divergence guard bounds the first layer's direction from the
@@ -322,9 +340,10 @@ def _full_batch_step(
     augmenter: Augmenter | None,
     target: dict[str, torch.Tensor],
     beta: float,
+    gain: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Each model's mean loss over all of x [M]; target ← β·target + its gradient, chunk by
-    chunk (the first chunk with β, the rest added).
+    """Each model's mean loss over all of x [M]; target ← β·target + gain·its gradient,
+    chunk by chunk (the first chunk with β, the rest added).
 
     Chunk c adds (1/N)·Σ_{b∈c} of the per-example losses and gradients (module docstring),
     in chunk order. Without augmentation the models share each chunk (one product for the
@@ -336,7 +355,9 @@ def _full_batch_step(
     for c, (xc, yc) in enumerate(zip(*splits, strict=True)):
         xb = xc if augmenter is None else augmenter(xc.repeat(n_models, 1, 1))
         chunk_beta = beta if c == 0 else 1.0
-        losses += backprop.loss_and_grad(params, xb, yc, target, scale=1 / n, beta=chunk_beta)
+        losses += backprop.loss_and_grad(
+            params, xb, yc, target, scale=1 / n, beta=chunk_beta, gain=gain
+        )
     return losses
 
 
