@@ -89,8 +89,8 @@ def test_chunks_accumulate_to_the_whole_batch(nonlinearity, split):
 
 
 def test_beta_and_gain_take_the_momentum_step_in_place():
-    # Momentum's scaled accumulator: z ← z + g/c_k (β = 1, a gain per model), so that
-    # c_k·z is μ·v + g for v = c_{k−1}·z (`ScaledAccumulator`).
+    # Momentum's scaled accumulator: z ← z + g/c_k (β = 1, a gain ≤ 1 per model), so
+    # that c_k·z is μ·v + g for v = c_{k−1}·z (`ScaledAccumulator`).
     template, params = _pack(Nonlinearity.RELU)
     x, y = _batch()
     grads, _ = _autograd(template, params, x, y)
@@ -98,10 +98,10 @@ def test_beta_and_gain_take_the_momentum_step_in_place():
         k: torch.randn(p.shape, generator=torch.Generator().manual_seed(1))
         for k, p in params.items()
     }
-    steps = torch.tensor([0, 7, 15])  # per model: c_k = μ, μ⁸, μ¹⁶
+    steps = torch.tensor([0, 7, 15])  # per model: c_k = μ⁻¹⁵, μ⁻⁸, 1
     momentum = OPTIMIZERS[OptimizerName.MOMENTUM]
     c = momentum.scaled.scale(steps)
-    torch.testing.assert_close(c, MOMENTUM ** torch.tensor([1.0, 8.0, 16.0]), rtol=1e-15, atol=0)
+    torch.testing.assert_close(c, MOMENTUM ** torch.tensor([-15.0, -8.0, 0.0]), rtol=1e-15, atol=0)
     expected = {k: z[k] + grads[k] / c.view(-1, *[1] * (v.ndim - 1)) for k, v in z.items()}
     target, beta = momentum.gradient_target({"v": z}, None)
     assert target is z and beta == 1.0
@@ -112,8 +112,12 @@ def test_beta_and_gain_take_the_momentum_step_in_place():
         torch.testing.assert_close(z[name], expected[name], rtol=1e-12, atol=1e-15)
 
 
-@pytest.mark.parametrize("beta", [0.0, MOMENTUM], ids=["gradient", "momentum step"])
-def test_first_layer_stored_transposed_gives_the_same_gradient_in_its_own_layout(beta):
+@pytest.mark.parametrize(
+    ("beta", "gain"),
+    [(0.0, None), (1.0, (0.5, 1.0, MOMENTUM**3))],
+    ids=["gradient", "momentum's scaled accumulator"],
+)
+def test_first_layer_stored_transposed_gives_the_same_gradient_in_its_own_layout(beta, gain):
     template, params = _pack(Nonlinearity.RELU)
     laid_out = minibatch_layout(params)
     w0 = laid_out["layers.0.weight"]
@@ -129,14 +133,17 @@ def test_first_layer_stored_transposed_gives_the_same_gradient_in_its_own_layout
     }
     grads = {k: torch.empty_like(laid_out[k]).copy_(v) for k, v in start.items()}
     pointers = {k: v.data_ptr() for k, v in grads.items()}
+    gains = None if gain is None else torch.tensor(gain)
     losses = Backprop(Nonlinearity.RELU).loss_and_grad(
-        laid_out, x, y, grads, scale=1 / B, beta=beta
+        laid_out, x, y, grads, scale=1 / B, beta=beta, gain=gains
     )
     torch.testing.assert_close(losses, expected_losses, rtol=1e-13, atol=1e-15)
     for name, expected in expected_grads.items():
         # Written into the caller's buffers, in their layout (W₀'s stays transposed).
         assert grads[name].data_ptr() == pointers[name]
         assert grads[name].stride() == laid_out[name].stride()
+        if gains is not None:
+            expected = expected * gains.view(-1, *[1] * (expected.ndim - 1))
         torch.testing.assert_close(
             grads[name], beta * start[name] + expected, rtol=1e-12, atol=1e-15
         )

@@ -82,7 +82,7 @@ def test_the_compiled_step_benchmark_times_sensgen_s_step(monkeypatch):
     lr = torch.full((m,), compiled_step.LR, dtype=torch.float64)
     steps = torch.zeros(m, dtype=torch.int64)
     gen = torch.Generator().manual_seed(1)
-    for _ in range(3):
+    for step in range(3):
         x = torch.randn(m, b, 12, generator=gen, dtype=torch.float64)
         y = torch.randint(n_classes, (m, b), generator=gen)
         target, beta = momentum.gradient_target(state, None)
@@ -90,7 +90,8 @@ def test_the_compiled_step_benchmark_times_sensgen_s_step(monkeypatch):
             params, x, y, target, scale=1 / b, beta=beta, gain=momentum.gain(steps)
         )
         apply_update(params, *momentum.direction(None, state, lr, steps))
-        steps += 1  # (3 steps: no renormalisation is due)
+        momentum.renormalise(state, steps, torch.ones(m, dtype=torch.bool), step)
+        steps += 1
         plain = compiled_step.plain_step(w, bias, vw, vb, x, y)
         torch.testing.assert_close(plain, losses, rtol=1e-12, atol=1e-14)
     for k in range(3):

@@ -9,17 +9,18 @@ x [M, B, d] (each model its own examples) or x [B, d] (one batch shared by every
     loss_m = s · Σ_b (logsumexp(z_mb) − z_mb[y_mb])
 
 with s = 1/B for the mean loss of a batch (s = 1/N for a chunk of a full batch of N). The
-backward pass is the chain rule, one batched matrix product per term:
+backward pass is the chain rule, one batched matrix product per term, with a per-model gain
+γ on the gradient (1 but for momentum's scaled accumulator, `sensgen.optim`):
 
-    δ_{L−1} = s · (softmax(z) − onehot(y))                        [M, B, C]
-    ∂loss/∂W_l = δ_lᵀ a_{l−1},   ∂loss/∂b_l = Σ_b δ_l,   δ_{l−1} = φ'(h_{l−1}) ⊙ (δ_l W_l)
+    δ_{L−1} = s · γ · (softmax(z) − onehot(y))                    [M, B, C]
+    γ ∂loss/∂W_l = δ_lᵀ a_{l−1},   γ ∂loss/∂b_l = Σ_b δ_l,   δ_{l−1} = φ'(h_{l−1}) ⊙ (δ_l W_l)
 
 This is what `vmap(grad(loss))` over `functional_call` computes (tests check it, for every
 nonlinearity, to float64 rounding), without its per-step tracing and dispatch, which is
 half the step of a small model (width 64, batch 32). The products write into buffers kept
-from step to step; the gradients are written into (or, to accumulate chunks, added to) the
-caller's buffers. φ' is applied by the same kernels autograd uses for each nonlinearity, so
-at a breakpoint (ReLU at 0, ...) the value is autograd's.
+from step to step; the gradients are written into (or, to accumulate chunks or momentum,
+added to) the caller's buffers. φ' is applied by the same kernels autograd uses for each
+nonlinearity, so at a breakpoint (ReLU at 0, ...) the value is autograd's.
 
 A shared batch x [B, d] (full-batch training) makes the first layer two plain matrix
 products for the whole pack, x [B, d] by the stacked W_0 viewed as [M·n_0, d] and its

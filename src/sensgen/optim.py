@@ -9,9 +9,10 @@ they stop being finite (`sensgen.divergence.DivergenceGuard`).
 Momentum SGD names an ``accumulator``: its state takes the step v ← μv + g from whoever
 computes the gradient (the backward pass adds its products into it, one pass fewer over the
 pack and no gradient buffer), and its direction is that state itself. It keeps v scaled,
-as z = v / c with c = μᵏ (`ScaledAccumulator`), so that the gradient is *added* to z
-(β = 1), not added to a scaled z (β = μ): MKL's product C ← βC + AB runs a separate pass
-over C for β ∉ {0, 1} (0.4 ms of the reference pack's 17 ms step; issue 8).
+as z = v / c with c a power of μ that shrinks by μ each step (`ScaledAccumulator`), so that
+the gradient is *added* to z (β = 1), not added to a scaled z (β = μ): MKL's product
+C ← βC + AB runs a separate pass over C for β ∉ {0, 1} (0.4 ms of the reference pack's
+17 ms step; issue 8).
 Every tensor carries a leading model axis M; ``lr`` [M] and ``step`` [M] are per model, so
 models in one pack have their own learning rate and step count. A model with lr = 0 keeps
 its parameters exactly (θ − 0·u = θ for finite u). In-place updates into preallocated
@@ -27,7 +28,7 @@ The update rules are those of `torch.optim` (tests check this):
 
 * sgd:       θ ← θ − η g
 * momentum:  v ← μ v + g,  θ ← θ − η v            (μ = 0.9; v starts at g, as in torch;
-             stored as z = v/c, see `ScaledAccumulator`)
+             stored as z = v/c, `ScaledAccumulator`: the same to rounding)
 * adam:      m ← β₁m + (1−β₁)g,  v ← β₂v + (1−β₂)g²,
              θ ← θ − η m̂ / (√v̂ + ε),  m̂ = m/(1−β₁ᵗ), v̂ = v/(1−β₂ᵗ)
 * rmsprop:   v ← αv + (1−α)g²,  θ ← θ − η g / (√v + ε)   (α = 0.99, ε = 1e-8)
@@ -65,16 +66,18 @@ class OptimizerName(StrEnum):
 
 @dataclass(frozen=True)
 class ScaledAccumulator:
-    """An accumulator v ← μv + g kept as z = v / c_k, c_k = μ^(k mod K + 1) after a model's
-    step k (0, 1, ...; K = ``period``).
+    """An accumulator v ← μv + g kept as z = v / c_k, c_k = μ^(k mod K + 1 − K) after a
+    model's step k (0, 1, ...; K = ``period``): c runs from μ^(1−K) down to 1.
 
     Step k adds the gradient with a gain, z ← z + g / c_k (β = 1), and the direction is
-    v = c_k·z (the update scales it: θ ← θ − (η c_k)·z). Then, when k mod K + 1 = K, z is
-    renormalised, z ← c_k·z, so that c starts again at μ; in between, c_k = μ·c_{k−1}
-    makes c_k·z = μ·(c_{k−1}·z_prev) + g. Exact in exact arithmetic; in floating point it
-    differs from v ← μv + g by rounding only (a few units of the last place per step, like
-    any reordering). Everything is per model, from its own step count [M], so a model's
-    result does not depend on its pack-mates.
+    v = c_k·z (the update scales it: θ ← θ − (η c_k)·z); c_k = μ·c_{k−1} makes
+    c_k·z = μ·(c_{k−1}·z_prev) + g. When k mod K + 1 = K (c_k = 1, z = v), z is
+    renormalised, z ← μᴷ·z, so that c can start again at μ^(1−K). Exact in exact
+    arithmetic; in floating point it differs from v ← μv + g by rounding only (a few units
+    of the last place per step, like any reordering). As c ≥ 1, |z| ≤ |v| and the gain
+    1/c ≤ 1: z and the backward pass's products overflow no sooner than v would. Everything
+    is per model, from its own step count [M], so a model's result does not depend on its
+    pack-mates.
     """
 
     decay: float
@@ -82,21 +85,30 @@ class ScaledAccumulator:
 
     def scale(self, steps: torch.Tensor) -> torch.Tensor:
         """c_k [M] (float64) for models at steps k [M]."""
-        return torch.pow(self.decay, (steps % self.period + 1).to(torch.float64))
+        exponent = steps % self.period + (1 - self.period)
+        return torch.pow(self.decay, exponent.to(torch.float64))
 
     def gain(self, steps: torch.Tensor) -> torch.Tensor:
-        """1 / c_k [M] (float64): what step k multiplies its gradient by."""
+        """1 / c_k [M] (float64), in [μ^(K−1), 1]: what step k multiplies its gradient by."""
         return 1 / self.scale(steps)
 
-    def renormalisation(self, steps: torch.Tensor) -> torch.Tensor:
-        """After step k (``steps`` [M] the counts *before* it): per model the factor
-        [M] (float64) to multiply z by, c_k where k mod K + 1 = K and 1 elsewhere."""
-        due = steps % self.period + 1 == self.period
-        return torch.where(due, self.scale(steps), 1.0)
-
-    def renormalises_after(self, step: int) -> bool:
-        """Whether any model at pack step ``step`` is due (`renormalisation`)."""
-        return step % self.period + 1 == self.period
+    def renormalise(
+        self, z: Params, steps: torch.Tensor, active: torch.Tensor, pack_step: int
+    ) -> torch.Tensor | None:
+        """After the update of the pack's step ``pack_step`` (its models still training,
+        ``active`` [M] bool, have taken every step: ``steps`` [M], the counts before it, is
+        ``pack_step`` for them), z ← μᴷ·z in place for the models due. Returns the factor
+        per model [M] (float64; 1 for the others), or None if no model was due: the caller's
+        bounds on z must follow. Only models still training are touched: a stopped
+        model's z no longer matters."""
+        if pack_step % self.period + 1 != self.period:
+            return None
+        due = active & (steps % self.period + 1 == self.period)
+        factor = torch.ones(due.shape, dtype=torch.float64, device=due.device)
+        factor.masked_fill_(due, self.decay**self.period)  # (a bare where() is float32)
+        for tensor in z.values():
+            tensor.mul_(per_model(factor, tensor))
+        return factor
 
 
 @dataclass(frozen=True)
@@ -135,6 +147,16 @@ class Optimizer:
         multiplied by before it joins the target; None: by 1."""
         return None if self.scaled is None else self.scaled.gain(steps)
 
+    def renormalise(
+        self, state: State, steps: torch.Tensor, active: torch.Tensor, pack_step: int
+    ) -> torch.Tensor | None:
+        """After each step's update: a scaled accumulator's renormalisation, when due
+        (`ScaledAccumulator.renormalise`: the factor [M] its values were multiplied by, or
+        None). Whoever takes steps with this optimiser must call it after each of them."""
+        if self.scaled is None:
+            return None
+        return self.scaled.renormalise(state[self.accumulator], steps, active, pack_step)
+
 
 def _zeros_like(params: Params) -> Params:
     return {k: torch.zeros_like(v) for k, v in params.items()}
@@ -156,6 +178,7 @@ _MOMENTUM_ACCUMULATOR = ScaledAccumulator(MOMENTUM, RESCALE_PERIOD)
 def _momentum_direction(grads, state, lr, step):
     # z ← z + g/c is already done (the accumulator), so v = c·z. torch.optim.SGD starts
     # the buffer at the first gradient; with z = 0, c·(0 + g/c) is g up to rounding.
+    # (η·c in float32 overflows only for η > 7e37: such a model is caught as diverged.)
     return state["v"], lr * _MOMENTUM_ACCUMULATOR.scale(step)
 
 

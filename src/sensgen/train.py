@@ -52,7 +52,7 @@ from sensgen.batches import derive_seed as derive_seed  # re-exported: seeds of 
 from sensgen.data import Augmentation
 from sensgen.divergence import DivergenceGuard, underflow_slack
 from sensgen.models import MLP, Nonlinearity
-from sensgen.optim import OPTIMIZERS, OptimizerName, per_model
+from sensgen.optim import OPTIMIZERS, OptimizerName
 
 # Examples per chunk of a full-batch step (see the module docstring). Fixed, not sized to
 # the pack or the free memory: the chunks set the order of the floating-point sums, and a
@@ -247,22 +247,13 @@ class _PackRun:
             self.last_finite.update(last_finite)
             self.diverged |= newly
             self.stop(newly)
-        self._renormalise()
+        # Momentum's scaled accumulator, when due (`sensgen.optim.ScaledAccumulator`):
+        # z ← μᴷ·z for the models still training, and the guard's bounds on it alike.
+        factor = self.optimizer.renormalise(self.state, self.steps, self.active, self.taken)
+        if factor is not None:
+            self.guard.rescale(factor)
         self.steps += self.active.long()
         self.taken += 1
-
-    def _renormalise(self) -> None:
-        """Momentum's scaled accumulator, when due (`sensgen.optim.ScaledAccumulator`):
-        z ← c·z per model, and the guard's bounds on it alike. The pack's step count says
-        when (its models still training are all due together) and each model's own step
-        count by how much (1 for those that stopped earlier: their z no longer matters)."""
-        scaled = self.optimizer.scaled
-        if scaled is None or not scaled.renormalises_after(self.taken):
-            return
-        factor = scaled.renormalisation(self.steps)
-        for z in self.target.values():
-            z.mul_(per_model(factor, z))
-        self.guard.rescale(factor)
 
     def _tracks_first_layer(self) -> bool:
         """Whether the divergence guard bounds the first layer's direction from the
