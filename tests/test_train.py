@@ -173,6 +173,30 @@ def test_divergence_is_flagged_and_freezes_only_that_model():
     assert all(torch.isfinite(v).all() for v in out.params.values())
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_init_pack_draws_each_member_as_its_own_mlp(threads, dtype):
+    # Drawn straight into the stacked slices, on one thread or several: each member's
+    # weights are exactly those of MLP(seed), whatever its place in the pack.
+    before, before_threads = torch.get_default_dtype(), torch.get_num_threads()
+    torch.set_default_dtype(dtype)
+    torch.set_num_threads(threads)
+    try:
+        shape = _shape(OptimizerName.SGD)
+        members = [Member(seed=s, lr=0.1, init_scale=0.5 + s) for s in (5, 0, 9, 2, 7)]
+        template, params = init_pack(shape, members)
+        assert template.init_scale == members[0].init_scale
+        for i, m in enumerate(members):
+            net = MLP(D, C, shape.width, shape.depth, shape.nonlinearity, m.init_scale,
+                      generator=torch.Generator().manual_seed(m.seed))  # fmt: skip
+            for name, value in net.state_dict().items():
+                assert params[name].dtype == dtype and not params[name].requires_grad
+                assert torch.equal(params[name][i], value), name
+    finally:
+        torch.set_default_dtype(before)
+        torch.set_num_threads(before_threads)
+
+
 def test_initialisation_statistics():
     shape = PackShape(2000, 10, 500, 1, Nonlinearity.RELU, OptimizerName.SGD, 32, 1, 1, True)
     _, params = init_pack(shape, [Member(0, 0.1, 4.0)])

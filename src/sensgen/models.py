@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from enum import StrEnum
 
 import torch
@@ -120,10 +120,8 @@ class MLP(nn.Module):
     @torch.no_grad()
     def reset_parameters(self, *, generator: torch.Generator | None = None) -> None:
         """Draw W_l ~ N(0, σ_w²/fan_in) and set b_l = 0 (paper §4, 'init')."""
-        for layer in self.layers:
-            std = math.sqrt(self.init_scale / layer.in_features)
-            layer.weight.normal_(0.0, std, generator=generator)
-            layer.bias.zero_()
+        weights = [layer.weight for layer in self.layers]
+        draw_initial_(weights, [layer.bias for layer in self.layers], self.init_scale, generator)
 
     @property
     def activation(self) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -144,6 +142,25 @@ class MLP(nn.Module):
         for layer in self.layers[:-1]:
             a = self.activation(layer(a))
         return self.layers[-1](a)
+
+
+@torch.no_grad()
+def draw_initial_(
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor],
+    init_scale: float,
+    generator: torch.Generator | None,
+) -> None:
+    """An MLP's initial parameters, in place: W_l ~ N(0, σ_w²/fan_in) for W_l [n_l, n_{l−1}]
+    (contiguous) drawn from ``generator`` layer after layer, b_l = 0 (paper §4, 'init').
+
+    The one definition of `MLP`'s initial weights: `sensgen.train.init_pack` draws a pack's
+    models into their slices of its stacked tensors with it, so a model's weights depend
+    only on its seed and init scale, whichever tensor they are drawn into.
+    """
+    for weight, bias in zip(weights, biases, strict=True):
+        weight.normal_(0.0, math.sqrt(init_scale / weight.shape[1]), generator=generator)
+        bias.zero_()
 
 
 def count_parameters(in_dim: int, n_classes: int, width: int, depth: int) -> int:

@@ -41,17 +41,17 @@ uses the unaugmented training set (paper §2.3).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
-from torch.func import stack_module_state
 
 from sensgen.backprop import Backprop, logits, minibatch_layout
 from sensgen.batches import Augmenter, Minibatches
 from sensgen.batches import derive_seed as derive_seed  # re-exported: seeds of every purpose
 from sensgen.data import Augmentation
 from sensgen.divergence import DivergenceGuard, underflow_slack
-from sensgen.models import MLP, Nonlinearity
+from sensgen.models import MLP, Nonlinearity, draw_initial_
 from sensgen.optim import OPTIMIZERS, OptimizerName
 
 # Examples per chunk of a full-batch step (see the module docstring). Fixed, not sized to
@@ -105,25 +105,47 @@ class PackOutcome:
 
 
 def init_pack(shape: PackShape, members: Sequence[Member]) -> tuple[MLP, dict[str, torch.Tensor]]:
-    """Build each member's MLP from its own seed and stack them.
+    """Each member's initial weights, drawn from its own seed as its `MLP` would draw them
+    (`sensgen.models.draw_initial_`), into stacked tensors.
 
-    Returns a template MLP (its architecture, for `unstack` and `predict_pack`) and the
-    stacked parameters [M, ...].
+    Returns a template MLP (the first member's: its architecture, for `unstack` and
+    `predict_pack`) and the stacked parameters [M, ...], named as `stack_module_state`
+    names them. The members are drawn straight into their slices, not built as modules
+    and stacked (a copy of the pack fewer), on as many threads as torch uses: each member
+    has a generator of its own, so the draws do not depend on the threads (most of a pack's
+    set-up: 45 → 17 ms for the reference pack on 2 cores; issue 8).
     """
-    nets = [
-        MLP(
-            shape.in_dim,
-            shape.n_classes,
-            shape.width,
-            shape.depth,
-            shape.nonlinearity,
-            m.init_scale,
-            generator=torch.Generator().manual_seed(m.seed),
+    first = members[0]
+    template = MLP(
+        shape.in_dim,
+        shape.n_classes,
+        shape.width,
+        shape.depth,
+        shape.nonlinearity,
+        first.init_scale,
+        generator=torch.Generator().manual_seed(first.seed),
+    )
+    params = {
+        name: p.new_empty((len(members), *p.shape)) for name, p in template.named_parameters()
+    }
+    layers = range(len(template.layers))
+
+    def draw(i: int) -> None:
+        draw_initial_(
+            [params[f"layers.{layer}.weight"][i] for layer in layers],
+            [params[f"layers.{layer}.bias"][i] for layer in layers],
+            members[i].init_scale,
+            torch.Generator().manual_seed(members[i].seed),
         )
-        for m in members
-    ]
-    params, _ = stack_module_state(nets)  # new stacked tensors, not views of the nets'
-    return nets[0], {k: v.detach() for k, v in params.items()}
+
+    threads = min(torch.get_num_threads(), len(members))
+    if threads > 1:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(draw, range(len(members))))  # list(): raise what a draw raised
+    else:
+        for i in range(len(members)):
+            draw(i)
+    return template, params
 
 
 def train_pack(
