@@ -52,6 +52,10 @@ def test_training_benchmark_quick_run_agrees_with_the_plain_loop():
     assert "relu, Adam, batch 128" in out
     assert out.count("products alone, GFLOP/s") == 2  # the two momentum minibatch packs
     assert out.count("of which model init") == 4
+    # The reference pack's share of the peak, strict and per round, as percentages.
+    strict = re.search(r"packed share of peak\s+([\d.]+)% \(best round", out)
+    paired = re.search(r"the same, per round\s+([\d.]+)% of the peak probed", out)
+    assert strict and paired and 0 < float(strict[1]) < 100 and 0 < float(paired[1]) < 100
     agreement = [float(v) for v in re.findall(r"([\d.e+-]+) after 3 steps in float64", out)]
     assert len(agreement) == 4
     # In float64 (3 steps move the weights by ~1e-3–1e-2): only rounding differs.
