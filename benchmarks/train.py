@@ -226,7 +226,7 @@ def bench_case(
             (
                 "matmul GFLOP/s, packed / loop",
                 f"{gflops['packed']:,.1f} / {gflops['loop']:,.1f} "
-                f"({gflops['packed'] / peak:.0%} / {gflops['loop'] / peak:.0%} of the peak)",
+                f"({gflops['packed'] / peak:.1%} / {gflops['loop'] / peak:.1%} of the peak)",
             ),
         ]
         init_share = statistics.median(_paired(times["init"], times["packed"]))

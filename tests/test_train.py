@@ -197,6 +197,26 @@ def test_init_pack_draws_each_member_as_its_own_mlp(threads, dtype):
         torch.set_num_threads(before_threads)
 
 
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan")])
+def test_init_pack_rejects_a_bad_init_scale_on_any_member(bad):
+    members = [Member(seed=0, lr=0.1, init_scale=1.0), Member(seed=1, lr=0.1, init_scale=bad)]
+    with pytest.raises(ValueError, match="init_scale must be > 0"):
+        init_pack(_shape(OptimizerName.SGD), members)
+
+
+def test_init_pack_on_threads_keeps_the_caller_s_inference_mode():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        members = [Member(seed=s, lr=0.1, init_scale=1.0) for s in range(4)]
+        with torch.inference_mode():
+            _, params = init_pack(_shape(OptimizerName.SGD), members)
+        _, expected = init_pack(_shape(OptimizerName.SGD), members)
+        assert all(torch.equal(params[k], expected[k]) for k in expected)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_initialisation_statistics():
     shape = PackShape(2000, 10, 500, 1, Nonlinearity.RELU, OptimizerName.SGD, 32, 1, 1, True)
     _, params = init_pack(shape, [Member(0, 0.1, 4.0)])

@@ -158,6 +158,8 @@ def draw_initial_(
     models into their slices of its stacked tensors with it, so a model's weights depend
     only on its seed and init scale, whichever tensor they are drawn into.
     """
+    if not init_scale > 0:
+        raise ValueError(f"init_scale must be > 0, got {init_scale}")
     for weight, bias in zip(weights, biases, strict=True):
         weight.normal_(0.0, math.sqrt(init_scale / weight.shape[1]), generator=generator)
         bias.zero_()

@@ -129,14 +129,16 @@ def init_pack(shape: PackShape, members: Sequence[Member]) -> tuple[MLP, dict[st
         name: p.new_empty((len(members), *p.shape)) for name, p in template.named_parameters()
     }
     layers = range(len(template.layers))
+    inference = torch.is_inference_mode_enabled()  # per thread: the pool's must follow
 
     def draw(i: int) -> None:
-        draw_initial_(
-            [params[f"layers.{layer}.weight"][i] for layer in layers],
-            [params[f"layers.{layer}.bias"][i] for layer in layers],
-            members[i].init_scale,
-            torch.Generator().manual_seed(members[i].seed),
-        )
+        with torch.inference_mode(inference):
+            draw_initial_(
+                [params[f"layers.{layer}.weight"][i] for layer in layers],
+                [params[f"layers.{layer}.bias"][i] for layer in layers],
+                members[i].init_scale,
+                torch.Generator().manual_seed(members[i].seed),
+            )
 
     threads = min(torch.get_num_threads(), len(members))
     if threads > 1:
