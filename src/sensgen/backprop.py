@@ -232,7 +232,9 @@ class Backprop:
             torch.sum(delta, dim=1, out=g_bias)
         else:
             bias_grad = torch.sum(delta, dim=1, out=self._buffer("db", delta, *g_bias.shape))
-            g_bias.mul_(beta).add_(bias_grad)
+            if beta != 1.0:  # (β = 1, momentum's and the chunks': ·1 is no op, and exact)
+                g_bias.mul_(beta)
+            g_bias.add_(bias_grad)
 
 
 def _stored_transposed(weight: torch.Tensor) -> bool:

@@ -121,7 +121,10 @@ class DivergenceGuard:
         for k, g in grad_bounds.items():
             v = self.tracked.get(k)
             # (β = 0: V = G, also after a V of inf or NaN, which 0·V would keep.)
-            self.tracked[k] = g if v is None or decay == 0 else decay * v + g
+            if v is None or decay == 0:
+                self.tracked[k] = g
+            else:  # (1·V is V exactly: β = 1 skips the product)
+                self.tracked[k] = v + g if decay == 1 else decay * v + g
         others = {k: u for k, u in direction.items() if k not in self.tracked}
         parts = [norms(others)] if others else []
         # V is float64: past the dtype's range u may already hold ±inf (or NaN) while V is
