@@ -53,7 +53,8 @@ RMSPROP_EPS = 1e-8
 
 
 # Steps between two renormalisations of momentum's scaled state (`ScaledAccumulator`): the
-# gradient's gain 1/c stays ≤ μ⁻¹⁶ = 5.4, and the pass z ← cz costs 1/16 of one per step.
+# gradient's gain 1/c stays in [μ¹⁵, 1] = [0.21, 1], and the pass z ← μ¹⁶z costs 1/16 of
+# one per step.
 RESCALE_PERIOD = 16
 
 
