@@ -49,6 +49,8 @@ from __future__ import annotations
 
 import torch
 
+from sensgen.optim import per_model
+
 Params = dict[str, torch.Tensor]
 
 
@@ -85,10 +87,10 @@ def is_finite(params: Params, index: int) -> bool:
 
 def apply_update(params: Params, direction: Params, scale: torch.Tensor) -> None:
     """θ ← θ − s·u in place, s [M] per model (a model with s = 0 and finite u keeps θ)."""
-    like = next(iter(params.values()))
-    applied = scale.to(like.dtype)  # once, not per tensor: a step's small ops add up
+    # Converted once, not per tensor (per_model's own conversion is then a no-op).
+    applied = scale.to(next(iter(params.values())).dtype)
     for k, p in params.items():
-        p.addcmul_(applied.view(-1, *[1] * (p.ndim - 1)), direction[k], value=-1)
+        p.addcmul_(per_model(applied, p), direction[k], value=-1)
 
 
 class DivergenceGuard:
