@@ -1,11 +1,19 @@
 """The written-out backward pass equals autograd, for every nonlinearity (float64)."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad_and_value, vmap
 
-from sensgen.backprop import ACTIVATIONS_INTO, Backprop, logits, minibatch_layout
+from sensgen.backprop import (
+    ACTIVATIONS_INTO,
+    Backprop,
+    logits,
+    minibatch_layout,
+    probabilities_,
+)
 from sensgen.models import ACTIVATIONS, Nonlinearity
 from sensgen.optim import MOMENTUM, OPTIMIZERS, OptimizerName
 from sensgen.train import Member, PackShape, init_pack
@@ -59,6 +67,43 @@ def test_gradient_and_loss_equal_autograd(nonlinearity, shared):
     torch.testing.assert_close(losses, expected_losses, rtol=1e-13, atol=1e-15)
     for name, expected in expected_grads.items():
         torch.testing.assert_close(grads[name], expected, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_probabilities_flush_only_what_is_below_e_times_tiny(dtype):
+    # exp(log p) exactly where log p is above the floor ln(tiny) + 1; below it, 0, where
+    # the exact value is at most e·tiny; NaN stays NaN (a diverging model stays visible).
+    tiny = torch.finfo(dtype).tiny
+    floor = math.log(tiny) + 1
+    log_p = torch.tensor(
+        [0.0, -1.5, -80.0, floor + 0.01, floor - 0.01, -88.0, -104.0, -800.0, -torch.inf],
+        dtype=dtype,
+    )
+    log_p = torch.cat([log_p, torch.tensor([torch.nan], dtype=dtype)])
+    exact = log_p.exp()
+    p = probabilities_(log_p.clone())
+    above = log_p > floor
+    assert torch.equal(p[above], exact[above])
+    assert (p[~above & ~log_p.isnan()] == 0).all()
+    assert (exact[~above & ~log_p.isnan()] <= math.e * tiny).all()
+    assert p[-1].isnan()
+
+
+def test_confident_models_match_autograd_in_float32():
+    # Logits hundreds apart: most log-probabilities are far below ln(tiny) = −87.3, where
+    # the probabilities are flushed to 0; the gradient is autograd's up to float32 rounding.
+    torch.set_default_dtype(torch.float32)
+    template, params = _pack(Nonlinearity.RELU)
+    x, y = _batch()
+    x = 300 * x.float()
+    log_p = torch.log_softmax(logits(Nonlinearity.RELU, params, x), dim=-1)
+    assert (log_p < -88).float().mean() > 0.3  # the case this test is about
+    expected_grads, expected_losses = _autograd(template, params, x, y)
+    grads = _empty_like(params)
+    losses = Backprop(Nonlinearity.RELU).loss_and_grad(params, x, y, grads, scale=1 / B)
+    torch.testing.assert_close(losses, expected_losses, rtol=1e-5, atol=1e-5)
+    for name, expected in expected_grads.items():
+        torch.testing.assert_close(grads[name], expected, rtol=1e-4, atol=1e-4)
 
 
 def test_one_hidden_layer_and_deeper_nets():
