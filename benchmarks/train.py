@@ -350,12 +350,13 @@ def products_alone(case: Case, in_dim: int) -> Callable[[], None]:
     """The batched matrix products of `case.steps` packed steps and nothing else.
 
     Per step and layer l, as `sensgen.backprop.Backprop` calls them on [M, ...] tensors of
-    the pack's shapes: the forward h = a Wᵀ + b (`baddbmm`), the weight gradient added
-    into momentum's scaled accumulator z ← z + δᵀa (`baddbmm`, β = 1: `optim.ScaledAccumulator`)
-    and, above the first layer, the input gradient δW
-    (`bmm`), the first layer's weights and momenta stored as [M, n_in, n_out] as the
-    trainer stores them (`sensgen.backprop.minibatch_layout`). The values are random and do
-    not change: only the time is wanted.
+    the pack's shapes and layouts: the forward h = a Wᵀ + b (`baddbmm`), the weight
+    gradient added into momentum's scaled accumulator z ← z + δᵀa (`baddbmm`, β = 1:
+    `optim.ScaledAccumulator`) and, above the first layer, the upstream gradient δW
+    (`bmm`). The first layer's weights and momenta are stored as [M, n_in, n_out]
+    (`sensgen.backprop.minibatch_layout`), its h and δ as [M, B, n_out]; every later
+    layer's h and δ feature-major, [M, n_out, B] (the module's "Layouts"). The values are
+    random and do not change: only the time is wanted.
     """
     gen = torch.Generator().manual_seed(SEED)
     m, b = case.n_models, case.batch_size
@@ -365,30 +366,43 @@ def products_alone(case: Case, in_dim: int) -> Callable[[], None]:
         weight = torch.randn(m, n_out, n_in, generator=gen) / n_in**0.5
         if index == 0:  # stored as [M, n_in, n_out], as the trainer has it (minibatch_layout)
             weight = weight.transpose(1, 2).contiguous().transpose(1, 2)
+        # index 0: [M, B, ·]; index 1 reads a_0 [M, B, n_0]; later ones [M, ·, B]
+        a_in = torch.rand(m, b, n_in, generator=gen)
+        if index > 1:
+            a_in = torch.rand(m, n_in, b, generator=gen)
+        h_shape = (m, b, n_out) if index == 0 else (m, n_out, b)
+        upstream = (m, b, n_in) if index == 1 else (m, n_in, b)
         layers.append(
             (
                 weight,
-                torch.randn(m, 1, n_out, generator=gen),  # bias
-                torch.rand(m, b, n_in, generator=gen),  # the layer's input a
-                torch.empty(m, b, n_out),  # h
+                torch.randn(m, n_out, generator=gen),  # bias
+                a_in,
+                torch.empty(h_shape),  # h
                 torch.zeros_like(weight),  # v
-                torch.randn(m, b, n_out, generator=gen) / b,  # δ
-                torch.empty(m, b, n_in),  # δW
+                torch.randn(h_shape, generator=gen) / b,  # δ
+                torch.empty(upstream),  # δW
             )
         )
 
     def run() -> None:
         for _ in range(case.steps):
-            for weight, bias, a, h, _, _, _ in layers:
-                torch.baddbmm(bias, a, weight.transpose(1, 2), out=h)
+            for index, (weight, bias, a, h, _, _, _) in enumerate(layers):
+                if index == 0:
+                    torch.baddbmm(bias.unsqueeze(1), a, weight.transpose(1, 2), out=h)
+                else:  # hᵀ = W aᵀ + b
+                    a_t = a.transpose(1, 2) if index == 1 else a
+                    torch.baddbmm(bias.unsqueeze(2), weight, a_t, out=h)
             for index, (weight, _, a, _, v, delta, upstream) in reversed(list(enumerate(layers))):
                 if index == 0:  # into v in its layout, [M, n_in, n_out]: aᵀδ
                     v_t = v.transpose(1, 2)
                     torch.baddbmm(v_t, a.transpose(1, 2), delta, out=v_t)
+                    continue
+                a_rows = a if index == 1 else a.transpose(1, 2)
+                torch.baddbmm(v, delta, a_rows, out=v)
+                if index == 1:
+                    torch.bmm(delta.transpose(1, 2), weight, out=upstream)
                 else:
-                    torch.baddbmm(v, delta.transpose(1, 2), a, out=v)
-                if index > 0:
-                    torch.bmm(delta, weight, out=upstream)
+                    torch.bmm(weight.transpose(1, 2), delta, out=upstream)
 
     return run
 

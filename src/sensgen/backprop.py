@@ -25,6 +25,15 @@ nonlinearity, so at a breakpoint (ReLU at 0, ...) the value is autograd's.
 A shared batch x [B, d] (full-batch training) makes the first layer two plain matrix
 products for the whole pack, x [B, d] by the stacked W_0 viewed as [M·n_0, d] and its
 transpose, instead of M small ones.
+
+Layouts. The first layer's h_0, a_0 and δ_0 are [M, B, n_0]; every later layer's h_l, a_l
+and δ_l are stored feature-major, [M, n_l, B], the logits and δ_{L−1} too ([M, C, B]). The
+products above the first layer are then, per model, h_lᵀ = W_l a_{l−1}ᵀ [n_l, B], the
+weight gradient δ_lᵀ a_{l−1} as the stored [n_l, B] by [B, n_{l−1}], and the upstream
+gradient W_lᵀ δ_lᵀ: the orientations MKL's batched product runs fastest for a 256 × 256
+layer (its forward 10% faster than a_{l−1} W_lᵀ into [M, B, n_l]; 2% of a reference step
+all told, issue 8). The log-softmax wants the logits class-major too, so they need no
+transposed copy.
 """
 
 from __future__ import annotations
@@ -133,9 +142,11 @@ class Backprop:
     def forward(self, params: Params, x: torch.Tensor) -> tuple[list, torch.Tensor]:
         """Pre-activations and activations [(h_l, a_l)] of the hidden layers, and logits.
 
-        x is [M, B, d] or, shared by every model, [B, d]; the results are [M, B, ·]. They
-        live in this instance's buffers until its next call. Where φ' needs only a
-        (`BACKWARD_FROM_ACTIVATION`), a is written over h, and both name it.
+        x is [M, B, d] or, shared by every model, [B, d]. The first layer's h_0, a_0 are
+        [M, B, n_0]; every later layer's are stored feature-major, [M, n_l, B], and so are
+        the logits, [M, C, B] (module docstring: why). They live in this instance's buffers
+        until its next call. Where φ' needs only a (`BACKWARD_FROM_ACTIVATION`), a is
+        written over h, and both name it.
         """
         hidden = []
         a = x
@@ -147,9 +158,15 @@ class Backprop:
         return hidden, self._affine(params, n_layers(params) - 1, a)
 
     def _affine(self, params: Params, index: int, a: torch.Tensor) -> torch.Tensor:
-        """`affine` for layer `index`, into its buffer [M, B, n_out]."""
+        """`affine` for the first layer, into its buffer [M, B, n_0]; for a later layer,
+        h_lᵀ = W_l a_{l−1}ᵀ + b_l into its buffer [M, n_l, B] (a_{l−1} in its layout)."""
         weight, bias = layer(params, index)
         m, n_out, _ = weight.shape
+        if index > 0:  # a is [M, B, n_0] (after the first layer) or [M, n_{l−1}, B]
+            b = a.shape[1] if index == 1 else a.shape[2]
+            a_t = a.transpose(1, 2) if index == 1 else a
+            h = self._buffer(f"h{index}", weight, m, n_out, b)
+            return torch.baddbmm(bias.unsqueeze(2), weight, a_t, out=h)
         b = a.shape[-2]
         h = self._buffer(f"h{index}", weight, m, b, n_out)
         scratch = self._buffer("shared", weight, b, m * n_out) if a.dim() == 2 else None
@@ -187,20 +204,18 @@ class Backprop:
                 `sensgen.divergence` (one pass over δ_0 [M, B, n_0] instead of one over
                 the first layer's weights; inf or NaN if δ_0 is not finite), gain included.
         """
-        hidden, z = self.forward(params, x)
-        # The log-softmax over classes runs on a [M, C, B] copy of z: along a middle dim the
-        # kernel is vectorised over the batch, along the last (C = 10) it is scalar and
-        # ~10x slower, 1% of the reference pack's step (issue 8).
-        m, b, c = z.shape
-        z_t = self._buffer("z_t", z, m, c, b).copy_(z.transpose(1, 2))
-        log_p = _aten._log_softmax.out(z_t, 1, False, out=self._buffer("log_p", z, m, c, b))
+        hidden, z_t = self.forward(params, x)  # logits [M, C, B]
+        # The log-softmax over classes runs on z [M, C, B]: along a middle dim the kernel is
+        # vectorised over the batch, along the last (C = 10) it is scalar and ~10x slower.
+        m, c, b = z_t.shape
+        log_p = _aten._log_softmax.out(z_t, 1, False, out=self._buffer("log_p", z_t, m, c, b))
         labels = y.unsqueeze(1)  # [M, 1, B]
         picked = log_p.gather(1, labels).squeeze(1)  # [M, B]
         losses = picked.sum(dim=1).mul_(-scale)
-        delta_t = probabilities_(log_p)  # softmax(z) [M, C, B], in log_p's memory
-        delta_t.scatter_add_(1, labels, torch.full_like(picked.unsqueeze(1), -1.0))
-        factor = scale if gain is None else per_model(gain * scale, delta_t)
-        delta = delta_t.mul_(factor).transpose(1, 2)  # δ_{L−1} [M, B, C]
+        delta = probabilities_(log_p)  # softmax(z) [M, C, B], in log_p's memory
+        delta.scatter_add_(1, labels, torch.full_like(picked.unsqueeze(1), -1.0))
+        factor = scale if gain is None else per_model(gain * scale, delta)
+        delta.mul_(factor)  # δ_{L−1}, [M, C, B] as every layer's above the first
         for index in reversed(range(n_layers(params))):
             a_in = x if index == 0 else hidden[index - 1][1]
             self._weight_grad(index, delta, a_in, grads, beta)
@@ -208,18 +223,34 @@ class Backprop:
                 delta_norm = torch.linalg.vector_norm(delta, dim=(1, 2)).to(torch.float64)
                 self.first_grad_bound = underflow_slack(delta_norm, delta) * input_norms
             if index > 0:
-                weight, _ = layer(params, index)
-                upstream = self._buffer(f"d{index}", weight, *hidden[index - 1][0].shape)
-                torch.bmm(delta, weight, out=upstream)
-                delta = self.backward(upstream, *hidden[index - 1])
+                delta = self.backward(self._upstream(params, index, delta), *hidden[index - 1])
         return losses
+
+    def _upstream(self, params: Params, index: int, delta: torch.Tensor) -> torch.Tensor:
+        """δ_l W_l, the gradient at layer index − 1's activation, in that layer's layout:
+        [M, B, n_0] below layer 1 (δ_lᵀ W_l), [M, n_{l−1}, B] above it (W_lᵀ δ_l)."""
+        weight, _ = layer(params, index)
+        m, _, n_in = weight.shape
+        b = delta.shape[2]
+        if index == 1:
+            out = self._buffer(f"d{index}", weight, m, b, n_in)
+            return torch.bmm(delta.transpose(1, 2), weight, out=out)
+        out = self._buffer(f"d{index}", weight, m, n_in, b)
+        return torch.bmm(weight.transpose(1, 2), delta, out=out)
 
     def _weight_grad(
         self, index: int, delta: torch.Tensor, a_in: torch.Tensor, grads: Params, beta: float
     ) -> None:
-        """grads ← β·grads + (∂/∂W_l = δᵀ a_in, ∂/∂b_l = Σ_b δ) for layer `index`."""
+        """grads ← β·grads + (∂/∂W_l = δᵀ a_in, ∂/∂b_l = Σ_b δ) for layer `index`.
+
+        δ is [M, B, n_0] for the first layer and [M, n_l, B] above it, a_in in its layer's
+        layout (x, [M, B, d] or shared [B, d]; a_0 [M, B, n_0]; later [M, n, B])."""
         g_weight, g_bias = grads[f"layers.{index}.weight"], grads[f"layers.{index}.bias"]
-        if a_in.dim() == 3 and _stored_transposed(g_weight):  # as [M, n_in, n_out]: a_inᵀ δ
+        batch_dim = 1 if index == 0 else 2
+        if index > 0:  # δ_l [M, n_l, B] by a_in as [M, B, n_in]
+            a_rows = a_in if index == 1 else a_in.transpose(1, 2)
+            torch.baddbmm(g_weight, delta, a_rows, beta=beta, out=g_weight)
+        elif a_in.dim() == 3 and _stored_transposed(g_weight):  # as [M, n_in, n_out]: a_inᵀ δ
             g_t = g_weight.transpose(1, 2)
             torch.baddbmm(g_t, a_in.transpose(1, 2), delta, beta=beta, out=g_t)
         elif a_in.dim() == 3:
@@ -231,9 +262,10 @@ class Backprop:
             flat_grad = g_weight.view(m * n_out, n_in)
             torch.addmm(flat_grad, flat, a_in, beta=beta, out=flat_grad)
         if beta == 0.0:
-            torch.sum(delta, dim=1, out=g_bias)
+            torch.sum(delta, dim=batch_dim, out=g_bias)
         else:
-            bias_grad = torch.sum(delta, dim=1, out=self._buffer("db", delta, *g_bias.shape))
+            bias_grad = self._buffer("db", delta, *g_bias.shape)
+            torch.sum(delta, dim=batch_dim, out=bias_grad)
             if beta != 1.0:  # (β = 1, momentum's and the chunks': ·1 is no op, and exact)
                 g_bias.mul_(beta)
             g_bias.add_(bias_grad)
