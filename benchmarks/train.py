@@ -367,9 +367,7 @@ def products_alone(case: Case, in_dim: int) -> Callable[[], None]:
         if index == 0:  # stored as [M, n_in, n_out], as the trainer has it (minibatch_layout)
             weight = weight.transpose(1, 2).contiguous().transpose(1, 2)
         # index 0: [M, B, ·]; index 1 reads a_0 [M, B, n_0]; later ones [M, ·, B]
-        a_in = torch.rand(m, b, n_in, generator=gen)
-        if index > 1:
-            a_in = torch.rand(m, n_in, b, generator=gen)
+        a_in = torch.rand(*((m, n_in, b) if index > 1 else (m, b, n_in)), generator=gen)
         h_shape = (m, b, n_out) if index == 0 else (m, n_out, b)
         upstream = (m, b, n_in) if index == 1 else (m, n_in, b)
         layers.append(

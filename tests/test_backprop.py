@@ -106,6 +106,14 @@ def test_confident_models_match_autograd_in_float32():
         torch.testing.assert_close(grads[name], expected, rtol=1e-4, atol=1e-4)
 
 
+def test_a_pack_without_a_hidden_layer_is_refused():
+    # The layouts put the readout above the first layer (module docstring, "Layouts").
+    params = {"layers.0.weight": torch.zeros(M, C, D), "layers.0.bias": torch.zeros(M, C)}
+    x, y = _batch()
+    with pytest.raises(ValueError, match="at least one hidden layer"):
+        Backprop(Nonlinearity.RELU).loss_and_grad(params, x, y, _empty_like(params), scale=1)
+
+
 def test_one_hidden_layer_and_deeper_nets():
     for depth in (1, 4):
         template, params = _pack(Nonlinearity.TANH, depth)

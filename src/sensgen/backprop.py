@@ -5,14 +5,15 @@ W_l [M, n_l, n_{l−1}] and b_l [M, n_l] for l = 0..L−1, named ``layers.{l}.we
 ``layers.{l}.bias`` as `torch.func.stack_module_state` names them. For a batch
 x [M, B, d] (each model its own examples) or x [B, d] (one batch shared by every model):
 
-    h_l = a_{l−1} W_lᵀ + b_l,   a_l = φ(h_l),   a_{−1} = x,   z = h_{L−1}   (logits [M, B, C])
+    h_l = a_{l−1} W_lᵀ + b_l,   a_l = φ(h_l),   a_{−1} = x,   z = h_{L−1}   (logits, B × C)
     loss_m = s · Σ_b (logsumexp(z_mb) − z_mb[y_mb])
 
-with s = 1/B for the mean loss of a batch (s = 1/N for a chunk of a full batch of N). The
-backward pass is the chain rule, one batched matrix product per term, with a per-model gain
-γ on the gradient (1 but for momentum's scaled accumulator, `sensgen.optim`):
+with s = 1/B for the mean loss of a batch (s = 1/N for a chunk of a full batch of N); the
+shapes are the math's, "Layouts" below says how each is stored. The backward pass is the
+chain rule, one batched matrix product per term, with a per-model gain γ on the gradient
+(1 but for momentum's scaled accumulator, `sensgen.optim`):
 
-    δ_{L−1} = s · γ · (softmax(z) − onehot(y))                    [M, B, C]
+    δ_{L−1} = s · γ · (softmax(z) − onehot(y))                    (B × C per model)
     γ ∂loss/∂W_l = δ_lᵀ a_{l−1},   γ ∂loss/∂b_l = Σ_b δ_l,   δ_{l−1} = φ'(h_{l−1}) ⊙ (δ_l W_l)
 
 This is what `vmap(grad(loss))` over `functional_call` computes (tests check it, for every
@@ -26,14 +27,16 @@ A shared batch x [B, d] (full-batch training) makes the first layer two plain ma
 products for the whole pack, x [B, d] by the stacked W_0 viewed as [M·n_0, d] and its
 transpose, instead of M small ones.
 
-Layouts. The first layer's h_0, a_0 and δ_0 are [M, B, n_0]; every later layer's h_l, a_l
-and δ_l are stored feature-major, [M, n_l, B], the logits and δ_{L−1} too ([M, C, B]). The
-products above the first layer are then, per model, h_lᵀ = W_l a_{l−1}ᵀ [n_l, B], the
-weight gradient δ_lᵀ a_{l−1} as the stored [n_l, B] by [B, n_{l−1}], and the upstream
-gradient W_lᵀ δ_lᵀ: the orientations MKL's batched product runs fastest for a 256 × 256
-layer (its forward 10% faster than a_{l−1} W_lᵀ into [M, B, n_l]; 2% of a reference step
-all told, issue 8). The log-softmax wants the logits class-major too, so they need no
-transposed copy.
+Layouts. The first layer's h_0, a_0 and δ_0 are stored [M, B, n_0]; every later layer's
+h_l, a_l and δ_l feature-major, [M, n_l, B], the logits and δ_{L−1} too ([M, C, B]). The
+products above the first layer are then, per model, the forward h_lᵀ = W_l a_{l−1}ᵀ into
+[n_l, B], the weight gradient δ_lᵀ a_{l−1} as the stored [n_l, B] by [B, n_{l−1}], and
+the upstream gradient W_lᵀ δ_lᵀ into [n_{l−1}, B] (for layer 1, (δ_lᵀ)ᵀ W_l into
+[B, n_0], the first layer's layout). For a 256 × 256 layer MKL's batched product runs the
+forward 10% and the weight gradient 4% faster this way, the upstream gradient 5% slower:
+2% of a reference step all told (issue 8). The log-softmax wants the logits class-major
+too, so they need no transposed copy. An MLP has at least one hidden layer
+(`sensgen.models.MLP`): the readout is never the first layer.
 """
 
 from __future__ import annotations
@@ -148,6 +151,8 @@ class Backprop:
         until its next call. Where φ' needs only a (`BACKWARD_FROM_ACTIVATION`), a is
         written over h, and both name it.
         """
+        if n_layers(params) < 2:  # ("Layouts": the readout would be the first layer)
+            raise ValueError("a pack's MLPs need at least one hidden layer")
         hidden = []
         a = x
         for index in range(n_layers(params) - 1):
@@ -272,10 +277,10 @@ class Backprop:
 
 
 def probabilities_(log_p: torch.Tensor) -> torch.Tensor:
-    """p = exp(log p) in place, with the probabilities below e·tiny flushed to 0.
+    """p = exp(log p) in place, with the probabilities up to about e·tiny flushed to 0.
 
-    tiny is the dtype's smallest normal number (1.2e-38 in float32): such a p is 3e-38 or
-    less, and p − onehot(y) is the same with or without it but for a difference of that
+    tiny is the dtype's smallest normal number (1.2e-38 in float32): such a p is 3.2e-38
+    or less, and p − onehot(y) is the same with or without it but for a difference of that
     size. Why: torch's vectorised exp leaves its fast path for every argument whose result
     is not a normal number, log p < ln tiny = −87.3 in float32, and is then ~200× slower per
     entry. A confident model's wrong classes sit there (a fitted model's, most of them):
@@ -285,14 +290,16 @@ def probabilities_(log_p: torch.Tensor) -> torch.Tensor:
     """
     floor, at_floor = _exp_floor(log_p.dtype)
     log_p.clamp_min_(floor).exp_()
-    return torch.threshold_(log_p, at_floor, 0.0)  # p ≤ exp(floor) → 0
+    return torch.threshold_(log_p, at_floor, 0.0)  # p ≤ (1 + 2⁻¹⁰)·exp(floor) → 0
 
 
 @functools.cache
 def _exp_floor(dtype: torch.dtype) -> tuple[float, float]:
-    """(ln tiny + 1, exp of it as the dtype's exp computes it) for `probabilities_`."""
+    """(ln tiny + 1, a threshold just above its exp) for `probabilities_`: exp(floor) as
+    the CPU computes it, raised by 2⁻¹⁰ so that another device's exp, a few units of the
+    last place apart, still puts every floored entry at or below it."""
     floor = math.log(torch.finfo(dtype).tiny) + 1.0
-    return floor, float(torch.tensor(floor, dtype=dtype).exp())
+    return floor, float(torch.tensor(floor, dtype=dtype).exp()) * (1 + 2**-10)
 
 
 def _stored_transposed(weight: torch.Tensor) -> bool:
