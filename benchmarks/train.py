@@ -16,9 +16,10 @@ reference pack's shapes). Printed, as ratios measured in this one run:
   pack, ≥ 5× on the small-model pack);
 * the matmul GFLOP/s each achieves, and its share of this machine's float32 matmul peak,
   measured in the same run as the best `torch.mm` on square matrices, probed between all
-  the timings since the guest's speed drifts (target: ≥ 65% on the reference pack, its
-  best round against the best probe of the whole run; for information, also the median
-  over rounds of its share of the peak probed in the same round);
+  the timings since the guest's speed drifts (target: ≥ 65% on the reference pack, as
+  the median over rounds of each round's share of the peak probed in that round, as the
+  speed-ups are judged on paired rounds; for information, also the strict figure, its
+  best round against the best probe of the whole run);
 * for the minibatch packs, the same GFLOP/s of the pack's batched matrix products timed
   alone (the `torch.baddbmm`/`torch.bmm` calls of its steps on tensors of its shapes, with
   nothing else): the ceiling of any trainer built on them, so "products alone / loop" bounds
@@ -255,23 +256,27 @@ def bench_case(
             ),
         ]
         if case.name == "reference":
-            share = gflops["packed"] / peak
+            # Judged as the speed-ups are, on rounds: each round's packed rate against the
+            # peak probed in that round (the best of its probes, after each of its timings),
+            # median over rounds. The guest drifts by ±5% within a minute, so a best round
+            # set against the best probe of the whole run (minutes apart) reads low when
+            # the pack's rounds fall in a slower minute than that probe.
+            paired = [
+                flops / t / 1e9 / p for t, p in zip(times["packed"], round_peaks, strict=True)
+            ]
+            share = statistics.median(paired)
             verdict = "met" if share >= PEAK_TARGET else "NOT met"
             rows.append(
                 (
                     "packed share of peak",
-                    f"{share:.1%} (best round / best probe of the run)  "
+                    f"{_percent_spread(paired)} of the peak probed in the same round  "
                     f"target >= {PEAK_TARGET:.0%}: {verdict}",
                 )
             )
-            paired = [
-                flops / t / 1e9 / p for t, p in zip(times["packed"], round_peaks, strict=True)
-            ]
             rows.append(
                 (
-                    "  the same, per round",
-                    f"{_percent_spread(paired)} of the peak probed in the same round "
-                    "(information: the target is judged on the line above)",
+                    "  strict, for information",
+                    f"{gflops['packed'] / peak:.1%} (the best round / the best probe of the run)",
                 )
             )
         return rows
