@@ -155,7 +155,9 @@ def run(config: Config) -> None:
         measured.append((case, bench_case(case, x, y, peak, config.repeats)))
     print(
         f"float32 matmul peak: {peak.best:,.1f} GFLOP/s (the best torch.mm of "
-        f"{config.peak_size}² matrices, timed {peak.probes} times through the run)"
+        f"{config.peak_size}² matrices, timed {peak.probes} times through the run; the "
+        f"probes ranged {min(peak.rates):,.1f}–{peak.best:,.1f}: how much this machine "
+        "drifted while the run went on)"
     )
     for case, rows in measured:
         table(f"{case.name}: {_describe(case)}", rows(peak.best))
