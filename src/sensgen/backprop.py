@@ -232,8 +232,9 @@ class Backprop:
         return losses
 
     def _upstream(self, params: Params, index: int, delta: torch.Tensor) -> torch.Tensor:
-        """δ_l W_l, the gradient at layer index − 1's activation, in that layer's layout:
-        [M, B, n_0] below layer 1 (δ_lᵀ W_l), [M, n_{l−1}, B] above it (W_lᵀ δ_l)."""
+        """δ_l W_l, the gradient at layer (index − 1)'s activation, in that layer's layout:
+        for layer 1, (δ_lᵀ)ᵀ W_l into the first layer's [M, B, n_0]; above it, W_lᵀ δ_l
+        into [M, n_{l−1}, B] (δ_l as stored, [M, n_l, B])."""
         weight, _ = layer(params, index)
         m, _, n_in = weight.shape
         b = delta.shape[2]
@@ -284,7 +285,8 @@ def probabilities_(log_p: torch.Tensor) -> torch.Tensor:
     size. Why: torch's vectorised exp leaves its fast path for every argument whose result
     is not a normal number, log p < ln tiny = −87.3 in float32, and is then ~200× slower per
     entry. A confident model's wrong classes sit there (a fitted model's, most of them):
-    the exp alone grew to 0.15–0.3 ms of the reference pack's step (issue 8). So log p is
+    the exp alone took 0.15 ms of a reference step over steps 30–90, more as models fit
+    (issue 8). So log p is
     clamped to ln tiny + 1, where exp is fast, and what came out at that floor (or below it)
     becomes 0. NaN stays NaN (a diverging model's loss must stay visible).
     """
