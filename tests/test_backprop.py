@@ -114,13 +114,17 @@ def test_a_pack_without_a_hidden_layer_is_refused():
         Backprop(Nonlinearity.RELU).loss_and_grad(params, x, y, _empty_like(params), scale=1)
 
 
-def test_one_hidden_layer_and_deeper_nets():
+@pytest.mark.parametrize("shared", [False, True], ids=["own batches", "shared batch"])
+@pytest.mark.parametrize("nonlinearity", [Nonlinearity.TANH, Nonlinearity.ELU])
+def test_one_hidden_layer_and_deeper_nets(nonlinearity, shared):
+    # Depth 1: the readout reads the first layer's [M, B, n] activations; depth 4: layers
+    # 2–4 read feature-major ones (module docstring, "Layouts"); ELU keeps h apart from a.
     for depth in (1, 4):
-        template, params = _pack(Nonlinearity.TANH, depth)
-        x, y = _batch()
+        template, params = _pack(nonlinearity, depth)
+        x, y = _batch(shared)
         expected, _ = _autograd(template, params, x, y)
         grads = _empty_like(params)
-        Backprop(Nonlinearity.TANH).loss_and_grad(params, x, y, grads, scale=1 / B)
+        Backprop(nonlinearity).loss_and_grad(params, x, y, grads, scale=1 / B)
         for name in expected:
             torch.testing.assert_close(grads[name], expected[name], rtol=1e-12, atol=1e-15)
 
