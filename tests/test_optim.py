@@ -194,6 +194,20 @@ def test_momentum_s_scaled_accumulator_is_v_from_mu_v_plus_g():
         steps += active.long()
 
 
+def test_the_scaled_accumulator_s_tables_are_its_powers():
+    # scale and gain are looked up per step (`ScaledAccumulator._table`): the values of
+    # c_k = μ^(k mod K + 1 − K) computed at each step, and their inverses, bit for bit,
+    # at any step count (also past many periods) and for models at different counts.
+    acc = optim.ScaledAccumulator(optim.MOMENTUM, optim.RESCALE_PERIOD)
+    steps = torch.tensor([0, 1, 15, 16, 17, 31, 32, 1000, 123_457])
+    exponent = (steps % optim.RESCALE_PERIOD + (1 - optim.RESCALE_PERIOD)).to(torch.float64)
+    expected = torch.pow(optim.MOMENTUM, exponent)
+    assert torch.equal(acc.scale(steps), expected)
+    assert torch.equal(acc.gain(steps), 1 / expected)
+    assert acc.scale(steps).dtype == torch.float64
+    assert acc.scale(torch.tensor([optim.RESCALE_PERIOD - 1])).item() == 1.0  # c = 1: z = v
+
+
 def test_only_momentum_keeps_a_scaled_accumulator():
     adam = OPTIMIZERS[OptimizerName.ADAM]
     steps = torch.full((2,), optim.RESCALE_PERIOD - 1)

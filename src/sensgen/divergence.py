@@ -87,10 +87,14 @@ def is_finite(params: Params, index: int) -> bool:
 
 def apply_update(params: Params, direction: Params, scale: torch.Tensor) -> None:
     """θ ← θ − s·u in place, s [M] per model (a model with s = 0 and finite u keeps θ)."""
-    # Converted once, not per tensor (per_model's own conversion is then a no-op).
+    # Converted once, and viewed once per rank, not per tensor (a small pack's step is
+    # mostly such per-operation costs; issue 8).
     applied = scale.to(next(iter(params.values())).dtype)
+    views: dict[int, torch.Tensor] = {}
     for k, p in params.items():
-        p.addcmul_(per_model(applied, p), direction[k], value=-1)
+        if p.ndim not in views:
+            views[p.ndim] = per_model(applied, p)
+        p.addcmul_(views[p.ndim], direction[k], value=-1)
 
 
 class DivergenceGuard:
@@ -170,7 +174,8 @@ class DivergenceGuard:
         applied = scale.to(self.dtype).to(torch.float64).abs()
         growth = 2 * applied * self._direction_norms(direction, grad_bounds or {}, decay)
         safe = safe_bound(self.dtype)
-        risky = live & ~(torch.isfinite(growth) & (self.bound + growth < safe))
+        # (A growth of inf or NaN fails the comparison itself: b + growth < safe is false.)
+        risky = live & ~(self.bound + growth < safe)
         risky |= active & ~torch.isfinite(losses)
         at_risk = risky.nonzero().flatten().tolist()  # one [M] read per step
         before = {i: {k: v[i].clone() for k, v in params.items()} for i in at_risk}

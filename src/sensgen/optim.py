@@ -36,6 +36,7 @@ The update rules are those of `torch.optim` (tests check this):
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -86,12 +87,17 @@ class ScaledAccumulator:
 
     def scale(self, steps: torch.Tensor) -> torch.Tensor:
         """c_k [M] (float64) for models at steps k [M]."""
-        exponent = steps % self.period + (1 - self.period)
-        return torch.pow(self.decay, exponent.to(torch.float64))
+        return self._table(steps.device, inverse=False)[steps % self.period]
 
     def gain(self, steps: torch.Tensor) -> torch.Tensor:
         """1 / c_k [M] (float64), in [μ^(K−1), 1]: what step k multiplies its gradient by."""
-        return 1 / self.scale(steps)
+        return self._table(steps.device, inverse=True)[steps % self.period]
+
+    def _table(self, device: torch.device, *, inverse: bool) -> torch.Tensor:
+        """c_k (or 1/c_k) for k mod K = 0 .. K−1, [K] float64 on `device`: a step looks its
+        models' values up (two operations) instead of computing powers (five; a small
+        pack's step is mostly such per-operation costs; issue 8)."""
+        return _scale_table(self.decay, self.period, str(device), inverse)
 
     def renormalise(
         self, z: Params, steps: torch.Tensor, active: torch.Tensor, pack_step: int
@@ -157,6 +163,15 @@ class Optimizer:
         if self.scaled is None:
             return None
         return self.scaled.renormalise(state[self.accumulator], steps, active, pack_step)
+
+
+@functools.cache
+def _scale_table(decay: float, period: int, device: str, inverse: bool) -> torch.Tensor:
+    """`ScaledAccumulator._table`: μ^(k + 1 − K) for k = 0 .. K−1 (or its inverse),
+    computed as the powers were per step, so that the values are the same."""
+    exponent = torch.arange(period, dtype=torch.float64) + (1 - period)
+    table = torch.pow(decay, exponent)
+    return (1 / table if inverse else table).to(device)
 
 
 def _zeros_like(params: Params) -> Params:
