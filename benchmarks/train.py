@@ -20,10 +20,11 @@ reference pack's shapes). Printed, as ratios measured in this one run:
   the median over rounds of each round's share of the peak probed in that round, as the
   speed-ups are judged on paired rounds; for information, also the strict figure, its
   best round against the best probe of the whole run);
-* for the minibatch packs, the same GFLOP/s of the pack's batched matrix products timed
-  alone (the `torch.baddbmm`/`torch.bmm` calls of its steps on tensors of its shapes, with
-  nothing else): the ceiling of any trainer built on them, so "products alone / loop" bounds
-  the packed / loop ratio this machine allows;
+* for every pack, the same GFLOP/s of the pack's matrix products timed alone (the
+  `torch.baddbmm`, `bmm`, `addmm` and `mm` calls of one of its steps, recorded as the
+  trainer makes them and replayed on tensors of the same layouts, with nothing else): the
+  ceiling of any trainer built on them, so "products alone / loop" bounds the packed / loop
+  ratio this machine allows;
 * the time the packed trainer spends initialising the models (their seeded draws), so
   that the rest reads as per-step work;
 * the largest parameter difference between the two after 3 steps, both in float64 (the
@@ -195,8 +196,7 @@ def bench_case(
     # The models' seeded initialisation, part of the packed time (the loop builds the same
     # models one by one): timed apart so that the rest can be read as per-step work.
     fns["init"] = lambda: init_pack(pack_shape(case, x.shape[1]), members)
-    if case.batch_size is not None and case.optimizer == OptimizerName.MOMENTUM:
-        fns["products alone"] = products_alone(case, x.shape[1])
+    fns["products alone"] = products_alone(case, members, x, y)
     first_probe = len(peak.rates)
     times = _interleaved(fns, repeats, between=peak.probe)
     # The peak probed within each round (after each of its timings): a guest that drifts
@@ -353,63 +353,77 @@ def train_loop(
     return {k: torch.stack([f[k] for f in finals]) for k in finals[0]}
 
 
-def products_alone(case: Case, in_dim: int) -> Callable[[], None]:
-    """The batched matrix products of `case.steps` packed steps and nothing else.
+def products_alone(
+    case: Case, members: list[Member], x: torch.Tensor, y: torch.Tensor
+) -> Callable[[], None]:
+    """The matrix products of `case.steps` packed steps and nothing else.
 
-    Per step and layer l, as `sensgen.backprop.Backprop` calls them on [M, ...] tensors of
-    the pack's shapes and layouts: the forward h = a Wᵀ + b (`baddbmm`), the weight
-    gradient added into momentum's scaled accumulator z ← z + δᵀa (`baddbmm`, β = 1:
-    `optim.ScaledAccumulator`) and, above the first layer, the upstream gradient δW
-    (`bmm`). The first layer's weights and momenta are stored as [M, n_in, n_out]
-    (`sensgen.backprop.minibatch_layout`), its h and δ as [M, B, n_out]; every later
-    layer's h and δ feature-major, [M, n_out, B] (the module's "Layouts"). The values are
-    random and do not change: only the time is wanted.
+    One step of the packed trainer runs under `_ProductRecorder`, which notes each matrix
+    product it calls (`torch.baddbmm`, `torch.bmm`, `torch.addmm`, `torch.mm`) with its
+    arguments; the returned function calls the same products `case.steps` times on tensors
+    laid out as the trainer's were (same shapes, strides and offsets, and the same tensors
+    sharing memory where the trainer's did), filled with random values. So what is timed is
+    whatever `sensgen.backprop.Backprop` calls, in whatever layouts it uses, with no
+    hand-written copy of them to fall out of step.
     """
-    gen = torch.Generator().manual_seed(SEED)
-    m, b = case.n_models, case.batch_size
-    sizes = [in_dim] + [case.width] * case.depth + [N_CLASSES]
-    layers = []
-    for index, (n_in, n_out) in enumerate(itertools.pairwise(sizes)):
-        weight = torch.randn(m, n_out, n_in, generator=gen) / n_in**0.5
-        if index == 0:  # stored as [M, n_in, n_out], as the trainer has it (minibatch_layout)
-            weight = weight.transpose(1, 2).contiguous().transpose(1, 2)
-        # index 0: [M, B, ·]; index 1 reads a_0 [M, B, n_0]; later ones [M, ·, B]
-        a_in = torch.rand(*((m, n_in, b) if index > 1 else (m, b, n_in)), generator=gen)
-        h_shape = (m, b, n_out) if index == 0 else (m, n_out, b)
-        upstream = (m, b, n_in) if index == 1 else (m, n_in, b)
-        layers.append(
-            (
-                weight,
-                torch.randn(m, n_out, generator=gen),  # bias
-                a_in,
-                torch.empty(h_shape),  # h
-                torch.zeros_like(weight),  # v
-                torch.randn(h_shape, generator=gen) / b,  # δ
-                torch.empty(upstream),  # δW
-            )
-        )
+    calls = stand_in_products(case, members, x, y)[1]
 
     def run() -> None:
         for _ in range(case.steps):
-            for index, (weight, bias, a, h, _, _, _) in enumerate(layers):
-                if index == 0:
-                    torch.baddbmm(bias.unsqueeze(1), a, weight.transpose(1, 2), out=h)
-                else:  # hᵀ = W aᵀ + b
-                    a_t = a.transpose(1, 2) if index == 1 else a
-                    torch.baddbmm(bias.unsqueeze(2), weight, a_t, out=h)
-            for index, (weight, _, a, _, v, delta, upstream) in reversed(list(enumerate(layers))):
-                if index == 0:  # into v in its layout, [M, n_in, n_out]: aᵀδ
-                    v_t = v.transpose(1, 2)
-                    torch.baddbmm(v_t, a.transpose(1, 2), delta, out=v_t)
-                    continue
-                a_rows = a if index == 1 else a.transpose(1, 2)
-                torch.baddbmm(v, delta, a_rows, out=v)
-                if index == 1:
-                    torch.bmm(delta.transpose(1, 2), weight, out=upstream)
-                else:
-                    torch.bmm(weight.transpose(1, 2), delta, out=upstream)
+            for fn, args, kwargs in calls:
+                fn(*args, **kwargs)
 
     return run
+
+
+Call = tuple[Callable, list, dict]
+
+
+def stand_in_products(
+    case: Case, members: list[Member], x: torch.Tensor, y: torch.Tensor
+) -> tuple[list[Call], list[Call]]:
+    """The products of one packed step as recorded, and the same calls on stand-ins:
+    random tensors of the same layouts, sharing memory where the recorded ones did
+    (`products_alone`)."""
+    recorder = _ProductRecorder()
+    with recorder:
+        train_packed(case._replace(steps=1), members, x, y)
+    gen = torch.Generator().manual_seed(SEED)
+    memory: dict[int, torch.Tensor] = {}  # the trainer's storage -> its stand-in
+
+    def stand_in(value):
+        if not isinstance(value, torch.Tensor):
+            return value
+        storage = value.untyped_storage()
+        if storage.data_ptr() not in memory:
+            n = storage.nbytes() // value.element_size()
+            # Small values: a product's speed does not depend on them, unless they are not
+            # normal numbers; the accumulated ones (β = 1) stay far from overflow.
+            memory[storage.data_ptr()] = torch.randn(n, generator=gen, dtype=value.dtype) / 64
+        flat = memory[storage.data_ptr()]
+        return flat.as_strided(value.shape, value.stride(), value.storage_offset())
+
+    calls = [
+        (fn, [stand_in(a) for a in args], {k: stand_in(v) for k, v in kwargs.items()})
+        for fn, args, kwargs in recorder.calls
+    ]
+    return recorder.calls, calls
+
+
+class _ProductRecorder(torch.overrides.TorchFunctionMode):
+    """Notes every matrix product called under it: (function, args, kwargs)."""
+
+    PRODUCTS = frozenset({torch.baddbmm, torch.bmm, torch.addmm, torch.mm})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[Call] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.PRODUCTS:
+            self.calls.append((func, list(args), kwargs))
+        return func(*args, **kwargs)
 
 
 def _agreement_in_float64(

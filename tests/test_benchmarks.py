@@ -50,7 +50,7 @@ def test_training_benchmark_quick_run_agrees_with_the_plain_loop():
     for case in ("reference", "small", "full batch", "adam"):
         assert f"\n{case}: 32 × 784-" in out
     assert "relu, Adam, batch 128" in out
-    assert out.count("products alone, GFLOP/s") == 2  # the two momentum minibatch packs
+    assert out.count("products alone, GFLOP/s") == 4
     assert out.count("of which model init") == 4
     # The reference pack's share of the peak, strict and per round, as percentages.
     paired = re.search(r"packed share of peak\s+([\d.]+)%.* of the peak probed in the same", out)
@@ -60,6 +60,58 @@ def test_training_benchmark_quick_run_agrees_with_the_plain_loop():
     assert len(agreement) == 4
     # In float64 (3 steps move the weights by ~1e-3–1e-2): only rounding differs.
     assert max(agreement) < 1e-10
+
+
+@pytest.mark.parametrize("optimizer", [OptimizerName.MOMENTUM, OptimizerName.ADAM])
+@pytest.mark.parametrize("batch_size", [8, None])
+def test_products_alone_replays_the_trainer_s_products_on_stand_ins(
+    monkeypatch, optimizer, batch_size
+):
+    # "products alone" in benchmarks/train.py times the products one packed step calls,
+    # recorded, on stand-ins: the same functions and arguments, each tensor of the same
+    # shape, strides and offset, sharing memory exactly where the trainer's did (h is
+    # written by one product and read by the next), and none of the trainer's own tensors.
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import train as bench
+
+    case = bench.Case("t", 3, 6, 2, batch_size, 20, 2, optimizer)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(20, 12, generator=gen), torch.randint(0, 10, (20,), generator=gen)
+    recorded, stand_ins = bench.stand_in_products(case, bench._members(case), x, y)
+    names = sorted(fn.__name__ for fn, _, _ in recorded)
+    if batch_size is None:  # the shared input's first layer: one product for the pack
+        assert names == ["addmm", "baddbmm", "baddbmm", "baddbmm", "baddbmm", "bmm", "bmm", "mm"]
+    else:  # 3 layers: forward and weight gradient each, and 2 upstream gradients
+        assert names == ["baddbmm"] * 6 + ["bmm"] * 2
+    flat = [
+        (a, b)
+        for (f, args, kw), (g, args2, kw2) in zip(recorded, stand_ins, strict=True)
+        for a, b in zip([*args, *kw.values()], [*args2, *kw2.values()], strict=True)
+        if f is g
+    ]
+    assert len(flat) == sum(len(args) + len(kw) for _, args, kw in recorded)
+    tensors = [(a, b) for a, b in flat if isinstance(a, torch.Tensor)]
+    assert all(a == b for a, b in flat if not isinstance(a, torch.Tensor))  # β, ...
+    for a, b in tensors:
+        assert _layout(a) == _layout(b)
+        assert a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()
+    for a1, b1 in tensors:
+        for a2, b2 in tensors:
+            same = a1.untyped_storage().data_ptr() == a2.untyped_storage().data_ptr()
+            assert same == (b1.untyped_storage().data_ptr() == b2.untyped_storage().data_ptr())
+    shared = {  # recorded tensors that are views of another's memory (h, a and δ buffers)
+        (id(a1), id(a2))
+        for a1, _ in tensors
+        for a2, _ in tensors
+        if a1 is not a2 and a1.untyped_storage().data_ptr() == a2.untyped_storage().data_ptr()
+    }
+    assert shared  # so the check above is not vacuous
+    run = bench.products_alone(case, bench._members(case), x, y)
+    run()  # replays without error, on the stand-ins
+
+
+def _layout(t: torch.Tensor) -> tuple:
+    return t.shape, t.stride(), t.storage_offset()
 
 
 def test_the_compiled_step_benchmark_times_sensgen_s_step(monkeypatch):
