@@ -206,16 +206,25 @@ def test_the_first_layer_bound_from_the_backward_pass_holds_along_training(optim
         assert (tracked[live] <= 1e6 * largest[live] + 1e-6).all()  # a bound, not a blanket
 
 
-def test_full_batch_and_adam_take_the_pass_over_every_direction():
+def test_full_batch_takes_the_pass_over_every_direction_and_adam_bounds_its_step():
+    # Full batch: no bound from the backward pass (a pass over every direction instead).
+    # Adam and RMSprop by the fused update: no direction at all, the step's bound is a
+    # priori, and only the gradient's size is checked (the first layer's from δ_0).
     x = torch.rand(20, 4)
     y = torch.zeros(1, 20, dtype=torch.long)
-    for optimizer, batch in ((OptimizerName.MOMENTUM, None), (OptimizerName.ADAM, 4)):
+    for optimizer, batch, tracks in (
+        (OptimizerName.MOMENTUM, None, False),
+        (OptimizerName.ADAM, None, False),
+        (OptimizerName.ADAM, 4, True),
+        (OptimizerName.RMSPROP, 4, True),
+    ):
         shape = PackShape(4, 2, 3, 1, Nonlinearity.RELU, optimizer, batch, 2, 2, False)
         members = [Member(seed=0, lr=0.1, init_scale=1.0)]
         _, params = init_pack(shape, members)
         run = _PackRun(shape, members, params, x, y, None)
         run.step(x)
-        assert not run._tracks_first_layer() and run.guard.tracked == {}
+        assert run._tracks_first_layer() == tracks and run.guard.tracked == {}
+        assert (run.fused is not None) == (optimizer != OptimizerName.MOMENTUM)
 
 
 def _extreme_run(optimizer, lrs, layer1, xval=1e30, steps=5):
@@ -236,10 +245,12 @@ def _extreme_run(optimizer, lrs, layer1, xval=1e30, steps=5):
     return _PackRun(shape, members, params, x, y, None), x, initial
 
 
-@pytest.mark.parametrize("optimizer", [OptimizerName.SGD, OptimizerName.MOMENTUM])
+@pytest.mark.parametrize("optimizer", list(OptimizerName))
 def test_a_first_layer_gradient_beyond_float32_is_caught_not_bounded(optimizer):
     # V = ‖δ_0‖‖x‖ ≈ 6e40 is finite in float64 while u_0 is inf in float32: the guard must
-    # not trust it, even for a small learning rate (and for a stopped model, lr 0).
+    # not trust it, even for a small learning rate (and for a stopped model, lr 0). For
+    # Adam and RMSprop (`fused_update`) the step's a-priori bound needs a finite gradient
+    # below the limit: 6e40 is not, so the model is checked, and diverges (u = inf/inf).
     c = 4e10
     run, x, initial = _extreme_run(optimizer, [1e-5, 0.1], [[[c, 0.0], [0.0, c]]] * 2)
     run.stop(torch.tensor([False, True]))  # model 1 stopped but not diverged: θ must stay

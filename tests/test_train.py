@@ -333,6 +333,7 @@ def test_a_compacted_pack_keeps_the_fast_layout_and_the_fused_step(optimizer):
         assert tensors["layers.1.weight"].is_contiguous()
     if optimizer in (OptimizerName.ADAM, OptimizerName.RMSPROP):
         assert optim.fused_adam_available(run.grads, run.state)
+        assert run.fused is not None and len(run.fused_slices) == 2  # θ updated in place
     run.step(x)
     assert all(torch.isfinite(v).all() for v in run.params.values())
 

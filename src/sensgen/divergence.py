@@ -43,9 +43,16 @@ factor 2 and margin; the norm of δ_0 is raised by what underflowing squares may
 for u's own norm), and a V beyond half the dtype's largest value counts as inf, since u
 may have overflowed there.
 V is reset from u itself after an at-risk step that stays finite.
+
+**Bounded steps.** Adam's and RMSprop's steps are bounded a priori, |u| ≤ C(t) for any
+finite gradients (`sensgen.fused_update`, which updates θ in place and never writes u):
+`update_in_place` takes r = C(t) for the models whose gradient is finite and below a
+limit, and r = inf (at risk) for the others.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -169,22 +176,50 @@ class DivergenceGuard:
             (newly [M] bool, or None when no model diverged; {position: its θ before this
             update} for each newly diverged model).
         """
+        r = self._direction_norms(direction, grad_bounds or {}, decay)
+        newly, last_finite, checked = self._guarded(
+            params, lambda: apply_update(params, direction, scale), scale, r, losses, active, live
+        )
+        for i in checked:  # tracked bounds start again from u itself
+            for k, v in self.tracked.items():
+                v[i] = norms({k: direction[k][i : i + 1]})[0]
+        return newly, last_finite
+
+    def update_in_place(
+        self,
+        params: Params,
+        apply: Callable[[], None],
+        scale: torch.Tensor,
+        bound: torch.Tensor,
+        losses: torch.Tensor,
+        active: torch.Tensor,
+        live: torch.Tensor,
+    ) -> tuple[torch.Tensor | None, dict[int, Params]]:
+        """As `update`, for an update θ ← θ − s·u that ``apply()`` makes in place without
+        writing u (`sensgen.fused_update`), given ``bound`` [M] (float64) ≥ max |u| per
+        model, known a priori (inf where it is not known: the model is at risk). Models
+        that ``apply`` leaves alone (stopped ones) need s = 0."""
+        return self._guarded(params, apply, scale, bound, losses, active, live)[:2]
+
+    def _guarded(self, params, apply, scale, r, losses, active, live):
+        """The step of `update`, with θ ← θ − s·u made by ``apply()`` and r ≥ max |u| [M].
+        Also returns the at-risk models that stayed finite (their bounds were reset)."""
         # s as the update applies it (an lr beyond float32's range is inf there), and |s|:
         # a negative s must grow the bound too. 0·inf is NaN: at risk.
         applied = scale.to(self.dtype).to(torch.float64).abs()
-        growth = 2 * applied * self._direction_norms(direction, grad_bounds or {}, decay)
+        growth = 2 * applied * r
         safe = safe_bound(self.dtype)
         # (A growth of inf or NaN fails the comparison itself: b + growth < safe is false.)
         risky = live & ~(self.bound + growth < safe)
         risky |= active & ~torch.isfinite(losses)
         at_risk = risky.nonzero().flatten().tolist()  # one [M] read per step
         before = {i: {k: v[i].clone() for k, v in params.items()} for i in at_risk}
-        apply_update(params, direction, scale)
+        apply()
         self.bound += torch.where(risky, 0.0, growth)
         if not at_risk:
-            return None, {}
+            return None, {}, []
         newly = torch.zeros_like(active)
-        last_finite = {}
+        last_finite, checked = {}, []
         for i in at_risk:
             finite = is_finite(params, i)
             if bool(active[i]) and not (finite and bool(torch.isfinite(losses[i]))):
@@ -195,6 +230,5 @@ class DivergenceGuard:
                 for k, v in before[i].items():
                     params[k][i] = v
             self.bound[i] = 2 * norms({k: v[i : i + 1] for k, v in params.items()})[0]
-            for k, v in self.tracked.items():
-                v[i] = norms({k: direction[k][i : i + 1]})[0]
-        return (newly if newly.any() else None), last_finite
+            checked.append(i)
+        return (newly if newly.any() else None), last_finite, checked

@@ -22,7 +22,8 @@ touches every parameter of every model; issue 8).
 Adam's and RMSprop's directions come from torch's fused AdamW kernel where it can (one
 pass over g, m, v and the direction instead of five to eight; `_fused_step`), otherwise
 from the same formulas in separate in-place ops; the two agree to float rounding (tests
-check this).
+check this). The trainer takes those two steps on θ itself where the kernel can, with no
+direction written at all (`sensgen.fused_update`); the directions here are its fallback.
 
 The update rules are those of `torch.optim` (tests check this):
 
@@ -213,19 +214,19 @@ def fused_adam_available(grads: Params, state: State) -> bool:
     first_moments = state.get("m", grads)  # RMSprop's m is its gradient (below)
     for k, g in grads.items():
         group = [g, first_moments[k], state["v"][k], state["buf"][k]]
-        if g.device.type not in ("cpu", "cuda") or not _dense(g):
+        if g.device.type not in ("cpu", "cuda") or not is_dense(g):
             return False
         if any(t.stride() != g.stride() or t.device != g.device for t in group):
             return False
     return True
 
 
-def _dense(t: torch.Tensor) -> bool:
+def is_dense(t: torch.Tensor) -> bool:
     """Whether t's elements fill its memory without gaps or overlaps, in any dim order."""
-    return _in_memory_order(t).is_contiguous()
+    return in_memory_order(t).is_contiguous()
 
 
-def _in_memory_order(t: torch.Tensor) -> torch.Tensor:
+def in_memory_order(t: torch.Tensor) -> torch.Tensor:
     """t's dims permuted by decreasing stride: a contiguous view if t is dense. (The fused
     kernel copies a non-contiguous tensor to a contiguous one and back, 6 ms for the
     reference pack's first layer stored transposed; the same elements in memory order
@@ -282,7 +283,7 @@ def _fused_step(grads, m, v, buf, t, beta1, beta2, eps) -> None:
         group = (buf[k], g, m[k], v[k])
         for into, tensor in zip(lists, group, strict=True):
             # laid out alike (fused_adam_available): the same permutation for each
-            whole = _in_memory_order(tensor)
+            whole = in_memory_order(tensor)
             if (tensor[0].numel() % _FUSED_VECTOR_MULTIPLE) == 0:
                 into.append(whole)
             else:

@@ -50,7 +50,8 @@ from sensgen.backprop import Backprop, logits, minibatch_layout
 from sensgen.batches import Augmenter, Minibatches
 from sensgen.batches import derive_seed as derive_seed  # re-exported: seeds of every purpose
 from sensgen.data import Augmentation
-from sensgen.divergence import DivergenceGuard, underflow_slack
+from sensgen.divergence import DivergenceGuard, norms, underflow_slack
+from sensgen.fused_update import FUSED_UPDATES, gradient_limit
 from sensgen.models import MLP, Nonlinearity, draw_initial_
 from sensgen.optim import OPTIMIZERS, OptimizerName
 
@@ -239,6 +240,12 @@ class _PackRun:
             self.grads = {k: torch.empty_like(v) for k, v in self.params.items()}
         self.target, self.beta = self.optimizer.gradient_target(self.state, self.grads)
         self.backprop = Backprop(self.shape.nonlinearity)
+        # Adam and RMSprop by the fused kernel on θ itself (`sensgen.fused_update`).
+        self.fused = FUSED_UPDATES.get(self.shape.optimizer)
+        if self.fused is not None and not self.fused.available(self.params, self.grads, self.state):
+            self.fused = None
+        if self.fused is not None:
+            self.fused_slices = self.fused.per_model(self.params, self.grads, self.state)
 
     def step(self, x: torch.Tensor) -> None:
         """One update of every model still in the pack (stopped ones with lr 0)."""
@@ -257,16 +264,19 @@ class _PackRun:
                 self.params, xb, yb, self.target, scale=scale, beta=self.beta, gain=gain,
                 input_norms=self._input_norms(x, xb),
             )  # fmt: skip
-        direction, scale = self.optimizer.direction(
-            self.grads, self.state, self.lr_active, self.steps
-        )
-        bounds = None
-        if self._tracks_first_layer():  # no pass over the first layer's direction
-            bounds = {"layers.0.weight": self.backprop.first_grad_bound}
-        newly, last_finite = self.guard.update(
-            self.params, direction, scale, losses, self.active, ~self.diverged,
-            grad_bounds=bounds, decay=self.beta,
-        )  # fmt: skip
+        if self.fused is not None:
+            newly, last_finite = self._fused_update(losses)
+        else:
+            direction, scale = self.optimizer.direction(
+                self.grads, self.state, self.lr_active, self.steps
+            )
+            bounds = None
+            if self._tracks_first_layer():  # no pass over the first layer's direction
+                bounds = {"layers.0.weight": self.backprop.first_grad_bound}
+            newly, last_finite = self.guard.update(
+                self.params, direction, scale, losses, self.active, ~self.diverged,
+                grad_bounds=bounds, decay=self.beta,
+            )  # fmt: skip
         if newly is not None:
             self.last_finite.update(last_finite)
             self.diverged |= newly
@@ -279,11 +289,41 @@ class _PackRun:
         self.steps += self.active.long()
         self.taken += 1
 
+    def _fused_update(self, losses: torch.Tensor):
+        """Adam's or RMSprop's step on θ in place (`sensgen.fused_update`), guarded by the
+        step's a-priori bound for the models whose gradients are finite and below
+        `gradient_limit` (the others are at risk: copied, stepped and checked)."""
+        t = self.fused.step_count(self.steps)
+        bound = self.fused.step_bound(float(t))
+        within = self._gradient_bound() <= gradient_limit(self.guard.dtype)  # NaN: False
+        r = torch.where(within | ~self.active, bound, torch.inf)  # stopped: s = 0
+        models = self.active.nonzero().flatten().tolist()
+        lr = self.lr_active.tolist()
+
+        def apply() -> None:
+            self.fused.apply(self.fused_slices, lr, t, models)
+
+        live = ~self.diverged
+        return self.guard.update_in_place(
+            self.params, apply, self.lr_active, r, losses, self.active, live
+        )
+
+    def _gradient_bound(self) -> torch.Tensor:
+        """[M] float64 ≥ max |g| over the step's gradient: the first layer's weights from
+        the backward pass where it gives a bound (`_tracks_first_layer`), every other
+        tensor by its norm (`sensgen.divergence.norms`)."""
+        if not self._tracks_first_layer():
+            return norms(self.grads)
+        rest = norms({k: g for k, g in self.grads.items() if k != "layers.0.weight"})
+        return torch.maximum(rest, self.backprop.first_grad_bound)  # (maximum keeps NaN)
+
     def _tracks_first_layer(self) -> bool:
-        """Whether the divergence guard bounds the first layer's direction from the
-        backward pass (`sensgen.divergence`): minibatches, and a direction that is the
-        gradient target (SGD, momentum). A full-batch step costs far more than that pass."""
-        return self.batches is not None and self.optimizer.steps_along_target
+        """Whether the first layer's gradient is bounded from the backward pass, not by a
+        pass over it (`sensgen.divergence`): with minibatches, for a direction that is the
+        gradient target (SGD, momentum) or a fused update (Adam, RMSprop: only the
+        gradient's size matters). A full-batch step costs far more than that pass."""
+        steps_along = self.optimizer.steps_along_target or self.fused is not None
+        return self.batches is not None and steps_along
 
     def _input_norms(self, x: torch.Tensor, xb: torch.Tensor) -> torch.Tensor | None:
         """‖x_batch_m‖_F [M] for `_tracks_first_layer` (augmented batches: from xb)."""

@@ -1,0 +1,128 @@
+"""Adam and RMSprop on θ in place by the fused kernel (`sensgen.fused_update`): the same step
+as the direction form, stopped models untouched, and an a-priori step bound that holds and
+is attained."""
+
+import math
+
+import pytest
+import torch
+
+from sensgen import optim
+from sensgen.divergence import apply_update
+from sensgen.fused_update import FUSED_UPDATES, step_bound
+from sensgen.optim import OPTIMIZERS, OptimizerName
+
+M = 3
+FUSED = [OptimizerName.ADAM, OptimizerName.RMSPROP]
+
+
+def _params(dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # The first layer of a minibatch pack is stored transposed (`minibatch_layout`); a
+    # bias of 7 elements is not a multiple of the kernel's vector.
+    w0 = torch.randn(M, 6, 5, generator=g, dtype=dtype).transpose(1, 2).contiguous()
+    return {
+        "w0": w0.transpose(1, 2),
+        "w": torch.randn(M, 7, 4, generator=g, dtype=dtype),
+        "b": torch.randn(M, 7, generator=g, dtype=dtype),
+    }
+
+
+def _grads(params, seed):
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(v.shape, generator=g, dtype=v.dtype).to(v) for k, v in params.items()}
+
+
+@pytest.mark.parametrize("optimizer", FUSED)
+def test_the_in_place_step_is_the_direction_form_and_leaves_stopped_models_alone(optimizer):
+    # Three models with their own learning rates (two equal: one kernel call for both),
+    # model 2 stopped after step 3: its θ, m and v stay exactly as they were.
+    fused, form = FUSED_UPDATES[optimizer], OPTIMIZERS[optimizer]
+    params = _params(torch.float64)
+    by_direction = {k: v.clone() for k, v in params.items()}
+    in_place = {k: v.clone() for k, v in params.items()}
+    grads = {k: torch.empty_like(v) for k, v in params.items()}
+    state_a, state_b = form.init(by_direction), form.init(in_place)
+    slices = fused.per_model(in_place, grads, state_b)
+    assert fused.available(in_place, grads, state_b)
+    lr = torch.tensor([1e-2, 1e-2, 3e-2], dtype=torch.float64)
+    steps = torch.zeros(M, dtype=torch.int64)
+    active = torch.ones(M, dtype=torch.bool)
+    for step in range(6):
+        if step == 4:
+            active[2] = False
+            frozen = {k: v[2].clone() for k, v in in_place.items()}
+        rate = torch.where(active, lr, 0.0)
+        for k, g in _grads(params, seed=step).items():
+            grads[k].copy_(g)
+        u, s = form.direction({k: g.clone() for k, g in grads.items()}, state_a, rate, steps)
+        apply_update(by_direction, u, s)
+        t = fused.step_count(steps)
+        fused.apply(slices, rate.tolist(), t, active.nonzero().flatten().tolist())
+        steps += active.long()
+    for k in params:
+        torch.testing.assert_close(in_place[k][:2], by_direction[k][:2], rtol=1e-13, atol=1e-15)
+        assert torch.equal(in_place[k][2], frozen[k])
+
+
+@pytest.mark.parametrize("optimizer", FUSED)
+def test_the_kernel_takes_only_tensors_laid_out_alike(optimizer):
+    fused, form = FUSED_UPDATES[optimizer], OPTIMIZERS[optimizer]
+    params = _params(torch.float32)
+    grads = {k: torch.empty_like(v) for k, v in params.items()}
+    assert fused.available(params, grads, form.init(params))
+    plain = {**params, "w0": params["w0"].contiguous()}  # θ₀ not stored as its gradient is
+    assert not fused.available(plain, grads, form.init(params))
+
+
+def _adam_steps(gradients, beta1, beta2, eps, bias_corrected=True):
+    """|u_t| of one scalar parameter over a gradient sequence, in float64, by the kernel."""
+    fused = FUSED_UPDATES[OptimizerName.ADAM]
+    fused = type(fused)(beta1, beta2, eps, "m", None if bias_corrected else 2.0**24)
+    theta, g, m, v = (torch.zeros(1, 1, dtype=torch.float64) for _ in range(4))
+    slices = [([theta[0]], [g[0]], [m[0]], [v[0]])]
+    out = []
+    for t, value in enumerate(gradients, start=1):
+        g.fill_(value)
+        before = theta.clone()
+        fused.apply(slices, [1.0], fused.step_count(torch.tensor([t - 1])), [0])
+        out.append(float((before - theta).abs()))
+    return out
+
+
+def test_adam_s_step_bound_holds_and_is_attained():
+    beta1, beta2 = optim.ADAM_BETAS
+    assert step_bound(beta1, beta2, 1) == 1.0  # u = g/(|g| + ε)
+    limit = (1 - beta1) / math.sqrt((1 - beta2) * (1 - beta1**2 / beta2))
+    assert step_bound(beta1, beta2, 10**6) == pytest.approx(limit) and 7.2 < limit < 7.3
+    # Gradients growing as (β₂/β₁)ᵏ make Cauchy–Schwarz an equality: the bound is reached.
+    growing = [(beta2 / beta1) ** k for k in range(60)]
+    steps = _adam_steps(growing, beta1, beta2, eps=0.0)
+    for t, u in enumerate(steps, start=1):
+        assert u <= step_bound(beta1, beta2, t) * (1 + 1e-12)
+    assert steps[-1] == pytest.approx(step_bound(beta1, beta2, 60), rel=1e-9)
+    # Random, sign-flipping, bursty and vanishing gradients stay within it too.
+    gen = torch.Generator().manual_seed(0)
+    for scale in (1e-20, 1.0, 1e20):
+        noise = (torch.randn(300, generator=gen, dtype=torch.float64) * scale).tolist()
+        bursty = [scale * (1e3 if k % 37 == 0 else 1e-3) for k in range(300)]
+        for gradients in (noise, bursty):
+            for t, u in enumerate(_adam_steps(gradients, beta1, beta2, optim.ADAM_EPS), 1):
+                assert u <= step_bound(beta1, beta2, t) * (1 + 1e-12)
+
+
+def test_rmsprop_s_step_bound_is_one_over_root_one_minus_alpha():
+    # RMSprop is the kernel with β₁ = 0 at t = 2²⁴ (`optim`): u = g/(√v + ε) ≤ 1/√(1 − α),
+    # reached by a gradient after zeros.
+    alpha = optim.RMSPROP_ALPHA
+    fused = FUSED_UPDATES[OptimizerName.RMSPROP]
+    assert fused.step_bound(float(fused.step_count(torch.tensor([5])))) == pytest.approx(10.0)
+    eps = optim.RMSPROP_EPS  # (0/0 for the zero gradients without it)
+    steps = _adam_steps([0.0] * 5 + [1.0, 1e-3], 0.0, alpha, eps, bias_corrected=False)
+    assert steps[5] == pytest.approx(1 / math.sqrt(1 - alpha), rel=1e-6)
+    assert max(steps) <= 10.0 * (1 + 1e-12)
+
+
+def test_no_bound_without_beta1_squared_below_beta2():
+    with pytest.raises(ValueError, match="β₁² < β₂"):
+        step_bound(0.99, 0.9, 10)
