@@ -296,7 +296,8 @@ class _PackRun:
         t = self.fused.step_count(self.steps)
         bound = self.fused.step_bound(float(t))
         within = self._gradient_bound() <= gradient_limit(self.guard.dtype)  # NaN: False
-        r = torch.where(within | ~self.active, bound, torch.inf)  # stopped: s = 0
+        r = torch.full_like(self.lr, bound)  # float64 [M], as the guard's other bounds
+        r.masked_fill_(~(within | ~self.active), torch.inf)  # stopped models: s = 0
         models = self.active.nonzero().flatten().tolist()
         lr = self.lr_active.tolist()
 
