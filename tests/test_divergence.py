@@ -69,33 +69,34 @@ def test_healthy_steps_are_the_plain_update_with_no_copy_and_a_valid_bound():
 
 def test_an_in_place_update_is_checked_only_where_its_bound_is_unknown():
     # `update_in_place` (Adam and RMSprop, `fused_update`): the update writes θ itself and
-    # the guard gets r ≥ max |u| a priori. Model 0 has no bound (a gradient beyond the
-    # limit): it is copied first and, its update being NaN, diverges with its θ kept.
-    # Models 1 and 3 step within their bound: no copy, b grows by 2·s·r. Model 2 is
-    # stopped (s = 0, left alone by the update).
+    # the guard gets r ≥ max |u| a priori. Models 0 and 3 have none (inf): both are copied
+    # first and checked; model 0's update is NaN, so it diverges with its θ kept; model 3's
+    # is finite, so it goes on, its bound b reset from θ, and is reported as checked.
+    # Model 1 steps within its bound: no copy, b grows by 2·s·r. Model 2 is stopped
+    # (s = 0, left alone by the update).
     params = _params()
     before = {k: v.clone() for k, v in params.items()}
     guard = DivergenceGuard(params)
     bound_before = guard.bound.clone()
     scale = torch.tensor([0.1, 0.1, 0.0, 0.5], dtype=torch.float64)
-    r = torch.tensor([INF, 1.0, 7.0, 2.0], dtype=torch.float64)
+    r = torch.tensor([INF, 1.0, 7.0, INF], dtype=torch.float64)
     active = torch.tensor([True, True, False, True])
 
     def apply():
         params["w"][0].fill_(NAN)
-        for i in (1, 3):  # |u| ≤ r
+        for i in (1, 3):  # |u| ≤ 1
             for v in params.values():
-                v[i] -= float(scale[i]) * torch.sign(v[i]) * float(r[i])
+                v[i] -= float(scale[i]) * torch.sign(v[i])
 
-    newly, last_finite = guard.update_in_place(
+    newly, last_finite, checked = guard.update_in_place(
         params, apply, scale, r, torch.zeros(M), active, _all(True)
     )
     assert newly.tolist() == [True, False, False, False]
-    assert list(last_finite) == [0]
+    assert list(last_finite) == [0] and checked == [3]
     assert all(torch.equal(last_finite[0][k], before[k][0]) for k in params)
     assert all(torch.equal(params[k][2], before[k][2]) for k in params)
-    grown = guard.bound - bound_before
-    assert grown[1:].tolist() == pytest.approx([2 * 0.1 * 1.0, 0.0, 2 * 0.5 * 2.0])
+    assert (guard.bound - bound_before)[1:3].tolist() == pytest.approx([2 * 0.1 * 1.0, 0.0])
+    assert guard.bound[3] == 2 * norms({k: v[3:4] for k, v in params.items()})[0]
 
 
 def test_a_non_finite_direction_diverges_and_keeps_the_parameters_before_the_step():

@@ -51,18 +51,24 @@ def test_the_in_place_step_is_the_direction_form_and_leaves_stopped_models_alone
     for step in range(6):
         if step == 4:
             active[2] = False
-            frozen = {k: v[2].clone() for k, v in in_place.items()}
+            frozen = [{k: v[2].clone() for k, v in d.items()} for d in _held(in_place, state_b)]
         rate = torch.where(active, lr, 0.0)
         for k, g in _grads(params, seed=step).items():
             grads[k].copy_(g)
         u, s = form.direction({k: g.clone() for k, g in grads.items()}, state_a, rate, steps)
         apply_update(by_direction, u, s)
-        t = fused.step_count(steps)
+        t = fused.step_count(step)  # the models still training have taken every step
         fused.apply(slices, rate.tolist(), t, active.nonzero().flatten().tolist())
         steps += active.long()
     for k in params:
         torch.testing.assert_close(in_place[k][:2], by_direction[k][:2], rtol=1e-13, atol=1e-15)
-        assert torch.equal(in_place[k][2], frozen[k])
+    for held, then in zip(_held(in_place, state_b), frozen, strict=True):
+        assert all(torch.equal(held[k][2], then[k]) for k in params)  # θ, m (Adam) and v
+
+
+def _held(params, state):
+    """θ and the optimiser's own state (m and v for Adam, v for RMSprop; no scratch)."""
+    return [params] + [state[name] for name in ("m", "v") if name in state]
 
 
 @pytest.mark.parametrize("optimizer", FUSED)
@@ -85,7 +91,7 @@ def _adam_steps(gradients, beta1, beta2, eps, bias_corrected=True):
     for t, value in enumerate(gradients, start=1):
         g.fill_(value)
         before = theta.clone()
-        fused.apply(slices, [1.0], fused.step_count(torch.tensor([t - 1])), [0])
+        fused.apply(slices, [1.0], fused.step_count(t - 1), [0])
         out.append(float((before - theta).abs()))
     return out
 
@@ -116,7 +122,7 @@ def test_rmsprop_s_step_bound_is_one_over_root_one_minus_alpha():
     # reached by a gradient after zeros.
     alpha = optim.RMSPROP_ALPHA
     fused = FUSED_UPDATES[OptimizerName.RMSPROP]
-    assert fused.step_bound(float(fused.step_count(torch.tensor([5])))) == pytest.approx(10.0)
+    assert fused.step_bound(fused.step_count(5)) == pytest.approx(10.0)
     eps = optim.RMSPROP_EPS  # (0/0 for the zero gradients without it)
     steps = _adam_steps([0.0] * 5 + [1.0, 1e-3], 0.0, alpha, eps, bias_corrected=False)
     assert steps[5] == pytest.approx(1 / math.sqrt(1 - alpha), rel=1e-6)
@@ -126,3 +132,58 @@ def test_rmsprop_s_step_bound_is_one_over_root_one_minus_alpha():
 def test_no_bound_without_beta1_squared_below_beta2():
     with pytest.raises(ValueError, match="β₁² < β₂"):
         step_bound(0.99, 0.9, 10)
+
+
+def _within(optimizer, grad, moment, lr, t=1.0):
+    fused = FUSED_UPDATES[optimizer]
+    f64 = lambda v: torch.tensor([v], dtype=torch.float64)  # noqa: E731
+    within, next_moment = fused.within_bound(f64(grad), f64(moment), f64(lr), t, torch.float32)
+    return bool(within), float(next_moment)
+
+
+def test_the_bound_is_used_only_where_nothing_overflows_on_the_way():
+    # The kernel forms (η/(1−β₁ᵗ))·m before dividing by √v̂ + ε, and m holds past
+    # gradients: cases where the true step η·|u| is small but the kernel overflows.
+    adam, rmsprop = OptimizerName.ADAM, OptimizerName.RMSPROP
+    assert _within(adam, 1.0, 0.0, 1e-3) == (True, pytest.approx(0.1))
+    assert _within(adam, 1.0, 2.0, 1e-3) == (True, pytest.approx(1.9))  # 0.9·2 + 0.1·1
+    assert _within(rmsprop, 3.0, 0.0, 1e-3) == (True, 3.0)  # RMSprop's m is g
+    assert not _within(adam, 1e10, 0.0, 1e30)[0]  # (η/0.1)·0.1·1e10 = 1e40
+    assert not _within(adam, 0.0, 0.0, 3.5e37)[0]  # η/(1−β₁) = 3.5e38: inf in float32
+    assert not _within(adam, 8e37, 0.0, 5.0)[0]  # a gradient within the limit, but 50·8e36
+    assert not _within(adam, 1.0, 3.4e38, 1e-3)[0]  # m from an at-risk step: g − m overflows
+    assert not _within(rmsprop, 1e35, 0.0, 1e5)[0]  # η·g = 1e40
+    for bad in (math.inf, math.nan):
+        assert not _within(adam, bad, 0.0, 1e-3)[0]
+        assert not _within(adam, 1.0, bad, 1e-3)[0]
+        assert not _within(adam, 1.0, 0.0, bad)[0]
+
+
+@pytest.mark.parametrize("optimizer", FUSED)
+@pytest.mark.parametrize("batch_size", [16, None], ids=["minibatch", "full batch"])
+def test_huge_learning_rates_diverge_with_their_last_finite_parameters(optimizer, batch_size):
+    # Inputs of 1e4 and learning rates of 1e35 and 1e36: the kernel's step size times m
+    # overflows at the first step although η·|u| ≤ η·C is below float32's largest value.
+    # The guard must see it coming: those models diverge at once, keeping their initial
+    # parameters, and the healthy one trains on as alone; no live θ is ever non-finite.
+    from sensgen.models import Nonlinearity
+    from sensgen.train import Member, PackShape, _PackRun, init_pack, train_pack
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(64, 8, generator=gen) * 1e4
+    y = torch.randint(0, 3, (1, 64), generator=gen).repeat(3, 1)
+    shape = PackShape(8, 3, 16, 1, Nonlinearity.RELU, optimizer, batch_size, 3, 3, False)
+    members = [Member(seed=i, lr=lr, init_scale=1.0) for i, lr in enumerate([1e-3, 1e35, 1e36])]
+    _, params = init_pack(shape, members)
+    initial = {k: v.clone() for k, v in params.items()}
+    run = _PackRun(shape, members, params, x, y, None)
+    assert run.fused is not None
+    for _ in range(3):
+        run.step(x)
+        assert run.diverged.tolist() == [False, True, True]
+        assert all(torch.isfinite(v[0]).all() for v in run.params.values())
+    for i in (1, 2):
+        assert all(torch.equal(run.last_finite[i][k], initial[k][i]) for k in initial)
+    outcome = train_pack(shape, members, x, y)
+    assert outcome.diverged.tolist() == [False, True, True]
+    assert all(torch.isfinite(v).all() for v in outcome.params.values())

@@ -194,12 +194,13 @@ class DivergenceGuard:
         losses: torch.Tensor,
         active: torch.Tensor,
         live: torch.Tensor,
-    ) -> tuple[torch.Tensor | None, dict[int, Params]]:
+    ) -> tuple[torch.Tensor | None, dict[int, Params], list[int]]:
         """As `update`, for an update θ ← θ − s·u that ``apply()`` makes in place without
         writing u (`sensgen.fused_update`), given ``bound`` [M] (float64) ≥ max |u| per
         model, known a priori (inf where it is not known: the model is at risk). Models
-        that ``apply`` leaves alone (stopped ones) need s = 0."""
-        return self._guarded(params, apply, scale, bound, losses, active, live)[:2]
+        that ``apply`` leaves alone (stopped ones) need s = 0. Also returns the models that
+        were at risk and stayed finite (the caller's own bounds may restart from them)."""
+        return self._guarded(params, apply, scale, bound, losses, active, live)
 
     def _guarded(self, params, apply, scale, r, losses, active, live):
         """The step of `update`, with θ ← θ − s·u made by ``apply()`` and r ≥ max |u| [M].

@@ -22,11 +22,15 @@ Cauchy–Schwarz over the weights (β₁/√β₂)^j · (√β₂)^j gives, for 
 so |u| ≤ |m̂|/√v̂ ≤ (1−β₁)/(1−β₁ᵗ) · √((1−β₂ᵗ)/(1−β₂)) · √((1−ρᵗ)/(1−ρ))  (`step_bound`):
 1 at t = 1 (u = g/(|g| + ε)), growing to 7.27 for Adam's (0.9, 0.999), and 1/√(1−α) = 10
 for RMSprop (the bound is attained: gradients growing as (β₂/β₁)ᵏ, or zeros then one). This
-holds as long as every gradient is finite and m cannot overflow, which the trainer checks
-per model from a bound on |g| (`gradient_limit`; the first layer's from the backward pass,
+holds in exact arithmetic; the kernel must also not overflow on the way, and
+`FusedUpdate.within_bound` checks per model that it cannot: every gradient finite and
+below a limit (a bound on |g|: the first layer's from the backward pass,
 `Backprop.first_grad_bound`, the others' by their norms, a pass over the small tensors
-only). A g² that overflows makes v = inf and u = 0: still within the bound. Float rounding
-of m and v (a relative ~u/(1−β₂) in steady state) is covered by the guard's factor 2.
+only), m kept below it too (a bound on |m| carried from step to step, since m holds past
+gradients), and the kernel's intermediate product (η/(1−β₁ᵗ))·m finite. A model outside
+is at risk: checked exactly, as any other (its bound on |m| then restarts from m itself).
+A g² that overflows makes v = inf and u = 0: still within the bound. Float rounding of m
+and v (a relative ~u/(1−β₂) in steady state) is covered by the guard's factor 2.
 """
 
 from __future__ import annotations
@@ -75,47 +79,52 @@ class FusedUpdate:
 
     def available(self, params: Params, grads: Params, state: State) -> bool:
         """Whether the kernel can take these tensors: it exists, runs on their device, and
-        each parameter's θ, g, m and v are dense and laid out alike."""
+        each parameter's θ, g, m and v are laid out alike, the model axis outermost and
+        each model's slice dense (`per_model` passes the slices)."""
         if not hasattr(torch, "_fused_adamw_"):
             return False
         for k, p in params.items():
-            group = [p, grads[k], self._moment(grads, state)[k], state["v"][k]]
-            if p.device.type not in ("cpu", "cuda") or not is_dense(p):
+            group = [p, grads[k], self.moments(grads, state)[k], state["v"][k]]
+            if p.device.type not in ("cpu", "cuda") or not is_dense(p[0]):
+                return False
+            if p.shape[0] > 1 and p.stride(0) != p[0].numel():
                 return False
             if any(t.stride() != p.stride() or t.device != p.device for t in group):
                 return False
         return True
 
-    def _moment(self, grads: Params, state: State) -> Params:
+    def moments(self, grads: Params, state: State) -> Params:
+        """The tensors the kernel keeps m in: the state's, or the gradient's (RMSprop)."""
         return grads if self.first_moment is None else state[self.first_moment]
 
     def per_model(self, params: Params, grads: Params, state: State) -> PerModel:
-        """Each model's (θ, g, m, v) lists: its slices, in memory order (the kernel walks
-        memory; a transposed layout would be copied), made once per pack."""
-        moment = self._moment(grads, state)
-        groups = [params, grads, moment, state["v"]]
-        whole = [[in_memory_order(d[k]) for k in params] for d in groups]
+        """Each model's (θ, g, m, v) lists: views of its slices, each in its memory order
+        (the kernel walks memory; a transposed slice would be copied), made once per pack."""
+        groups = [params, grads, self.moments(grads, state), state["v"]]
         n_models = next(iter(params.values())).shape[0]
-        return [tuple([t[i] for t in tensors] for tensors in whole) for i in range(n_models)]
+        return [
+            tuple([in_memory_order(d[k][i]) for k in params] for d in groups)
+            for i in range(n_models)
+        ]
 
-    def step_count(self, steps: torch.Tensor) -> torch.Tensor:
-        """The kernel's t (float32, 0-dim): the models still training have all taken every
-        step, so t = (the largest count) + 1 (stopped models are left out)."""
-        if self.fixed_step is not None:
-            return torch.tensor(self.fixed_step, dtype=torch.float32, device=steps.device)
-        return (steps.max() + 1).to(torch.float32)
+    def step_count(self, taken: int) -> float:
+        """The kernel's t: the pack's steps so far + 1 (the models still training have all
+        taken every one; stopped models are left out), or the fixed count."""
+        return float(taken + 1) if self.fixed_step is None else self.fixed_step
 
-    def apply(self, per_model: PerModel, lr: list[float], t: torch.Tensor, models: list[int]):
+    def apply(self, per_model: PerModel, lr: list[float], t: float, models: list[int]):
         """θ ← θ − lr_m·m̂/(√v̂ + ε) for each model m in ``models``, m and v advanced."""
         by_lr: dict[float, list[int]] = {}
         for m in models:
             by_lr.setdefault(lr[m], []).append(m)
+        device = per_model[0][0][0].device
+        count = torch.tensor(t, dtype=torch.float32, device=device)  # exact up to 2²⁴
         for rate, group in by_lr.items():
-            lists = [[t for m in group for t in per_model[m][i]] for i in range(4)]
+            lists = [[x for m in group for x in per_model[m][i]] for i in range(4)]
             torch._fused_adamw_(
                 *lists,
                 [],
-                [t] * len(lists[0]),
+                [count] * len(lists[0]),
                 lr=rate,
                 beta1=self.beta1,
                 beta2=self.beta2,
@@ -129,6 +138,34 @@ class FusedUpdate:
         """An a-priori bound on |m̂/(√v̂ + ε)| at step t for any finite gradients (module
         docstring)."""
         return step_bound(self.beta1, self.beta2, t)
+
+    def within_bound(
+        self,
+        grad_bound: torch.Tensor,
+        moment_bound: torch.Tensor,
+        lr: torch.Tensor,
+        t: float,
+        dtype: torch.dtype,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Which models' step is bounded by `step_bound` with nothing overflowing on the
+        way, [M] bool, and the next bound on |m| [M] (float64).
+
+        Given G ≥ max |g| (``grad_bound``) and Mb ≥ max |m| before the step
+        (``moment_bound``), per model [M] float64: m ← m + (1−β₁)(g − m) stays finite,
+        |m'| ≤ Mb' = β₁·Mb + (1−β₁)·G (G for RMSprop, whose m is g), if G and Mb are at
+        most L (a quarter of the dtype's largest value; then |g − m| ≤ 2L). The kernel
+        forms (η/(1−β₁ᵗ))·m' before dividing by √v̂ + ε, so that product must stay below L
+        too, and the step size itself be finite. NaN or inf anywhere: not within.
+        """
+        limit = gradient_limit(dtype)
+        if self.first_moment is None:
+            next_moment = grad_bound
+        else:
+            next_moment = self.beta1 * moment_bound + (1 - self.beta1) * grad_bound
+        size = lr / (1 - self.beta1**t)  # η/(1−β₁ᵗ), the kernel's step size
+        within = (grad_bound <= limit) & (moment_bound <= limit) & (next_moment <= limit)
+        within &= (size <= limit) & (size * next_moment <= limit)
+        return within, next_moment
 
 
 def step_bound(beta1: float, beta2: float, t: float) -> float:

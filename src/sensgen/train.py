@@ -51,7 +51,7 @@ from sensgen.batches import Augmenter, Minibatches
 from sensgen.batches import derive_seed as derive_seed  # re-exported: seeds of every purpose
 from sensgen.data import Augmentation
 from sensgen.divergence import DivergenceGuard, norms, underflow_slack
-from sensgen.fused_update import FUSED_UPDATES, gradient_limit
+from sensgen.fused_update import FUSED_UPDATES
 from sensgen.models import MLP, Nonlinearity, draw_initial_
 from sensgen.optim import OPTIMIZERS, OptimizerName
 
@@ -225,6 +225,8 @@ class _PackRun:
         self.taken = 0  # steps of the pack; the models still training have taken them all
         self.active = torch.ones(n_models, dtype=torch.bool, device=device)
         self.diverged = torch.zeros(n_models, dtype=torch.bool, device=device)
+        # ≥ max |m| per model for Adam's fused update (`FusedUpdate.within_bound`): m = 0.
+        self.moment_bound = torch.zeros(n_models, dtype=torch.float64, device=device)
         self.last_finite: dict[int, dict[str, torch.Tensor]] = {}  # position -> its params
         self.guard = DivergenceGuard(self.params)
         self.results: tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor] | None = None
@@ -246,6 +248,14 @@ class _PackRun:
             self.fused = None
         if self.fused is not None:
             self.fused_slices = self.fused.per_model(self.params, self.grads, self.state)
+            self._plan_fused()
+
+    def _plan_fused(self) -> None:
+        """The fused update's models (those still training) and learning rates, read once
+        per change (`stop`), not at every step (each read waits for a GPU)."""
+        if self.fused is not None:
+            models = self.active.nonzero().flatten().tolist()
+            self.fused_plan = (models, self.lr_active.tolist())
 
     def step(self, x: torch.Tensor) -> None:
         """One update of every model still in the pack (stopped ones with lr 0)."""
@@ -291,23 +301,27 @@ class _PackRun:
 
     def _fused_update(self, losses: torch.Tensor):
         """Adam's or RMSprop's step on θ in place (`sensgen.fused_update`), guarded by the
-        step's a-priori bound for the models whose gradients are finite and below
-        `gradient_limit` (the others are at risk: copied, stepped and checked)."""
-        t = self.fused.step_count(self.steps)
-        bound = self.fused.step_bound(float(t))
-        within = self._gradient_bound() <= gradient_limit(self.guard.dtype)  # NaN: False
-        r = torch.full_like(self.lr, bound)  # float64 [M], as the guard's other bounds
+        step's a-priori bound for the models where nothing can overflow on the way
+        (`FusedUpdate.within_bound`); the others are at risk: copied, stepped and checked."""
+        fused, t = self.fused, self.fused.step_count(self.taken)
+        within, next_moment = fused.within_bound(
+            self._gradient_bound(), self.moment_bound, self.lr_active, t, self.guard.dtype
+        )
+        r = torch.full_like(self.lr, fused.step_bound(t))  # float64 [M], as the guard's
         r.masked_fill_(~(within | ~self.active), torch.inf)  # stopped models: s = 0
-        models = self.active.nonzero().flatten().tolist()
-        lr = self.lr_active.tolist()
+        models, lr = self.fused_plan
 
         def apply() -> None:
-            self.fused.apply(self.fused_slices, lr, t, models)
+            fused.apply(self.fused_slices, lr, t, models)
 
-        live = ~self.diverged
-        return self.guard.update_in_place(
-            self.params, apply, self.lr_active, r, losses, self.active, live
+        newly, last_finite, checked = self.guard.update_in_place(
+            self.params, apply, self.lr_active, r, losses, self.active, ~self.diverged
         )
+        self.moment_bound = next_moment
+        moments = fused.moments(self.grads, self.state)
+        for i in checked:  # at risk and still finite: |m| bounded from m itself again
+            self.moment_bound[i] = norms({k: m[i : i + 1] for k, m in moments.items()})[0]
+        return newly, last_finite
 
     def _gradient_bound(self) -> torch.Tensor:
         """[M] float64 ≥ max |g| over the step's gradient: the first layer's weights from
@@ -338,6 +352,7 @@ class _PackRun:
         """Stop models `which` ([m] bool): no more updates."""
         self.active &= ~which
         self.lr_active = torch.where(self.active, self.lr, 0.0)
+        self._plan_fused()
 
     def compact(self) -> None:
         """Move the stopped models' results out; the rest go on as a smaller pack."""
@@ -349,7 +364,8 @@ class _PackRun:
         self.params = {k: v[index] for k, v in self.params.items()}
         self.guard.select(index)
         self.state = {name: {k: v[index] for k, v in s.items()} for name, s in self.state.items()}
-        for name in ("ids", "lr", "lr_active", "steps", "active", "diverged", "y"):
+        names = ("ids", "lr", "lr_active", "steps", "active", "diverged", "y", "moment_bound")
+        for name in names:
             setattr(self, name, getattr(self, name)[index])
         self.last_finite = {}  # only stopped models have some
         if self.batches is not None:
