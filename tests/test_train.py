@@ -332,10 +332,30 @@ def test_a_compacted_pack_keeps_the_fast_layout_and_the_fused_step(optimizer):
         assert backprop._stored_transposed(tensors["layers.0.weight"])
         assert tensors["layers.1.weight"].is_contiguous()
     if optimizer in (OptimizerName.ADAM, OptimizerName.RMSPROP):
-        assert optim.fused_adam_available(run.grads, run.state)
         assert run.fused is not None and len(run.fused_slices) == 2  # θ updated in place
+        assert "buf" not in run.state  # no direction is written: no scratch for one
     run.step(x)
     assert all(torch.isfinite(v).all() for v in run.params.values())
+
+
+@pytest.mark.parametrize("optimizer", [OptimizerName.ADAM, OptimizerName.RMSPROP])
+def test_a_pack_that_loses_the_fused_update_falls_back_to_directions(monkeypatch, optimizer):
+    # Should a compacted pack's tensors no longer suit the fused kernel, its steps go the
+    # direction way (`optim`), whose scratch is made again, and train on as before.
+    x, ys = _data()
+    members = _members(optimizer)
+    _, params = init_pack(_shape(optimizer), members)
+    run = train._PackRun(_shape(optimizer), members, params, x, ys, None)
+    run.step(x)
+    assert run.fused is not None and "buf" not in run.state
+    monkeypatch.setattr(type(run.fused), "available", lambda *args: False)
+    run.stop(torch.tensor([False, True, False]))
+    run.compact()
+    assert run.fused is None and "buf" in run.state
+    before = {k: v.clone() for k, v in run.params.items()}
+    run.step(x)
+    assert all(torch.isfinite(v).all() for v in run.params.values())
+    assert any(not torch.equal(v, before[k]) for k, v in run.params.items())
 
 
 def test_stopped_models_leave_the_pack_and_the_rest_train_on_as_alone(monkeypatch):

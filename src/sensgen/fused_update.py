@@ -25,8 +25,9 @@ for RMSprop (the bound is attained: gradients growing as (β₂/β₁)ᵏ, or ze
 holds in exact arithmetic; the kernel must also not overflow on the way, and
 `FusedUpdate.within_bound` checks per model that it cannot: every gradient finite and
 below a limit (a bound on |g|: the first layer's from the backward pass,
-`Backprop.first_grad_bound`, the others' by their norms, a pass over the small tensors
-only), m kept below it too (a bound on |m| carried from step to step, since m holds past
+`Backprop.first_grad_bound`, the others' by their float32 norms, a pass over the small
+tensors only, which overflow to inf, so at risk, already beyond about 1.8e19), m kept
+below it too (a bound on |m| carried from step to step, since m holds past
 gradients), and the kernel's intermediate product (η/(1−β₁ᵗ))·m finite. A model outside
 is at risk: checked exactly, as any other (its bound on |m| then restarts from m itself).
 A g² that overflows makes v = inf and u = 0: still within the bound. Float rounding of m

@@ -249,6 +249,12 @@ class _PackRun:
         if self.fused is not None:
             self.fused_slices = self.fused.per_model(self.params, self.grads, self.state)
             self._plan_fused()
+        # The directions' scratch ("buf", a copy of the pack's size): the fused update
+        # writes no direction, so it is freed, and made again if a pack falls back.
+        if self.fused is not None:
+            self.state.pop("buf", None)
+        elif "buf" in self.optimizer.init({}) and "buf" not in self.state:
+            self.state["buf"] = {k: torch.zeros_like(v) for k, v in self.params.items()}
 
     def _plan_fused(self) -> None:
         """The fused update's models (those still training) and learning rates, read once
