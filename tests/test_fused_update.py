@@ -153,17 +153,21 @@ def test_the_bound_is_used_only_where_nothing_overflows_on_the_way():
     assert not _within(adam, 8e37, 0.0, 5.0)[0]  # a gradient within the limit, but 50·8e36
     assert not _within(adam, 1.0, 3.4e38, 1e-3)[0]  # m from an at-risk step: g − m overflows
     assert not _within(rmsprop, 1e35, 0.0, 1e5)[0]  # η·g = 1e40
+    assert not _within(adam, 1e10, 0.0, -1e30)[0]  # a negative η overflows alike
+    assert _within(rmsprop, 1.0, math.inf, 1e-3)[0]  # RMSprop's m has no history
     for bad in (math.inf, math.nan):
         assert not _within(adam, bad, 0.0, 1e-3)[0]
         assert not _within(adam, 1.0, bad, 1e-3)[0]
         assert not _within(adam, 1.0, 0.0, bad)[0]
 
 
+@pytest.mark.parametrize("sign", [1, -1])
 @pytest.mark.parametrize("optimizer", FUSED)
 @pytest.mark.parametrize("batch_size", [16, None], ids=["minibatch", "full batch"])
-def test_huge_learning_rates_diverge_with_their_last_finite_parameters(optimizer, batch_size):
-    # Inputs of 1e4 and learning rates of 1e35 and 1e36: the kernel's step size times m
-    # overflows at the first step although η·|u| ≤ η·C is below float32's largest value.
+def test_huge_learning_rates_diverge_with_their_last_finite_parameters(optimizer, batch_size, sign):
+    # Inputs of 1e4 and learning rates of ±1e35 and ±1e36 (`train_pack` takes any sign):
+    # the kernel's step size times m overflows at the first step although |η|·|u| ≤ |η|·C
+    # is below float32's largest value.
     # The guard must see it coming: those models diverge at once, keeping their initial
     # parameters, and the healthy one trains on as alone; no live θ is ever non-finite.
     from sensgen.models import Nonlinearity
@@ -173,7 +177,8 @@ def test_huge_learning_rates_diverge_with_their_last_finite_parameters(optimizer
     x = torch.rand(64, 8, generator=gen) * 1e4
     y = torch.randint(0, 3, (1, 64), generator=gen).repeat(3, 1)
     shape = PackShape(8, 3, 16, 1, Nonlinearity.RELU, optimizer, batch_size, 3, 3, False)
-    members = [Member(seed=i, lr=lr, init_scale=1.0) for i, lr in enumerate([1e-3, 1e35, 1e36])]
+    lrs = [1e-3, sign * 1e35, sign * 1e36]
+    members = [Member(seed=i, lr=lr, init_scale=1.0) for i, lr in enumerate(lrs)]
     _, params = init_pack(shape, members)
     initial = {k: v.clone() for k, v in params.items()}
     run = _PackRun(shape, members, params, x, y, None)
@@ -187,3 +192,34 @@ def test_huge_learning_rates_diverge_with_their_last_finite_parameters(optimizer
     outcome = train_pack(shape, members, x, y)
     assert outcome.diverged.tolist() == [False, True, True]
     assert all(torch.isfinite(v).all() for v in outcome.params.values())
+
+
+def test_the_bound_on_m_is_carried_from_step_to_step():
+    # m holds past gradients: after 40 zero gradients, a constant 5e8 in one weight makes
+    # (η/(1−β₁ᵗ))·m grow past float32's range over the next steps (η = 1e30) while each
+    # step's own gradient looks harmless. The carried bound on |m| sees it coming: the
+    # model is at risk in time and diverges with finite parameters kept; no step leaves
+    # it with a non-finite θ unnoticed.
+    from sensgen.models import Nonlinearity
+    from sensgen.train import Member, PackShape, _PackRun, init_pack
+
+    shape = PackShape(4, 3, 5, 1, Nonlinearity.RELU, OptimizerName.ADAM, None, 100, 100, False)
+    members = [Member(seed=0, lr=1e30, init_scale=1.0)]
+    _, params = init_pack(shape, members)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.rand(8, 4, generator=gen), torch.randint(0, 3, (1, 8), generator=gen)
+    run = _PackRun(shape, members, params, x, y, None)
+    for step in range(70):
+        for g in run.grads.values():  # the step's gradient, as the backward pass leaves it
+            g.zero_()
+            g.view(-1)[0] = 0.0 if step < 40 else 5e8
+        m = max(float(t.abs().max()) for t in run.state["m"].values())
+        assert m <= float(run.moment_bound[0]) * (1 + 1e-6)
+        newly, last_finite = run._fused_update(torch.zeros(1))
+        if newly is not None:
+            break
+        assert all(torch.isfinite(v).all() for v in run.params.values()), step
+        run.steps += 1
+        run.taken += 1
+    assert newly is not None and 40 < step < 70
+    assert all(torch.isfinite(v).all() for v in last_finite[0].values())

@@ -341,7 +341,8 @@ def test_a_compacted_pack_keeps_the_fast_layout_and_the_fused_step(optimizer):
 @pytest.mark.parametrize("optimizer", [OptimizerName.ADAM, OptimizerName.RMSPROP])
 def test_a_pack_that_loses_the_fused_update_falls_back_to_directions(monkeypatch, optimizer):
     # Should a compacted pack's tensors no longer suit the fused kernel, its steps go the
-    # direction way (`optim`), whose scratch is made again, and train on as before.
+    # direction way (`optim`), whose scratch is made again, and it trains on; its bound on
+    # |m| is then unknown (inf), should the kernel come back.
     x, ys = _data()
     members = _members(optimizer)
     _, params = init_pack(_shape(optimizer), members)
@@ -352,6 +353,7 @@ def test_a_pack_that_loses_the_fused_update_falls_back_to_directions(monkeypatch
     run.stop(torch.tensor([False, True, False]))
     run.compact()
     assert run.fused is None and "buf" in run.state
+    assert torch.isinf(run.moment_bound).all()
     before = {k: v.clone() for k, v in run.params.items()}
     run.step(x)
     assert all(torch.isfinite(v).all() for v in run.params.values())

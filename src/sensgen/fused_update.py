@@ -113,13 +113,17 @@ class FusedUpdate:
         taken every one; stopped models are left out), or the fixed count."""
         return float(taken + 1) if self.fixed_step is None else self.fixed_step
 
-    def apply(self, per_model: PerModel, lr: list[float], t: float, models: list[int]):
-        """θ ← θ − lr_m·m̂/(√v̂ + ε) for each model m in ``models``, m and v advanced."""
+    def apply(
+        self, per_model: PerModel, lr: list[float], t: float | torch.Tensor, models: list[int]
+    ):
+        """θ ← θ − lr_m·m̂/(√v̂ + ε) for each model m in ``models``, m and v advanced; t the
+        step count, or a float32 0-dim tensor on the tensors' device holding it."""
         by_lr: dict[float, list[int]] = {}
         for m in models:
             by_lr.setdefault(lr[m], []).append(m)
-        device = per_model[0][0][0].device
-        count = torch.tensor(t, dtype=torch.float32, device=device)  # exact up to 2²⁴
+        count = t
+        if not isinstance(t, torch.Tensor):  # (float32 holds it exactly up to 2²⁴)
+            count = torch.tensor(t, dtype=torch.float32, device=per_model[0][0][0].device)
         for rate, group in by_lr.items():
             lists = [[x for m in group for x in per_model[m][i]] for i in range(4)]
             torch._fused_adamw_(
@@ -159,12 +163,13 @@ class FusedUpdate:
         too, and the step size itself be finite. NaN or inf anywhere: not within.
         """
         limit = gradient_limit(dtype)
-        if self.first_moment is None:
+        if self.first_moment is None:  # m is this step's g: no history to keep
             next_moment = grad_bound
+            within = grad_bound <= limit
         else:
             next_moment = self.beta1 * moment_bound + (1 - self.beta1) * grad_bound
-        size = lr / (1 - self.beta1**t)  # η/(1−β₁ᵗ), the kernel's step size
-        within = (grad_bound <= limit) & (moment_bound <= limit) & (next_moment <= limit)
+            within = (grad_bound <= limit) & (moment_bound <= limit) & (next_moment <= limit)
+        size = lr.abs() / (1 - self.beta1**t)  # |η|/(1−β₁ᵗ), the kernel's step size
         within &= (size <= limit) & (size * next_moment <= limit)
         return within, next_moment
 

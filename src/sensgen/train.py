@@ -248,7 +248,12 @@ class _PackRun:
             self.fused = None
         if self.fused is not None:
             self.fused_slices = self.fused.per_model(self.params, self.grads, self.state)
+            # The kernel's step count, filled in place at each step (no copy from the
+            # host that a GPU would wait for).
+            self.fused_count = torch.zeros((), dtype=torch.float32, device=self.lr.device)
             self._plan_fused()
+        else:  # m is not bounded along the direction way: unknown, should the kernel return
+            self.moment_bound.fill_(torch.inf)
         # The directions' scratch ("buf", a copy of the pack's size): the fused update
         # writes no direction, so it is freed, and made again if a pack falls back.
         if self.fused is not None:
@@ -318,7 +323,7 @@ class _PackRun:
         models, lr = self.fused_plan
 
         def apply() -> None:
-            fused.apply(self.fused_slices, lr, t, models)
+            fused.apply(self.fused_slices, lr, self.fused_count.fill_(t), models)
 
         newly, last_finite, checked = self.guard.update_in_place(
             self.params, apply, self.lr_active, r, losses, self.active, ~self.diverged
