@@ -223,3 +223,30 @@ def test_the_bound_on_m_is_carried_from_step_to_step():
         run.taken += 1
     assert newly is not None and 40 < step < 70
     assert all(torch.isfinite(v).all() for v in last_finite[0].values())
+
+
+def test_the_bound_on_m_follows_its_models_through_compaction():
+    # After steps on real data, each model's carried bound holds its own m; when a model
+    # leaves the pack, the others keep their bounds (and their m), in order.
+    from sensgen.models import Nonlinearity
+    from sensgen.train import Member, PackShape, _PackRun, init_pack
+
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(40, 6, generator=gen), torch.randint(0, 3, (1, 40), generator=gen)
+    shape = PackShape(6, 3, 5, 1, Nonlinearity.RELU, OptimizerName.ADAM, 8, 20, 20, False)
+    members = [Member(seed=i, lr=10.0 ** -(i + 1), init_scale=1.0) for i in range(3)]
+    _, params = init_pack(shape, members)
+    run = _PackRun(shape, members, params, x, y.repeat(3, 1), None)
+
+    def largest_m():
+        return torch.stack([m.flatten(1).abs().amax(1) for m in run.state["m"].values()])
+
+    for _ in range(6):
+        run.step(x)
+        assert (largest_m().amax(0).double() <= run.moment_bound * (1 + 1e-6)).all()
+    kept = run.moment_bound[[0, 2]].clone()
+    run.stop(torch.tensor([False, True, False]))
+    run.compact()
+    assert torch.equal(run.moment_bound, kept) and run.lr.tolist() == [1e-1, 1e-3]
+    run.step(x)
+    assert (largest_m().amax(0).double() <= run.moment_bound * (1 + 1e-6)).all()
