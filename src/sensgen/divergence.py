@@ -94,14 +94,10 @@ def is_finite(params: Params, index: int) -> bool:
 
 def apply_update(params: Params, direction: Params, scale: torch.Tensor) -> None:
     """θ ← θ − s·u in place, s [M] per model (a model with s = 0 and finite u keeps θ)."""
-    # Converted once, and viewed once per rank, not per tensor (a small pack's step is
-    # mostly such per-operation costs; issue 8).
+    # Converted once, not per tensor (per_model's own conversion is then a no-op).
     applied = scale.to(next(iter(params.values())).dtype)
-    views: dict[int, torch.Tensor] = {}
     for k, p in params.items():
-        if p.ndim not in views:
-            views[p.ndim] = per_model(applied, p)
-        p.addcmul_(views[p.ndim], direction[k], value=-1)
+        p.addcmul_(per_model(applied, p), direction[k], value=-1)
 
 
 class DivergenceGuard:
