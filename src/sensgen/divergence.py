@@ -173,7 +173,7 @@ class DivergenceGuard:
             update} for each newly diverged model).
         """
         r = self._direction_norms(direction, grad_bounds or {}, decay)
-        newly, last_finite, checked = self._guarded(
+        newly, last_finite, checked = self.update_in_place(
             params, lambda: apply_update(params, direction, scale), scale, r, losses, active, live
         )
         for i in checked:  # tracked bounds start again from u itself
@@ -195,16 +195,12 @@ class DivergenceGuard:
         writing u (`sensgen.fused_update`), given ``bound`` [M] (float64) ≥ max |u| per
         model, known a priori (inf where it is not known: the model is at risk). Models
         that ``apply`` leaves alone (stopped ones) need s = 0. Also returns the models that
-        were at risk and stayed finite (the caller's own bounds may restart from them)."""
-        return self._guarded(params, apply, scale, bound, losses, active, live)
-
-    def _guarded(self, params, apply, scale, r, losses, active, live):
-        """The step of `update`, with θ ← θ − s·u made by ``apply()`` and r ≥ max |u| [M].
-        Also returns the at-risk models that stayed finite (their bounds were reset)."""
+        were at risk and stayed finite (the caller's own bounds may restart from them;
+        `update` is this step with ``apply`` its own θ ← θ − s·u)."""
         # s as the update applies it (an lr beyond float32's range is inf there), and |s|:
         # a negative s must grow the bound too. 0·inf is NaN: at risk.
         applied = scale.to(self.dtype).to(torch.float64).abs()
-        growth = 2 * applied * r
+        growth = 2 * applied * bound
         safe = safe_bound(self.dtype)
         # (A growth of inf or NaN fails the comparison itself: b + growth < safe is false.)
         risky = live & ~(self.bound + growth < safe)
