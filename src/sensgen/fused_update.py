@@ -49,8 +49,8 @@ from sensgen.optim import (
     RMSPROP_ALPHA,
     RMSPROP_EPS,
     OptimizerName,
+    fused_kernel_takes,
     in_memory_order,
-    is_dense,
 )
 
 Params = dict[str, torch.Tensor]
@@ -82,17 +82,10 @@ class FusedUpdate:
         """Whether the kernel can take these tensors: it exists, runs on their device, and
         each parameter's θ, g, m and v are laid out alike, the model axis outermost and
         each model's slice dense (`per_model` passes the slices)."""
-        if not hasattr(torch, "_fused_adamw_"):
-            return False
-        for k, p in params.items():
-            group = [p, grads[k], self.moments(grads, state)[k], state["v"][k]]
-            if p.device.type not in ("cpu", "cuda") or not is_dense(p[0]):
-                return False
-            if p.shape[0] > 1 and p.stride(0) != p[0].numel():
-                return False
-            if any(t.stride() != p.stride() or t.device != p.device for t in group):
-                return False
-        return True
+        moments = self.moments(grads, state)
+        groups = [[p, grads[k], moments[k], state["v"][k]] for k, p in params.items()]
+        outermost = all(p.shape[0] == 1 or p.stride(0) == p[0].numel() for p in params.values())
+        return outermost and fused_kernel_takes(groups)
 
     def moments(self, grads: Params, state: State) -> Params:
         """The tensors the kernel keeps m in: the state's, or the gradient's (RMSprop)."""
@@ -162,7 +155,7 @@ class FusedUpdate:
         forms (η/(1−β₁ᵗ))·m' before dividing by √v̂ + ε, so that product must stay below L
         too, and the step size itself be finite. NaN or inf anywhere: not within.
         """
-        limit = gradient_limit(dtype)
+        limit = safe_bound(dtype)  # L: m, a running average of the gradients, stays finite
         if self.first_moment is None:  # m is this step's g: no history to keep
             next_moment = grad_bound
             within = grad_bound <= limit
@@ -181,12 +174,6 @@ def step_bound(beta1: float, beta2: float, t: float) -> float:
         raise ValueError(f"no step bound for β₁ = {beta1}, β₂ = {beta2}: needs β₁² < β₂")
     first = (1 - beta1) / (1 - beta1**t)
     return first * math.sqrt((1 - beta2**t) / (1 - beta2)) * math.sqrt((1 - rho**t) / (1 - rho))
-
-
-def gradient_limit(dtype: torch.dtype) -> float:
-    """The largest bound on |g| under which `step_bound` holds: m, a running average of
-    the gradients, then stays finite (a quarter of the dtype's largest value)."""
-    return safe_bound(dtype)
 
 
 # The optimisers whose step the trainer takes this way where the kernel can (`available`).

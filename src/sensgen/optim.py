@@ -38,7 +38,7 @@ The update rules are those of `torch.optim` (tests check this):
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -209,14 +209,22 @@ def fused_adam_available(grads: Params, state: State) -> bool:
     """Whether torch's fused Adam(W) kernel can take this step: it exists, runs on their
     device (CPU, CUDA), and each gradient and its m, v and buffer are laid out alike in
     dense memory (the kernel walks their memory in one order, whatever their strides)."""
+    first_moments = state.get("m", grads)  # RMSprop's m is its gradient (below)
+    return fused_kernel_takes(
+        [g, first_moments[k], state["v"][k], state["buf"][k]] for k, g in grads.items()
+    )
+
+
+def fused_kernel_takes(groups: Iterable[list[torch.Tensor]]) -> bool:
+    """Whether torch's fused Adam(W) kernel exists and can take these groups of tensors
+    (one group per parameter, the tensors it updates together): each group on one device
+    it runs on (CPU, CUDA) and laid out alike in dense memory."""
     if not hasattr(torch, "_fused_adamw_"):
         return False
-    first_moments = state.get("m", grads)  # RMSprop's m is its gradient (below)
-    for k, g in grads.items():
-        group = [g, first_moments[k], state["v"][k], state["buf"][k]]
-        if g.device.type not in ("cpu", "cuda") or not is_dense(g):
+    for first, *rest in groups:
+        if first.device.type not in ("cpu", "cuda") or not is_dense(first):
             return False
-        if any(t.stride() != g.stride() or t.device != g.device for t in group):
+        if any(t.stride() != first.stride() or t.device != first.device for t in rest):
             return False
     return True
 

@@ -246,20 +246,19 @@ class _PackRun:
         self.fused = FUSED_UPDATES.get(self.shape.optimizer)
         if self.fused is not None and not self.fused.available(self.params, self.grads, self.state):
             self.fused = None
+        # The directions' scratch ("buf", a copy of the pack's size): the fused update
+        # writes no direction, so it is freed, and made again if a pack falls back.
         if self.fused is not None:
             self.fused_slices = self.fused.per_model(self.params, self.grads, self.state)
             # The kernel's step count, filled in place at each step (no copy from the
             # host that a GPU would wait for).
             self.fused_count = torch.zeros((), dtype=torch.float32, device=self.lr.device)
             self._plan_fused()
-        else:  # m is not bounded along the direction way: unknown, should the kernel return
-            self.moment_bound.fill_(torch.inf)
-        # The directions' scratch ("buf", a copy of the pack's size): the fused update
-        # writes no direction, so it is freed, and made again if a pack falls back.
-        if self.fused is not None:
             self.state.pop("buf", None)
-        elif "buf" in self.optimizer.init({}) and "buf" not in self.state:
-            self.state["buf"] = {k: torch.zeros_like(v) for k, v in self.params.items()}
+        else:
+            self.moment_bound.fill_(torch.inf)  # m unbounded along directions: unknown
+            if "buf" in self.optimizer.init({}) and "buf" not in self.state:
+                self.state["buf"] = {k: torch.zeros_like(v) for k, v in self.params.items()}
 
     def _plan_fused(self) -> None:
         """The fused update's models (those still training) and learning rates, read once
