@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from sensgen import measures as M
-from sensgen.models import MLP
+from sensgen.models import MLP, Nonlinearity
 
 
 class OneLayer(nn.Module):
@@ -226,6 +226,31 @@ def test_pacbayes_flatness_bisection_brackets_the_threshold():
     ]
     assert M.perturbed_accuracy(net, x, y, sigma, noise) >= 0.9
     assert M.perturbed_accuracy(net, x, y, sigma + 1e-6, noise) < 0.9
+
+
+@pytest.mark.parametrize("nonlinearity", [n.value for n in Nonlinearity])
+def test_logits_into_buffers_are_the_modules_own_bit_for_bit(nonlinearity):
+    # The flatness search's forward pass (kept buffers, φ in place) must give exactly
+    # net(x), call after call (the buffers reused, their old contents overwritten) and
+    # for another number of points; any other module is evaluated as itself.
+    from sensgen.measures.flatness import _logits_into_buffers
+
+    g = torch.Generator().manual_seed(7)
+    net = MLP(5, 4, width=9, depth=3, nonlinearity=nonlinearity, generator=g).double()
+    for layer in net.layers:  # non-zero biases, so that they are checked too
+        nn.init.normal_(layer.bias, generator=g)
+    logits = _logits_into_buffers(net)
+    for n in (17, 17, 6):
+        x = 3 * torch.randn(n, 5, generator=g, dtype=torch.float64)
+        with torch.no_grad():
+            assert torch.equal(logits(x), net(x))
+
+    class Other(MLP):
+        def forward(self, x):
+            return -super().forward(x)
+
+    other = Other(5, 4, width=9, depth=1).double()
+    assert _logits_into_buffers(other) is other
 
 
 @pytest.mark.parametrize("magnitude_aware", [True, False])
