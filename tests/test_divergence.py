@@ -234,7 +234,9 @@ def test_the_first_layer_bound_from_the_backward_pass_holds_along_training(optim
         largest = direction["layers.0.weight"].flatten(1).abs().amax(1).double()
         tracked = run.guard.tracked["layers.0.weight"]
         live = ~run.diverged
-        assert (tracked[live] >= largest[live]).all()
+        # V is an exact float64 sum, u a float32 one: V may fall short by rounding (a
+        # relative 1e-7 where Cauchy–Schwarz is tight), which the guard's factor 2 covers.
+        assert (tracked[live] * (1 + 1e-6) >= largest[live]).all()
         assert (tracked[live] <= 1e6 * largest[live] + 1e-6).all()  # a bound, not a blanket
 
 

@@ -25,7 +25,9 @@ inf for |u| > 1.8e19, NaN propagates): the cost of the sum screen it replaces, a
 in-place update saves the write of a second copy of the pack. Otherwise the model is *at
 risk*: its θ is copied, the update runs, and an exact check of its θ' settles it.
 Training models stay far below the bound (b grows by 2·s·r per step, 10³–10⁴ over a whole
-run in practice), so copies are made only at a blow-up.
+run in practice), so copies are made only at a blow-up (or, at every step, for a model
+whose values are beyond 1.8e19, where a float32 norm's squares overflow: it is checked
+exactly, never missed).
 
 `b` starts as twice the largest per-tensor ‖θ_m‖₂ (≥ max |θ_m|), and is reset that way
 after every at-risk step that stays finite.
@@ -83,7 +85,9 @@ def norms(tensors: Params) -> torch.Tensor:
 def underflow_slack(norm: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """A ‖·‖₂ per model [M] of values [M, ...], raised by what the squares below the
     dtype's smallest normal number may have lost (underflow, flush-to-zero), so that it
-    stays ≥ the exact norm: each of the n entries loses less than that tiny number."""
+    stays ≥ the exact norm up to the norm's own rounding (a relative ~10⁻⁵ in float32,
+    which the guard's factor 2 covers): each of the n entries loses less than that tiny
+    number."""
     return norm + (2 * values[0].numel() * torch.finfo(values.dtype).tiny) ** 0.5
 
 
@@ -110,7 +114,9 @@ class DivergenceGuard:
     def __init__(self, params: Params) -> None:
         self.bound = 2 * norms(params)  # [M] float64, ≥ max |θ_m|
         self.dtype = next(iter(params.values())).dtype
-        self.tracked: Params = {}  # name -> V [M] float64 ≥ max |u|, tracked directions
+        # name -> V [M] float64 ≥ max |u| of a tracked direction, up to float32 rounding
+        # (u is summed in float32, V in float64: the factor 2 of the growth covers it)
+        self.tracked: Params = {}
 
     def select(self, index: torch.Tensor) -> None:
         """Keep the bounds of the models at `index` (the pack shrank to them)."""

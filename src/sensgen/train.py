@@ -97,7 +97,8 @@ class PackOutcome:
         params: stacked parameters, each [M, ...], as `stack_module_state` names them.
         steps: [M] int64, updates applied to each model.
         diverged: [M] bool, whose loss or update became non-finite (their params are the
-            last finite ones).
+            last finite ones). With momentum that includes a learning rate beyond 7e37,
+            where η·c (c ≤ μ⁻¹⁵, `optim.ScaledAccumulator`) overflows float32.
     """
 
     params: dict[str, torch.Tensor]
