@@ -339,6 +339,27 @@ def test_a_compacted_pack_keeps_the_fast_layout_and_the_fused_step(optimizer):
 
 
 @pytest.mark.parametrize("optimizer", [OptimizerName.ADAM, OptimizerName.RMSPROP])
+def test_a_pack_with_the_fused_update_never_allocates_the_directions_scratch(
+    monkeypatch, optimizer
+):
+    # The fused update writes no direction: the pack's state holds what is carried from
+    # step to step (m, v) and nothing else is ever made for it, not even for a moment at
+    # set-up (a copy of the pack fewer at its peak).
+    made = []
+    zeros_like = optim._zeros_like
+    monkeypatch.setattr(optim, "_zeros_like", lambda p: made.append(p) or zeros_like(p))
+    x, ys = _data()
+    members = _members(optimizer)
+    _, params = init_pack(_shape(optimizer), members)
+    run = train._PackRun(_shape(optimizer), members, params, x, ys, None)
+    run.step(x)
+    carried = optim.OPTIMIZERS[optimizer].carried
+    assert run.fused is not None and set(run.state) == set(carried)
+    assert len(made) == len(carried)  # one dict of zeros per carried state, no scratch
+    assert set(optim.OPTIMIZERS[optimizer].init(params)) == {*carried, "buf"}
+
+
+@pytest.mark.parametrize("optimizer", [OptimizerName.ADAM, OptimizerName.RMSPROP])
 def test_a_pack_that_loses_the_fused_update_falls_back_to_directions(monkeypatch, optimizer):
     # Should a compacted pack's tensors no longer suit the fused kernel, its steps go the
     # direction way (`optim`), whose scratch is made again, and it trains on; its bound on

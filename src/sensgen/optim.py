@@ -123,6 +123,11 @@ class ScaledAccumulator:
 class Optimizer:
     """``init(params) -> state``; ``direction(grads, state, lr, step) -> (u, s)``.
 
+    The state holds, per name, a zero tensor like each parameter: those ``carried`` from
+    step to step (momenta) and the direction's ``scratch`` (rewritten at every step before
+    it is read). A trainer that takes the step without `direction` (`sensgen.fused_update`)
+    leaves the scratch out (``init(params, scratch=False)``): one copy of the pack fewer.
+
     With an ``accumulator`` (a state name), the gradient g is not passed to ``direction``
     (``grads`` is None): the caller adds it into that state as s ← ``decay``·s + g first,
     times ``scaled.gain`` per model if the accumulator is ``scaled`` (and renormalises it
@@ -132,7 +137,7 @@ class Optimizer:
     `gradient_target` says where the gradient goes and with which β.
     """
 
-    init: Callable[[Params], State]
+    carried: tuple[str, ...]
     direction: Callable[
         [Params | None, State, torch.Tensor, torch.Tensor], tuple[Params, torch.Tensor]
     ]
@@ -140,6 +145,16 @@ class Optimizer:
     decay: float = 0.0
     steps_along_target: bool = False
     scaled: ScaledAccumulator | None = None
+    scratch: tuple[str, ...] = ()
+
+    def init(self, params: Params, *, scratch: bool = True) -> State:
+        """Zeros like ``params`` for each carried state and, with ``scratch``, the scratch."""
+        names = self.carried + (self.scratch if scratch else ())
+        return {name: _zeros_like(params) for name in names}
+
+    def init_scratch(self, params: Params) -> State:
+        """The scratch alone, for a state made with ``init(params, scratch=False)``."""
+        return {name: _zeros_like(params) for name in self.scratch}
 
     def gradient_target(self, state: State, grads: Params | None) -> tuple[Params, float]:
         """(buffers, β) such that the step's gradient g must be written as buf ← β·buf + g
@@ -337,21 +352,16 @@ def _rmsprop_direction_unfused(grads, state, lr, step):
     return state["buf"], lr
 
 
-def _buffers(*names: str) -> Callable[[Params], State]:
-    """An ``init`` giving a zero tensor per parameter for each state name (``buf``: scratch)."""
-    return lambda params: {name: _zeros_like(params) for name in names}
-
-
 OPTIMIZERS: dict[OptimizerName, Optimizer] = {
-    OptimizerName.SGD: Optimizer(_buffers(), _sgd_direction, steps_along_target=True),
+    OptimizerName.SGD: Optimizer((), _sgd_direction, steps_along_target=True),
     OptimizerName.MOMENTUM: Optimizer(
-        _buffers("v"),
+        ("v",),
         _momentum_direction,
         "v",
         1.0,
         steps_along_target=True,
         scaled=_MOMENTUM_ACCUMULATOR,
     ),
-    OptimizerName.ADAM: Optimizer(_buffers("m", "v", "buf"), _adam_direction),
-    OptimizerName.RMSPROP: Optimizer(_buffers("v", "buf"), _rmsprop_direction),
+    OptimizerName.ADAM: Optimizer(("m", "v"), _adam_direction, scratch=("buf",)),
+    OptimizerName.RMSPROP: Optimizer(("v",), _rmsprop_direction, scratch=("buf",)),
 }

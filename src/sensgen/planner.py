@@ -120,7 +120,8 @@ def model_memory_bytes(spec: RunSpec) -> int:
         for n_in, n_out in itertools.pairwise([d] + [spec.width] * spec.depth + [info.n_classes])
     )
     optimizer = OPTIMIZERS[spec.optimizer]
-    copies = 1 + (optimizer.accumulator is None) + len(optimizer.init({}))
+    # The scratch too, which a pack needs should it fall back from the fused update.
+    copies = 1 + (optimizer.accumulator is None) + len(optimizer.carried + optimizer.scratch)
     n_train = spec.train_subset or info.n_train
     batch = spec.batch_size or min(n_train, train.FULL_BATCH_CHUNK)
     per_example = d + 4 * spec.width * spec.depth + 2 * info.n_classes

@@ -218,7 +218,8 @@ class _PackRun:
         self.shape, self.y, self.augmenter = shape, y, augmenter
         self.optimizer = OPTIMIZERS[shape.optimizer]
         self.params = params if shape.batch_size is None else minibatch_layout(params)
-        self.state = self.optimizer.init(self.params)
+        # Without the directions' scratch: the fused update (`_buffers`) writes none.
+        self.state = self.optimizer.init(self.params, scratch=False)
         self.ids = torch.arange(n_models, device=device)
         self.lr = torch.tensor([m.lr for m in members], dtype=torch.float64, device=device)
         self.lr_active = self.lr.clone()  # 0 for stopped models: θ stays exactly as it is
@@ -248,18 +249,19 @@ class _PackRun:
         if self.fused is not None and not self.fused.available(self.params, self.grads, self.state):
             self.fused = None
         # The directions' scratch ("buf", a copy of the pack's size): the fused update
-        # writes no direction, so it is freed, and made again if a pack falls back.
+        # writes no direction, so a pack has it only while it takes directions.
         if self.fused is not None:
             self.fused_slices = self.fused.per_model(self.params, self.grads, self.state)
             # The kernel's step count, filled in place at each step (no copy from the
             # host that a GPU would wait for).
             self.fused_count = torch.zeros((), dtype=torch.float32, device=self.lr.device)
             self._plan_fused()
-            self.state.pop("buf", None)
+            for name in self.optimizer.scratch:  # (a compacted pack's that fell back)
+                self.state.pop(name, None)
         else:
             self.moment_bound.fill_(torch.inf)  # m unbounded along directions: unknown
-            if "buf" in self.optimizer.init({}) and "buf" not in self.state:
-                self.state["buf"] = {k: torch.zeros_like(v) for k, v in self.params.items()}
+            if any(name not in self.state for name in self.optimizer.scratch):
+                self.state.update(self.optimizer.init_scratch(self.params))
 
     def _plan_fused(self) -> None:
         """The fused update's models (those still training) and learning rates, read once
