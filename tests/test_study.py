@@ -81,6 +81,8 @@ def test_duplicate_grid_points_are_deduplicated(tmp_path):
         (("lr = 0.1", "lr = 0.1\ntrain_subset = 99999"), "train_subset"),
         (("lr = 0.1", "lr = 0.1\nbatch_size = 5000"), "batch_size"),
         (("[grid]", "[grid"), "not valid TOML"),
+        (("[grid]", "[execution]\npack_memory_gb = inf\n[grid]"), "pack_memory_gb"),
+        (("[grid]", "[execution]\npack_memory_gb = 1e400\n[grid]"), "pack_memory_gb"),
     ],
 )
 def test_bad_study_files_name_the_problem(tmp_path, edit, names):
@@ -88,6 +90,16 @@ def test_bad_study_files_name_the_problem(tmp_path, edit, names):
     with pytest.raises(UserError, match=names) as info:
         study.load(path)
     assert str(path) in str(info.value)
+
+
+def test_a_directory_named_like_a_preset_does_not_hide_it(tmp_path, monkeypatch):
+    # `sensgen run quickstart --out quickstart`, resumed from the same folder.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "quickstart").mkdir()
+    assert study.load("quickstart").name == "quickstart"
+    (tmp_path / "mystudy").mkdir()
+    with pytest.raises(UserError, match="is a directory"):
+        study.load("mystudy")
 
 
 def test_missing_file_and_unknown_preset(tmp_path):

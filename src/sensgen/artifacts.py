@@ -12,17 +12,26 @@
 Tables hold one row per item with a ``run_id`` column; tensor files prefix every tensor
 with its run's id. `write_atomic` writes under a temporary name (``*.tmp-<pid>``), fsyncs and
 renames, so a reader never sees half a file. Only `sensgen.store.Store` calls the writers.
+
+A file damaged after it was written (cut short by an interrupted copy or a full disk,
+overwritten) is a user error, never a traceback: readers raise a `UserError` naming the
+file and the fix, and `sensgen run` finds the finished packs with a damaged file
+(`damaged_files`: a broken frame, or a file the user renamed to ``*.damaged``) and trains
+them again (`sensgen.store.Store.requeue_pack`): nothing else is redone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.parquet as pq
 import safetensors.torch
 import torch
+from safetensors import SafetensorError
 
 from sensgen.errors import UserError
 
@@ -131,7 +140,8 @@ def read_tables(root: Path, kind: str, by_pack: Mapping[str, Iterable[str]]) -> 
     for pack_id, run_ids in sorted(by_pack.items()):
         path = pack_file(root, kind, pack_id)
         if path.is_file():
-            frame = pd.read_parquet(path)
+            with _read_or_explain(path):
+                frame = pd.read_parquet(path)
             frames.append(frame[frame["run_id"].isin(set(run_ids))])
     if frames:
         return pd.concat(frames, ignore_index=True)
@@ -143,7 +153,8 @@ def read_tensors(root: Path, kind: str, pack_id: str) -> dict[str, torch.Tensor]
     path = pack_file(root, kind, pack_id)
     if not path.is_file():
         raise UserError(f"{path} does not exist: pack {pack_id} was finished without {kind}.")
-    return safetensors.torch.load_file(path)
+    with _read_or_explain(path):
+        return safetensors.torch.load_file(path)
 
 
 def read_run_tensors(root: Path, kind: str, pack_id: str, run_id: str) -> dict[str, torch.Tensor]:
@@ -153,6 +164,74 @@ def read_run_tensors(root: Path, kind: str, pack_id: str, run_id: str) -> dict[s
     if not path.is_file():
         raise UserError(f"{path} does not exist: pack {pack_id} was finished without {kind}.")
     prefix = f"{run_id}."
-    with safetensors.safe_open(path, framework="pt") as file:
+    with _read_or_explain(path), safetensors.safe_open(path, framework="pt") as file:
         keys = [k for k in file.keys() if k.startswith(prefix)]  # noqa: SIM118 (not a dict)
         return {k.removeprefix(prefix): file.get_tensor(k) for k in keys}
+
+
+# What a reader of a damaged file meets: pyarrow's errors are ValueError or OSError.
+_READ_ERRORS = (OSError, ValueError, SafetensorError)
+# A file renamed to this suffix marks its pack for training again (`damaged_files`).
+DAMAGED_SUFFIX = ".damaged"
+
+
+def frame_damage(path: Path) -> str | None:
+    """Why the pack file at ``path`` cannot be read, judged from its frame alone (a Parquet
+    file's footer; a safetensors file's header and length, which must cover its data), or
+    None if the frame is whole. Cheap: no data is read. What a whole frame can still hide
+    (bytes changed inside the data) shows when the file is read (`_read_or_explain`)."""
+    try:
+        if path.suffix == ".parquet":
+            pq.read_metadata(path)
+        else:
+            with safetensors.safe_open(path, framework="pt"):
+                pass
+    except _READ_ERRORS as error:
+        return str(error)
+    return None
+
+
+def damaged_files(root: Path, pack_ids: Iterable[str]) -> dict[str, tuple[Path, str]]:
+    """The packs among ``pack_ids`` with a damaged file: pack id -> (file, why). A file is
+    damaged if its frame is broken (`frame_damage`) or if the user renamed it (or a copy)
+    to ``<file>.damaged``, as a reader's message says to do for damage inside the data."""
+    found = {}
+    for pack_id in pack_ids:
+        for kind in FOLDERS:
+            path = pack_file(root, kind, pack_id)
+            marked = path.with_name(path.name + DAMAGED_SUFFIX)
+            if marked.exists():
+                found[pack_id] = (path, f"marked damaged by {marked.name}")
+            elif path.is_file() and (why := frame_damage(path)) is not None:
+                found[pack_id] = (path, why)
+            if pack_id in found:
+                break
+    return found
+
+
+def remove_pack_files(root: Path, pack_id: str) -> None:
+    """Remove every file of a pack, and the ``*.damaged`` marks beside them."""
+    for kind in FOLDERS:
+        path = pack_file(root, kind, pack_id)
+        path.unlink(missing_ok=True)
+        path.with_name(path.name + DAMAGED_SUFFIX).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _read_or_explain(path: Path) -> Iterator[None]:
+    """Turn a failed read of a pack file into a `UserError` naming the file and the fix."""
+    try:
+        yield
+    except _READ_ERRORS as error:
+        root, pack_id = path.parent.parent, path.stem
+        rerun = f"sensgen run {root / 'study.toml'} --out {root}"
+        if frame_damage(path) is not None:  # `sensgen run` finds it by itself
+            fix = f"Run `{rerun}`"
+        else:  # damage inside the data: the user marks it
+            fix = f"Rename it to {path.name}{DAMAGED_SUFFIX} and run `{rerun}`"
+        raise UserError(
+            f"{path} is damaged ({error}). sensgen writes each file whole (under a temporary"
+            " name, then renamed into place), so it was cut short or changed afterwards (an"
+            f" interrupted copy, a full disk, an edit). {fix}: it trains pack {pack_id} again"
+            " and rewrites its files; nothing else is redone."
+        ) from None

@@ -34,10 +34,11 @@ from rich.progress import (
 
 from sensgen import data
 from sensgen import study as study_module
+from sensgen.artifacts import damaged_files
 from sensgen.driver import driver_lock, remove_dead_temporaries
 from sensgen.errors import UserError
 from sensgen.execute import execute_or_fail
-from sensgen.store import PlannedRun, Status, Store
+from sensgen.store import FINAL, PlannedRun, Status, Store
 from sensgen.study import Execution, Measurements, RunSpec, Study, plan_packs
 from sensgen.study_dir import (
     check_same_study,
@@ -118,6 +119,7 @@ def run(
     specs = [p.spec for p in planned]
     with Store.open(out) as store, driver_lock(out, workers or 1) as record_workers:
         remove_dead_temporaries(out)
+        _requeue_damaged(store, {s.run_id for s in specs}, console)
         stored = store.runs()  # as found: read once for the checks below
         check_spec_schema(stored, out)
         finished = finished_ids(stored)
@@ -223,6 +225,27 @@ def _pending_packs(store: Store, run_ids: set[str]) -> list[_PendingPack]:
         specs = tuple(RunSpec.from_json(text) for text in group.sort_values("run_id")["spec"])
         packs.append(_PendingPack(str(pack_id), specs))
     return packs
+
+
+def _requeue_damaged(store: Store, run_ids: set[str], console: Console) -> None:
+    """Train again every finished pack of this study's runs with a damaged file
+    (`artifacts.damaged_files`): what the file held is lost, and the pack's seeded runs give
+    it back; nothing else is redone. (A pack of other runs only would never be trained by
+    this study: it is left as it is, and its readers name the file.)"""
+    runs = store.runs()
+    if runs.empty:
+        return
+    mine = runs[runs["run_id"].isin(run_ids) & runs["status"].isin(FINAL)]
+    finished = set(mine["pack_id"])
+    for pack_id, (path, why) in sorted(damaged_files(store.root, finished).items()):
+        n = store.requeue_pack(pack_id)
+        runs_of = f"{n} run" if n == 1 else f"{n} runs"
+        console.print(  # (soft_wrap: a path cut across lines could not be copied)
+            f"[bold yellow]warning:[/] {path} is damaged ({why}): pack {pack_id} ({runs_of})"
+            " is trained again.",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def _preflight(datasets: set[str]) -> None:

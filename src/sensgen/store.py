@@ -21,7 +21,9 @@ Contract:
 * **Statuses.** ``pending -> running -> done | failed | diverged``; ``pending`` may also go
   straight to a final status, and `Store.reset_stale` sends ``running`` back to ``pending``
   (rows left by a crashed driver). Every other transition is a ``ValueError``. Final rows
-  (``done``, ``failed``, ``diverged``) never change.
+  (``done``, ``failed``, ``diverged``) never change, but for a pack whose files were
+  damaged after they were written: `Store.requeue_pack` sends it back to ``pending``, to be
+  trained again (seeded: to the same results).
 * **Packs.** The pack a run belongs to is fixed by the first `Store.add_runs` that names it.
   A pack is finished once, as a whole: `Store.finish_pack` takes a result for every run.
 * **Atomicity.** `Store.finish_pack` writes each file under a temporary name
@@ -127,6 +129,24 @@ class Store(Results):
         with self._transaction() as conn:
             sql = "UPDATE runs SET status = 'pending' WHERE status = 'running'"
             return conn.execute(sql).rowcount
+
+    def requeue_pack(self, pack_id: str) -> int:
+        """Send a finished pack back to ``pending``, its results and files removed, so that
+        it is trained again: for a pack with a damaged file (`artifacts.damaged_files`).
+        Returns its number of runs.
+
+        The rows change first, in one transaction: a crash before the files are gone
+        leaves a pending pack whose old files no reader trusts (as after any crash)."""
+        check_id("pack_id", pack_id)
+        cleared = ", ".join(f"{name} = NULL" for name in METRICS)
+        with self._transaction() as conn:
+            n = conn.execute(
+                f"UPDATE runs SET status = 'pending', error = NULL, finished_at = NULL,"
+                f" {cleared} WHERE pack_id = ?",
+                (pack_id,),
+            ).rowcount
+        artifacts.remove_pack_files(self.root, pack_id)
+        return n
 
     def mark_running(self, run_ids: Iterable[str]) -> None:
         """Move pending runs to running (all or none); any other current status is an error."""

@@ -211,7 +211,10 @@ def _parse_value(text: str) -> Any:
 
 def _read_study_text(path_or_preset: str | Path) -> tuple[str, str]:
     path = Path(path_or_preset)
-    if path.suffix == ".toml" or path.exists():
+    # A directory named like a preset is most likely that preset's study directory
+    # (`sensgen run quickstart --out quickstart`, resumed from the same folder): the preset.
+    preset_dir = path.is_dir() and path.suffix != ".toml" and str(path) in preset_names()
+    if (path.suffix == ".toml" or path.exists()) and not preset_dir:
         if not path.is_file():
             what = "is a directory, not a file" if path.is_dir() else "does not exist"
             raise UserError(
@@ -300,7 +303,7 @@ def _validate(raw: dict, source: str) -> Study:
         _check_axes(study, source)
         specs = study.specs()
     except ValidationError as err:
-        raise UserError(f"{source}: {_describe(err)}. Fix the study and run again.") from None
+        raise UserError(f"{source}: {describe_errors(err)}. Fix the study and run again.") from None
     for spec in {s.pack_key(): s for s in specs}.values():
         _check_against_dataset(spec, source)
     return study
@@ -333,7 +336,7 @@ def _check_axes(study: Study, source: str) -> None:
         check_pairing(study.pairs, {*study.grid, *sample_axes}, source)
 
 
-def _describe(err: ValidationError) -> str:
+def describe_errors(err: ValidationError) -> str:
     """One readable sentence per pydantic error, naming the key."""
     parts = []
     for e in err.errors():

@@ -101,7 +101,8 @@ class Execution(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     pack_size: Annotated[int, Field(ge=1, le=4096)] = 16
-    pack_memory_gb: Annotated[float, Field(gt=0.0)] = 4.0  # estimated training memory per pack
+    # estimated training memory per pack (finite: it sizes packs; inf would overflow)
+    pack_memory_gb: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] = 4.0
 
 
 class Sampling(BaseModel):

@@ -103,7 +103,8 @@ def write_report(
     from_store = runs is None
     if from_store:
         table = _study_tables(out_dir)
-        inclusion = _inclusion(table.get("inclusion", {})) if inclusion is None else inclusion
+        if inclusion is None:
+            inclusion = _inclusion(table.get("inclusion", {}), out_dir)
         pairs = table.get("pairs") if pairs is None else pairs
     rule = dict(inclusion or {"apply": False})
     if from_store:
@@ -173,14 +174,37 @@ def _read_store(
 def _study_tables(out_dir: Path) -> dict[str, Any]:
     """``out_dir/study.toml`` as a dict ({} when missing)."""
     path = out_dir / "study.toml"
-    return tomllib.loads(path.read_text("utf-8")) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        return tomllib.loads(path.read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+        raise UserError(f"{path} cannot be read as TOML ({err}). {_rewrite(out_dir)}") from None
 
 
-def _inclusion(table: Mapping[str, Any]) -> dict[str, Any]:
+def _inclusion(table: Any, out_dir: Path) -> dict[str, Any]:
     """The ``[inclusion]`` table validated, defaults filled (paper §4's rule)."""
-    from sensgen.study import Inclusion  # deferred: analysis works without a study
+    from pydantic import ValidationError
 
-    return Inclusion(**table).model_dump()
+    from sensgen.study import Inclusion, describe_errors  # deferred: works without a study
+
+    try:
+        if not isinstance(table, Mapping):
+            raise UserError(f"[inclusion] must be a table, not {table!r}")
+        return Inclusion(**table).model_dump()
+    except (ValidationError, UserError) as err:
+        why = describe_errors(err) if isinstance(err, ValidationError) else str(err)
+        path = out_dir / "study.toml"
+        raise UserError(f"{path}: inclusion: {why}. {_rewrite(out_dir)}") from None
+
+
+def _rewrite(out_dir: Path) -> str:
+    """The fix for a damaged DIR/study.toml (`sensgen run` writes it, as run)."""
+    return (
+        f"It is the study as run, written by `sensgen run`: run `sensgen run STUDY --out "
+        f"{out_dir}` again with the study file or preset you ran, which writes it anew "
+        "(nothing finished is trained again), or fix it by hand."
+    )
 
 
 def _only(frame: pd.DataFrame, run_ids: set[str]) -> pd.DataFrame:

@@ -1,0 +1,168 @@
+"""A study directory's pack files damaged after they were written: a clear user error
+(exit 2, the file and the fix), and `sensgen run` trains only the damaged packs again."""
+
+import sqlite3
+
+import pandas as pd
+import pytest
+import torch
+
+from sensgen import artifacts
+from sensgen import study as study_module
+from sensgen.cli import main
+from sensgen.errors import UserError
+from sensgen.runner import run
+from sensgen.store import PlannedRun, RunResult, Status, Store, open_results
+
+TINY = """
+name = "tiny"
+[base]
+dataset = "digits"
+optimizer = "sgd"
+lr = 0.1
+batch_size = 32
+max_steps = 40
+eval_every = 20
+[grid]
+width = [8, 16]
+depth = [1, 2]
+"""
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished 4-run study (two packs) and its results, made once; tests copy it."""
+    root = tmp_path_factory.mktemp("study")
+    path = root / "tiny.toml"
+    path.write_text(TINY, encoding="utf-8")
+    out = root / "out"
+    run(study_module.load(path), out, progress=False, report=False)
+    with open_results(out) as results:
+        return path, out, results.runs().set_index("run_id"), results.points()
+
+
+@pytest.fixture
+def study(finished, tmp_path):
+    import shutil
+
+    path, out, runs, points = finished
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    return path, copy, runs, points
+
+
+def _cli(*args):
+    with pytest.raises(SystemExit) as info:
+        main([*args])
+        raise SystemExit(0)
+    return info.value.code
+
+
+def _a_pack(runs):
+    return sorted(set(runs["pack_id"]))[0]
+
+
+def _truncate(path, keep=500):
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+def test_a_truncated_table_is_a_user_error_then_run_trains_its_pack_again(study, capsys):
+    path, out, runs, points = study
+    pack = _a_pack(runs)
+    damaged = out / "points" / f"{pack}.parquet"
+    _truncate(damaged)
+    assert _cli("report", str(out)) == 2
+    err = capsys.readouterr().err.replace("\n", " ")
+    assert damaged.name in err and "is damaged" in err and "sensgen run" in err
+    with pytest.raises(UserError, match="Parquet magic bytes"):
+        open_results(out).points()
+    result = run(study_module.load(path), out, progress=False, report=False)
+    assert result.n_trained == (runs["pack_id"] == pack).sum()  # that pack only
+    err = capsys.readouterr().err.replace("\n", " ")
+    assert damaged.name in err and "trained again" in err
+    again = open_results(out).runs().set_index("run_id")
+    assert (again["status"] == "done").all()
+    for column in ("train_acc", "test_acc", "gap", "jacobian_norm", "steps"):
+        pd.testing.assert_series_equal(again[column], runs[column])  # seeded: the same
+    order = ["run_id", "split", "index"]
+    pd.testing.assert_frame_equal(
+        open_results(out).points().sort_values(order).reset_index(drop=True),
+        points.sort_values(order).reset_index(drop=True),
+    )
+
+
+def test_a_truncated_weights_file_is_a_user_error_and_is_found_by_run(study):
+    path, out, runs, _ = study
+    pack = _a_pack(runs)
+    # (Copies: the tensors read may map the file, which the truncation changes in place.)
+    weights = {k: v.clone() for k, v in open_results(out).load_weights(pack).items()}
+    _truncate(out / "weights" / f"{pack}.safetensors", keep=200)
+    with pytest.raises(UserError, match=f"{pack}.safetensors is damaged"):
+        open_results(out).load_weights(pack)
+    n_runs = (runs["pack_id"] == pack).sum()
+    assert run(study_module.load(path), out, progress=False, report=False).n_trained == n_runs
+    again = open_results(out).load_weights(pack)
+    assert set(again) == set(weights)
+    assert all(torch.equal(again[k], v) for k, v in weights.items())  # seeded: the same
+
+
+def test_damage_inside_the_data_is_marked_by_the_user_then_trained_again(study, capsys):
+    path, out, runs, points = study
+    pack = _a_pack(runs)
+    damaged = out / "points" / f"{pack}.parquet"
+    data = bytearray(damaged.read_bytes())
+    data[100:140] = b"\xff" * 40  # inside the first column's pages; the footer is whole
+    damaged.write_bytes(bytes(data))
+    assert artifacts.frame_damage(damaged) is None
+    with pytest.raises(UserError, match=f"Rename it to {damaged.name}.damaged"):
+        open_results(out).points()
+    # Unmarked, a whole frame is not redone (the check at each run reads no data) ...
+    assert run(study_module.load(path), out, progress=False, report=False).n_trained == 0
+    damaged.rename(damaged.with_name(damaged.name + ".damaged"))
+    # ... marked, it is, and the mark goes with the old file.
+    n_runs = (runs["pack_id"] == pack).sum()
+    assert run(study_module.load(path), out, progress=False, report=False).n_trained == n_runs
+    assert not list((out / "points").glob("*.damaged"))
+    assert len(open_results(out).points()) == len(points)
+
+
+def test_requeue_pack_sends_a_finished_pack_back_to_pending(tmp_path):
+    with Store.open(tmp_path) as store:
+        store.add_runs([PlannedRun("a", "p", '{"w": 1}'), PlannedRun("b", "q", '{"w": 2}')])
+        frame = pd.DataFrame({"run_id": ["a"], "split": ["test"], "index": [0], "label": [1]})
+        frame = frame.assign(loss=0.5, correct=True, p_y=0.6, margin=0.1)
+        frame = frame.assign(jacobian_norm=1.0, jacobian_norm_logits=2.0)
+        store.finish_pack("p", [RunResult("a", Status.DONE, {"test_acc": 0.9})], points=frame)
+        store.finish_pack("q", [RunResult("b", Status.DONE, {"test_acc": 0.8})])
+        (tmp_path / "points" / "p.parquet.damaged").write_bytes(b"old")
+        assert store.requeue_pack("p") == 1
+        runs = store.runs().set_index("run_id")
+        assert runs.loc["a", "status"] == "pending" and pd.isna(runs.loc["a", "test_acc"])
+        assert runs.loc["b", "status"] == "done" and runs.loc["b", "test_acc"] == 0.8
+        assert not list((tmp_path / "points").iterdir())  # its file and the mark: gone
+        store.finish_pack("p", [RunResult("a", Status.DONE, {"test_acc": 0.9})], points=frame)
+        assert len(store.points()) == 1
+    with sqlite3.connect(tmp_path / "results.db") as conn:
+        assert conn.execute("SELECT COUNT(*) FROM runs WHERE status='done'").fetchone()[0] == 2
+    conn.close()
+
+
+@pytest.mark.parametrize(
+    "text, names",
+    [
+        ("garbage [[", ["study.toml", "cannot be read as TOML"]),
+        ('name = "tiny"\n[inclusion]\nmin_train_acc = 5\n', ["inclusion", "min_train_acc"]),
+        ('name = "tiny"\ninclusion = 3\n', ["inclusion", "must be a table"]),
+    ],
+)
+def test_a_damaged_study_file_in_the_directory_is_a_user_error_for_report(
+    study, capsys, text, names
+):
+    path, out, _, _ = study
+    (out / "study.toml").write_text(text, encoding="utf-8")
+    assert _cli("report", str(out)) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert all(name in err for name in names) and "sensgen run" in err
+    # The fix the message gives: run the study again, which writes the file anew.
+    assert run(study_module.load(path), out, progress=False, report=False).n_trained == 0
+    assert _cli("report", str(out)) == 0
