@@ -76,6 +76,9 @@ def test_a_truncated_table_is_a_user_error_then_run_trains_its_pack_again(study,
     assert damaged.name in err and "is damaged" in err and "sensgen run" in err
     with pytest.raises(UserError, match="Parquet magic bytes"):
         open_results(out).points()
+    assert _cli("status", str(out)) == 0
+    out_text = " ".join(capsys.readouterr().out.split())
+    assert f"{damaged} is damaged" in out_text and "trains such packs again" in out_text
     result = run(study_module.load(path), out, progress=False, report=False)
     assert result.n_trained == (runs["pack_id"] == pack).sum()  # that pack only
     err = capsys.readouterr().err.replace("\n", " ")

@@ -29,6 +29,20 @@ def test_three_lines_measure_a_users_own_model():
     assert isinstance(namespace["t"], int) and namespace["t"] > 0
 
 
+def test_the_image_model_recipe_measures_transitions_of_a_conv_net():
+    # README: paths are flat; an image model is measured behind an Unflatten.
+    import sensgen
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 5))
+    x = torch.randn(3, 1, 8, 8)
+    path = sensgen.metrics.ellipse(*x[:3].flatten(1), n_points=400)
+    flat = nn.Sequential(nn.Unflatten(1, (1, 8, 8)), model)
+    t = sensgen.metrics.transitions(flat, path)
+    assert isinstance(t, int) and t > 0
+    assert torch.equal(flat(path[:2]), model(path[:2].view(2, 1, 8, 8)))
+
+
 def test_the_example_study_file_loads_and_its_conditional_axis_works(tmp_path):
     from sensgen import study
 

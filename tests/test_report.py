@@ -157,6 +157,14 @@ def test_write_report_without_done_runs_writes_a_page_and_removes_old_figures(tm
     assert pd.read_csv(index.parent / "models.csv").empty
 
 
+def test_a_report_where_no_finished_model_meets_the_inclusion_rule_says_so(tmp_path):
+    runs = synthetic_runs(4).assign(train_acc=0.5)
+    index = write_report(tmp_path, runs=runs, inclusion={"apply": True, "min_train_acc": 0.99})
+    text = " ".join(index.read_text().split())
+    assert "0 of 4" in text and "No finished model meets the inclusion rule" in text
+    assert "No finished models to analyse yet" not in text
+
+
 def test_write_report_reads_a_real_store(tmp_path):
     store_module = pytest.importorskip("sensgen.store")
     runs = synthetic_runs(5, datasets=("digits",))

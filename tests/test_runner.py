@@ -211,6 +211,17 @@ def test_corrupt_dataset_exits_2_and_keeps_finished_work(tiny, tmp_path, monkeyp
     pd.testing.assert_frame_equal(open_results(out).runs(), before)
 
 
+def test_a_missing_dataset_leaves_no_study_directory_behind(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SENSGEN_DATA", str(tmp_path / "empty"))
+    monkeypatch.setenv("SENSGEN_MIRROR", "http://127.0.0.1:9/")  # refused at once
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY.replace('"digits"', '"mnist"'), encoding="utf-8")
+    out = tmp_path / "out"
+    assert _cli("run", str(path), "--out", str(out), "--no-progress") == 2
+    assert "mnist" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_console_script_exit_codes(tmp_path):
     """The installed `sensgen` entry point, as a user runs it."""
     script = [sys.executable, "-m", "sensgen.cli"]

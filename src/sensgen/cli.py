@@ -97,6 +97,8 @@ def status(directory: Annotated[Path, typer.Argument(help="A study directory.")]
         table.add_row(*(str(v) for v in row))
     out_console.print(table)
     out_console.print(summary.headline())
+    if (note := summary.damage_note()) is not None:
+        out_console.print(f"[bold yellow]warning:[/] {note}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -141,7 +143,7 @@ def datasets_fetch(name: Annotated[str, typer.Argument(help="Dataset name.")]) -
 
 @datasets_app.command("verify")
 def datasets_verify(
-    name: Annotated[str | None, typer.Argument(help="Dataset name [default: all found].")] = None,
+    name: Annotated[str | None, typer.Argument(help="Dataset name \\[default: all found].")] = None,
 ) -> None:
     """Check the checksums of a dataset's files (or of every dataset found locally)."""
     from sensgen import data
@@ -151,11 +153,11 @@ def datasets_verify(
     for n in names:
         report = data.verify(n)
         for f in report.files:
-            mark = "ok" if f.ok else f"FAILED: {f.problem}"
+            mark = "ok" if f.ok else f"FAILED: {f.problem}. Fix: {f.fix}."
             out_console.print(f"{n}: {f.path}: {mark}")
         bad += not report.ok
     if bad:
-        raise UserError(f"{bad} dataset(s) failed verification; see the lines above for the fix.")
+        raise UserError(f"{bad} dataset(s) failed verification; each line above says the fix.")
 
 
 def main(argv: list[str] | None = None) -> None:

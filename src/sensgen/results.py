@@ -63,7 +63,8 @@ class Results:
         root = Path(out_dir)
         db = root / DB_NAME
         if root.exists() and not root.is_dir():
-            raise UserError(f"{root} is a file, not a directory; choose another --out DIR.")
+            fix = "choose another --out DIR" if create else "pass a study directory"
+            raise UserError(f"{root} is a file, not a directory; {fix}.")
         if not create and not db.is_file():
             raise UserError(
                 f"{root} is not a sensgen study directory: no {DB_NAME}; "

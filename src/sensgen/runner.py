@@ -38,7 +38,7 @@ from sensgen.artifacts import damaged_files
 from sensgen.driver import driver_lock, remove_dead_temporaries
 from sensgen.errors import UserError
 from sensgen.execute import execute_or_fail
-from sensgen.store import FINAL, PlannedRun, Status, Store
+from sensgen.store import DB_NAME, FINAL, PlannedRun, Status, Store
 from sensgen.study import Execution, Measurements, RunSpec, Study, plan_packs
 from sensgen.study_dir import (
     check_same_study,
@@ -117,6 +117,9 @@ def run(
     check_same_study(out, study)
     planned = study.planned()
     specs = [p.spec for p in planned]
+    new = not (out / DB_NAME).exists()
+    if new:  # a missing dataset leaves no empty study directory behind
+        _preflight({s.dataset for s in specs})
     with Store.open(out) as store, driver_lock(out, workers or 1) as record_workers:
         remove_dead_temporaries(out)
         _requeue_damaged(store, {s.run_id for s in specs}, console)
@@ -126,7 +129,8 @@ def run(
         note_unplanned_runs(finished - {s.run_id for s in specs}, out, console)
         # Fail fast on a missing or corrupt dataset, before any run is registered or trained;
         # only the runs not yet in a final status will need their data.
-        _preflight({s.dataset for s in specs if s.run_id not in finished})
+        if not new:
+            _preflight({s.dataset for s in specs if s.run_id not in finished})
         write_study_file(out, study)
         memory = pack_memory_budget(study.execution, device)
         packs = plan_packs(specs, study.execution.pack_size, memory)

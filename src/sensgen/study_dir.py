@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 from rich.console import Console
 
+from sensgen import artifacts
 from sensgen import study as study_module
 from sensgen.driver import live_driver_workers
 from sensgen.errors import UserError
@@ -122,6 +123,19 @@ class StatusSummary:
     counts: dict[str, int]
     eta_s: float | None  # mean wall time of finished packs × open packs / workers
     workers: int | None = None  # --workers of the live `sensgen run`; None: no run is alive
+    # finished packs with a damaged file: pack id -> (file, why) (`artifacts.damaged_files`)
+    damaged: dict[str, tuple[Path, str]] = field(default_factory=dict)
+
+    def damage_note(self) -> str | None:
+        """What a damaged file means and the fix, or None when every file is whole."""
+        if not self.damaged:
+            return None
+        (path, why), more = next(iter(self.damaged.values())), len(self.damaged) - 1
+        others = f" (and {more} more pack(s))" if more else ""
+        return (
+            f"{path} is damaged ({why}){others}. `sensgen run` trains such packs again, "
+            "and only them."
+        )
 
     def headline(self) -> str:
         total = sum(self.counts.values())
@@ -149,6 +163,8 @@ def study_status(out_dir: str | Path) -> StatusSummary:
     before = live_driver_workers(out)
     with open_results(out) as results:
         packs = results.pack_status()
+    finished_packs = packs.loc[packs["n_pending"] + packs["n_running"] == 0, "pack_id"]
+    damaged = artifacts.damaged_files(out, finished_packs)
     # Alive before or after the read: the `running` rows read are (or were just) its own.
     workers = before or live_driver_workers(out)
     name = "?"
@@ -169,4 +185,4 @@ def study_status(out_dir: str | Path) -> StatusSummary:
     eta = None
     if open_packs and len(timed):
         eta = open_packs * float(timed.mean()) / (workers or 1)
-    return StatusSummary(name, rows, counts, eta, workers)
+    return StatusSummary(name, rows, counts, eta, workers, damaged)

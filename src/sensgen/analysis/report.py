@@ -145,7 +145,7 @@ def write_report(
     _write_text(report / "models.csv", models.to_csv(index=False))
     _write_text(report / "summary.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")
     note = _inclusion_note(rule, len(models), n_done)
-    page = _page(out_dir.resolve().name, counts, models, claims, [note, *parts])
+    page = _page(out_dir.resolve().name, counts, models, claims, [note, *parts], n_done)
     index = report / "index.html"
     _write_text(index, page)
     return index
@@ -232,6 +232,7 @@ def _page(
     models: pd.DataFrame,
     claims: list,
     parts: list[str],
+    n_done: int,
 ) -> str:
     """The whole index.html as a string. ``parts[0]`` is the inclusion note."""
     title = f"sensgen report: {study}"
@@ -246,7 +247,13 @@ def _page(
         html_table(counts, ["status", "count"], {"count": "models"}, "status"),
         parts[0],
     ]
-    if models.empty:
+    if models.empty and n_done:  # finished models, none kept by the inclusion rule
+        body.append(
+            "<h2>Figures</h2><p><strong>No finished model meets the inclusion rule</strong>: "
+            "nothing to plot. Train longer (max_steps) or relax [inclusion] in the study "
+            "file, run it again, then build the report again.</p>"
+        )
+    elif models.empty:
         body.append(
             "<h2>Figures</h2><p><strong>No finished models to analyse yet</strong>: nothing "
             "to plot. Run or resume the study, then build the report again.</p>"

@@ -32,11 +32,12 @@ MIRROR_ENV = "SENSGEN_MIRROR"
 
 @dataclass(frozen=True)
 class FileReport:
-    """Verification result for one file: `problem` is None when `ok`."""
+    """Verification result for one file: `problem` and `fix` are None when `ok`."""
 
     path: Path
     ok: bool
     problem: str | None = None
+    fix: str | None = None  # what to do about the problem, one sentence
 
 
 @dataclass(frozen=True)
@@ -78,14 +79,23 @@ def check_folder(spec: DatasetSpec, folder: Path) -> VerifyReport:
     for f in spec.files:
         path = folder / f.name
         if not path.is_file():
-            reports.append(FileReport(path, False, "missing"))
+            reports.append(FileReport(path, False, "missing", _fix(spec, path, damaged=False)))
             continue
         try:
             problem = checksum_problem(path, f.checksums)
         except OSError as e:
             problem = f"unreadable ({e})"
-        reports.append(FileReport(path, problem is None, problem))
+        fix = None if problem is None else _fix(spec, path, damaged=True)
+        reports.append(FileReport(path, problem is None, problem, fix))
     return VerifyReport(spec.name, folder, tuple(reports))
+
+
+def _fix(spec: DatasetSpec, path: Path, *, damaged: bool) -> str:
+    """What to do about a missing or damaged file of `spec` (as `fetch`'s errors say)."""
+    if spec.source is Source.EMBEDDED:
+        return f"reinstall the package that ships it ({spec.missing_hint})"
+    fetch = f"run `sensgen datasets fetch {spec.name}`"
+    return f"delete {path} and {fetch}" if damaged else fetch
 
 
 def _complete(spec: DatasetSpec, folder: Path) -> bool:
@@ -111,9 +121,11 @@ def verify(spec: DatasetSpec, root: str | Path | None = None) -> VerifyReport:
         if any((folder / f.name).is_file() for f in spec.files):
             return check_folder(spec, folder)
     if not dirs:  # an embedded dataset whose package is not installed
-        problem = f"not found: {spec.missing_hint}"
+        problem, fix = "not found", spec.missing_hint
         return VerifyReport(
-            spec.name, Path(), tuple(FileReport(Path(f.name), False, problem) for f in spec.files)
+            spec.name,
+            Path(),
+            tuple(FileReport(Path(f.name), False, problem, fix) for f in spec.files),
         )
     return check_folder(spec, dirs[0])
 
