@@ -101,7 +101,7 @@ def test_one_chunk_of_exactly_n_is_the_one_shot_step(monkeypatch):
 def test_chunked_pack_equals_each_model_alone(small_chunks, optimizer):
     # Every member sees the same chunks and weights in the same order in a pack or alone,
     # and augmenting members draw from their own generators only. Compared with the same
-    # float32 tolerance as the minibatch test in test_train.py: under vmap a pack's matmuls
+    # float32 tolerance as the minibatch test in test_train.py: a pack's matmuls
     # are batched over M, and torch does not promise the same rounding for every M.
     x, ys = _data(4, dtype=torch.float32)
     members = [Member(1, 0.01, 1.0, augment=True), Member(2, 0.02, 2.0), Member(3, 0.01, 1.5, True)]
