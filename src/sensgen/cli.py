@@ -77,7 +77,8 @@ def run(
         )
     else:
         out_console.print(
-            f"Trained {result.n_trained} models in {result.wall_s:.1f} s; study "
+            f"Trained {result.n_trained} model{'s' * (result.n_trained != 1)} in "
+            f"{result.wall_s:.1f} s; study "
             f"{loaded.name!r} in {out_dir}: {counts}."
         )
     if result.report is not None:
