@@ -1,6 +1,7 @@
 """A study directory's pack files damaged after they were written: a clear user error
 (exit 2, the file and the fix), and `sensgen run` trains only the damaged packs again."""
 
+import errno
 import sqlite3
 
 import pandas as pd
@@ -169,3 +170,93 @@ def test_a_damaged_study_file_in_the_directory_is_a_user_error_for_report(
     # The fix the message gives: run the study again, which writes the file anew.
     assert run(study_module.load(path), out, progress=False, report=False).n_trained == 0
     assert _cli("report", str(out)) == 0
+
+
+def test_an_io_error_is_not_damage_and_changes_nothing(study, monkeypatch):
+    path, out, _, _ = study
+
+    def failing(*args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(artifacts.pq, "read_schema", failing)
+    files = sorted(p.name for p in out.rglob("*.parquet"))
+    with pytest.raises(UserError, match=r"cannot be read .*Input/output error.*Nothing was"):
+        run(study_module.load(path), out, progress=False, report=False)
+    assert (open_results(out).runs()["status"] == "done").all()
+    assert sorted(p.name for p in out.rglob("*.parquet")) == files
+
+
+def test_a_table_without_its_columns_is_damaged(study):
+    path, out, runs, _ = study
+    pack = _a_pack(runs)
+    damaged = out / "points" / f"{pack}.parquet"
+    pd.DataFrame({"other": [1, 2]}).to_parquet(damaged)  # a whole Parquet file, not ours
+    assert artifacts.frame_damage(damaged) == "no column 'run_id'"
+    with pytest.raises(artifacts.DamagedFileError, match=damaged.name):
+        open_results(out).points()
+    n_runs = (runs["pack_id"] == pack).sum()
+    assert run(study_module.load(path), out, progress=False, report=False).n_trained == n_runs
+
+
+def test_a_damaged_pack_is_trained_again_only_as_it_was_measured(study, tmp_path):
+    _, out, runs, _ = study
+    _truncate(out / "points" / f"{_a_pack(runs)}.parquet")
+    other = tmp_path / "other.toml"
+    other.write_text(TINY + "[measure]\njacobian_train_points = 10\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"\[measure\] differs.*Nothing was changed"):
+        run(study_module.load(other), out, progress=False, report=False)
+    assert (open_results(out).runs()["status"] == "done").all()
+    # The fix it gives: the stored study first.
+    stored = study_module.load(out / "study.toml")
+    assert run(stored, out, progress=False, report=False).n_trained >= 1
+
+
+def test_a_damaged_pack_this_study_does_not_plan_is_left_alone(study, tmp_path, capsys):
+    _, out, runs, _ = study
+    pack = runs.loc[runs["width"] == 16, "pack_id"].iloc[0]
+    _truncate(out / "points" / f"{pack}.parquet")
+    smaller = tmp_path / "smaller.toml"
+    smaller.write_text(TINY.replace("width = [8, 16]", "width = [8]"), encoding="utf-8")
+    assert run(study_module.load(smaller), out, progress=False, report=False).n_trained == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "does not plan" in err and pack in err
+    assert (open_results(out).runs()["status"] == "done").all()  # not left pending
+
+
+def test_no_damaged_pack_is_touched_when_the_run_stops_on_a_user_error(study, monkeypatch):
+    path, out, runs, _ = study
+    damaged = out / "points" / f"{_a_pack(runs)}.parquet"
+    _truncate(damaged)
+    before = damaged.read_bytes()
+
+    def missing(datasets):
+        raise UserError("dataset missing")
+
+    monkeypatch.setattr("sensgen.runner._preflight", missing)
+    with pytest.raises(UserError, match="dataset missing"):
+        run(study_module.load(path), out, progress=False, report=False)
+    assert (open_results(out).runs()["status"] == "done").all()
+    assert damaged.read_bytes() == before
+
+
+def test_damaged_region_maps_stop_the_report(study):
+    # (Not left out as a run measured without maps would be.)
+    from sensgen.analysis import write_report
+
+    _, out, runs, _ = study
+    pack = _a_pack(runs)
+    (out / "regions" / f"{pack}.safetensors").write_bytes(b"\x00" * 40)
+    with pytest.raises(artifacts.DamagedFileError, match=f"{pack}.safetensors is damaged"):
+        write_report(out, inclusion={"apply": False})
+
+
+def test_marks_of_a_pack_go_when_it_is_finished_and_requeue_needs_a_finished_pack(tmp_path):
+    with Store.open(tmp_path) as store:
+        store.add_runs([PlannedRun("a", "p", '{"w": 1}')])
+        with pytest.raises(ValueError, match="not finished"):
+            store.requeue_pack("p")
+        mark = tmp_path / "weights" / "p.safetensors.damaged"
+        mark.write_bytes(b"left by a crash")
+        store.finish_pack("p", [RunResult("a", Status.DONE, {"test_acc": 0.9})])
+        assert not mark.exists()
+        assert artifacts.damaged_files(tmp_path, ["p"]) == {}

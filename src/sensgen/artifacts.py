@@ -142,7 +142,7 @@ def read_tables(root: Path, kind: str, by_pack: Mapping[str, Iterable[str]]) -> 
         if path.is_file():
             with _read_or_explain(path):
                 frame = pd.read_parquet(path)
-            frames.append(frame[frame["run_id"].isin(set(run_ids))])
+                frames.append(frame[frame["run_id"].isin(set(run_ids))])
     if frames:
         return pd.concat(frames, ignore_index=True)
     return pd.DataFrame({c: pd.Series(dtype=d) for c, d in TABLES[kind][0].items()})
@@ -169,25 +169,47 @@ def read_run_tensors(root: Path, kind: str, pack_id: str, run_id: str) -> dict[s
         return {k.removeprefix(prefix): file.get_tensor(k) for k in keys}
 
 
-# What a reader of a damaged file meets: pyarrow's errors are ValueError or OSError.
-_READ_ERRORS = (OSError, ValueError, SafetensorError)
+# What a reader of a damaged file meets: pyarrow's ArrowInvalid is a ValueError; pandas
+# raises KeyError or TypeError for damaged pandas metadata in a whole footer; pyarrow
+# raises an OSError without an errno for data that does not decompress. (An OSError with
+# an errno is the disk's or the permissions' doing, not the file's: never damage.)
+_DAMAGE_ERRORS = (ValueError, KeyError, TypeError, SafetensorError)
+
+
+def _is_system_error(error: BaseException) -> bool:
+    """An error of the operating system (I/O, permissions), not of the file's contents."""
+    return isinstance(error, OSError) and error.errno is not None
 # A file renamed to this suffix marks its pack for training again (`damaged_files`).
 DAMAGED_SUFFIX = ".damaged"
 
 
+class DamagedFileError(UserError):
+    """A pack file that cannot be read as what sensgen wrote (a `UserError`: exit 2)."""
+
+
 def frame_damage(path: Path) -> str | None:
-    """Why the pack file at ``path`` cannot be read, judged from its frame alone (a Parquet
-    file's footer; a safetensors file's header and length, which must cover its data), or
-    None if the frame is whole. Cheap: no data is read. What a whole frame can still hide
-    (bytes changed inside the data) shows when the file is read (`_read_or_explain`)."""
+    """Why the pack file at ``path`` cannot be read, judged from its frame alone, or None if
+    the frame is whole: a Parquet file's footer, its columns and pandas metadata (an empty
+    table is converted); a safetensors file's header and length, which must cover its
+    data. Cheap: no data is read. What a whole frame can still hide (bytes changed inside
+    the data) shows when the file is read (`_read_or_explain`).
+
+    Raises:
+        UserError: the file cannot be read at all (permissions, an I/O error).
+    """
     try:
         if path.suffix == ".parquet":
-            pq.read_metadata(path)
+            schema = pq.read_schema(path)
+            if missing := [c for c in TABLES[path.parent.name][0] if c not in schema.names]:
+                return f"no column {missing[0]!r}"
+            schema.empty_table().to_pandas()
         else:
             with safetensors.safe_open(path, framework="pt"):
                 pass
-    except _READ_ERRORS as error:
-        return str(error)
+    except (*_DAMAGE_ERRORS, OSError) as error:
+        if _is_system_error(error):
+            raise _unreadable(path, error) from None
+        return f"{type(error).__name__}: {error}"
     return None
 
 
@@ -209,29 +231,52 @@ def damaged_files(root: Path, pack_ids: Iterable[str]) -> dict[str, tuple[Path, 
     return found
 
 
+def remove_damage_marks(root: Path, pack_id: str) -> None:
+    """Remove the ``*.damaged`` marks of a pack's files (its files were written anew)."""
+    for kind in FOLDERS:
+        path = pack_file(root, kind, pack_id)
+        path.with_name(path.name + DAMAGED_SUFFIX).unlink(missing_ok=True)
+
+
 def remove_pack_files(root: Path, pack_id: str) -> None:
     """Remove every file of a pack, and the ``*.damaged`` marks beside them."""
     for kind in FOLDERS:
-        path = pack_file(root, kind, pack_id)
-        path.unlink(missing_ok=True)
-        path.with_name(path.name + DAMAGED_SUFFIX).unlink(missing_ok=True)
+        pack_file(root, kind, pack_id).unlink(missing_ok=True)
+    remove_damage_marks(root, pack_id)
+
+
+def _unreadable(path: Path, error: OSError) -> UserError:
+    return UserError(
+        f"{path} cannot be read ({error}): check the disk and the file's permissions, then "
+        "run the command again. Nothing was changed."
+    )
 
 
 @contextlib.contextmanager
 def _read_or_explain(path: Path) -> Iterator[None]:
-    """Turn a failed read of a pack file into a `UserError` naming the file and the fix."""
+    """Turn a failed read of a pack file into a `DamagedFileError` naming the file and the
+    fix (an I/O error: a `UserError` saying so)."""
     try:
         yield
-    except _READ_ERRORS as error:
-        root, pack_id = path.parent.parent, path.stem
-        rerun = f"sensgen run {root / 'study.toml'} --out {root}"
-        if frame_damage(path) is not None:  # `sensgen run` finds it by itself
-            fix = f"Run `{rerun}`"
-        else:  # damage inside the data: the user marks it
-            fix = f"Rename it to {path.name}{DAMAGED_SUFFIX} and run `{rerun}`"
-        raise UserError(
-            f"{path} is damaged ({error}). sensgen writes each file whole (under a temporary"
-            " name, then renamed into place), so it was cut short or changed afterwards (an"
-            f" interrupted copy, a full disk, an edit). {fix}: it trains pack {pack_id} again"
-            " and rewrites its files; nothing else is redone."
-        ) from None
+    except (*_DAMAGE_ERRORS, OSError) as error:
+        if _is_system_error(error):
+            raise _unreadable(path, error) from None
+        raise _damaged(path, error) from None
+
+
+def _damaged(path: Path, error: Exception) -> DamagedFileError:
+    root, pack_id = path.parent.parent, path.stem
+    if frame_damage(path) is not None:  # `sensgen run` finds it by itself
+        how = "Run again the study that trained it into this directory"
+    else:  # damage inside the data: the user marks it
+        how = (
+            f"Rename it to {path.name}{DAMAGED_SUFFIX}, then run again the study that "
+            "trained it into this directory"
+        )
+    return DamagedFileError(
+        f"{path} is damaged ({type(error).__name__}: {error}). sensgen writes each file whole"
+        " (under a temporary name, then renamed into place), so it was cut short or changed"
+        f" afterwards (an interrupted copy, a full disk, an edit). {how} (`sensgen run"
+        f" {root / 'study.toml'} --out {root}` runs the last study run there): it trains"
+        f" pack {pack_id} again and rewrites its files; nothing else is redone."
+    )

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
+import pandas as pd
 import torch
 from rich.console import Console
 from rich.progress import (
@@ -46,6 +47,7 @@ from sensgen.study_dir import (
     finished_ids,
     note_unplanned_runs,
     report_outdated,
+    stored_study,
     write_study_file,
 )
 
@@ -115,6 +117,7 @@ def run(
     executor = _check_options(executor, workers, device)
     out = Path(out_dir)
     check_same_study(out, study)
+    previous = stored_study(out)  # before this run writes its own
     planned = study.planned()
     specs = [p.spec for p in planned]
     new = not (out / DB_NAME).exists()
@@ -122,15 +125,17 @@ def run(
         _preflight({s.dataset for s in specs})
     with Store.open(out) as store, driver_lock(out, workers or 1) as record_workers:
         remove_dead_temporaries(out)
-        _requeue_damaged(store, {s.run_id for s in specs}, console)
         stored = store.runs()  # as found: read once for the checks below
         check_spec_schema(stored, out)
-        finished = finished_ids(stored)
+        damaged = _damaged_packs(store, stored, study, previous, console)
+        redo = set(stored.loc[stored["pack_id"].isin(damaged), "run_id"]) if damaged else set()
+        finished = finished_ids(stored) - redo
         note_unplanned_runs(finished - {s.run_id for s in specs}, out, console)
         # Fail fast on a missing or corrupt dataset, before any run is registered or trained;
-        # only the runs not yet in a final status will need their data.
+        # only the runs not yet in a final status (or to train again) will need their data.
         if not new:
             _preflight({s.dataset for s in specs if s.run_id not in finished})
+        _requeue(store, damaged, console)
         write_study_file(out, study)
         memory = pack_memory_budget(study.execution, device)
         packs = plan_packs(specs, study.execution.pack_size, memory)
@@ -231,25 +236,52 @@ def _pending_packs(store: Store, run_ids: set[str]) -> list[_PendingPack]:
     return packs
 
 
-def _requeue_damaged(store: Store, run_ids: set[str], console: Console) -> None:
-    """Train again every finished pack of this study's runs with a damaged file
-    (`artifacts.damaged_files`): what the file held is lost, and the pack's seeded runs give
-    it back; nothing else is redone. (A pack of other runs only would never be trained by
-    this study: it is left as it is, and its readers name the file.)"""
-    runs = store.runs()
+def _damaged_packs(
+    store: Store, runs: pd.DataFrame, study: Study, previous: Study | None, console: Console
+) -> dict[str, tuple[Path, str]]:
+    """The finished packs of this study's runs with a damaged file (`artifacts.damaged_files`)
+    to train again: pack id -> (file, why). What the file held is lost, and the pack's seeded
+    runs give it back, measured as this study measures.
+
+    Raises:
+        UserError: this study measures otherwise (``[measure]``) than the study stored in
+            the directory, which measured them: training them again so would lose their
+            intact files of other kinds. Nothing is changed.
+    """
     if runs.empty:
-        return
-    mine = runs[runs["run_id"].isin(run_ids) & runs["status"].isin(FINAL)]
-    finished = set(mine["pack_id"])
-    for pack_id, (path, why) in sorted(damaged_files(store.root, finished).items()):
+        return {}
+    final = runs[runs["status"].isin(FINAL)]
+    found = damaged_files(store.root, set(final["pack_id"]))
+    mine = set(final.loc[final["run_id"].isin({s.run_id for s in study.specs()}), "pack_id"])
+    for pack_id, (path, why) in sorted(found.items()):
+        if pack_id not in mine:  # it would stay pending: this study does not train it
+            _warn(console, f"{path} is damaged ({why}), but this study does not plan pack "
+                  f"{pack_id}'s runs: run the study that planned them into {store.root} to "
+                  "train it again.")  # fmt: skip
+    redo = {k: v for k, v in found.items() if k in mine}
+    if redo and previous is not None and previous.measure != study.measure:
+        path, why = next(iter(redo.values()))
+        stored = store.root / "study.toml"
+        raise UserError(
+            f"{path} is damaged ({why}); its pack must be trained and measured again as "
+            f"{stored} measured it, and this study's [measure] differs. Run `sensgen run "
+            f"{stored} --out {store.root}` first (it trains only the damaged packs), then "
+            "this study. Nothing was changed."
+        )
+    return redo
+
+
+def _requeue(store: Store, damaged: dict[str, tuple[Path, str]], console: Console) -> None:
+    """Send the damaged packs back to pending (`Store.requeue_pack`), saying so."""
+    for pack_id, (path, why) in sorted(damaged.items()):
         n = store.requeue_pack(pack_id)
         runs_of = f"{n} run" if n == 1 else f"{n} runs"
-        console.print(  # (soft_wrap: a path cut across lines could not be copied)
-            f"[bold yellow]warning:[/] {path} is damaged ({why}): pack {pack_id} ({runs_of})"
-            " is trained again.",
-            highlight=False,
-            soft_wrap=True,
-        )
+        _warn(console, f"{path} is damaged ({why}): pack {pack_id} ({runs_of}) is trained again.")
+
+
+def _warn(console: Console, text: str) -> None:
+    # (soft_wrap: a path cut across lines could not be copied)
+    console.print(f"[bold yellow]warning:[/] {text}", highlight=False, soft_wrap=True)
 
 
 def _preflight(datasets: set[str]) -> None:

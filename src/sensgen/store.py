@@ -34,9 +34,11 @@ Contract:
   transaction each.
 * **Readers.** SQLite runs in WAL mode, so readers (``sensgen status``, ``sensgen report``,
   `open_results`) see the last committed state while the driver writes, without blocking.
-  Readers only read files of *final* runs, so an orphan never reaches them. One exception
-  to "readers do not write": opening a database of an older schema migrates it in place
-  (one transaction), whoever opens it.
+  Readers only read files of *final* runs, so an orphan never reaches them. A file
+  damaged after it was written is a `~sensgen.artifacts.DamagedFileError` for its
+  reader; while `requeue_pack` trains its pack again, the pack's runs are not final and
+  readers leave them out. One exception to "readers do not write": opening a database of
+  an older schema migrates it in place (one transaction), whoever opens it.
 * **Schema.** ``meta.schema_version`` is `SCHEMA_VERSION`; older databases are migrated on
   open, in one transaction (see ``MIGRATIONS``), newer ones are refused with a
   `~sensgen.errors.UserError`. A new database is built by the same migrations, so new and
@@ -138,6 +140,10 @@ class Store(Results):
         The rows change first, in one transaction: a crash before the files are gone
         leaves a pending pack whose old files no reader trusts (as after any crash)."""
         check_id("pack_id", pack_id)
+        query = "SELECT status FROM runs WHERE pack_id = ?"
+        statuses = {row[0] for row in self._conn.execute(query, (pack_id,))}
+        if not statuses or not statuses <= FINAL:
+            raise ValueError(f"pack {pack_id!r} is unknown or not finished")
         cleared = ", ".join(f"{name} = NULL" for name in METRICS)
         with self._transaction() as conn:
             n = conn.execute(
@@ -193,6 +199,7 @@ class Store(Results):
             artifacts.write_table(artifacts.pack_file(self.root, kind, pack_id), frame)
         for kind, tensors in {"weights": weights, "regions": regions}.items():
             artifacts.write_tensors(artifacts.pack_file(self.root, kind, pack_id), tensors, meta)
+        artifacts.remove_damage_marks(self.root, pack_id)  # its files are new
         self._commit_results(results)
 
     def _check_pack(self, pack_id: str, results: Sequence[RunResult]) -> None:

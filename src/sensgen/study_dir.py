@@ -26,15 +26,22 @@ from sensgen.study import SPEC_SCHEMA, Study
 STUDY_FILE = "study.toml"
 
 
-def check_same_study(out: Path, study: Study) -> None:
-    """Refuse to mix two different studies in one directory (extending one is fine)."""
+def stored_study(out: Path) -> Study | None:
+    """DIR/study.toml, the last study run into ``out``; None if missing or unreadable."""
     path = out / STUDY_FILE
     if not path.exists():
-        return
+        return None
     try:
-        previous = study_module.load(path)
+        return study_module.load(path)
     except UserError:
-        return  # an unreadable copy is rewritten below; results.db stays authoritative
+        return None  # an unreadable copy is rewritten by the run; results.db is authoritative
+
+
+def check_same_study(out: Path, study: Study) -> None:
+    """Refuse to mix two different studies in one directory (extending one is fine)."""
+    previous = stored_study(out)
+    if previous is None:
+        return
     if previous.name != study.name:
         raise UserError(
             f"{out} already holds study {previous.name!r}, not {study.name!r}. Choose another "
@@ -133,7 +140,8 @@ class StatusSummary:
         (path, why), more = next(iter(self.damaged.values())), len(self.damaged) - 1
         others = f" (and {more} more pack(s))" if more else ""
         return (
-            f"{path} is damaged ({why}){others}. `sensgen run` trains such packs again, "
+            f"{path} is damaged ({why}){others}. Running again the study that trained them "
+            "into this directory (`sensgen run STUDY --out DIR`) trains such packs again, "
             "and only them."
         )
 

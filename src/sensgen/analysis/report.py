@@ -24,7 +24,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import math
@@ -51,6 +50,7 @@ from sensgen.analysis.report_sections import (
     pairs_section,
     per_point_section,
 )
+from sensgen.artifacts import DamagedFileError
 from sensgen.errors import UserError
 
 REPORT_DIR = "report"
@@ -166,8 +166,12 @@ def _read_store(
         if (out_dir / "regions").is_dir() and any((out_dir / "regions").iterdir()):
             kept = analysed_runs(tables.done_runs(runs), **rule)
             for run_id in kept["run_id"][:_MAX_REGION_RUNS]:
-                with contextlib.suppress(UserError):  # a run measured without maps
+                try:
                     maps[run_id] = results.region_maps(run_id)
+                except DamagedFileError:
+                    raise
+                except UserError:  # a run measured without maps
+                    pass
         return runs, points, profiles, maps, results.measures()
 
 

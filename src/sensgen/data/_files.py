@@ -93,7 +93,7 @@ def check_folder(spec: DatasetSpec, folder: Path) -> VerifyReport:
 def _fix(spec: DatasetSpec, path: Path, *, damaged: bool) -> str:
     """What to do about a missing or damaged file of `spec` (as `fetch`'s errors say)."""
     if spec.source is Source.EMBEDDED:
-        return f"reinstall the package that ships it ({spec.missing_hint})"
+        return f"reinstall the package that ships it ({spec.missing_hint}, with --force-reinstall)"
     fetch = f"run `sensgen datasets fetch {spec.name}`"
     return f"delete {path} and {fetch}" if damaged else fetch
 
