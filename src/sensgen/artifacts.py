@@ -179,6 +179,8 @@ _DAMAGE_ERRORS = (ValueError, KeyError, TypeError, SafetensorError)
 def _is_system_error(error: BaseException) -> bool:
     """An error of the operating system (I/O, permissions), not of the file's contents."""
     return isinstance(error, OSError) and error.errno is not None
+
+
 # A file renamed to this suffix marks its pack for training again (`damaged_files`).
 DAMAGED_SUFFIX = ".damaged"
 
