@@ -200,14 +200,6 @@ def _shape(*, augmentation=SMALL, batch_size=16, max_steps=60, stop_at_fit=False
 MIXED = [Member(1, 0.01, 1.0, augment=True), Member(2, 0.02, 2.0), Member(3, 0.01, 1.5, True)]
 
 
-@pytest.fixture
-def float64():
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(before)
-
-
 @pytest.mark.parametrize("batch_size", [16, None], ids=["minibatch", "full"])
 def test_mixed_pack_equals_each_model_alone(float64, batch_size):
     # In float64: torch's batched products need not round alike for every number of models

@@ -22,14 +22,6 @@ D = AUG.dim
 
 
 @pytest.fixture
-def float64():
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(before)
-
-
-@pytest.fixture
 def small_chunks(monkeypatch):
     monkeypatch.setattr(train, "FULL_BATCH_CHUNK", CHUNK)
 
