@@ -10,29 +10,15 @@ import torch
 
 from sensgen import artifacts
 from sensgen import study as study_module
-from sensgen.cli import main
 from sensgen.errors import UserError
 from sensgen.runner import run
 from sensgen.store import PlannedRun, RunResult, Status, Store, open_results
-
-TINY = """
-name = "tiny"
-[base]
-dataset = "digits"
-optimizer = "sgd"
-lr = 0.1
-batch_size = 32
-max_steps = 40
-eval_every = 20
-[grid]
-width = [8, 16]
-depth = [1, 2]
-"""
+from test_runner import TINY, _cli  # the end-to-end tests' study and CLI call
 
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
-    """A finished 4-run study (two packs) and its results, made once; tests copy it."""
+    """A finished study (test_runner's 8 runs) and its results, made once; tests copy it."""
     root = tmp_path_factory.mktemp("study")
     path = root / "tiny.toml"
     path.write_text(TINY, encoding="utf-8")
@@ -50,13 +36,6 @@ def study(finished, tmp_path):
     copy = tmp_path / "out"
     shutil.copytree(out, copy)
     return path, copy, runs, points
-
-
-def _cli(*args):
-    with pytest.raises(SystemExit) as info:
-        main([*args])
-        raise SystemExit(0)
-    return info.value.code
 
 
 def _a_pack(runs):

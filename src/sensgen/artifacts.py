@@ -185,6 +185,11 @@ def _is_system_error(error: BaseException) -> bool:
 DAMAGED_SUFFIX = ".damaged"
 
 
+def _mark(path: Path) -> Path:
+    """The ``*.damaged`` mark of a pack file."""
+    return path.with_name(path.name + DAMAGED_SUFFIX)
+
+
 class DamagedFileError(UserError):
     """A pack file that cannot be read as what sensgen wrote (a `UserError`: exit 2)."""
 
@@ -223,8 +228,7 @@ def damaged_files(root: Path, pack_ids: Iterable[str]) -> dict[str, tuple[Path, 
     for pack_id in pack_ids:
         for kind in FOLDERS:
             path = pack_file(root, kind, pack_id)
-            marked = path.with_name(path.name + DAMAGED_SUFFIX)
-            if marked.exists():
+            if (marked := _mark(path)).exists():
                 found[pack_id] = (path, f"marked damaged by {marked.name}")
             elif path.is_file() and (why := frame_damage(path)) is not None:
                 found[pack_id] = (path, why)
@@ -236,8 +240,7 @@ def damaged_files(root: Path, pack_ids: Iterable[str]) -> dict[str, tuple[Path, 
 def remove_damage_marks(root: Path, pack_id: str) -> None:
     """Remove the ``*.damaged`` marks of a pack's files (its files were written anew)."""
     for kind in FOLDERS:
-        path = pack_file(root, kind, pack_id)
-        path.with_name(path.name + DAMAGED_SUFFIX).unlink(missing_ok=True)
+        _mark(pack_file(root, kind, pack_id)).unlink(missing_ok=True)
 
 
 def remove_pack_files(root: Path, pack_id: str) -> None:

@@ -47,7 +47,6 @@ from sensgen.study_dir import (
     finished_ids,
     note_unplanned_runs,
     report_outdated,
-    stored_study,
     write_study_file,
 )
 
@@ -116,10 +115,10 @@ def run(
     study = study if isinstance(study, Study) else study_module.load(study)
     executor = _check_options(executor, workers, device)
     out = Path(out_dir)
-    check_same_study(out, study)
-    previous = stored_study(out)  # before this run writes its own
+    previous = check_same_study(out, study)  # the stored study, before this run writes its own
     planned = study.planned()
     specs = [p.spec for p in planned]
+    run_ids = {s.run_id for s in specs}
     new = not (out / DB_NAME).exists()
     if new:  # a missing dataset leaves no empty study directory behind
         _preflight({s.dataset for s in specs})
@@ -127,10 +126,10 @@ def run(
         remove_dead_temporaries(out)
         stored = store.runs()  # as found: read once for the checks below
         check_spec_schema(stored, out)
-        damaged = _damaged_packs(store, stored, study, previous, console)
+        damaged = _damaged_packs(store, stored, run_ids, study, previous, console)
         redo = set(stored.loc[stored["pack_id"].isin(damaged), "run_id"]) if damaged else set()
         finished = finished_ids(stored) - redo
-        note_unplanned_runs(finished - {s.run_id for s in specs}, out, console)
+        note_unplanned_runs(finished - run_ids, out, console)
         # Fail fast on a missing or corrupt dataset, before any run is registered or trained;
         # only the runs not yet in a final status (or to train again) will need their data.
         if not new:
@@ -152,8 +151,8 @@ def run(
             for s in pack.specs
         )
         store.reset_stale()
-        pending = _pending_packs(store, {s.run_id for s in specs})
-        unfinished_before = _unfinished(_counts(store, {s.run_id for s in specs}))
+        pending = _pending_packs(store, run_ids)
+        unfinished_before = _unfinished(_counts(store, run_ids))
         if pending:
             _train(
                 store,
@@ -166,7 +165,7 @@ def run(
                 console=console,
                 record_workers=record_workers,
             )
-        counts = _counts(store, {s.run_id for s in specs})
+        counts = _counts(store, run_ids)
         stale_report = report_outdated(out / "report" / "index.html", store)
     report_path = None
     index = out / "report" / "index.html"
@@ -237,9 +236,15 @@ def _pending_packs(store: Store, run_ids: set[str]) -> list[_PendingPack]:
 
 
 def _damaged_packs(
-    store: Store, runs: pd.DataFrame, study: Study, previous: Study | None, console: Console
+    store: Store,
+    runs: pd.DataFrame,
+    run_ids: set[str],
+    study: Study,
+    previous: Study | None,
+    console: Console,
 ) -> dict[str, tuple[Path, str]]:
-    """The finished packs of this study's runs with a damaged file (`artifacts.damaged_files`)
+    """The finished packs of this study's runs (``run_ids``) with a damaged file
+    (`artifacts.damaged_files`)
     to train again: pack id -> (file, why). What the file held is lost, and the pack's seeded
     runs give it back, measured as this study measures.
 
@@ -252,7 +257,7 @@ def _damaged_packs(
         return {}
     final = runs[runs["status"].isin(FINAL)]
     found = damaged_files(store.root, set(final["pack_id"]))
-    mine = set(final.loc[final["run_id"].isin({s.run_id for s in study.specs()}), "pack_id"])
+    mine = set(final.loc[final["run_id"].isin(run_ids), "pack_id"])
     for pack_id, (path, why) in sorted(found.items()):
         if pack_id not in mine:  # it would stay pending: this study does not train it
             _warn(console, f"{path} is damaged ({why}), but this study does not plan pack "

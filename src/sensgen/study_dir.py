@@ -37,11 +37,12 @@ def stored_study(out: Path) -> Study | None:
         return None  # an unreadable copy is rewritten by the run; results.db is authoritative
 
 
-def check_same_study(out: Path, study: Study) -> None:
-    """Refuse to mix two different studies in one directory (extending one is fine)."""
+def check_same_study(out: Path, study: Study) -> Study | None:
+    """Refuse to mix two different studies in one directory (extending one is fine).
+    Returns the study stored there (`stored_study`), if any."""
     previous = stored_study(out)
     if previous is None:
-        return
+        return None
     if previous.name != study.name:
         raise UserError(
             f"{out} already holds study {previous.name!r}, not {study.name!r}. Choose another "
@@ -54,6 +55,7 @@ def check_same_study(out: Path, study: Study) -> None:
             f"{now}. A run keeps the pair it was planned in, so the new members would join "
             "(or miss) the old pairs. Run it into a new --out directory."
         )
+    return previous
 
 
 def _effective(overrides: list[dict] | None) -> list[dict] | None:
