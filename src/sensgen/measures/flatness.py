@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
-from sensgen.backprop import ACTIVATIONS_INTO
 from sensgen.measures.margins import logits64
+from sensgen.measures.mlp64 import BufferedMLP
 from sensgen.measures.norms import _params
 from sensgen.models import MLP
 
@@ -69,33 +69,18 @@ _SLACK = 1e-12
 
 
 def _logits_into_buffers(net64: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """x [n, d] ↦ net64(x), for evaluations without gradients, many times over.
-
-    For a sensgen `MLP` each layer's output goes into a buffer kept from call to call, the
-    bias added by the product (``addmm``, which is what ``nn.Linear`` calls) and φ applied
-    in place by its own kernel (`sensgen.backprop.ACTIVATIONS_INTO`): the same values as
-    ``net64(x)``, bit for bit, without a fresh [n, width] tensor per layer and call, whose
-    page faults took a quarter of each forward pass of a flatness search (784-512-512-512,
-    1,000 points, float64: 13.4 against 10.1 ms; issue 8). Any other module: itself.
-    The returned logits live in a buffer until the next call.
+    """x [n, d] ↦ net64(x) at its current parameters, for evaluations without gradients,
+    many times over: for a sensgen `MLP` into buffers kept from call to call
+    (`BufferedMLP`: the same values, bit for bit, without a fresh [n, width] tensor per
+    layer and call, whose page faults took a quarter of each forward pass of a flatness
+    search, 784-512-512-512 on 1,000 points: 13.4 against 10.1 ms; issue 8). Any other
+    module: itself. The returned logits live in a buffer until the next call.
     """
-    if type(net64) is not MLP:  # (a subclass may compute something else)
+    buffered = BufferedMLP.of(net64)
+    if buffered is None:
         return net64
-    activation = ACTIVATIONS_INTO[net64.nonlinearity]
-    layers = list(net64.layers)
-    buffers: dict[int, torch.Tensor] = {}
-
-    def logits(x: torch.Tensor) -> torch.Tensor:
-        a = x
-        for index, layer in enumerate(layers):
-            out = buffers.get(index)
-            if out is None or out.shape[0] != x.shape[0]:
-                out = buffers[index] = x.new_empty(x.shape[0], layer.out_features)
-            torch.addmm(layer.bias, a, layer.weight.t(), out=out)
-            a = out if index == len(layers) - 1 else activation(out, out)
-        return a
-
-    return logits
+    params = dict(net64.named_parameters())  # (the draws overwrite these tensors in place)
+    return lambda x: buffered.logits(params, x)
 
 
 def pacbayes_flatness(
@@ -192,23 +177,91 @@ def adversarial_accuracy(
         k: alpha * t.abs() + eps if magnitude_aware else torch.full_like(t, alpha)
         for k, t in theta.items()
     }
-    v = {k: s.to("cpu", torch.float64).clone().requires_grad_(True) for k, s in start.items()}
+    v = {k: s.to("cpu", torch.float64).clone() for k, s in start.items()}
     x, y = x.to("cpu", torch.float64), y.to("cpu", torch.long)
+    ascent = _buffered_ascent if BufferedMLP.of(net64) else _autograd_ascent
     worst = math.inf
-    for step in range(ascent_steps + 1):
+    for accuracy in ascent(net64, theta, bound, v, x, y, ascent_steps, step_size):
+        worst = min(worst, accuracy)
+        if stop_below is not None and worst < stop_below:
+            break
+    return worst
+
+
+def _autograd_ascent(
+    net64: nn.Module,
+    theta: dict[str, torch.Tensor],
+    bound: dict[str, torch.Tensor],
+    v: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    steps: int,
+    step_size: float,
+) -> Iterator[float]:
+    """The accuracy of each iterate θ + b ∘ v of `adversarial_accuracy`'s ascent (the
+    start first, ``steps`` + 1 in all), v updated in place between them: the loss ℓ
+    differentiated by autograd, for any module. Stop iterating to stop the ascent."""
+    for t in v.values():
+        t.requires_grad_(True)
+    for step in range(steps + 1):
         params = {k: theta[k] + bound[k] * v[k] for k in theta}
         z = torch.func.functional_call(net64, params, (x,))
+        yield _accuracy_of(z, y)
+        if step == steps:
+            return
         true = z.gather(1, y[:, None]).squeeze(1)
         m = true - z.scatter(1, y[:, None], -math.inf).max(dim=1).values
-        worst = min(worst, float((z.argmax(1) == y).double().mean()))
-        if step == ascent_steps or (stop_below is not None and worst < stop_below):
-            break
         loss = -(m * (m > 0)).mean()
         grads = torch.autograd.grad(loss, list(v.values()))
         with torch.no_grad():
             for t, g in zip(v.values(), grads, strict=True):
                 t.add_(step_size * g.sign()).clamp_(-1.0, 1.0)
-    return worst
+
+
+@torch.no_grad()
+def _buffered_ascent(
+    net64: MLP,
+    theta: dict[str, torch.Tensor],
+    bound: dict[str, torch.Tensor],
+    v: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    steps: int,
+    step_size: float,
+) -> Iterator[float]:
+    """`_autograd_ascent` for a sensgen `MLP`, bit for bit, into kept buffers
+    (`BufferedMLP`; issue 8).
+
+    ∂ℓ/∂z is written out as autograd's backward pass of ℓ = −mean(m · 1[m > 0]) makes it:
+    −1/n at (i, y_i) and +1/n at (i, the rival class that attains max_{j≠y} z_ij) for
+    the points with m_i > 0 (n points in all), +0 everywhere else (autograd's sums of its
+    branches turn every −0 into +0). Then ∂ℓ/∂v = ∂ℓ/∂θ' ∘ b at θ' = θ + b ∘ v, as
+    autograd's product rule computes it.
+    """
+    mlp = BufferedMLP(net64)
+    params = {k: torch.empty_like(t) for k, t in theta.items()}
+    grads = {k: torch.empty_like(t) for k, t in theta.items()}
+    rows, n = y[:, None], x.shape[0]
+    for step in range(steps + 1):
+        for k, p in params.items():  # θ + b ∘ v, the same two roundings as autograd's
+            torch.add(theta[k], torch.mul(bound[k], v[k], out=grads[k]), out=p)
+        z = mlp.logits(params, x)
+        yield _accuracy_of(z, y)
+        if step == steps:
+            return
+        true = z.gather(1, rows).squeeze(1)
+        rival = z.scatter(1, rows, -math.inf).max(dim=1)
+        positive = (true - rival.values > 0)[:, None]
+        grad_z = torch.zeros_like(z)
+        grad_z.scatter_(1, rival.indices[:, None], torch.where(positive, z.new_tensor(1 / n), 0))
+        grad_z.scatter_(1, rows, torch.where(positive, z.new_tensor(-1 / n), 0))  # y last
+        mlp.gradients(params, grad_z, grads)
+        for k, t in v.items():
+            t.add_(grads[k].mul_(bound[k]).sign_().mul_(step_size)).clamp_(-1.0, 1.0)
+
+
+def _accuracy_of(z: torch.Tensor, y: torch.Tensor) -> float:
+    return float((z.argmax(1) == y).double().mean())
 
 
 def sharpness(
