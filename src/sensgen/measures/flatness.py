@@ -179,7 +179,7 @@ def adversarial_accuracy(
     }
     v = {k: s.to("cpu", torch.float64).clone() for k, s in start.items()}
     x, y = x.to("cpu", torch.float64), y.to("cpu", torch.long)
-    ascent = _buffered_ascent if BufferedMLP.of(net64) else _autograd_ascent
+    ascent = _buffered_ascent if BufferedMLP.applies_to(net64) else _autograd_ascent
     worst = math.inf
     for accuracy in ascent(net64, theta, bound, v, x, y, ascent_steps, step_size):
         worst = min(worst, accuracy)
@@ -235,13 +235,13 @@ def _buffered_ascent(
     ∂ℓ/∂z is written out as autograd's backward pass of ℓ = −mean(m · 1[m > 0]) makes it:
     −1/n at (i, y_i) and +1/n at (i, the rival class that attains max_{j≠y} z_ij) for
     the points with m_i > 0 (n points in all), +0 everywhere else (autograd's sums of its
-    branches turn every −0 into +0). Then ∂ℓ/∂v = ∂ℓ/∂θ' ∘ b at θ' = θ + b ∘ v, as
-    autograd's product rule computes it.
+    branches turn every −0 into +0; where the rival is y, y's −1/n alone). Then
+    ∂ℓ/∂v = ∂ℓ/∂θ' ∘ b at θ' = θ + b ∘ v, as autograd's product rule computes it.
     """
     mlp = BufferedMLP(net64)
     params = {k: torch.empty_like(t) for k, t in theta.items()}
     grads = {k: torch.empty_like(t) for k, t in theta.items()}
-    rows, n = y[:, None], x.shape[0]
+    rows, n = y[:, None], max(x.shape[0], 1)  # (no points: nothing to scatter into)
     for step in range(steps + 1):
         for k, p in params.items():  # θ + b ∘ v, the same two roundings as autograd's
             torch.add(theta[k], torch.mul(bound[k], v[k], out=grads[k]), out=p)
@@ -254,7 +254,9 @@ def _buffered_ascent(
         positive = (true - rival.values > 0)[:, None]
         grad_z = torch.zeros_like(z)
         grad_z.scatter_(1, rival.indices[:, None], torch.where(positive, z.new_tensor(1 / n), 0))
-        grad_z.scatter_(1, rows, torch.where(positive, z.new_tensor(-1 / n), 0))  # y last
+        # y's entry last: where the rival is y itself (one class, or every other logit
+        # −inf), autograd's backward of the −inf scatter zeroes the rival's +1/n there.
+        grad_z.scatter_(1, rows, torch.where(positive, z.new_tensor(-1 / n), 0))
         mlp.gradients(params, grad_z, grads)
         for k, t in v.items():
             t.add_(grads[k].mul_(bound[k]).sign_().mul_(step_size)).clamp_(-1.0, 1.0)

@@ -15,7 +15,8 @@ and, for a given g_z = ∂ℓ/∂z [n, C], autograd's backward pass of ``addmm``
 
     ∂ℓ/∂W_l = g_lᵀ a_{l−1},   ∂ℓ/∂b_l = Σ_rows g_l,   g_{l−1} = φ'(h_{l−1}) ⊙ (g_l W_l)
 
-with g_{L−1} = g_z and a_{−1} = x.
+with g_{L−1} = g_z and a_{−1} = x. (`sensgen.backprop` computes the same for a pack of
+float32 MLPs stacked along a model axis, in the training step's layouts.)
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+from torch import nn
+from torch.nn.modules import module as _module
 
 from sensgen.backprop import ACTIVATION_BACKWARDS, ACTIVATIONS_INTO, BACKWARD_FROM_ACTIVATION
 from sensgen.models import MLP
@@ -46,18 +49,30 @@ class BufferedMLP:
         # φ' from a = φ(h) alone: a may be written over h (one buffer fewer per layer).
         self.in_place = nonlinearity in BACKWARD_FROM_ACTIVATION
         self.names = [(f"layers.{i}.weight", f"layers.{i}.bias") for i in range(len(net.layers))]
-        self._buffers: dict[tuple[str, int, int], torch.Tensor] = {}
+        self._buffers: dict[tuple, torch.Tensor] = {}
         self._x = torch.empty(0)
         self._hidden: list[tuple[torch.Tensor, torch.Tensor]] = []  # [(h_l, a_l)], last call
 
+    @staticmethod
+    def applies_to(net: nn.Module) -> bool:
+        """Whether ``net`` computes exactly what this class does: a sensgen `MLP` as built,
+        its layers plain ``nn.Linear`` with biases, no parametrization (which renames the
+        parameters) and no hook, on it, on a layer or global (a hook may change what the
+        module returns or its gradients). Anything else the caller runs as a module."""
+        if type(net) is not MLP or not all(
+            type(layer) is nn.Linear and layer.bias is not None for layer in net.layers
+        ):
+            return False
+        expected = {f"layers.{i}.{kind}" for i in range(len(net.layers)) for kind in _KINDS}
+        return {name for name, _ in net.named_parameters()} == expected and not _hooked(net)
+
     @classmethod
-    def of(cls, net: torch.nn.Module) -> BufferedMLP | None:
-        """One for a sensgen `MLP`; None for any other module (a subclass may compute
-        something else), which the caller then runs as itself."""
-        return cls(net) if type(net) is MLP else None
+    def of(cls, net: nn.Module) -> BufferedMLP | None:
+        """One for ``net`` if `applies_to` it, else None."""
+        return cls(net) if cls.applies_to(net) else None
 
     def _buffer(self, slot: str, like: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-        key = (slot, rows, cols)
+        key = (slot, rows, cols, like.dtype, like.device)
         if key not in self._buffers:
             self._buffers[key] = like.new_empty(rows, cols)
         return self._buffers[key]
@@ -101,3 +116,21 @@ class BufferedMLP:
                 upstream = self._buffer(f"g{index}", grad, grad.shape[0], width)
                 torch.mm(grad, params[w_name], out=upstream)
                 grad = self.activation_backward(upstream, *self._hidden[index - 1])
+
+
+_KINDS = ("weight", "bias")
+
+
+def _hooked(net: nn.Module) -> bool:
+    """Whether any forward or backward hook would run when ``net`` is called (its own, a
+    submodule's, or one registered for every module)."""
+    every_module = (
+        _module._global_forward_pre_hooks,
+        _module._global_forward_hooks,
+        _module._global_backward_pre_hooks,
+        _module._global_backward_hooks,
+    )
+    if any(every_module):
+        return True
+    kinds = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+    return any(getattr(m, kind) for m in net.modules() for kind in kinds)
