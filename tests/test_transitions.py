@@ -224,6 +224,69 @@ def test_hidden_functional_activation_is_caught_by_exact():
     assert transitions(net, _ellipse(*_circle_anchors(), 64), method="sampled") >= 0
 
 
+def _leaky_sequential(activation: nn.Module, seed: int = 3) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), activation, nn.Linear(16, 3)
+    ).double()
+
+
+@pytest.mark.parametrize("activation", [nn.LeakyReLU(0.1), nn.PReLU(16), nn.RReLU()])
+def test_leaky_relus_are_coded_at_their_kink(activation):
+    # A leaky ReLU's second layer is part of the code: exact equals a dense sampling of the
+    # same polygon (which sees both layers), and the second layer has crossings.
+    net = _leaky_sequential(activation).eval()
+    vertices = torch.randn(12, 6, generator=_gen(9), dtype=torch.float64) * 3
+    details = transition_details(net, vertices)
+    dense = transitions(net, _subdivide(vertices, 4_000), method="sampled")
+    assert details.count == dense and details.per_layer[1] > 0
+    assert activation_codes(net, vertices).shape == (12, 32)
+
+
+def test_rrelu_in_train_mode_is_refused():
+    net = _leaky_sequential(nn.RReLU()).train()
+    with pytest.raises(UserError, match=r"RReLU .*model\.eval\(\)"):
+        transitions(net, torch.randn(5, 6, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("activation", [nn.GELU(), nn.SiLU(), nn.Softplus(), nn.Mish()])
+def test_activations_that_cannot_be_coded_are_named(activation):
+    # Before, their layer was silently left out of the code: counts too low.
+    net = _leaky_sequential(activation)
+    path = torch.randn(8, 6, dtype=torch.float64)
+    name = type(activation).__name__
+    for method in ("exact", "sampled"):
+        with pytest.raises(UserError, match=rf"nn\.{name} \('3'\).*Use one of nn\.ReLU6"):
+            transitions(net, path, method=method)
+    with pytest.raises(UserError, match=name):
+        activation_codes(net, path)
+
+
+def test_functional_activation_after_the_last_module_is_caught_by_exact():
+    # The logits are checked too: no recorded pre-activation follows F.relu here.
+    class Tail(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2, self.fc3 = nn.Linear(2, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+            self.act = nn.ReLU()
+
+        def forward(self, x):
+            return self.fc3(F.relu(self.fc2(self.act(self.fc1(x)))))
+
+    torch.manual_seed(0)
+    with pytest.raises(UserError, match="not affine"):
+        transitions(Tail().double(), _ellipse(*_circle_anchors(), 64))
+
+
+def test_a_softmax_readout_is_not_a_hidden_layer():
+    net = _deep_net("relu", depth=2, width=16, d=6)
+    user = nn.Sequential(
+        net.layers[0], nn.ReLU(), net.layers[1], nn.ReLU(), net.layers[2], nn.Softmax(dim=1)
+    )
+    path = torch.randn(30, 6, generator=_gen(4), dtype=torch.float64) * 3
+    assert transitions(user, path) == transitions(net, path) > 0
+
+
 def test_user_errors():
     smooth = _deep_net("tanh", depth=1, width=4, d=2)
     path = _ellipse(*_circle_anchors(), 12)

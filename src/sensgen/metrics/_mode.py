@@ -6,9 +6,10 @@ from torch import nn
 
 from sensgen.errors import UserError
 
-# Modules that behave differently in train mode: dropout draws masks, batch norm uses (and
-# updates) batch statistics, so points would interact and results vary between calls.
-_MODE_DEPENDENT = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm)
+# Modules that behave differently in train mode: dropout draws masks, RReLU its negative
+# slopes, batch norm uses (and updates) batch statistics, so points would interact and
+# results vary between calls.
+_MODE_DEPENDENT = (nn.modules.dropout._DropoutNd, nn.RReLU, nn.modules.batchnorm._BatchNorm)
 
 
 def require_eval_mode(model: nn.Module, metric: str) -> None:

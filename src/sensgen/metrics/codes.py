@@ -23,8 +23,12 @@ codes must never be pooled with piecewise-linear counts: check `is_piecewise_lin
 
 Models: a sensgen `MLP` is read directly; any other `nn.Module` is read through forward
 pre-hooks on its activation modules (nn.ReLU, nn.ReLU6, nn.Hardtanh with its own
-min_val/max_val, nn.Hardsigmoid, nn.Tanh, nn.Sigmoid, nn.ELU): the *input* of each call is a
-hidden layer's pre-activation, in call order.
+min_val/max_val, nn.Hardsigmoid, nn.LeakyReLU, nn.PReLU, nn.RReLU in eval mode, all
+piecewise linear — the last three with the one breakpoint 0 — and the sign-coded nn.Tanh,
+nn.Sigmoid, nn.ELU): the *input* of each call is a hidden layer's pre-activation, in call
+order. Any other activation module of torch (nn.GELU, nn.SiLU, nn.Softplus, ...) is
+refused by name: its layer would be left out of the code without a word. (A softmax-family
+module is the readout, not a hidden layer.)
 
 Example:
     >>> import torch
@@ -60,8 +64,22 @@ _PIECEWISE_LINEAR = frozenset(
     {Nonlinearity.RELU, Nonlinearity.RELU6, Nonlinearity.HARD_TANH, Nonlinearity.HARD_SIGMOID}
 )
 
-# Activation modules whose inputs are recorded on a user's own module.
-_ACTIVATION_MODULES = (nn.ReLU, nn.Hardtanh, nn.Hardsigmoid, nn.Tanh, nn.Sigmoid, nn.ELU)
+# Activation modules whose inputs are recorded on a user's own module (nn.ReLU6 is a
+# Hardtanh). The leaky ReLUs are piecewise linear with their kink at 0 (RReLU's slope is
+# fixed in eval mode; in train mode `require_eval_mode` refuses it).
+_PIECEWISE_MODULES = (nn.ReLU, nn.Hardtanh, nn.Hardsigmoid, nn.LeakyReLU, nn.PReLU, nn.RReLU)
+_ACTIVATION_MODULES = (*_PIECEWISE_MODULES, nn.Tanh, nn.Sigmoid, nn.ELU)
+# Normalisers of the output: their input is the logits, not a hidden layer.
+_OUTPUT_MODULES = (nn.Softmax, nn.LogSoftmax, nn.Softmin, nn.Softmax2d)
+# Every module torch defines as an activation; those not above cannot be coded.
+_TORCH_ACTIVATIONS = tuple(
+    cls
+    for cls in vars(nn.modules.activation).values()
+    if isinstance(cls, type)
+    and issubclass(cls, nn.Module)
+    and cls.__module__ == nn.modules.activation.__name__
+    and cls is not nn.MultiheadAttention
+)
 
 
 class HiddenLayer(NamedTuple):
@@ -153,7 +171,7 @@ class _EnoughLayers(Exception):
 
 
 def _module_breakpoints(module: nn.Module) -> tuple[tuple[float, ...], bool]:
-    if isinstance(module, nn.ReLU):
+    if isinstance(module, (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.RReLU)):
         return (0.0,), True
     if isinstance(module, nn.Hardtanh):  # nn.ReLU6 is a Hardtanh(0, 6)
         return (float(module.min_val), float(module.max_val)), True
@@ -174,6 +192,7 @@ def _hooked_preactivations(
         if n_layers is not None and len(records) >= n_layers:
             raise _EnoughLayers
 
+    _refuse_uncoded_activations(model)
     activations = [m for m in model.modules() if isinstance(m, _ACTIVATION_MODULES)]
     if not activations:
         allowed = ", ".join(f"nn.{cls.__name__}" for cls in (nn.ReLU6, *_ACTIVATION_MODULES))
@@ -191,3 +210,40 @@ def _hooked_preactivations(
         for handle in handles:
             handle.remove()
     return records
+
+
+def _refuse_uncoded_activations(model: nn.Module) -> None:
+    """UserError naming any torch activation module whose pieces sensgen cannot code."""
+    uncoded = [
+        (name, type(module).__name__)
+        for name, module in model.named_modules()
+        if isinstance(module, _TORCH_ACTIVATIONS)
+        and not isinstance(module, (*_ACTIVATION_MODULES, *_OUTPUT_MODULES))
+    ]
+    if uncoded:
+        found = ", ".join(f"nn.{kind} ({name!r})" for name, kind in uncoded)
+        allowed = ", ".join(f"nn.{cls.__name__}" for cls in (nn.ReLU6, *_ACTIVATION_MODULES))
+        raise UserError(
+            f"{type(model).__name__} has {found}: sensgen cannot code its pre-activations, "
+            "and activation codes and transitions would leave that layer out. Use one of "
+            f"{allowed} (piecewise linear but for the last three, which only "
+            "method='sampled' codes, by sign)."
+        )
+
+
+def readout(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The logits of ``model`` at x, [B, C] flattened: its output, or the input of its last
+    softmax-family module called (the output of a softmax is no affine map)."""
+    seen: list[torch.Tensor] = []
+
+    def record(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        seen.append(args[0].detach().flatten(start_dim=1).clone())
+
+    normalisers = [m for m in model.modules() if isinstance(m, _OUTPUT_MODULES)]
+    handles = [m.register_forward_pre_hook(record) for m in normalisers]
+    try:
+        out = model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen[-1] if seen else out.detach().flatten(start_dim=1)

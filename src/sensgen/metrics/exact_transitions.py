@@ -45,6 +45,7 @@ from sensgen.metrics.codes import (
     HiddenLayer,
     hidden_preactivations,
     is_piecewise_linear,
+    readout,
 )
 from sensgen.metrics.sampled_transitions import check_path, default_chunk_size, like_model
 from sensgen.models import MLP
@@ -213,15 +214,21 @@ def _position_order(edge: torch.Tensor, frac: torch.Tensor) -> torch.Tensor:
 
 
 def _check_piecewise_affine(net, polygon, edge, frac, size) -> None:
-    """Every pre-activation at each interval's midpoint must be the mean of its ends."""
+    """Every pre-activation and the logits (`readout`) at each interval's midpoint must be
+    the mean of their values at its ends: between crossings of the recorded layers the
+    network is affine. The logits catch a nonlinearity after the last activation module,
+    which no recorded pre-activation would show."""
     end, chunks = _intervals(polygon, edge, frac, size)
     for rows, knots in chunks:
-        at_knots = hidden_preactivations(net, polygon.points(edge[knots], frac[knots]))
-        at_mids = hidden_preactivations(net, polygon.points(edge[rows], (frac + end)[rows] / 2))
-        for k, m in zip(at_knots, at_mids, strict=True):
-            h = k.preactivation
+        knot_points = polygon.points(edge[knots], frac[knots])
+        mid_points = polygon.points(edge[rows], (frac + end)[rows] / 2)
+        at_knots = [k.preactivation for k in hidden_preactivations(net, knot_points)]
+        at_mids = [m.preactivation for m in hidden_preactivations(net, mid_points)]
+        at_knots.append(readout(net, knot_points))
+        at_mids.append(readout(net, mid_points))
+        for h, mid in zip(at_knots, at_mids, strict=True):
             scale = 1.0 + h.abs().max().item()
-            if ((h[:-1] + h[1:]) / 2 - m.preactivation).abs().max().item() > 1e-7 * scale:
+            if ((h[:-1] + h[1:]) / 2 - mid).abs().max().item() > 1e-7 * scale:
                 raise UserError(
                     f"{type(net).__name__} is not affine between its activation modules "
                     "(functional activations, max-pooling, ...?), so method='exact' does not "

@@ -210,7 +210,9 @@ def segment(x1: torch.Tensor, x2: torch.Tensor, *, n_points: int) -> torch.Tenso
     """n equally spaced points on the straight segment from x1 to x2, both included.
 
     z_i = (1 − t_i) x1 + t_i x2 with t_i = i/(n − 1), so z_0 = x1 and z_{n−1} = x2 exactly.
-    An open path: transitions along it do not wrap around.
+    An open path: count transitions along it with ``transitions(model, path,
+    closed=False)``; the default, ``closed=True``, adds the way back from x2 to x1 (for a
+    segment, twice the count).
 
     Args:
         x1, x2: endpoints [D].
