@@ -577,3 +577,57 @@ def test_settled_mean_is_on_the_same_side_of_the_threshold():
         for threshold in (0.05, 0.5, worst, 0.95):
             stopped = M.adversarial_accuracy(net, x, y, sigma, start, stop_below=threshold)
             assert (stopped >= threshold) == (worst >= threshold)
+
+
+def test_labels_that_do_not_fit_the_model_are_user_errors():
+    # A label out of range made the searches' accuracy 0, so flatness returned its cap
+    # (σ = 1024) without a word; margin raised torch's index error.
+    from sensgen.errors import UserError
+
+    net, x, y = pacbayes_problem()
+    bad = {
+        r"labels must lie in \[0, 2\]": y + 5,
+        r"shape \[30\], got \[30, 1\].*argmax": y[:, None],
+        r"shape \[30\], got \[29\]": y[:-1],
+        "integer class indices": y.double() + 0.5,
+    }
+    for message, labels in bad.items():
+        for measure in (M.margin, M.pacbayes_flatness, M.sharpness):
+            kw = {} if measure is M.margin else {"seed": 0}
+            with pytest.raises(UserError, match=message):
+                measure(net, x, labels, **kw)
+    with pytest.raises(UserError, match="no points"):
+        M.margin(net, x[:0], y[:0])
+    assert M.margin(net, x, y.int()) == M.margin(net, x, y.double()) == M.margin(net, x, y)
+    one_logit = nn.Sequential(nn.Linear(3, 1))
+    with pytest.raises(UserError, match=r"C >= 2 .*\[0, z\]"):
+        M.margin(one_logit, x, torch.zeros(30, dtype=torch.long))
+
+
+def test_groups_may_be_one_name():
+    net, x, y = pacbayes_problem()
+    init = MLP(3, 3, width=6, depth=1, generator=torch.Generator().manual_seed(2))
+    one = M.all_measures(net, init, x, y, seed=0, groups="norms")
+    assert one == M.all_measures(net, init, x, y, seed=0, groups=["norms"])
+
+
+def test_weights_the_norms_cannot_see_are_named():
+    # A conv net's conv weights used to be left out of every product without a word.
+    from sensgen.errors import UserError
+
+    torch.manual_seed(0)
+    conv = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 26 * 26, 10))
+    for measure in (M.frobenius_product, M.spectral_product, M.path_norm):
+        with pytest.raises(UserError, match=r"Conv2d \('0'\)"):
+            measure(conv)
+    # Batch norm's scale and shift are not weight matrices: the MLP's norms stand, and its
+    # state dict (running statistics included) is a valid init.
+    bn = nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7), nn.ReLU(), nn.Linear(7, 3)).eval()
+    init = {k: v.clone() for k, v in bn.state_dict().items()}
+    with torch.no_grad():
+        bn[0].weight.add_(1.0)
+    assert M.distance_from_init(bn, init)["frobenius"][0] == pytest.approx(math.sqrt(35))
+    assert M.frobenius_sum(bn) > 0
+    # Every parameter counts, trainable now or not.
+    frozen = MLP(5, 3, width=7, depth=1).requires_grad_(False)
+    assert M.n_params(frozen) == (5 + 1) * 7 + (7 + 1) * 3

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from sensgen.measures.margins import logits64
+from sensgen.measures.margins import checked_labels, logits64
 from sensgen.measures.mlp64 import BufferedMLP
 from sensgen.measures.norms import _params
 from sensgen.models import MLP
@@ -124,7 +124,10 @@ def pacbayes_flatness(
 
 
 def _accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    return float((logits64(net, x).argmax(1) == y.to("cpu", torch.long)).double().mean())
+    """acc(θ) on (x, y), float64; y checked against the logits (`checked_labels`): a
+    label out of range would make the accuracy 0 and the search return its cap."""
+    z = logits64(net, x)
+    return float((z.argmax(1) == checked_labels(y, z)).double().mean())
 
 
 def _largest_feasible(ok: Callable[[float], bool], upper: float, steps: int) -> float:

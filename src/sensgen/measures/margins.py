@@ -8,6 +8,8 @@ import math
 import torch
 from torch import nn
 
+from sensgen.errors import UserError
+
 
 def logits64(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The logits of a float64 CPU copy of ``net``, in eval mode, on x (``net`` itself is
@@ -17,10 +19,42 @@ def logits64(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return net64(x.to("cpu", torch.float64))
 
 
+def checked_labels(y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """The labels y [m] as int64 on the CPU, checked against the logits z [m, C].
+
+    Raises:
+        UserError: y is not one integer class index per point of x, in [0, C); there are
+            no points; or the model has a single output (no rival class for a margin).
+    """
+    y = torch.as_tensor(y)
+    if y.dim() != 1 or len(y) != len(z):
+        raise UserError(
+            f"y must hold one class index per point of x: shape [{len(z)}], got "
+            f"{list(y.shape)} (one-hot labels: pass y.argmax(1))."
+        )
+    if len(z) == 0:
+        raise UserError("x holds no points: the measures need at least one training point.")
+    if z.dim() != 2 or z.shape[1] < 2:
+        raise UserError(
+            f"The model's output has shape {list(z.shape)}: it must return [m, C] logits "
+            "with C >= 2 classes (a margin needs a rival class; for one logit z, return "
+            "[0, z])."
+        )
+    labels = y.to("cpu", torch.long)
+    if y.is_floating_point() and not torch.equal(labels.to(y.dtype), y.cpu()):
+        raise UserError("y must hold integer class indices; got non-integer values.")
+    if labels.min() < 0 or labels.max() >= z.shape[1]:
+        raise UserError(
+            f"y holds class indices in [{int(labels.min())}, {int(labels.max())}], but the "
+            f"model has {z.shape[1]} outputs: labels must lie in [0, {z.shape[1] - 1}]."
+        )
+    return labels
+
+
 def margins(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-point output margins z_y − max_{j≠y} z_j, float64 [B] (negative if misclassified)."""
     z = logits64(net, x)
-    y = y.to("cpu", torch.long)
+    y = checked_labels(y, z)
     true = z.gather(1, y[:, None]).squeeze(1)
     others = z.scatter(1, y[:, None], -math.inf)
     return true - others.max(dim=1).values

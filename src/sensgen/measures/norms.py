@@ -13,12 +13,36 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from sensgen.errors import UserError
+
+# Layers with parameters that the measures may leave out: normalisation layers' scales and
+# shifts are no weight matrices W_l of the definitions (JNMKB measure the layers' weights).
+_NOT_WEIGHT_LAYERS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+
 
 def _linear_names(net: nn.Module) -> list[str]:
-    """Qualified names of the `nn.Linear` modules of ``net``, in module order (W_1..W_L)."""
+    """Qualified names of the `nn.Linear` modules of ``net``, in module order (W_1..W_L).
+
+    Raises:
+        UserError: if ``net`` has none, or has another layer with weights (a convolution,
+            an embedding, ...), which the products over W_l would silently leave out.
+    """
     names = [name for name, m in net.named_modules() if isinstance(m, nn.Linear)]
+    others = [
+        (name, type(m).__name__)
+        for name, m in net.named_modules()
+        if m._parameters and not isinstance(m, (nn.Linear, *_NOT_WEIGHT_LAYERS))
+    ]
+    if others:
+        found = ", ".join(f"{kind} ({name!r})" for name, kind in others)
+        raise UserError(
+            f"{type(net).__name__} has layers with weights other than nn.Linear: {found}. "
+            "The norm and distance measures are defined on the weight matrices of an MLP's "
+            "nn.Linear layers and would leave these out; measure an MLP (or the margin, "
+            "flatness and sharpness groups, which take any module)."
+        )
     if not names:
-        raise ValueError(f"{type(net).__name__} has no nn.Linear layers to measure")
+        raise UserError(f"{type(net).__name__} has no nn.Linear layers to measure")
     return names
 
 
@@ -55,9 +79,9 @@ def _log_product(values: list[float]) -> float:
 
 
 def n_params(net: nn.Module) -> int:
-    """The number of trainable parameters: Σ_l n_l (n_{l−1} + 1) for an MLP with biases
-    (weights plus biases, JNMKB, "params")."""
-    return sum(p.numel() for p in net.parameters() if p.requires_grad)
+    """The number of parameters: Σ_l n_l (n_{l−1} + 1) for an MLP with biases (weights
+    plus biases, JNMKB, "params"), whether or not they require gradients now."""
+    return sum(p.numel() for p in net.parameters())
 
 
 def frobenius_product(net: nn.Module) -> float:
@@ -132,8 +156,16 @@ def distance_from_init(
         ``spectral``: [‖W_l − W_l⁰‖_2 for l = 1..L].
     """
     theta, theta0 = _params(net), _params(init)
+    if isinstance(init, Mapping):  # a state dict also holds buffers (batch-norm statistics)
+        theta0 = {k: v for k, v in theta0.items() if k in theta}
     if theta.keys() != theta0.keys():
-        raise ValueError("net and init have different parameters")
+        missing = sorted(theta.keys() - theta0.keys())
+        extra = sorted(theta0.keys() - theta.keys())
+        raise UserError(
+            f"init does not match net's parameters (missing: {missing[:5]}, not in net: "
+            f"{extra[:5]}): pass the same architecture at initialisation, as a module or "
+            "its state dict."
+        )
     l2 = math.sqrt(sum(float(((theta[k] - theta0[k]) ** 2).sum()) for k in theta))
     diffs = [theta[f"{n}.weight"] - theta0[f"{n}.weight"] for n in _linear_names(net)]
     return {

@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from sensgen.errors import UserError
 from sensgen.measures.flatness import pacbayes_flatness, pacbayes_init, sharpness
 from sensgen.measures.margins import inverse_margin, margin, normalised
 from sensgen.measures.norms import (
@@ -60,7 +61,7 @@ def all_measures(
     y: torch.Tensor,
     *,
     seed: int,
-    groups: Sequence[str] = GROUPS,
+    groups: str | Sequence[str] = GROUPS,
     n_train: int | None = None,
 ) -> dict[str, float]:
     """The measures of the given `GROUPS` for one model, as {name: float}.
@@ -75,9 +76,10 @@ def all_measures(
         n_train: m of ``pacbayes_init``, the size of the training set the model was
             trained on (x may be a subset of it); default len(x).
     """
+    groups = (groups,) if isinstance(groups, str) else tuple(groups)
     unknown = sorted(set(groups) - set(GROUPS))
     if unknown:
-        raise ValueError(f"unknown measure groups {unknown}; choose from {list(GROUPS)}")
+        raise UserError(f"unknown measure groups {unknown}; choose from {list(GROUPS)}")
     out: dict[str, float] = {}
     if "norms" in groups:
         out["n_params"] = float(n_params(net))
