@@ -282,3 +282,75 @@ def test_metrics_refuse_a_model_whose_output_depends_on_train_mode(noisy):
     first, second = jacobian_norm(model, x), jacobian_norm(model, x)
     assert torch.equal(first, second) and torch.equal(first[:2], jacobian_norm(model, x[:2]))
     assert transitions(model, x, method="exact") == transitions(model, x, method="exact")
+
+
+def test_inputs_are_checked_and_named():
+    # Each mistake is a UserError naming x and the fix, not an error from inside torch.
+    net = _mlp("relu", d=9, dtype=torch.float32)
+    x = _points(6, 9, dtype=torch.float32)
+    expected = jacobian_norm(net, x)
+    assert torch.equal(jacobian_norm(net, x.numpy()), expected)  # NumPy is taken as is
+    assert torch.equal(jacobian_norm(net, x.double()), expected)  # cast to the model's dtype
+    cases = {
+        r"batch of points .*x\.unsqueeze\(0\)": x[0],
+        r"torch\.uint8.*floats": (x * 100).to(torch.uint8),
+        r"shape \[3, 3\].*9 values.*x\.flatten\(1\)": x.reshape(6, 3, 3),
+        "must be a tensor": object(),
+    }
+    for message, bad in cases.items():
+        with pytest.raises(UserError, match=message):
+            jacobian_norm(net, bad)
+    for chunk_size in (0, 2.5, "4"):
+        with pytest.raises(UserError, match="chunk_size must be a positive integer"):
+            jacobian_norm(net, x, chunk_size=chunk_size)
+
+
+def test_models_the_autodiff_path_cannot_take_are_named():
+    torch.manual_seed(0)
+    one_logit = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 1))
+    x = torch.randn(3, 4)
+    with pytest.raises(UserError, match=r"one logit.*output='logits'.*\[0, z\]"):
+        jacobian_norm(one_logit, x)
+    assert jacobian_norm(one_logit, x, output="logits").shape == (3,)
+
+    class Pair(nn.Module):
+        def forward(self, x):
+            return x, x
+
+    with pytest.raises(UserError, match="returned tuple"):
+        jacobian_norm(Pair(), x)
+
+    class FunctionalDropout(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(nn.functional.dropout(x, 0.5, self.training))
+
+    with pytest.raises(UserError, match=r"vmap.*model\.eval\(\)"):
+        jacobian_norm(FunctionalDropout().train(), x)
+    assert jacobian_norm(FunctionalDropout().eval(), x).shape == (3,)
+
+
+def test_the_autodiff_chunk_bounds_every_layers_jacobian():
+    # jacrev makes [chunk, C, n] for every layer's output n: a wide hidden layer of a
+    # narrow-input model must shrink the chunk (it was sized by the input alone).
+    from sensgen.metrics.jacobian import _CHUNK_ELEMENTS, _MIN_CHUNK, Method, _default_chunk_size
+
+    wide = nn.Sequential(nn.Linear(16, 4096), nn.ReLU(), nn.Linear(4096, 10))
+    chunk = _default_chunk_size(wide, torch.randn(5000, 16), Method.AUTODIFF)
+    assert chunk == max(_MIN_CHUNK, _CHUNK_ELEMENTS // (10 * 4096))
+
+
+def test_softmax_jacobian_times_a_vector_is_the_factor_times_it():
+    # The estimator's O(B·C) S v against the dense S [B, C, C], confident points included.
+    from sensgen.metrics.jacobian import softmax_jacobian_times
+
+    g = torch.Generator().manual_seed(0)
+    for scale in (1.0, 40.0, 300.0):  # 40: p_top within 1e-17 of 1
+        z = torch.randn(50, 7, generator=g, dtype=torch.float64) * scale
+        v = torch.randn(50, 7, generator=g, dtype=torch.float64)
+        dense = (softmax_jacobian_factor(z) @ v.unsqueeze(-1)).squeeze(-1)
+        row_scale = dense.abs().amax(dim=-1, keepdim=True)
+        assert ((softmax_jacobian_times(z, v) - dense).abs() <= 1e-13 * row_scale).all()

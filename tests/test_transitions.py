@@ -334,3 +334,30 @@ def test_transition_profile_redistributes_the_exact_count(density):
 def test_transition_profile_rejects_unknown_density():
     with pytest.raises(UserError, match="arc_length"):
         transition_profile(_circle_net("relu"), *_circle_anchors(), density="per_metre")
+
+
+def test_paths_and_chunks_are_checked():
+    net = _deep_net(depth=1, width=8, d=2)
+    path = _ellipse(*_circle_anchors(), 24)
+    assert transitions(net, path.numpy()) == transitions(net, path)
+    with_nan = path.clone()
+    with_nan[5, 0] = float("nan")
+    for method in ("exact", "sampled"):
+        with pytest.raises(UserError, match="NaN or infinite"):
+            transitions(net, with_nan, method=method)
+        for chunk_size in (0, -1, 2.5):
+            with pytest.raises(UserError, match="chunk_size must be a positive integer"):
+                transitions(net, path, method=method, chunk_size=chunk_size)
+
+
+def test_sides_are_checked_under_their_own_names():
+    net = _deep_net(depth=1, width=8, d=2)
+    anchors = _circle_anchors()
+    with pytest.raises(UserError, match="sides must be an integer >= 3, got 0"):
+        transition_profile(net, *anchors, sides=0)
+    with pytest.raises(UserError, match=r"start_sides must be an integer >= 3, got 1\.5"):
+        ellipse_transitions_exact(net, *anchors, start_sides=1.5)
+    import numpy as np
+
+    count, sides = ellipse_transitions_exact(net, *anchors, start_sides=np.int64(60))
+    assert (count, sides) == ellipse_transitions_exact(net, *anchors, start_sides=60)

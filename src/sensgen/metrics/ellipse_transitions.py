@@ -38,7 +38,7 @@ from torch import nn
 from sensgen.errors import UserError
 from sensgen.metrics.exact_transitions import transition_details
 from sensgen.metrics.sampled_transitions import default_chunk_size, sampled_count
-from sensgen.metrics.trajectories import ellipse_angles, ellipse_axes
+from sensgen.metrics.trajectories import check_count, ellipse_angles, ellipse_axes
 
 
 class PolygonCount(NamedTuple):
@@ -69,7 +69,8 @@ def ellipse_transitions_exact(
         (count, sides): the n-gon's count and n. ``sides == max_sides`` means the count was
         still changing; the count is then that of the max_sides-gon.
     """
-    sides = start_sides
+    sides = check_count(start_sides, "start_sides", 3)
+    check_count(max_sides, "max_sides", 3)
     count = transition_details(model, _ellipse(x1, x2, x3, sides), chunk_size=chunk_size).count
     while 2 * sides <= max_sides:
         doubled = transition_details(

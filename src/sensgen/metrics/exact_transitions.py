@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from sensgen.errors import UserError
+from sensgen.metrics._inputs import check_chunk_size
 from sensgen.metrics._mode import require_eval_mode
 from sensgen.metrics.codes import (
     BREAKPOINTS,
@@ -83,7 +84,8 @@ def transition_details(
 
     See the module docstring for the method; arguments as in `sensgen.metrics.transitions`.
     """
-    check_path(path)
+    path = check_path(path)
+    chunk_size = check_chunk_size(chunk_size)
     require_eval_mode(model, "transitions")
     net = _float64(model)
     polygon = _Polygon(like_model(net, path), closed)

@@ -37,6 +37,7 @@ from torch import nn
 from torch.func import functional_call, jacrev, vjp, vmap
 
 from sensgen.errors import UserError, parse_choice
+from sensgen.metrics._inputs import as_batch, check_chunk_size
 from sensgen.metrics._mode import require_eval_mode
 from sensgen.models import DERIVATIVES, MLP
 
@@ -120,8 +121,8 @@ def jacobian_norms(
             f"method='closed_form' needs a sensgen MLP, got {type(model).__name__}; "
             "use method='autodiff' (or 'auto') for other modules."
         )
-    if chunk_size is not None and chunk_size < 1:
-        raise UserError(f"chunk_size must be a positive integer, got {chunk_size}.")
+    chunk_size = check_chunk_size(chunk_size)
+    x = as_batch(model, x)
     require_eval_mode(model, "jacobian_norm")
     empty = torch.zeros(0, dtype=torch.float64, device=x.device)
     if x.shape[0] == 0:
@@ -136,6 +137,12 @@ def jacobian_norms(
     for chunk in torch.split(x, size):
         with torch.no_grad():
             logits, gram = gram_fn(chunk)
+        if Output.SOFTMAX in wanted and logits.shape[-1] == 1:
+            raise UserError(
+                f"{type(model).__name__} returns one logit per point: the softmax of one "
+                "logit is constant, so its Jacobian is 0. Measure output='logits', or wrap "
+                "a binary classifier to return [0, z] (softmax([0, z]) = [1 − σ(z), σ(z)])."
+            )
         for o in wanted:
             parts[o].append(_contract(logits, gram, o))
     return {o: torch.cat(p) for o, p in parts.items()}
@@ -158,6 +165,28 @@ def softmax_jacobian_factor(logits: torch.Tensor) -> torch.Tensor:
     s = -p.unsqueeze(-1) * p.unsqueeze(-2)  # [B, C, C]
     s.diagonal(dim1=-2, dim2=-1).copy_(p * others)
     return s
+
+
+def softmax_jacobian_times(logits: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """S v for S = diag(p) − p pᵀ (`softmax_jacobian_factor`), float64 [B, C], in O(B·C)
+    memory: the estimator is for many classes, where S [B, C, C] would not fit.
+
+    (S v)_i = p_i (v_i o_i − r_i) with o_i = Σ_{j≠i} p_j and r_i = Σ_{j≠i} p_j v_j. For the
+    most probable class both sums are taken over the other classes directly; for every
+    other class (p_i ≤ ½) as the total less its own term, which then cancels nothing
+    large. So S v keeps its accuracy at confident points, as S itself does.
+    """
+    z = logits.to(torch.float64)
+    p = torch.softmax(z - z.amax(dim=-1, keepdim=True), dim=-1)  # [B, C]
+    v = v.to(torch.float64)
+    pv = p * v
+    others = p.sum(dim=-1, keepdim=True) - p  # o_i, accurate for p_i ≤ ½
+    rest = pv.sum(dim=-1, keepdim=True) - pv  # r_i, likewise
+    top = p.argmax(dim=-1, keepdim=True)  # [B, 1]
+    not_top = torch.ones_like(p).scatter_(-1, top, 0.0)
+    others.scatter_(-1, top, (p * not_top).sum(dim=-1, keepdim=True))
+    rest.scatter_(-1, top, (pv * not_top).sum(dim=-1, keepdim=True))
+    return p * (v * others - rest)
 
 
 def _contract(logits: torch.Tensor, gram: torch.Tensor, output: Output) -> torch.Tensor:
@@ -206,12 +235,23 @@ def _autodiff_logit_gram(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tenso
         return functional_call(model, (params, buffers), (xi.unsqueeze(0),)).squeeze(0)
 
     logits = functional_call(model, (params, buffers), (x,))
-    if logits.ndim != 2:
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
+        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise UserError(
             f"jacobian_norm expects the model to return logits of shape [B, C]; "
-            f"{type(model).__name__} returned shape {tuple(logits.shape)}."
+            f"{type(model).__name__} returned {got}."
         )
-    jz = vmap(jacrev(logits_of_one))(x).flatten(start_dim=2)  # [B, C, d]
+    try:
+        jz = vmap(jacrev(logits_of_one))(x).flatten(start_dim=2)  # [B, C, d]
+    except RuntimeError as error:
+        if "vmap" not in str(error):
+            raise
+        raise UserError(
+            f"jacobian_norm takes each point's Jacobian with torch.func.vmap, which "
+            f"{type(model).__name__}'s forward does not allow: a random operation (dropout "
+            "called as F.dropout in train mode?: call model.eval()) or Python control flow "
+            f"on a tensor's value. torch says: {error}"
+        ) from None
     return logits, jz @ jz.transpose(1, 2)
 
 
@@ -227,9 +267,27 @@ def _default_chunk_size(model: nn.Module, x: torch.Tensor, method: Method) -> in
     if method is Method.CLOSED_FORM:
         hidden = widths[:-1]
         widest = max([*hidden, input_size]) if hidden[0] >= input_size else max(hidden)
-    else:
-        widest = input_size
+    else:  # jacrev's backward makes [chunk, C, ·] of every layer's output, however wide
+        widest = max(input_size, _largest_output(model, x[:1]) if len(x) else 1)
     return max(_MIN_CHUNK, _CHUNK_ELEMENTS // max(1, n_out * widest))
+
+
+def _largest_output(model: nn.Module, x: torch.Tensor) -> int:
+    """The most values any submodule outputs for one point x [1, ...] (one probe pass)."""
+    sizes = [1]
+
+    def record(module: nn.Module, args: tuple, out: object) -> None:
+        if isinstance(out, torch.Tensor):
+            sizes.append(out[0].numel() if out.ndim else 1)
+
+    handles = [m.register_forward_hook(record) for m in model.modules()]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return max(sizes)
 
 
 def jacobian_norm_estimate(
@@ -272,17 +330,17 @@ def jacobian_norm_estimate(
     how = parse_choice(Output, output, "output")
     if n_projections < 1:
         raise UserError(f"n_projections must be a positive integer, got {n_projections}.")
+    x = as_batch(model, x)
     require_eval_mode(model, "jacobian_norm_estimate")
     params = {name: p.detach() for name, p in model.named_parameters()}
     buffers = {name: b.detach() for name, b in model.named_buffers()}
     logits, pullback = vjp(lambda v: functional_call(model, (params, buffers), (v,)), x)
-    factor = softmax_jacobian_factor(logits) if how is Output.SOFTMAX else None
     total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
     for _ in range(n_projections):
         v = torch.randn(logits.shape, generator=generator, dtype=torch.float64)
         v = v.to(x.device)
-        if factor is not None:
-            v = (factor @ v.unsqueeze(-1)).squeeze(-1)  # S v  [B, C]
+        if how is Output.SOFTMAX:
+            v = softmax_jacobian_times(logits, v)  # S v  [B, C]
         (row,) = pullback(v.to(logits.dtype))  # vᵀ J_z per point  [B, ...]
         total += row.flatten(start_dim=1).to(torch.float64).pow(2).sum(dim=1)
     return total / n_projections

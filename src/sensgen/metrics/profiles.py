@@ -286,7 +286,7 @@ def transition_profile(
     """
     how = parse_choice(Density, density, "density")
     edges, centres = angle_bins(n_bins)
-    angles = crossing_angles(model, x1, x2, x3, sides=sides).cpu()
+    angles = crossing_angles(model, x1, x2, x3, sides=check_count(sides, "sides", 3)).cpu()
     counts = bin_by_angle(angles, torch.ones_like(angles), edges, reduce=Reduce.SUM)
     if how is Density.ARC_LENGTH:
         counts = counts / bin_arc_length(*ellipse_axes(x1, x2, x3), edges).cpu()

@@ -75,12 +75,23 @@ def sampled_count(
     return total
 
 
-def check_path(path: torch.Tensor) -> None:
-    """Raise a UserError unless `path` holds at least 2 points as [k, ...]."""
+def check_path(path: object) -> torch.Tensor:
+    """``path`` as a tensor (from a NumPy array too), or a UserError unless it holds at least
+    2 finite points as [k, ...] (a NaN point would be counted as a region of its own)."""
+    if not isinstance(path, torch.Tensor):
+        try:
+            path = torch.as_tensor(path)
+        except (TypeError, ValueError, RuntimeError):
+            raise UserError(
+                f"path must be a tensor of points [k, ...], got {type(path).__name__}."
+            ) from None
     if path.ndim < 2 or len(path) < 2:
         raise UserError(
             f"path must hold at least 2 points as [k, ...], got shape {tuple(path.shape)}."
         )
+    if path.is_floating_point() and not bool(torch.isfinite(path).all()):
+        raise UserError("path holds NaN or infinite values: every point must be finite.")
+    return path
 
 
 def like_model(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

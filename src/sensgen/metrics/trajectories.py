@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -39,10 +40,11 @@ _COLLINEAR_RTOL = 1e-10
 
 
 def check_count(value: int, name: str, minimum: int) -> int:
-    """`value` if it is an integer >= `minimum`, else a UserError naming `name`."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    """`value` as an int if it is an integer >= `minimum` (NumPy's too), else a UserError
+    naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise UserError(f"{name} must be an integer >= {minimum}, got {value!r}.")
-    return value
+    return int(value)
 
 
 def as_vectors(names: str, *xs: torch.Tensor) -> tuple[list[torch.Tensor], torch.dtype]:

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from sensgen.errors import UserError, parse_choice
+from sensgen.metrics._inputs import check_chunk_size
 from sensgen.metrics.ellipse_transitions import (
     PolygonCount,
     crossing_angles,
@@ -102,6 +103,7 @@ def transitions(
         if distance is not None:
             raise UserError("distance applies to method='sampled' only; leave it unset.")
         return transition_details(model, path, closed=closed, chunk_size=chunk_size).count
-    check_path(path)
+    path = check_path(path)
+    chunk_size = check_chunk_size(chunk_size)
     size = chunk_size or default_chunk_size(model, path)
     return sampled_count(model, torch.split(path, size), closed, distance)
