@@ -217,12 +217,15 @@ def test_a_conditional_axis_cannot_follow_the_pairs_factor_or_the_seed(tmp_path)
         _load(tmp_path, paired)
     with pytest.raises(UserError, match=r"names a field set after the draws"):
         _load(tmp_path, CONDITIONAL.replace('by = "optimizer"', 'by = "seed"'))
-    # A [base] value is read as the run field: augment = 1 is augment = true.
+    # A [base] value is read as the run field (a boolean must be one: augment = 1 is
+    # refused, as width = true is).
     text = CONDITIONAL.replace('by = "optimizer"', 'by = "augment"').replace(
-        "[sample]", "augment = 1\n[sample]"
+        "[sample]", "augment = true\n[sample]"
     )
     with pytest.raises(UserError, match="missing: true"):
         _load(tmp_path, text)
+    with pytest.raises(UserError, match=r"augment: Input should be a valid boolean \(got 1\)"):
+        _load(tmp_path, text.replace("augment = true", "augment = 1"))
 
 
 def test_dotted_branch_keys_get_a_hint_to_quote_them(tmp_path):
@@ -322,7 +325,7 @@ def test_one_reference_is_paired_with_several_alternatives(tmp_path):
         (
             (
                 'factor = "random_labels"\nvalues = [0.0, 1.0]',
-                'factor = "augment"\nvalues = [1, true]',
+                'factor = "augment"\nvalues = [true, true]',
             ),
             "same augment more than once",
         ),

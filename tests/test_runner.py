@@ -371,3 +371,85 @@ def test_pack_memory_budget_fills_the_free_gpu_memory_unless_the_study_sets_one(
     assert pack_memory_budget(Execution(), "cpu") == 4 * 2**30
     assert pack_memory_budget(Execution(), "cuda") == int(GPU_MEMORY_SHARE * free)
     assert pack_memory_budget(Execution(pack_memory_gb=2.0), "cuda") == 2 * 2**30
+
+
+def test_another_measure_table_over_finished_runs_is_refused(tiny, tmp_path, capsys):
+    # A run is measured when it is trained: a changed [measure] would leave the finished
+    # runs with their old measurements beside new ones, and DIR/study.toml rewritten.
+    out = tmp_path / "out"
+    assert _cli("run", str(tiny), "--out", str(out), "--no-progress") == 0
+    stored = (out / "study.toml").read_text(encoding="utf-8")
+    before = open_results(out).runs()
+    capsys.readouterr()
+    code = _cli(
+        "run", str(tiny), "--out", str(out), "--no-progress",
+        "--set", "measure.jacobian_train_points=10", "--set", "grid.seed=[0, 1]",
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "[measure] differs (jacobian_train_points = " in err and "study.toml --out" in err
+    assert (out / "study.toml").read_text(encoding="utf-8") == stored
+    after = open_results(out).runs()
+    assert len(after) == len(before) and after["finished_at"].equals(before["finished_at"])
+    # The stored [measure] with new runs is fine.
+    assert _cli("run", str(tiny), "--out", str(out), "--no-progress",
+                "--set", "grid.seed=[0, 1]") == 0  # fmt: skip
+    assert len(open_results(out).runs()) == 2 * len(before)
+
+
+def test_a_machine_that_refuses_a_file_is_a_clear_error(tiny, tmp_path, monkeypatch, capsys):
+    # Permissions, a full disk or a file where a folder should be: exit 2 with the file and
+    # what to check, not a traceback (exit 1 is for sensgen's own bugs).
+    import errno
+    import sqlite3
+
+    import sensgen.runner
+
+    a_file = tmp_path / "not-a-folder"
+    a_file.write_text("x")
+    monkeypatch.setenv("SENSGEN_DATA", str(a_file))
+    assert _cli("datasets", "fetch", "mnist") == 2
+    assert "Not a directory" in capsys.readouterr().err
+    monkeypatch.delenv("SENSGEN_DATA")
+    failures = [
+        OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out" / "w.tmp")),
+        sqlite3.OperationalError("attempt to write a readonly database"),
+        RuntimeError("Error while serializing: IoError(No space left on device)"),
+    ]
+    for failure in failures:
+
+        def refuse(*args, failure=failure, **kwargs):
+            raise failure
+
+        monkeypatch.setattr(sensgen.runner, "run", refuse)
+        assert _cli("run", str(tiny), "--out", str(tmp_path / "out"), "--no-progress") == 2
+        err = capsys.readouterr().err
+        assert "what was already computed is kept" in err and "Traceback" not in err
+    monkeypatch.setattr(sensgen.runner, "run", lambda *a, **k: 1 / 0)  # a bug stays a bug
+    with pytest.raises(ZeroDivisionError):
+        main(["run", str(tiny), "--out", str(tmp_path / "out"), "--no-progress"])
+
+
+def test_brackets_in_a_path_are_printed_as_they_are(tiny, tmp_path, capsys):
+    out = tmp_path / "br[/red]" / "d [x]"
+    assert _cli("run", str(tiny), "--out", str(out), "--no-progress") == 0
+    assert str(out) in capsys.readouterr().out.replace("\n", "")
+    assert _cli("status", str(out)) == 0
+    assert "d [x]" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("setting", "field"),
+    [
+        ("width=true", "width"),
+        ("lr=true", "lr"),
+        ("measure.transition_ellipses=true", "transition_ellipses"),
+        ('inclusion.apply="no"', "apply"),
+        ("augment=1", "augment"),
+    ],
+)
+def test_booleans_and_numbers_are_not_mixed(tiny, tmp_path, capsys, setting, field):
+    # pydantic read true as 1 and "no" as false: width-1 nets, lr = 1, without a word.
+    assert _cli("run", str(tiny), "--out", str(tmp_path / "o"), "--set", setting) == 2
+    assert field in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

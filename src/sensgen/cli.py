@@ -7,6 +7,7 @@ internal error (a bug: please report it with the traceback).
 
 from __future__ import annotations
 
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -73,16 +74,18 @@ def run(
     if result.n_trained == 0:
         out_console.print(
             f"Nothing to do: all {result.n_runs} runs of study {loaded.name!r} in {out_dir} "
-            f"are already finished ({counts})."
+            f"are already finished ({counts}).",
+            markup=False,  # (a path may hold [brackets])
         )
     else:
         out_console.print(
             f"Trained {result.n_trained} model{'s' * (result.n_trained != 1)} in "
             f"{result.wall_s:.1f} s; study "
-            f"{loaded.name!r} in {out_dir}: {counts}."
+            f"{loaded.name!r} in {out_dir}: {counts}.",
+            markup=False,
         )
     if result.report is not None:
-        out_console.print(f"Report: {result.report}")
+        out_console.print(f"Report: {result.report}", markup=False)
 
 
 @app.command()
@@ -91,15 +94,17 @@ def status(directory: Annotated[Path, typer.Argument(help="A study directory.")]
     from sensgen.study_dir import study_status
 
     summary = study_status(directory)
-    table = Table(title=f"{directory} ({summary.study_name})")
+    table = Table(title=escape(f"{directory} ({summary.study_name})"))
     for column in ("pack", "runs", "done", "failed", "diverged", "running", "pending", "status"):
         table.add_column(column)
     for row in summary.packs:
-        table.add_row(*(str(v) for v in row))
+        table.add_row(*(escape(str(v)) for v in row))
     out_console.print(table)
-    out_console.print(summary.headline())
+    out_console.print(summary.headline(), markup=False)
     if (note := summary.damage_note()) is not None:
-        out_console.print(f"[bold yellow]warning:[/] {note}", highlight=False, soft_wrap=True)
+        out_console.print(
+            f"[bold yellow]warning:[/] {escape(note)}", highlight=False, soft_wrap=True
+        )
 
 
 @app.command()
@@ -109,7 +114,7 @@ def report(directory: Annotated[Path, typer.Argument(help="A study directory.")]
     from sensgen.store import open_results
 
     open_results(directory).close()  # a clear error if DIR is not a study directory
-    out_console.print(f"Report: {write_report(directory)}")
+    out_console.print(f"Report: {write_report(directory)}", markup=False)
 
 
 @datasets_app.command("list")
@@ -139,7 +144,7 @@ def datasets_fetch(name: Annotated[str, typer.Argument(help="Dataset name.")]) -
     """Download (if needed) and verify a dataset's files."""
     from sensgen import data
 
-    out_console.print(f"{name}: verified files in {data.fetch(name)}")
+    out_console.print(f"{name}: verified files in {data.fetch(name)}", markup=False)
 
 
 @datasets_app.command("verify")
@@ -155,22 +160,56 @@ def datasets_verify(
         report = data.verify(n)
         for f in report.files:
             mark = "ok" if f.ok else f"FAILED: {f.problem}. Fix: {f.fix}."
-            out_console.print(f"{n}: {f.path}: {mark}")
+            out_console.print(f"{n}: {f.path}: {mark}", markup=False)
         bad += not report.ok
     if bad:
         raise UserError(f"{bad} dataset(s) failed verification; each line above says the fix.")
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point. Usage errors exit 2 (typer); a `UserError` prints its message, exits 2."""
+    """Entry point. Usage errors exit 2 (typer); a `UserError` prints its message, exits 2;
+    so does a file the machine will not let sensgen read or write (permissions, a full
+    disk: `environment_problem`), which is no bug to report."""
     try:
         app(args=argv, prog_name="sensgen")
     except UserError as err:
-        # escape: messages quote TOML ([grid], [lo, hi]) that rich would read as markup
-        err_console.print(
-            f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True
-        )
-        sys.exit(2)
+        _fail(str(err))
+    except Exception as err:
+        problem = environment_problem(err)
+        if problem is None:
+            raise
+        _fail(problem)
+
+
+def environment_problem(err: BaseException) -> str | None:
+    """A message for an error of the machine rather than of sensgen, else None: an OSError
+    with an errno (permission denied, no space left, not a directory, ...), SQLite's
+    read-only or full database, or any error that says the disk is full. Files are
+    written to temporaries and renamed, and a run's rows are committed per pack, so what
+    was computed before it stays; the message says so."""
+    text = str(err)
+    if isinstance(err, OSError) and err.errno is not None:
+        where = f": {err.filename}" if err.filename else ""
+        what = f"{err.strerror or text}{where}"
+    elif isinstance(err, sqlite3.OperationalError) and (
+        "readonly" in text or "disk" in text or "unable to open" in text
+    ):
+        what = f"the study database cannot be written ({text})"
+    elif "No space left on device" in text:
+        what = f"no space left on device ({type(err).__name__}: {text})"
+    else:
+        return None
+    return (
+        f"{what}. Check that the study directory and $SENSGEN_DATA are writable "
+        "directories and that the disk has space, then run the command again: what was "
+        "already computed is kept."
+    )
+
+
+def _fail(message: str) -> None:
+    # escape: messages quote TOML ([grid], [lo, hi]) that rich would read as markup
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

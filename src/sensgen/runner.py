@@ -24,6 +24,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -126,6 +127,7 @@ def run(
         remove_dead_temporaries(out)
         stored = store.runs()  # as found: read once for the checks below
         check_spec_schema(stored, out)
+        _check_same_measurements(stored, run_ids, study, previous, out)
         damaged = _damaged_packs(store, stored, run_ids, study, previous, console)
         redo = set(stored.loc[stored["pack_id"].isin(damaged), "run_id"]) if damaged else set()
         finished = finished_ids(stored) - redo
@@ -276,6 +278,31 @@ def _damaged_packs(
     return redo
 
 
+def _check_same_measurements(
+    runs: pd.DataFrame, run_ids: set[str], study: Study, previous: Study | None, out: Path
+) -> None:
+    """Refuse another ``[measure]`` than the stored study's while runs of this study are
+    finished: a run is measured when it is trained, so they would keep what they were
+    measured with beside new runs measured otherwise, and DIR/study.toml, rewritten, would
+    no longer describe them. Nothing is changed."""
+    if previous is None or previous.measure == study.measure:
+        return
+    done = len(finished_ids(runs) & run_ids)
+    if not done:
+        return
+    old, new = previous.measure.model_dump(), study.measure.model_dump()
+    changed = ", ".join(f"{k} = {old[k]!r} → {new[k]!r}" for k in old if old[k] != new[k])
+    stored = out / "study.toml"
+    runs_of = "1 finished run" if done == 1 else f"{done} finished runs"
+    raise UserError(
+        f"{out} holds {runs_of} of this study measured as {stored} says, and this study's "
+        f"[measure] differs ({changed}). sensgen measures a run when it trains it, so they "
+        f"would keep their old measurements beside new runs measured otherwise. Run it with "
+        f"the stored [measure] (`sensgen run {stored} --out {out}`), or into a new --out "
+        "directory. Nothing was changed."
+    )
+
+
 def _requeue(store: Store, damaged: dict[str, tuple[Path, str]], console: Console) -> None:
     """Send the damaged packs back to pending (`Store.requeue_pack`), saying so."""
     for pack_id, (path, why) in sorted(damaged.items()):
@@ -286,7 +313,7 @@ def _requeue(store: Store, damaged: dict[str, tuple[Path, str]], console: Consol
 
 def _warn(console: Console, text: str) -> None:
     # (soft_wrap: a path cut across lines could not be copied)
-    console.print(f"[bold yellow]warning:[/] {text}", highlight=False, soft_wrap=True)
+    console.print(f"[bold yellow]warning:[/] {escape(text)}", highlight=False, soft_wrap=True)
 
 
 def _preflight(datasets: set[str]) -> None:

@@ -16,7 +16,7 @@ import hashlib
 import json
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, field_validator
 
 from sensgen import data
 from sensgen.models import Nonlinearity
@@ -24,6 +24,17 @@ from sensgen.optim import OptimizerName
 
 SPEC_SCHEMA = 2  # v2 added `augment`
 FULL = "full"
+
+
+def _not_bool(value: Any) -> Any:
+    """Refuse true/false for a number: pydantic reads true as 1, so ``width = true`` trained
+    width-1 nets and ``lr = true`` a learning rate of 1, without a word."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got {str(value).lower()}")
+    return value
+
+
+NOT_BOOL = BeforeValidator(_not_bool)
 
 
 class RunSpec(BaseModel):
@@ -41,20 +52,20 @@ class RunSpec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     dataset: str = "mnist_sample"
-    train_subset: Annotated[int, Field(ge=1)] | None = None
-    random_labels: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
-    width: Annotated[int, Field(ge=1, le=65536)] = 256
-    depth: Annotated[int, Field(ge=1, le=64)] = 2
+    train_subset: Annotated[int, NOT_BOOL, Field(ge=1)] | None = None
+    random_labels: Annotated[float, NOT_BOOL, Field(ge=0.0, le=1.0)] = 0.0
+    width: Annotated[int, NOT_BOOL, Field(ge=1, le=65536)] = 256
+    depth: Annotated[int, NOT_BOOL, Field(ge=1, le=64)] = 2
     nonlinearity: Nonlinearity = Nonlinearity.RELU
-    init_scale: Annotated[float, Field(gt=0.0, le=100.0)] = 2.0
+    init_scale: Annotated[float, NOT_BOOL, Field(gt=0.0, le=100.0)] = 2.0
     optimizer: OptimizerName = OptimizerName.ADAM
-    lr: Annotated[float, Field(gt=0.0, le=100.0)] = 1e-3
-    batch_size: Annotated[int, Field(ge=1)] | None = 128
-    max_steps: Annotated[int, Field(ge=1)] = 10_000
-    eval_every: Annotated[int, Field(ge=1)] = 100
-    stop_at_fit: bool = True
-    seed: Annotated[int, Field(ge=0, lt=2**63)] = 0
-    augment: bool = False
+    lr: Annotated[float, NOT_BOOL, Field(gt=0.0, le=100.0)] = 1e-3
+    batch_size: Annotated[int, NOT_BOOL, Field(ge=1)] | None = 128
+    max_steps: Annotated[int, NOT_BOOL, Field(ge=1)] = 10_000
+    eval_every: Annotated[int, NOT_BOOL, Field(ge=1)] = 100
+    stop_at_fit: StrictBool = True
+    seed: Annotated[int, NOT_BOOL, Field(ge=0, lt=2**63)] = 0
+    augment: StrictBool = False
 
     @field_validator("batch_size", "train_subset", mode="before")
     @classmethod

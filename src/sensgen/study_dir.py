@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 from rich.console import Console
+from rich.markup import escape
 
 from sensgen import artifacts
 from sensgen import study as study_module
@@ -110,7 +111,7 @@ def note_unplanned_runs(unplanned: set[str], out: Path, console: Console) -> Non
     """
     if unplanned:
         console.print(
-            f"[yellow]note:[/] {out} holds {len(unplanned)} finished runs that this "
+            f"[yellow]note:[/] {escape(str(out))} holds {len(unplanned)} finished runs that this "
             "study does not plan (the study changed since they ran, or another sensgen "
             "version planned it). They stay, and the report shows them too; to keep studies "
             "apart, run into a new --out directory."

@@ -17,6 +17,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
     ValidationError,
     field_validator,
     model_validator,
@@ -24,7 +25,7 @@ from pydantic import (
 
 from sensgen.errors import UserError
 from sensgen.measures.suite import GROUPS as MEASURE_GROUPS
-from sensgen.spec import RunSpec
+from sensgen.spec import NOT_BOOL, RunSpec
 
 
 class Measurements(BaseModel):
@@ -53,18 +54,18 @@ class Measurements(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    jacobian_train_points: Annotated[int, Field(ge=0)] = 1000
-    transition_ellipses: Annotated[int, Field(ge=0, le=100_000)] = 0
-    transition_sides: Annotated[int, Field(ge=6, le=10_000_000)] = 1200
-    points: bool = True
-    profile_ellipses: Annotated[int, Field(ge=0, le=10_000)] = 0
-    profile_points: Annotated[int, Field(ge=3, le=1_000_000)] = 600
-    profile_bins: Annotated[int, Field(ge=3, le=100_000, multiple_of=3)] = 60
-    region_planes: Annotated[int, Field(ge=0, le=1_000)] = 0
-    region_resolution: Annotated[int, Field(ge=2, le=4096)] = 256
-    region_extent: Annotated[float, Field(gt=0.0, le=100.0)] = 1.5
-    generalization_measures: bool | list[str] = False
-    measure_points: Annotated[int, Field(ge=1)] = 1000
+    jacobian_train_points: Annotated[int, NOT_BOOL, Field(ge=0)] = 1000
+    transition_ellipses: Annotated[int, NOT_BOOL, Field(ge=0, le=100_000)] = 0
+    transition_sides: Annotated[int, NOT_BOOL, Field(ge=6, le=10_000_000)] = 1200
+    points: StrictBool = True
+    profile_ellipses: Annotated[int, NOT_BOOL, Field(ge=0, le=10_000)] = 0
+    profile_points: Annotated[int, NOT_BOOL, Field(ge=3, le=1_000_000)] = 600
+    profile_bins: Annotated[int, NOT_BOOL, Field(ge=3, le=100_000, multiple_of=3)] = 60
+    region_planes: Annotated[int, NOT_BOOL, Field(ge=0, le=1_000)] = 0
+    region_resolution: Annotated[int, NOT_BOOL, Field(ge=2, le=4096)] = 256
+    region_extent: Annotated[float, NOT_BOOL, Field(gt=0.0, le=100.0)] = 1.5
+    generalization_measures: StrictBool | list[str] = False
+    measure_points: Annotated[int, NOT_BOOL, Field(ge=1)] = 1000
 
     @field_validator("generalization_measures")
     @classmethod
@@ -100,9 +101,9 @@ class Execution(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    pack_size: Annotated[int, Field(ge=1, le=4096)] = 16
+    pack_size: Annotated[int, NOT_BOOL, Field(ge=1, le=4096)] = 16
     # estimated training memory per pack (finite: it sizes packs; inf would overflow)
-    pack_memory_gb: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] = 4.0
+    pack_memory_gb: Annotated[float, NOT_BOOL, Field(gt=0.0, allow_inf_nan=False)] = 4.0
 
 
 class Sampling(BaseModel):
@@ -117,8 +118,8 @@ class Sampling(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="allow")
 
-    n: Annotated[int, Field(ge=1, le=1_000_000)]
-    seed: Annotated[int, Field(ge=0)] = 0
+    n: Annotated[int, NOT_BOOL, Field(ge=1, le=1_000_000)]
+    seed: Annotated[int, NOT_BOOL, Field(ge=0)] = 0
 
     def axes(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
@@ -150,8 +151,8 @@ class Inclusion(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    apply: bool = True
-    min_train_acc: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    apply: StrictBool = True
+    min_train_acc: Annotated[float, NOT_BOOL, Field(ge=0.0, le=1.0)] | None = None
 
     def threshold(self, dataset: str) -> float:
         if self.min_train_acc is not None:
