@@ -137,6 +137,30 @@ def test_a_failing_pack_is_recorded_and_the_sweep_goes_on(tiny, tmp_path, monkey
     assert result.counts == {"done": 4, "failed": 4}
     summary = study_status(out)
     assert summary.counts["failed"] == 4 and summary.counts["done"] == 4
+    # Each new run tries failed packs again (the failure may have been the machine's),
+    # saying why they failed; the done ones stay as they are.
+    monkeypatch.setattr("sensgen.execute.execute_pack", execute_pack)
+    done_before = runs[runs["status"] == "done"].set_index("run_id")["finished_at"]
+    console = Console(record=True, width=200)
+    result = run(study_module.load(tiny), out, progress=False, report=False, console=console)
+    assert "failed in an earlier run (RuntimeError: simulated worker crash)" in (
+        console.export_text()
+    )
+    assert result.counts == {"done": 8} and result.n_trained == 4
+    after = open_results(out).runs().set_index("run_id")["finished_at"]
+    assert after[done_before.index].equals(done_before)
+
+
+def test_a_failure_is_named_at_the_end_of_the_run(tiny, tmp_path, monkeypatch):
+    def out_of_memory(specs, **kwargs):
+        raise RuntimeError("can't allocate memory")
+
+    monkeypatch.setattr("sensgen.execute.execute_pack", out_of_memory)
+    console = Console(record=True, width=200)
+    run(study_module.load(tiny), tmp_path / "o", progress=False, report=False, console=console)
+    text = console.export_text()
+    assert "8 runs failed: RuntimeError: can't allocate memory" in text
+    assert "`sensgen run` again trains them again" in text
 
 
 def test_parallel_workers_match_a_serial_run(tiny, tmp_path):

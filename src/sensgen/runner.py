@@ -129,7 +129,9 @@ def run(
         check_spec_schema(stored, out)
         _check_same_measurements(stored, run_ids, study, previous, out)
         damaged = _damaged_packs(store, stored, run_ids, study, previous, console)
-        redo = set(stored.loc[stored["pack_id"].isin(damaged), "run_id"]) if damaged else set()
+        failed = _failed_packs(stored, run_ids)
+        again = set(damaged) | set(failed)
+        redo = set(stored.loc[stored["pack_id"].isin(again), "run_id"]) if again else set()
         finished = finished_ids(stored) - redo
         note_unplanned_runs(finished - run_ids, out, console)
         # Fail fast on a missing or corrupt dataset, before any run is registered or trained;
@@ -137,6 +139,7 @@ def run(
         if not new:
             _preflight({s.dataset for s in specs if s.run_id not in finished})
         _requeue(store, damaged, console)
+        _retry(store, failed, console)
         write_study_file(out, study)
         memory = pack_memory_budget(study.execution, device)
         packs = plan_packs(specs, study.execution.pack_size, memory)
@@ -168,6 +171,7 @@ def run(
                 record_workers=record_workers,
             )
         counts = _counts(store, run_ids)
+        _say_why_failed(store.runs(), run_ids, console)
         stale_report = report_outdated(out / "report" / "index.html", store)
     report_path = None
     index = out / "report" / "index.html"
@@ -301,6 +305,38 @@ def _check_same_measurements(
         f"the stored [measure] (`sensgen run {stored} --out {out}`), or into a new --out "
         "directory. Nothing was changed."
     )
+
+
+def _failed_packs(runs: pd.DataFrame, run_ids: set[str]) -> dict[str, str]:
+    """This study's packs that failed (an exception while training or measuring them: out
+    of memory, a killed worker, ...), pack id -> the stored error. Each new `run` tries
+    them again: what failed may have been the machine's, and a pack that fails again says
+    why once more. (Diverged runs are results, not failures: they stay.)"""
+    if runs.empty:
+        return {}
+    mine = runs[runs["run_id"].isin(run_ids)]
+    by_pack = mine.groupby("pack_id")["status"].agg(lambda s: set(s) == {Status.FAILED.value})
+    failed = set(by_pack[by_pack].index)
+    rows = mine[mine["pack_id"].isin(failed)].drop_duplicates("pack_id")
+    return {row.pack_id: str(row.error) for row in rows.itertuples()}
+
+
+def _say_why_failed(runs: pd.DataFrame, run_ids: set[str], console: Console) -> None:
+    """Warn with each distinct error of this study's failed runs (it is stored, but only
+    the database held it)."""
+    failed = runs[runs["run_id"].isin(run_ids) & (runs["status"] == Status.FAILED.value)]
+    for error, group in failed.groupby("error"):
+        runs_of = "1 run" if len(group) == 1 else f"{len(group)} runs"
+        _warn(console, f"{runs_of} failed: {error}. `sensgen run` again trains them again.")
+
+
+def _retry(store: Store, failed: dict[str, str], console: Console) -> None:
+    """Send the failed packs back to pending (`Store.requeue_pack`), saying why they failed."""
+    for pack_id, error in sorted(failed.items()):
+        n = store.requeue_pack(pack_id)
+        runs_of = f"{n} run" if n == 1 else f"{n} runs"
+        _warn(console, f"pack {pack_id} ({runs_of}) failed in an earlier run ({error}); it is "
+              "trained again.")  # fmt: skip
 
 
 def _requeue(store: Store, damaged: dict[str, tuple[Path, str]], console: Console) -> None:

@@ -22,8 +22,8 @@ Contract:
   straight to a final status, and `Store.reset_stale` sends ``running`` back to ``pending``
   (rows left by a crashed driver). Every other transition is a ``ValueError``. Final rows
   (``done``, ``failed``, ``diverged``) never change, but for a pack whose files were
-  damaged after they were written: `Store.requeue_pack` sends it back to ``pending``, to be
-  trained again (seeded: to the same results).
+  damaged after they were written, or that failed: `Store.requeue_pack` sends it back to
+  ``pending``, to be trained again (seeded: to the same results).
 * **Packs.** The pack a run belongs to is fixed by the first `Store.add_runs` that names it.
   A pack is finished once, as a whole: `Store.finish_pack` takes a result for every run.
 * **Atomicity.** `Store.finish_pack` writes each file under a temporary name
@@ -134,7 +134,8 @@ class Store(Results):
 
     def requeue_pack(self, pack_id: str) -> int:
         """Send a finished pack back to ``pending``, its results and files removed, so that
-        it is trained again: for a pack with a damaged file (`artifacts.damaged_files`).
+        it is trained again: for a pack with a damaged file (`artifacts.damaged_files`), or
+        one that failed.
         Returns its number of runs.
 
         The rows change first, in one transaction: a crash before the files are gone
