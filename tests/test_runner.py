@@ -477,3 +477,18 @@ def test_booleans_and_numbers_are_not_mixed(tiny, tmp_path, capsys, setting, fie
     assert _cli("run", str(tiny), "--out", str(tmp_path / "o"), "--set", setting) == 2
     assert field in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_folder_that_is_not_a_study_is_left_alone(tiny, tmp_path, capsys):
+    # Its files matching sensgen's temporary names were deleted, its report overwritten.
+    out = tmp_path / "project"
+    (out / "report").mkdir(parents=True)
+    (out / "draft.tmp-99999").write_text("mine")
+    (out / "report" / "index.html").write_text("mine")
+    assert _cli("run", str(tiny), "--out", str(out), "--no-progress") == 2
+    assert "no study (results.db is missing)" in capsys.readouterr().err
+    assert (out / "draft.tmp-99999").read_text() == "mine"
+    assert (out / "report" / "index.html").read_text() == "mine"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert _cli("run", str(tiny), "--out", str(empty), "--no-progress") == 0

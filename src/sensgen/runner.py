@@ -121,6 +121,13 @@ def run(
     specs = [p.spec for p in planned]
     run_ids = {s.run_id for s in specs}
     new = not (out / DB_NAME).exists()
+    # (a driver starting at this moment may have made only its lock file)
+    if new and out.is_dir() and any(p.name != ".lock" for p in out.iterdir()):
+        raise UserError(
+            f"{out} exists and holds files, but no study ({DB_NAME} is missing): sensgen "
+            "writes its folders there and removes its own temporary files from them. Choose "
+            "a new or empty --out directory."
+        )
     if new:  # a missing dataset leaves no empty study directory behind
         _preflight({s.dataset for s in specs})
     with Store.open(out) as store, driver_lock(out, workers or 1) as record_workers:
