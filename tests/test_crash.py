@@ -449,3 +449,40 @@ def test_status_eta_ignores_failed_packs_and_counts_workers(tmp_path):
     assert "ETA 0.2 min" in summary.headline()
     (tmp_path / ".lock").write_text(f"{_dead_pid()} 2\n", encoding="utf-8")  # a killed one
     assert study_status(tmp_path).workers is None
+
+
+def test_an_interrupted_driver_stops_its_workers_at_once(tmp_path, monkeypatch):
+    # `kill -INT` to the driver alone: leaving the pool waited for every pack in flight
+    # (here minutes of training) and then dropped their results. Now the workers stop at
+    # once, and their packs stay `running` for the next run to re-queue.
+    import sensgen.parallel as parallel
+
+    pools = []
+
+    def recording_pool(workers):
+        pools.append(real_pool(workers))
+        return pools[-1]
+
+    workers = []
+
+    def interrupted_wait(futures, return_when):
+        time.sleep(3)  # the workers are training by now
+        workers.extend(pools[0]._processes.values())
+        raise KeyboardInterrupt
+
+    real_pool = parallel.worker_pool
+    monkeypatch.setattr(parallel, "worker_pool", recording_pool)
+    monkeypatch.setattr(parallel, "wait", interrupted_wait)
+    path = tmp_path / "long.toml"
+    path.write_text(
+        'name = "long"\n[base]\ndataset = "digits"\nmax_steps = 1000000\neval_every = 1000000\n'
+        "stop_at_fit = false\n[grid]\nwidth = [8, 16]\n",
+        encoding="utf-8",
+    )
+    out = tmp_path / "out"
+    start = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        run(study_module.load(path), out, workers=2, progress=False, report=False)
+    assert time.perf_counter() - start < 60  # (the packs alone would take many minutes)
+    assert len(workers) == 2 and not any(w.is_alive() for w in workers)
+    assert set(open_results(out).runs()["status"]) == {"running"}

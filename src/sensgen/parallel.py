@@ -60,6 +60,19 @@ def worker_pool(workers: int) -> ProcessPoolExecutor:
     )
 
 
+def _stop(pool: ProcessPoolExecutor) -> None:
+    """Stop the workers now, their packs unfinished: on an interrupt of the driver alone
+    (``kill -INT``, a scheduler), leaving the pool's context would wait for every pack in
+    flight and then drop its result. Those packs stay `running`, and the next `sensgen
+    run` re-queues them (`Store.reset_stale`)."""
+    processes = list(pool._processes.values())  # (no public handle on them before 3.14)
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        process.join(timeout=10)
+
+
 def _worker(specs, device: str, measure: Measurements) -> PackResult:
     return execute_or_fail(specs, device=device, measure=measure)
 
@@ -83,7 +96,8 @@ def train_in_processes(
     in_flight: dict[Future, object] = {}
     broken = False  # a dead worker breaks the pool: nothing more can be submitted
     lost = 0
-    with worker_pool(workers) as pool:
+    pool = worker_pool(workers)
+    try:
         while in_flight or (waiting and not broken):
             while waiting and not broken and len(in_flight) < workers:
                 pack = waiting[0]
@@ -109,6 +123,10 @@ def train_in_processes(
                     result = failed_pack(pack.specs, error)
                 store.finish_pack(pack.pack_id, result.results, **result.files())
                 bar.advance(task, pack.specs[0].max_steps)
+    except BaseException:
+        _stop(pool)
+        raise
+    pool.shutdown(wait=True)
     if lost:
         store.reset_stale()  # the pool is gone: nothing of this driver is running any more
     return lost + len(waiting)
