@@ -492,3 +492,29 @@ def test_a_folder_that_is_not_a_study_is_left_alone(tiny, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert _cli("run", str(tiny), "--out", str(empty), "--no-progress") == 0
+
+
+def test_open_runs_of_an_earlier_version_of_the_study_are_named(tiny, tmp_path):
+    # An interrupted study, then changed: its open runs that the new one does not plan stay
+    # pending, which `status` told the user to finish by running again ("Nothing to do").
+    from sensgen.store import PlannedRun, Store
+    from sensgen.study import plan_packs
+
+    out = tmp_path / "out"
+    larger = study_module.load(tiny)
+    with Store.open(out) as store:
+        packs = plan_packs(larger.specs(), larger.execution.pack_size)
+        store.add_runs(
+            PlannedRun(s.run_id, p.pack_id, s.canonical_json()) for p in packs for s in p.specs
+        )
+    smaller = study_module.load(tiny, {"grid.width": "[8]"})
+    console = Console(record=True, width=300)
+    run(smaller, out, progress=False, report=False, console=console)
+    open_runs = (open_results(out).runs()["status"] == "pending").sum()
+    assert open_runs > 0
+    assert f"holds {open_runs} unfinished runs that this study does not plan" in (
+        console.export_text()
+    )
+    headline = study_status(out).headline()
+    assert f"The {open_runs} open runs are not planned by study.toml" in headline
+    assert "run it again" not in headline

@@ -46,6 +46,7 @@ from sensgen.study_dir import (
     check_same_study,
     check_spec_schema,
     finished_ids,
+    note_unplanned_open_runs,
     note_unplanned_runs,
     report_outdated,
     write_study_file,
@@ -141,6 +142,7 @@ def run(
         redo = set(stored.loc[stored["pack_id"].isin(again), "run_id"]) if again else set()
         finished = finished_ids(stored) - redo
         note_unplanned_runs(finished - run_ids, out, console)
+        note_unplanned_open_runs(stored, run_ids, out, console)
         # Fail fast on a missing or corrupt dataset, before any run is registered or trained;
         # only the runs not yet in a final status (or to train again) will need their data.
         if not new:

@@ -118,6 +118,21 @@ def note_unplanned_runs(unplanned: set[str], out: Path, console: Console) -> Non
         )
 
 
+def note_unplanned_open_runs(runs: pd.DataFrame, run_ids: set[str], out: Path, console) -> None:
+    """Say so when the directory holds unfinished runs this study does not plan (an earlier
+    version of it, interrupted, planned them): this run will not train them, and `sensgen
+    status` counts them as open."""
+    if runs.empty:
+        return
+    open_ids = set(runs.loc[runs["status"].isin(["pending", "running"]), "run_id"])
+    if n := len(open_ids - run_ids):
+        console.print(
+            f"[yellow]note:[/] {escape(str(out))} holds {n} unfinished runs that this study "
+            "does not plan (an earlier version of it planned them). They stay open; run the "
+            "study that planned them to finish them."
+        )
+
+
 def write_study_file(out: Path, study: Study) -> None:
     tmp = out / f".{STUDY_FILE}.tmp-{os.getpid()}"
     tmp.write_text(study.to_toml(), encoding="utf-8")
@@ -135,6 +150,9 @@ class StatusSummary:
     workers: int | None = None  # --workers of the live `sensgen run`; None: no run is alive
     # finished packs with a damaged file: pack id -> (file, why) (`artifacts.damaged_files`)
     damaged: dict[str, tuple[Path, str]] = field(default_factory=dict)
+    # open (pending or running) runs that DIR/study.toml does not plan: an earlier version
+    # of the study planned them, and `sensgen run` of this one will not train them
+    unplanned_open: int = 0
 
     def damage_note(self) -> str | None:
         """What a damaged file means and the fix, or None when every file is whole."""
@@ -162,9 +180,22 @@ class StatusSummary:
         cost = ""
         if self.eta_s is not None:
             cost = f", about {self.eta_s / 60:.1f} min at one pack at a time"
+        if self.unplanned_open == open_runs:
+            return (
+                f"{total} runs: {parts}. The {open_runs} open runs are not planned by "
+                f"{STUDY_FILE} (an earlier version of the study planned them): `sensgen run` "
+                "of this study will not train them; run the study that planned them to "
+                "finish them."
+            )
+        elsewhere = ""
+        if self.unplanned_open:
+            elsewhere = (
+                f" ({self.unplanned_open} of the open runs are not planned by {STUDY_FILE}, "
+                "an earlier version of the study planned them, and stay open)"
+            )
         return (
             f"{total} runs: {parts}. No `sensgen run` is working on this directory{left}; "
-            f"run it again to finish the rest{cost}."
+            f"run it again to finish the rest{cost}{elsewhere}."
         )
 
 
@@ -178,12 +209,19 @@ def study_status(out_dir: str | Path) -> StatusSummary:
     damaged = artifacts.damaged_files(out, finished_packs)
     # Alive before or after the read: the `running` rows read are (or were just) its own.
     workers = before or live_driver_workers(out)
-    name = "?"
+    name, planned = "?", None
     if (out / STUDY_FILE).exists():
         try:
-            name = study_module.load(out / STUDY_FILE).name
+            stored = study_module.load(out / STUDY_FILE)
+            name, planned = stored.name, {s.run_id for s in stored.specs()}
         except UserError:
             name = "unreadable study.toml"
+    unplanned_open = 0
+    if planned is not None:
+        with open_results(out) as results:
+            runs = results.runs()
+        open_ids = set(runs.loc[runs["status"].isin(["pending", "running"]), "run_id"])
+        unplanned_open = len(open_ids - planned)
     columns = ("n_done", "n_failed", "n_diverged", "n_running", "n_pending")
     rows = [
         (r.pack_id, r.n_runs, *(int(getattr(r, c)) for c in columns), r.status)
@@ -196,4 +234,4 @@ def study_status(out_dir: str | Path) -> StatusSummary:
     eta = None
     if open_packs and len(timed):
         eta = open_packs * float(timed.mean()) / (workers or 1)
-    return StatusSummary(name, rows, counts, eta, workers, damaged)
+    return StatusSummary(name, rows, counts, eta, workers, damaged, unplanned_open)
