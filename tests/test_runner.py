@@ -308,6 +308,9 @@ def test_a_dead_worker_leaves_its_packs_pending_for_the_next_run(tiny, tmp_path,
         def __exit__(self, *exc):
             return False
 
+        def shutdown(self, wait=True, cancel_futures=False):
+            pass
+
         def submit(self, *args):
             future = Future()
             future.set_exception(BrokenProcessPool("a worker died"))
