@@ -521,3 +521,23 @@ def test_open_runs_of_an_earlier_version_of_the_study_are_named(tiny, tmp_path):
     headline = study_status(out).headline()
     assert f"The {open_runs} open runs are not planned by study.toml" in headline
     assert "run it again" not in headline
+
+
+def test_every_file_of_a_study_gets_the_umasks_mode(tiny, tmp_path):
+    out = tmp_path / "out"
+    assert _cli("run", str(tiny), "--out", str(out), "--no-progress") == 0
+    weights = list((out / "weights").glob("*.safetensors"))
+    points = list((out / "points").glob("*.parquet"))
+    assert weights and points  # (safetensors made its own 0600)
+    assert {f.stat().st_mode & 0o777 for f in weights} == {f.stat().st_mode & 0o777 for f in points}
+
+
+def test_an_interrupt_says_how_to_resume(tiny, tmp_path, monkeypatch, capsys):
+    import sensgen.runner
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sensgen.runner, "run", interrupted)
+    assert _cli("run", str(tiny), "--out", str(tmp_path / "o"), "--no-progress") == 130
+    assert "run the same command again to resume" in capsys.readouterr().err

@@ -74,6 +74,11 @@ def pack_file(root: Path, kind: str, pack_id: str) -> Path:
     return root / kind / f"{pack_id}{suffix}"
 
 
+# The process's umask, read once (os.umask can only be read by setting it).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -91,6 +96,8 @@ def write_atomic(path: Path, write: Callable[[Path], None] | None) -> None:
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
+        # safetensors creates its files 0600: give every file the mode the umask gives
+        os.chmod(tmp, 0o666 & ~_UMASK)
         _fsync(tmp)
         os.replace(tmp, path)
     finally:

@@ -67,9 +67,16 @@ def run(
 
     loaded = study_module.load(study, _parse_sets(set_ or []))
     out_dir = out or Path("runs") / loaded.name
-    result = run_study(
-        loaded, out_dir, executor=executor, workers=workers, device=device, progress=progress
-    )
+    try:
+        result = run_study(
+            loaded, out_dir, executor=executor, workers=workers, device=device, progress=progress
+        )
+    except KeyboardInterrupt:  # (typer would exit 130 without a word)
+        err_console.print(
+            "interrupted: finished packs are kept; run the same command again to resume.",
+            markup=False,
+        )
+        raise typer.Exit(130) from None
     counts = ", ".join(f"{n} {status}" for status, n in sorted(result.counts.items()))
     if result.n_trained == 0:
         out_console.print(
