@@ -86,3 +86,34 @@ def test_region_map_user_errors():
         region_map(net, _grid(4), resolution=5)
     with pytest.raises(UserError, match="hidden layers"):
         region_map(net, _grid(4), resolution=4, layer=2)
+
+
+def test_region_map_takes_a_plane_grid_and_checks_its_resolution():
+    from sensgen.errors import UserError
+    from sensgen.metrics import plane_grid, region_map
+    from sensgen.models import MLP
+
+    net = MLP(3, 2, width=8, depth=1, generator=torch.Generator().manual_seed(0))
+    grid = plane_grid(*torch.eye(3), resolution=8)
+    assert torch.equal(
+        region_map(net, grid, resolution=8), region_map(net, grid.points, resolution=8)
+    )
+    for bad in (16.0, 0):
+        with pytest.raises(UserError, match="resolution must be an integer >= 1"):
+            region_map(net, grid.points, resolution=bad)
+
+
+def test_float32_anchors_on_one_line_are_collinear():
+    # float32 rounding puts a + 2d about 1e-6 off the line through a and a + d: that is no
+    # plane (its second axis would be rounding noise).
+    from sensgen.errors import UserError
+    from sensgen.metrics import plane_grid
+
+    g = torch.Generator().manual_seed(3)
+    a, d = torch.randn(784, generator=g), torch.randn(784, generator=g)
+    with pytest.raises(UserError, match="collinear"):
+        plane_grid(a, a + d, a + 2 * d, resolution=8)
+    assert plane_grid(a, a + d, a + torch.randn(784, generator=g), resolution=8).points.shape == (
+        64,
+        784,
+    )

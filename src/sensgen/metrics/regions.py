@@ -28,7 +28,9 @@ import torch
 from torch import nn
 
 from sensgen.errors import UserError
+from sensgen.metrics._inputs import check_chunk_size
 from sensgen.metrics.codes import layer_activation_codes
+from sensgen.metrics.trajectories import PlaneGrid, check_count
 
 # Grid points per forward pass when region_map is not given a chunk size.
 _CHUNK_POINTS = 4096
@@ -54,6 +56,10 @@ def region_map(
     Returns:
         int64 [R, R]: equal ids ⇔ equal codes (torch.unique inverse indices).
     """
+    if isinstance(points, PlaneGrid):  # (its grid points, as the caller meant)
+        points = points.points
+    resolution = check_count(resolution, "resolution", 1)
+    chunk_size = check_chunk_size(chunk_size)
     if points.shape[0] != resolution * resolution:
         raise UserError(
             f"points must hold resolution² = {resolution * resolution} grid points, "

@@ -345,7 +345,9 @@ def plane_grid(
     u = d2 / max(n2, torch.finfo(_F64).tiny)
     w = d3 - (u @ d3) * u
     w = w - (u @ w) * u  # second pass: orthogonal to u to rounding
-    if n2 == 0 or w.norm().item() <= _COLLINEAR_RTOL * max(n2, n3):
+    # (anchors given in float32 carry its rounding: a + d, a + 2d are "off the line" by it)
+    tolerance = max(_COLLINEAR_RTOL, 64 * torch.finfo(dtype).eps)
+    if n2 == 0 or w.norm().item() <= tolerance * max(n2, n3):
         raise UserError(
             "plane_grid needs three anchors that span a plane, but these are collinear "
             f"(x3 is {w.norm().item():.3g} from the line through x1 and x2, which are "
