@@ -144,3 +144,16 @@ def test_quickstart_preset_spans_the_factors():
     for field in ("width", "depth", "lr", "random_labels"):
         assert len({getattr(s, field) for s in specs}) >= 2, field
     assert "quickstart" in study.preset_names()
+
+
+def test_an_unknown_table_or_field_lists_the_valid_ones(tmp_path):
+    from sensgen.errors import UserError
+    from sensgen.study import load
+
+    path = tmp_path / "s.toml"
+    path.write_text('name = "s"\n[gird]\nwidth = [8]\n', encoding="utf-8")
+    with pytest.raises(UserError, match=r"unknown key 'gird' \(valid: name, .*grid, sample"):
+        load(path)
+    path.write_text('name = "s"\n[measure]\ntransition_elipses = 4\n', encoding="utf-8")
+    with pytest.raises(UserError, match=r"valid in \[measure\]: .*transition_ellipses"):
+        load(path)

@@ -342,10 +342,21 @@ def describe_errors(err: ValidationError) -> str:
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"] if not isinstance(p, int)) or "study"
         if e["type"] == "extra_forbidden":
-            parts.append(f"unknown key {where!r}")
+            parts.append(f"unknown key {where!r}{_valid_keys(e['loc'])}")
         else:
             parts.append(f"{where}: {e['msg']} (got {e.get('input')!r})")
     return "; ".join(parts)
+
+
+def _valid_keys(loc: tuple) -> str:
+    """ ", valid: ..." for an unknown key at the top of a study or in one of its tables."""
+    tables = {"sample": Sampling, "pairs": Pairing, "inclusion": Inclusion}
+    tables |= {"measure": Measurements, "execution": Execution}
+    if len(loc) == 1:
+        return f" (valid: {', '.join(Study.model_fields)})"
+    if len(loc) == 2 and loc[0] in tables:
+        return f" (valid in [{loc[0]}]: {', '.join(tables[loc[0]].model_fields)})"
+    return ""
 
 
 def _check_against_dataset(spec: RunSpec, source: str) -> None:
