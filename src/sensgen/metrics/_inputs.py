@@ -23,13 +23,7 @@ def as_batch(model: nn.Module, x: object, name: str = "x") -> torch.Tensor:
         UserError: x is not array-like, not a batch (fewer than 2 dimensions), not floating
             point (integer pixels need the model's own scaling), or of the wrong width.
     """
-    if not isinstance(x, torch.Tensor):
-        try:
-            x = torch.as_tensor(x)
-        except (TypeError, ValueError, RuntimeError):
-            raise UserError(
-                f"{name} must be a tensor of points [B, ...], got {type(x).__name__}."
-            ) from None
+    x = as_tensor(x, f"{name} must be a tensor of points [B, ...]")
     if x.ndim < 2:
         raise UserError(
             f"{name} must be a batch of points [B, ...], got shape {list(x.shape)}; for one "
@@ -48,6 +42,17 @@ def as_batch(model: nn.Module, x: object, name: str = "x") -> torch.Tensor:
         )
     param = next(model.parameters(), None)
     return x if param is None else x.to(dtype=param.dtype)
+
+
+def as_tensor(value: object, requirement: str) -> torch.Tensor:
+    """``value`` as a tensor (a NumPy array, a nested list ...), or a UserError saying
+    ``requirement`` and what was given."""
+    if isinstance(value, torch.Tensor):
+        return value
+    try:
+        return torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise UserError(f"{requirement}, got {type(value).__name__}.") from None
 
 
 def check_chunk_size(chunk_size: object) -> int | None:

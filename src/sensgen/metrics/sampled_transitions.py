@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from sensgen.errors import UserError, parse_choice
+from sensgen.metrics._inputs import as_tensor
 from sensgen.metrics.codes import activation_codes
 
 # Elements allowed in one chunk's largest intermediate (points × features or × units).
@@ -78,13 +79,7 @@ def sampled_count(
 def check_path(path: object) -> torch.Tensor:
     """``path`` as a tensor (from a NumPy array too), or a UserError unless it holds at least
     2 finite points as [k, ...] (a NaN point would be counted as a region of its own)."""
-    if not isinstance(path, torch.Tensor):
-        try:
-            path = torch.as_tensor(path)
-        except (TypeError, ValueError, RuntimeError):
-            raise UserError(
-                f"path must be a tensor of points [k, ...], got {type(path).__name__}."
-            ) from None
+    path = as_tensor(path, "path must be a tensor of points [k, ...]")
     if path.ndim < 2 or len(path) < 2:
         raise UserError(
             f"path must hold at least 2 points as [k, ...], got shape {tuple(path.shape)}."
