@@ -21,10 +21,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-import pandas as pd
 import torch
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -36,11 +34,18 @@ from rich.progress import (
 
 from sensgen import data
 from sensgen import study as study_module
-from sensgen.artifacts import damaged_files
 from sensgen.driver import driver_lock, remove_dead_temporaries
 from sensgen.errors import UserError
 from sensgen.execute import execute_or_fail
-from sensgen.store import DB_NAME, FINAL, PlannedRun, Status, Store
+from sensgen.repair import (
+    check_same_measurements,
+    damaged_packs,
+    failed_packs,
+    requeue_damaged,
+    retry_failed,
+    say_why_failed,
+)
+from sensgen.store import DB_NAME, PlannedRun, Status, Store
 from sensgen.study import Execution, Measurements, RunSpec, Study, plan_packs
 from sensgen.study_dir import (
     check_same_study,
@@ -135,9 +140,9 @@ def run(
         remove_dead_temporaries(out)
         stored = store.runs()  # as found: read once for the checks below
         check_spec_schema(stored, out)
-        _check_same_measurements(stored, run_ids, study, previous, out)
-        damaged = _damaged_packs(store, stored, run_ids, study, previous, console)
-        failed = _failed_packs(stored, run_ids)
+        check_same_measurements(stored, run_ids, study, previous, out)
+        damaged = damaged_packs(store, stored, run_ids, study, previous, console)
+        failed = failed_packs(stored, run_ids)
         again = set(damaged) | set(failed)
         redo = set(stored.loc[stored["pack_id"].isin(again), "run_id"]) if again else set()
         finished = finished_ids(stored) - redo
@@ -147,8 +152,8 @@ def run(
         # only the runs not yet in a final status (or to train again) will need their data.
         if not new:
             _preflight({s.dataset for s in specs if s.run_id not in finished})
-        _requeue(store, damaged, console)
-        _retry(store, failed, console)
+        requeue_damaged(store, damaged, console)
+        retry_failed(store, failed, console)
         write_study_file(out, study)
         memory = pack_memory_budget(study.execution, device)
         packs = plan_packs(specs, study.execution.pack_size, memory)
@@ -180,7 +185,7 @@ def run(
                 record_workers=record_workers,
             )
         counts = _counts(store, run_ids)
-        _say_why_failed(store.runs(), run_ids, console)
+        say_why_failed(store.runs(), run_ids, console)
         stale_report = report_outdated(out / "report" / "index.html", store)
     report_path = None
     index = out / "report" / "index.html"
@@ -248,117 +253,6 @@ def _pending_packs(store: Store, run_ids: set[str]) -> list[_PendingPack]:
         specs = tuple(RunSpec.from_json(text) for text in group.sort_values("run_id")["spec"])
         packs.append(_PendingPack(str(pack_id), specs))
     return packs
-
-
-def _damaged_packs(
-    store: Store,
-    runs: pd.DataFrame,
-    run_ids: set[str],
-    study: Study,
-    previous: Study | None,
-    console: Console,
-) -> dict[str, tuple[Path, str]]:
-    """The finished packs of this study's runs (``run_ids``) with a damaged file
-    (`artifacts.damaged_files`)
-    to train again: pack id -> (file, why). What the file held is lost, and the pack's seeded
-    runs give it back, measured as this study measures.
-
-    Raises:
-        UserError: this study measures otherwise (``[measure]``) than the study stored in
-            the directory, which measured them: training them again so would lose their
-            intact files of other kinds. Nothing is changed.
-    """
-    if runs.empty:
-        return {}
-    final = runs[runs["status"].isin(FINAL)]
-    found = damaged_files(store.root, set(final["pack_id"]))
-    mine = set(final.loc[final["run_id"].isin(run_ids), "pack_id"])
-    for pack_id, (path, why) in sorted(found.items()):
-        if pack_id not in mine:  # it would stay pending: this study does not train it
-            _warn(console, f"{path} is damaged ({why}), but this study does not plan pack "
-                  f"{pack_id}'s runs: run the study that planned them into {store.root} to "
-                  "train it again.")  # fmt: skip
-    redo = {k: v for k, v in found.items() if k in mine}
-    if redo and previous is not None and previous.measure != study.measure:
-        path, why = next(iter(redo.values()))
-        stored = store.root / "study.toml"
-        raise UserError(
-            f"{path} is damaged ({why}); its pack must be trained and measured again as "
-            f"{stored} measured it, and this study's [measure] differs. Run `sensgen run "
-            f"{stored} --out {store.root}` first (it trains only the damaged packs), then "
-            "this study. Nothing was changed."
-        )
-    return redo
-
-
-def _check_same_measurements(
-    runs: pd.DataFrame, run_ids: set[str], study: Study, previous: Study | None, out: Path
-) -> None:
-    """Refuse another ``[measure]`` than the stored study's while runs of this study are
-    finished: a run is measured when it is trained, so they would keep what they were
-    measured with beside new runs measured otherwise, and DIR/study.toml, rewritten, would
-    no longer describe them. Nothing is changed."""
-    if previous is None or previous.measure == study.measure:
-        return
-    done = len(finished_ids(runs) & run_ids)
-    if not done:
-        return
-    old, new = previous.measure.model_dump(), study.measure.model_dump()
-    changed = ", ".join(f"{k} = {old[k]!r} → {new[k]!r}" for k in old if old[k] != new[k])
-    stored = out / "study.toml"
-    runs_of = "1 finished run" if done == 1 else f"{done} finished runs"
-    raise UserError(
-        f"{out} holds {runs_of} of this study measured as {stored} says, and this study's "
-        f"[measure] differs ({changed}). sensgen measures a run when it trains it, so they "
-        f"would keep their old measurements beside new runs measured otherwise. Run it with "
-        f"the stored [measure] (`sensgen run {stored} --out {out}`), or into a new --out "
-        "directory. Nothing was changed."
-    )
-
-
-def _failed_packs(runs: pd.DataFrame, run_ids: set[str]) -> dict[str, str]:
-    """This study's packs that failed (an exception while training or measuring them: out
-    of memory, a killed worker, ...), pack id -> the stored error. Each new `run` tries
-    them again: what failed may have been the machine's, and a pack that fails again says
-    why once more. (Diverged runs are results, not failures: they stay.)"""
-    if runs.empty:
-        return {}
-    mine = runs[runs["run_id"].isin(run_ids)]
-    by_pack = mine.groupby("pack_id")["status"].agg(lambda s: set(s) == {Status.FAILED.value})
-    failed = set(by_pack[by_pack].index)
-    rows = mine[mine["pack_id"].isin(failed)].drop_duplicates("pack_id")
-    return {row.pack_id: str(row.error) for row in rows.itertuples()}
-
-
-def _say_why_failed(runs: pd.DataFrame, run_ids: set[str], console: Console) -> None:
-    """Warn with each distinct error of this study's failed runs (it is stored, but only
-    the database held it)."""
-    failed = runs[runs["run_id"].isin(run_ids) & (runs["status"] == Status.FAILED.value)]
-    for error, group in failed.groupby("error"):
-        runs_of = "1 run" if len(group) == 1 else f"{len(group)} runs"
-        _warn(console, f"{runs_of} failed: {error}. `sensgen run` again trains them again.")
-
-
-def _retry(store: Store, failed: dict[str, str], console: Console) -> None:
-    """Send the failed packs back to pending (`Store.requeue_pack`), saying why they failed."""
-    for pack_id, error in sorted(failed.items()):
-        n = store.requeue_pack(pack_id)
-        runs_of = f"{n} run" if n == 1 else f"{n} runs"
-        _warn(console, f"pack {pack_id} ({runs_of}) failed in an earlier run ({error}); it is "
-              "trained again.")  # fmt: skip
-
-
-def _requeue(store: Store, damaged: dict[str, tuple[Path, str]], console: Console) -> None:
-    """Send the damaged packs back to pending (`Store.requeue_pack`), saying so."""
-    for pack_id, (path, why) in sorted(damaged.items()):
-        n = store.requeue_pack(pack_id)
-        runs_of = f"{n} run" if n == 1 else f"{n} runs"
-        _warn(console, f"{path} is damaged ({why}): pack {pack_id} ({runs_of}) is trained again.")
-
-
-def _warn(console: Console, text: str) -> None:
-    # (soft_wrap: a path cut across lines could not be copied)
-    console.print(f"[bold yellow]warning:[/] {escape(text)}", highlight=False, soft_wrap=True)
 
 
 def _preflight(datasets: set[str]) -> None:

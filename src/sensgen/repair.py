@@ -1,0 +1,132 @@
+"""What a new `sensgen run` does with what it finds in the study directory (issue 8's
+repairs): finished packs with a damaged file or that failed are trained again, another
+`[measure]` over finished runs is refused, and failures are named.
+
+Every check runs before anything is changed; re-queueing happens after every other check
+of the run (`sensgen.runner.run`), so a user error leaves the directory as it was.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+from rich.console import Console
+from rich.markup import escape
+
+from sensgen.artifacts import damaged_files
+from sensgen.errors import UserError
+from sensgen.store import FINAL, Status, Store
+from sensgen.study import Study
+from sensgen.study_dir import finished_ids
+
+
+def damaged_packs(
+    store: Store,
+    runs: pd.DataFrame,
+    run_ids: set[str],
+    study: Study,
+    previous: Study | None,
+    console: Console,
+) -> dict[str, tuple[Path, str]]:
+    """The finished packs of this study's runs (``run_ids``) with a damaged file
+    (`artifacts.damaged_files`)
+    to train again: pack id -> (file, why). What the file held is lost, and the pack's seeded
+    runs give it back, measured as this study measures.
+
+    Raises:
+        UserError: this study measures otherwise (``[measure]``) than the study stored in
+            the directory, which measured them: training them again so would lose their
+            intact files of other kinds. Nothing is changed.
+    """
+    if runs.empty:
+        return {}
+    final = runs[runs["status"].isin(FINAL)]
+    found = damaged_files(store.root, set(final["pack_id"]))
+    mine = set(final.loc[final["run_id"].isin(run_ids), "pack_id"])
+    for pack_id, (path, why) in sorted(found.items()):
+        if pack_id not in mine:  # it would stay pending: this study does not train it
+            warn(console, f"{path} is damaged ({why}), but this study does not plan pack "
+                  f"{pack_id}'s runs: run the study that planned them into {store.root} to "
+                  "train it again.")  # fmt: skip
+    redo = {k: v for k, v in found.items() if k in mine}
+    if redo and previous is not None and previous.measure != study.measure:
+        path, why = next(iter(redo.values()))
+        stored = store.root / "study.toml"
+        raise UserError(
+            f"{path} is damaged ({why}); its pack must be trained and measured again as "
+            f"{stored} measured it, and this study's [measure] differs. Run `sensgen run "
+            f"{stored} --out {store.root}` first (it trains only the damaged packs), then "
+            "this study. Nothing was changed."
+        )
+    return redo
+
+
+def check_same_measurements(
+    runs: pd.DataFrame, run_ids: set[str], study: Study, previous: Study | None, out: Path
+) -> None:
+    """Refuse another ``[measure]`` than the stored study's while runs of this study are
+    finished: a run is measured when it is trained, so they would keep what they were
+    measured with beside new runs measured otherwise, and DIR/study.toml, rewritten, would
+    no longer describe them. Nothing is changed."""
+    if previous is None or previous.measure == study.measure:
+        return
+    done = len(finished_ids(runs) & run_ids)
+    if not done:
+        return
+    old, new = previous.measure.model_dump(), study.measure.model_dump()
+    changed = ", ".join(f"{k} = {old[k]!r} → {new[k]!r}" for k in old if old[k] != new[k])
+    stored = out / "study.toml"
+    runs_of = "1 finished run" if done == 1 else f"{done} finished runs"
+    raise UserError(
+        f"{out} holds {runs_of} of this study measured as {stored} says, and this study's "
+        f"[measure] differs ({changed}). sensgen measures a run when it trains it, so they "
+        f"would keep their old measurements beside new runs measured otherwise. Run it with "
+        f"the stored [measure] (`sensgen run {stored} --out {out}`), or into a new --out "
+        "directory. Nothing was changed."
+    )
+
+
+def failed_packs(runs: pd.DataFrame, run_ids: set[str]) -> dict[str, str]:
+    """This study's packs that failed (an exception while training or measuring them: out
+    of memory, a killed worker, ...), pack id -> the stored error. Each new `run` tries
+    them again: what failed may have been the machine's, and a pack that fails again says
+    why once more. (Diverged runs are results, not failures: they stay.)"""
+    if runs.empty:
+        return {}
+    mine = runs[runs["run_id"].isin(run_ids)]
+    by_pack = mine.groupby("pack_id")["status"].agg(lambda s: set(s) == {Status.FAILED.value})
+    failed = set(by_pack[by_pack].index)
+    rows = mine[mine["pack_id"].isin(failed)].drop_duplicates("pack_id")
+    return {row.pack_id: str(row.error) for row in rows.itertuples()}
+
+
+def say_why_failed(runs: pd.DataFrame, run_ids: set[str], console: Console) -> None:
+    """Warn with each distinct error of this study's failed runs (it is stored, but only
+    the database held it)."""
+    failed = runs[runs["run_id"].isin(run_ids) & (runs["status"] == Status.FAILED.value)]
+    for error, group in failed.groupby("error"):
+        runs_of = "1 run" if len(group) == 1 else f"{len(group)} runs"
+        warn(console, f"{runs_of} failed: {error}. `sensgen run` again trains them again.")
+
+
+def retry_failed(store: Store, failed: dict[str, str], console: Console) -> None:
+    """Send the failed packs back to pending (`Store.requeue_pack`), saying why they failed."""
+    for pack_id, error in sorted(failed.items()):
+        n = store.requeue_pack(pack_id)
+        runs_of = f"{n} run" if n == 1 else f"{n} runs"
+        warn(console, f"pack {pack_id} ({runs_of}) failed in an earlier run ({error}); it is "
+              "trained again.")  # fmt: skip
+
+
+def requeue_damaged(store: Store, damaged: dict[str, tuple[Path, str]], console: Console) -> None:
+    """Send the damaged packs back to pending (`Store.requeue_pack`), saying so."""
+    for pack_id, (path, why) in sorted(damaged.items()):
+        n = store.requeue_pack(pack_id)
+        runs_of = f"{n} run" if n == 1 else f"{n} runs"
+        warn(console, f"{path} is damaged ({why}): pack {pack_id} ({runs_of}) is trained again.")
+
+
+def warn(console: Console, text: str) -> None:
+    # (soft_wrap: a path cut across lines could not be copied)
+    console.print(f"[bold yellow]warning:[/] {escape(text)}", highlight=False, soft_wrap=True)
