@@ -262,29 +262,27 @@ def test_activations_that_cannot_be_coded_are_named(activation):
         activation_codes(net, path)
 
 
-def test_functional_activation_after_the_last_module_is_caught_by_exact():
-    # The logits are checked too: no recorded pre-activation follows F.relu here.
-    class Tail(nn.Module):
+def test_a_smooth_readout_is_not_a_hidden_layer():
+    # A softmax module, F.log_softmax or a normalisation after the last activation adds
+    # no region: the same count as the bare net.
+    net = _deep_net("relu", depth=2, width=16, d=6)
+    body = [net.layers[0], nn.ReLU(), net.layers[1], nn.ReLU()]
+
+    class LogSoftmax(nn.Module):
         def __init__(self):
             super().__init__()
-            self.fc1, self.fc2, self.fc3 = nn.Linear(2, 8), nn.Linear(8, 8), nn.Linear(8, 3)
-            self.act = nn.ReLU()
+            self.body, self.head = nn.Sequential(*body), net.layers[2]
 
         def forward(self, x):
-            return self.fc3(F.relu(self.fc2(self.act(self.fc1(x)))))
+            return F.log_softmax(self.head(self.body(x)), dim=1)
 
-    torch.manual_seed(0)
-    with pytest.raises(UserError, match="not affine"):
-        transitions(Tail().double(), _ellipse(*_circle_anchors(), 64))
-
-
-def test_a_softmax_readout_is_not_a_hidden_layer():
-    net = _deep_net("relu", depth=2, width=16, d=6)
-    user = nn.Sequential(
-        net.layers[0], nn.ReLU(), net.layers[1], nn.ReLU(), net.layers[2], nn.Softmax(dim=1)
-    )
     path = torch.randn(30, 6, generator=_gen(4), dtype=torch.float64) * 3
-    assert transitions(user, path) == transitions(net, path) > 0
+    count = transitions(net, path)
+    assert count > 0
+    assert transitions(nn.Sequential(*body, net.layers[2], nn.Softmax(dim=1)), path) == count
+    assert transitions(LogSoftmax(), path) == count
+    normed = nn.Sequential(*body, nn.LayerNorm(16).double(), net.layers[2])
+    assert transition_details(normed, path).per_layer == transition_details(net, path).per_layer
 
 
 def test_user_errors():

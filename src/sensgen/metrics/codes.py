@@ -229,21 +229,3 @@ def _refuse_uncoded_activations(model: nn.Module) -> None:
             f"{allowed} (piecewise linear but for the last three, which only "
             "method='sampled' codes, by sign)."
         )
-
-
-def readout(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The logits of ``model`` at x, [B, C] flattened: its output, or the input of its last
-    softmax-family module called (the output of a softmax is no affine map)."""
-    seen: list[torch.Tensor] = []
-
-    def record(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        seen.append(args[0].detach().flatten(start_dim=1).clone())
-
-    normalisers = [m for m in model.modules() if isinstance(m, _OUTPUT_MODULES)]
-    handles = [m.register_forward_pre_hook(record) for m in normalisers]
-    try:
-        out = model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return seen[-1] if seen else out.detach().flatten(start_dim=1)

@@ -46,7 +46,6 @@ from sensgen.metrics.codes import (
     HiddenLayer,
     hidden_preactivations,
     is_piecewise_linear,
-    readout,
 )
 from sensgen.metrics.sampled_transitions import check_path, default_chunk_size, like_model
 from sensgen.models import MLP
@@ -216,18 +215,17 @@ def _position_order(edge: torch.Tensor, frac: torch.Tensor) -> torch.Tensor:
 
 
 def _check_piecewise_affine(net, polygon, edge, frac, size) -> None:
-    """Every pre-activation and the logits (`readout`) at each interval's midpoint must be
-    the mean of their values at its ends: between crossings of the recorded layers the
-    network is affine. The logits catch a nonlinearity after the last activation module,
-    which no recorded pre-activation would show."""
+    """Every pre-activation at each interval's midpoint must be the mean of its values at
+    the ends: between crossings of the recorded layers they are affine. (A functional
+    activation after the last activation module shows in no recorded pre-activation; the
+    logits cannot be checked instead, as a smooth readout — log-softmax, a normalisation —
+    is not affine either, and adds no region.)"""
     end, chunks = _intervals(polygon, edge, frac, size)
     for rows, knots in chunks:
         knot_points = polygon.points(edge[knots], frac[knots])
         mid_points = polygon.points(edge[rows], (frac + end)[rows] / 2)
         at_knots = [k.preactivation for k in hidden_preactivations(net, knot_points)]
         at_mids = [m.preactivation for m in hidden_preactivations(net, mid_points)]
-        at_knots.append(readout(net, knot_points))
-        at_mids.append(readout(net, mid_points))
         for h, mid in zip(at_knots, at_mids, strict=True):
             scale = 1.0 + h.abs().max().item()
             if ((h[:-1] + h[1:]) / 2 - mid).abs().max().item() > 1e-7 * scale:
