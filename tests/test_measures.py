@@ -631,3 +631,14 @@ def test_weights_the_norms_cannot_see_are_named():
     # Every parameter counts, trainable now or not.
     frozen = MLP(5, 3, width=7, depth=1).requires_grad_(False)
     assert M.n_params(frozen) == (5 + 1) * 7 + (7 + 1) * 3
+
+
+def test_mlps_with_prelu_or_a_parametrized_linear_keep_their_norms():
+    # Only layers with weights of their own are refused, not a PReLU's slopes or a
+    # weight-normed Linear's factors.
+    torch.manual_seed(0)
+    prelu = nn.Sequential(nn.Linear(5, 7), nn.PReLU(), nn.Linear(7, 3))
+    normed = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3))
+    nn.utils.parametrizations.weight_norm(normed[0])
+    for net in (prelu, normed):
+        assert M.frobenius_sum(net) > 0 and M.path_norm(net) > 0

@@ -1,6 +1,7 @@
 """End to end: a real study through the CLI into a study directory, resumed and reported."""
 
 import gzip
+import os
 import sqlite3
 import subprocess
 import sys
@@ -529,7 +530,10 @@ def test_every_file_of_a_study_gets_the_umasks_mode(tiny, tmp_path):
     weights = list((out / "weights").glob("*.safetensors"))
     points = list((out / "points").glob("*.parquet"))
     assert weights and points  # (safetensors made its own 0600)
-    assert {f.stat().st_mode & 0o777 for f in weights} == {f.stat().st_mode & 0o777 for f in points}
+    umask = os.umask(0o022)
+    os.umask(umask)
+    modes = {f.stat().st_mode & 0o777 for f in weights + points}
+    assert modes == {0o666 & ~umask}
 
 
 def test_an_interrupt_says_how_to_resume(tiny, tmp_path, monkeypatch, capsys):
@@ -541,3 +545,55 @@ def test_an_interrupt_says_how_to_resume(tiny, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sensgen.runner, "run", interrupted)
     assert _cli("run", str(tiny), "--out", str(tmp_path / "o"), "--no-progress") == 130
     assert "run the same command again to resume" in capsys.readouterr().err
+
+
+def test_a_failure_of_sensgen_itself_stays_a_traceback(tiny, tmp_path, monkeypatch):
+    # A missing file sensgen expected is its own bug (exit 1, traceback), not the machine's.
+    import errno
+
+    import sensgen.runner
+
+    def missing(*args, **kwargs):
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", "x.parquet")
+
+    monkeypatch.setattr(sensgen.runner, "run", missing)
+    with pytest.raises(FileNotFoundError):
+        main(["run", str(tiny), "--out", str(tmp_path / "o"), "--no-progress"])
+
+
+def test_a_new_folder_holding_only_its_study_file_is_a_study_directory(tiny, tmp_path):
+    out = tmp_path / "exp"
+    out.mkdir()
+    (out / "study.toml").write_text(tiny.read_text())
+    assert _cli("run", str(out / "study.toml"), "--out", str(out), "--no-progress") == 0
+
+
+def test_failed_runs_do_not_hold_the_measure_table(tiny, tmp_path, monkeypatch):
+    # They were never measured: lowering what failed (say, for memory) must be allowed.
+    def out_of_memory(specs, **kwargs):
+        raise RuntimeError("can't allocate memory")
+
+    monkeypatch.setattr("sensgen.execute.execute_pack", out_of_memory)
+    out = tmp_path / "o"
+    run(study_module.load(tiny), out, progress=False, report=False)
+    monkeypatch.undo()
+    fewer = study_module.load(tiny, {"measure.jacobian_train_points": "10"})
+    assert run(fewer, out, progress=False, report=False).counts == {"done": N_RUNS}
+
+
+def test_open_runs_sharing_a_pack_with_planned_ones_are_not_called_orphans(tiny, tmp_path):
+    from sensgen.store import PlannedRun, Store
+    from sensgen.study import plan_packs
+
+    out = tmp_path / "out"
+    larger = study_module.load(tiny)
+    with Store.open(out) as store:
+        packs = plan_packs(larger.specs(), larger.execution.pack_size)
+        store.add_runs(
+            PlannedRun(s.run_id, p.pack_id, s.canonical_json()) for p in packs for s in p.specs
+        )
+    smaller = study_module.load(tiny, {"random_labels": "0.0"})  # half of every pack
+    console = Console(record=True, width=300)
+    assert run(smaller, out, progress=False, report=False, console=console).complete
+    assert "does not plan" not in console.export_text()
+    assert "not planned" not in study_status(out).headline()

@@ -97,7 +97,8 @@ def write_atomic(path: Path, write: Callable[[Path], None] | None) -> None:
     try:
         write(tmp)
         # safetensors creates its files 0600: give every file the mode the umask gives
-        os.chmod(tmp, 0o666 & ~_UMASK)
+        with contextlib.suppress(OSError):  # (a file system without modes: vfat, CIFS)
+            os.chmod(tmp, 0o666 & ~_UMASK)
         _fsync(tmp)
         os.replace(tmp, path)
     finally:

@@ -7,6 +7,7 @@ internal error (a bug: please report it with the traceback).
 
 from __future__ import annotations
 
+import errno
 import sqlite3
 import sys
 from pathlib import Path
@@ -190,12 +191,12 @@ def main(argv: list[str] | None = None) -> None:
 
 def environment_problem(err: BaseException) -> str | None:
     """A message for an error of the machine rather than of sensgen, else None: an OSError
-    with an errno (permission denied, no space left, not a directory, ...), SQLite's
+    of a refusing machine (permission denied, no space left, not a directory), SQLite's
     read-only or full database, or any error that says the disk is full. Files are
     written to temporaries and renamed, and a run's rows are committed per pack, so what
     was computed before it stays; the message says so."""
     text = str(err)
-    if isinstance(err, OSError) and err.errno is not None:
+    if isinstance(err, OSError) and err.errno in _MACHINE_ERRNOS:
         where = f": {err.filename}" if err.filename else ""
         what = f"{err.strerror or text}{where}"
     elif isinstance(err, sqlite3.OperationalError) and (
@@ -211,6 +212,13 @@ def environment_problem(err: BaseException) -> str | None:
         "directories and that the disk has space, then run the command again: what was "
         "already computed is kept."
     )
+
+
+# What a machine refuses: permissions, a read-only or full file system, a file where a
+# folder should be. (Not ENOENT and the like, which may be sensgen's own bug.)
+_MACHINE_ERRNOS = frozenset(
+    {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR}
+)
 
 
 def _fail(message: str) -> None:

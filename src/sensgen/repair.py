@@ -18,27 +18,19 @@ from sensgen.artifacts import damaged_files
 from sensgen.errors import UserError
 from sensgen.store import FINAL, Status, Store
 from sensgen.study import Study
-from sensgen.study_dir import finished_ids
 
 
 def damaged_packs(
     store: Store,
     runs: pd.DataFrame,
     run_ids: set[str],
-    study: Study,
-    previous: Study | None,
     console: Console,
 ) -> dict[str, tuple[Path, str]]:
     """The finished packs of this study's runs (``run_ids``) with a damaged file
-    (`artifacts.damaged_files`)
-    to train again: pack id -> (file, why). What the file held is lost, and the pack's seeded
-    runs give it back, measured as this study measures.
-
-    Raises:
-        UserError: this study measures otherwise (``[measure]``) than the study stored in
-            the directory, which measured them: training them again so would lose their
-            intact files of other kinds. Nothing is changed.
-    """
+    (`artifacts.damaged_files`) to train again: pack id -> (file, why). What the file held
+    is lost, and the pack's seeded runs give it back, measured as before: another
+    ``[measure]`` was refused first (`check_same_measurements`), since training them so
+    would lose their intact files of other kinds."""
     if runs.empty:
         return {}
     final = runs[runs["status"].isin(FINAL)]
@@ -49,17 +41,8 @@ def damaged_packs(
             warn(console, f"{path} is damaged ({why}), but this study does not plan pack "
                   f"{pack_id}'s runs: run the study that planned them into {store.root} to "
                   "train it again.")  # fmt: skip
-    redo = {k: v for k, v in found.items() if k in mine}
-    if redo and previous is not None and previous.measure != study.measure:
-        path, why = next(iter(redo.values()))
-        stored = store.root / "study.toml"
-        raise UserError(
-            f"{path} is damaged ({why}); its pack must be trained and measured again as "
-            f"{stored} measured it, and this study's [measure] differs. Run `sensgen run "
-            f"{stored} --out {store.root}` first (it trains only the damaged packs), then "
-            "this study. Nothing was changed."
-        )
-    return redo
+    # (measured as before: `check_same_measurements` refused another [measure] already)
+    return {k: v for k, v in found.items() if k in mine}
 
 
 def check_same_measurements(
@@ -71,7 +54,8 @@ def check_same_measurements(
     no longer describe them. Nothing is changed."""
     if previous is None or previous.measure == study.measure:
         return
-    done = len(finished_ids(runs) & run_ids)
+    measured = runs["status"].isin([Status.DONE.value, Status.DIVERGED.value])
+    done = len(set(runs.loc[measured, "run_id"]) & run_ids) if len(runs) else 0
     if not done:
         return
     old, new = previous.measure.model_dump(), study.measure.model_dump()

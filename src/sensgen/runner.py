@@ -34,6 +34,7 @@ from rich.progress import (
 
 from sensgen import data
 from sensgen import study as study_module
+from sensgen.artifacts import FOLDERS
 from sensgen.driver import driver_lock, remove_dead_temporaries
 from sensgen.errors import UserError
 from sensgen.execute import execute_or_fail
@@ -48,6 +49,7 @@ from sensgen.repair import (
 from sensgen.store import DB_NAME, PlannedRun, Status, Store
 from sensgen.study import Execution, Measurements, RunSpec, Study, plan_packs
 from sensgen.study_dir import (
+    STUDY_FILE,
     check_same_study,
     check_spec_schema,
     finished_ids,
@@ -127,8 +129,7 @@ def run(
     specs = [p.spec for p in planned]
     run_ids = {s.run_id for s in specs}
     new = not (out / DB_NAME).exists()
-    # (a driver starting at this moment may have made only its lock file)
-    if new and out.is_dir() and any(p.name != ".lock" for p in out.iterdir()):
+    if new and out.is_dir() and not _only_sensgens(out):
         raise UserError(
             f"{out} exists and holds files, but no study ({DB_NAME} is missing): sensgen "
             "writes its folders there and removes its own temporary files from them. Choose "
@@ -141,7 +142,7 @@ def run(
         stored = store.runs()  # as found: read once for the checks below
         check_spec_schema(stored, out)
         check_same_measurements(stored, run_ids, study, previous, out)
-        damaged = damaged_packs(store, stored, run_ids, study, previous, console)
+        damaged = damaged_packs(store, stored, run_ids, console)
         failed = failed_packs(stored, run_ids)
         again = set(damaged) | set(failed)
         redo = set(stored.loc[stored["pack_id"].isin(again), "run_id"]) if again else set()
@@ -199,6 +200,17 @@ def run(
     n_trained = unfinished_before - _unfinished(counts)
     return StudyResult(
         out, len(specs), n_trained, counts, report_path, time.perf_counter() - started
+    )
+
+
+def _only_sensgens(out: Path) -> bool:
+    """Whether a folder without a study database holds nothing but what sensgen makes
+    first (a driver starting this moment, or one that stopped before its database): its
+    lock, the study file, and its empty folders."""
+    folders = {*FOLDERS, "report"}
+    return all(
+        p.name in (".lock", STUDY_FILE) or (p.name in folders and not any(p.iterdir()))
+        for p in out.iterdir()
     )
 
 

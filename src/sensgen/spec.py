@@ -30,7 +30,7 @@ def _not_bool(value: Any) -> Any:
     """Refuse true/false for a number: pydantic reads true as 1, so ``width = true`` trained
     width-1 nets and ``lr = true`` a learning rate of 1, without a word."""
     if isinstance(value, bool):
-        raise ValueError(f"expected a number, got {str(value).lower()}")
+        raise ValueError("expected a number, not a boolean")
     return value
 
 

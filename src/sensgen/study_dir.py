@@ -118,14 +118,23 @@ def note_unplanned_runs(unplanned: set[str], out: Path, console: Console) -> Non
         )
 
 
-def note_unplanned_open_runs(runs: pd.DataFrame, run_ids: set[str], out: Path, console) -> None:
-    """Say so when the directory holds unfinished runs this study does not plan (an earlier
-    version of it, interrupted, planned them): this run will not train them, and `sensgen
-    status` counts them as open."""
+def unplanned_open_runs(runs: pd.DataFrame, run_ids: set[str]) -> set[str]:
+    """Open (pending or running) runs that no run of ``run_ids`` shares a pack with: an
+    earlier version of the study planned them, and a run of this one leaves them open. (A
+    pack is trained whole, so an open run beside a planned one is trained too.)"""
     if runs.empty:
-        return
-    open_ids = set(runs.loc[runs["status"].isin(["pending", "running"]), "run_id"])
-    if n := len(open_ids - run_ids):
+        return set()
+    planned_packs = set(runs.loc[runs["run_id"].isin(run_ids), "pack_id"])
+    is_open = runs["status"].isin([Status.PENDING.value, Status.RUNNING.value])
+    return set(runs.loc[is_open & ~runs["pack_id"].isin(planned_packs), "run_id"])
+
+
+def note_unplanned_open_runs(
+    runs: pd.DataFrame, run_ids: set[str], out: Path, console: Console
+) -> None:
+    """Say so when the directory holds unfinished runs this study will not train
+    (`unplanned_open_runs`); `sensgen status` counts them as open."""
+    if n := len(unplanned_open_runs(runs, run_ids)):
         console.print(
             f"[yellow]note:[/] {escape(str(out))} holds {n} unfinished runs that this study "
             "does not plan (an earlier version of it planned them). They stay open; run the "
@@ -204,7 +213,7 @@ def study_status(out_dir: str | Path) -> StatusSummary:
     out = Path(out_dir)
     before = live_driver_workers(out)
     with open_results(out) as results:
-        packs = results.pack_status()
+        packs, runs = results.pack_status(), results.runs()
     finished_packs = packs.loc[packs["n_pending"] + packs["n_running"] == 0, "pack_id"]
     damaged = artifacts.damaged_files(out, finished_packs)
     # Alive before or after the read: the `running` rows read are (or were just) its own.
@@ -216,12 +225,7 @@ def study_status(out_dir: str | Path) -> StatusSummary:
             name, planned = stored.name, {s.run_id for s in stored.specs()}
         except UserError:
             name = "unreadable study.toml"
-    unplanned_open = 0
-    if planned is not None:
-        with open_results(out) as results:
-            runs = results.runs()
-        open_ids = set(runs.loc[runs["status"].isin(["pending", "running"]), "run_id"])
-        unplanned_open = len(open_ids - planned)
+    unplanned_open = len(unplanned_open_runs(runs, planned)) if planned is not None else 0
     columns = ("n_done", "n_failed", "n_diverged", "n_running", "n_pending")
     rows = [
         (r.pack_id, r.n_runs, *(int(getattr(r, c)) for c in columns), r.status)

@@ -15,9 +15,17 @@ from torch import nn
 
 from sensgen.errors import UserError
 
-# Layers with parameters that the measures may leave out: normalisation layers' scales and
-# shifts are no weight matrices W_l of the definitions (JNMKB measure the layers' weights).
-_NOT_WEIGHT_LAYERS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+# Layers with weights of their own that the products over the nn.Linear matrices W_l would
+# silently leave out. (A PReLU's slopes, a norm layer's scale and a parametrized Linear's
+# factors are no such layers: the measures stand for those MLPs, as JNMKB define them.)
+_OTHER_WEIGHT_LAYERS = (
+    nn.modules.conv._ConvNd,
+    nn.Embedding,
+    nn.EmbeddingBag,
+    nn.Bilinear,
+    nn.RNNBase,
+    nn.MultiheadAttention,
+)
 
 
 def _linear_names(net: nn.Module) -> list[str]:
@@ -31,7 +39,7 @@ def _linear_names(net: nn.Module) -> list[str]:
     others = [
         (name, type(m).__name__)
         for name, m in net.named_modules()
-        if m._parameters and not isinstance(m, (nn.Linear, *_NOT_WEIGHT_LAYERS))
+        if isinstance(m, _OTHER_WEIGHT_LAYERS)
     ]
     if others:
         found = ", ".join(f"{kind} ({name!r})" for name, kind in others)

@@ -16,7 +16,8 @@ def as_batch(model: nn.Module, x: object, name: str = "x") -> torch.Tensor:
     """``x`` as a float tensor batch [B, ...] in the dtype of the model's parameters.
 
     A NumPy array (or anything ``torch.as_tensor`` takes) becomes a tensor; a float tensor
-    of another dtype is cast, as the model computes in its own dtype anyway. For a sensgen
+    of another dtype is cast to the model's, if all its parameters share one (it computes
+    in that dtype anyway). For a sensgen
     `MLP` the points must be flat, [B, d] with its d.
 
     Raises:
@@ -40,8 +41,8 @@ def as_batch(model: nn.Module, x: object, name: str = "x") -> torch.Tensor:
             f"{name} has points of shape {list(x.shape[1:])}, but this MLP takes flat inputs "
             f"of {d} values: pass {name}.flatten(1)."
         )
-    param = next(model.parameters(), None)
-    return x if param is None else x.to(dtype=param.dtype)
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    return x.to(dtype=dtypes.pop()) if len(dtypes) == 1 else x  # (mixed: the model's call)
 
 
 def as_tensor(value: object, requirement: str) -> torch.Tensor:
