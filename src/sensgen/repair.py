@@ -90,25 +90,32 @@ def say_why_failed(runs: pd.DataFrame, run_ids: set[str], console: Console) -> N
     the database held it)."""
     failed = runs[runs["run_id"].isin(run_ids) & (runs["status"] == Status.FAILED.value)]
     for error, group in failed.groupby("error"):
-        runs_of = "1 run" if len(group) == 1 else f"{len(group)} runs"
-        warn(console, f"{runs_of} failed: {error}. `sensgen run` again trains them again.")
+        warn(console, f"{runs_of(len(group))} failed: {error}. `sensgen run` again trains them "
+             "again.")  # fmt: skip
 
 
 def retry_failed(store: Store, failed: dict[str, str], console: Console) -> None:
-    """Send the failed packs back to pending (`Store.requeue_pack`), saying why they failed."""
-    for pack_id, error in sorted(failed.items()):
-        n = store.requeue_pack(pack_id)
-        runs_of = f"{n} run" if n == 1 else f"{n} runs"
-        warn(console, f"pack {pack_id} ({runs_of}) failed in an earlier run ({error}); it is "
-              "trained again.")  # fmt: skip
+    """Send the failed packs back to pending, saying why they failed."""
+    reasons = {pack: f"failed in an earlier run ({error})" for pack, error in failed.items()}
+    _requeue(store, reasons, console)
 
 
 def requeue_damaged(store: Store, damaged: dict[str, tuple[Path, str]], console: Console) -> None:
-    """Send the damaged packs back to pending (`Store.requeue_pack`), saying so."""
-    for pack_id, (path, why) in sorted(damaged.items()):
+    """Send the damaged packs back to pending, naming the damaged file."""
+    reasons = {pack: f"has a damaged file, {path} ({why})" for pack, (path, why) in damaged.items()}
+    _requeue(store, reasons, console)
+
+
+def _requeue(store: Store, reasons: dict[str, str], console: Console) -> None:
+    """`Store.requeue_pack` for each pack, with a warning: pack (n runs) reason; again."""
+    for pack_id, reason in sorted(reasons.items()):
         n = store.requeue_pack(pack_id)
-        runs_of = f"{n} run" if n == 1 else f"{n} runs"
-        warn(console, f"{path} is damaged ({why}): pack {pack_id} ({runs_of}) is trained again.")
+        warn(console, f"pack {pack_id} ({runs_of(n)}) {reason}: it is trained again.")
+
+
+def runs_of(n: int) -> str:
+    """ "1 run", "n runs"."""
+    return "1 run" if n == 1 else f"{n} runs"
 
 
 def warn(console: Console, text: str) -> None:

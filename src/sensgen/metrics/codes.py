@@ -69,6 +69,7 @@ _PIECEWISE_LINEAR = frozenset(
 # fixed in eval mode; in train mode `require_eval_mode` refuses it).
 _PIECEWISE_MODULES = (nn.ReLU, nn.Hardtanh, nn.Hardsigmoid, nn.LeakyReLU, nn.PReLU, nn.RReLU)
 _ACTIVATION_MODULES = (*_PIECEWISE_MODULES, nn.Tanh, nn.Sigmoid, nn.ELU)
+_SUPPORTED = ", ".join(f"nn.{cls.__name__}" for cls in (nn.ReLU6, *_ACTIVATION_MODULES))
 # Normalisers of the output: their input is the logits, not a hidden layer.
 _OUTPUT_MODULES = (nn.Softmax, nn.LogSoftmax, nn.Softmin, nn.Softmax2d)
 # Every module torch defines as an activation; those not above cannot be coded.
@@ -195,11 +196,10 @@ def _hooked_preactivations(
     _refuse_uncoded_activations(model)
     activations = [m for m in model.modules() if isinstance(m, _ACTIVATION_MODULES)]
     if not activations:
-        allowed = ", ".join(f"nn.{cls.__name__}" for cls in (nn.ReLU6, *_ACTIVATION_MODULES))
         raise UserError(
             f"{type(model).__name__} has no activation module, so its pre-activations cannot "
             f"be read. Does it use functional activations (F.relu, torch.tanh)? Wrap them in "
-            f"nn modules: one of {allowed}."
+            f"nn modules: one of {_SUPPORTED}."
         )
     handles = [m.register_forward_pre_hook(record) for m in activations]
     try:
@@ -222,10 +222,9 @@ def _refuse_uncoded_activations(model: nn.Module) -> None:
     ]
     if uncoded:
         found = ", ".join(f"nn.{kind} ({name!r})" for name, kind in uncoded)
-        allowed = ", ".join(f"nn.{cls.__name__}" for cls in (nn.ReLU6, *_ACTIVATION_MODULES))
         raise UserError(
             f"{type(model).__name__} has {found}: sensgen cannot code its pre-activations, "
             "and activation codes and transitions would leave that layer out. Use one of "
-            f"{allowed} (piecewise linear but for the last three, which only "
+            f"{_SUPPORTED} (piecewise linear but for the last three, which only "
             "method='sampled' codes, by sign)."
         )
