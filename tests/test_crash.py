@@ -444,9 +444,14 @@ def test_status_eta_ignores_failed_packs_and_counts_workers(tmp_path):
     assert summary.workers is None and summary.eta_s == pytest.approx(20.0)  # one open pack
     assert "No `sensgen run`" in summary.headline()
     (tmp_path / ".lock").write_text(f"{os.getpid()} 2\n", encoding="utf-8")  # a live driver
-    summary = study_status(tmp_path)
-    assert summary.workers == 2 and summary.eta_s == pytest.approx(10.0)
-    assert "ETA 0.2 min" in summary.headline()
+    summary = study_status(tmp_path)  # (one open pack: the second worker cannot help)
+    assert summary.workers == 2 and summary.eta_s == pytest.approx(20.0)
+    assert "ETA 0.3 min" in summary.headline()
+    with Store.open(tmp_path) as store:  # two more open packs: two run at once
+        store.add_runs(PlannedRun(f"r{i}", f"p{i // 2}", "{}") for i in range(6, 10))
+    assert study_status(tmp_path).eta_s == pytest.approx(3 * 20.0 / 2)
+    (tmp_path / ".lock").write_text(f"{os.getpid()} 1000000\n", encoding="utf-8")
+    assert study_status(tmp_path).eta_s == pytest.approx(20.0)  # not 60 / 10⁶
     (tmp_path / ".lock").write_text(f"{_dead_pid()} 2\n", encoding="utf-8")  # a killed one
     assert study_status(tmp_path).workers is None
 

@@ -237,5 +237,6 @@ def study_status(out_dir: str | Path) -> StatusSummary:
     timed = finished.loc[finished["wall_s"] > 0, "wall_s"]  # failed packs have no wall time
     eta = None
     if open_packs and len(timed):
-        eta = open_packs * float(timed.mean()) / (workers or 1)
+        # (no more packs run at once than are open: --workers 1000000 divided the ETA by it)
+        eta = open_packs * float(timed.mean()) / min(workers or 1, open_packs)
     return StatusSummary(name, rows, counts, eta, workers, damaged, unplanned_open)
