@@ -278,17 +278,22 @@ def test_a_second_driver_on_the_same_directory_is_refused(tiny, tmp_path, capsys
     assert _cli("run", str(tiny), "--out", str(out), "--no-progress") == 0
 
 
-def test_packs_planned_by_a_larger_version_of_the_study_are_trained_whole(tiny, tmp_path):
+def _interrupted_plan(study_file, out):
+    """``out`` as an interrupted run of the study leaves it: every run planned, none done."""
     from sensgen.store import PlannedRun, Store
     from sensgen.study import plan_packs
 
-    out = tmp_path / "out"
-    larger = study_module.load(tiny)
-    with Store.open(out) as store:  # an interrupted run of the larger study left these
-        packs = plan_packs(larger.specs(), larger.execution.pack_size)
+    study = study_module.load(study_file)
+    with Store.open(out) as store:
+        packs = plan_packs(study.specs(), study.execution.pack_size)
         store.add_runs(
             PlannedRun(s.run_id, p.pack_id, s.canonical_json()) for p in packs for s in p.specs
         )
+    return out
+
+
+def test_packs_planned_by_a_larger_version_of_the_study_are_trained_whole(tiny, tmp_path):
+    out = _interrupted_plan(tiny, tmp_path / "out")
     smaller = study_module.load(tiny, {"random_labels": "0.0"})  # half of every pack
     result = run(smaller, out, progress=False, report=False)
     assert result.complete and result.counts == {"done": N_RUNS // 2}
@@ -501,16 +506,7 @@ def test_a_folder_that_is_not_a_study_is_left_alone(tiny, tmp_path, capsys):
 def test_open_runs_of_an_earlier_version_of_the_study_are_named(tiny, tmp_path):
     # An interrupted study, then changed: its open runs that the new one does not plan stay
     # pending, which `status` told the user to finish by running again ("Nothing to do").
-    from sensgen.store import PlannedRun, Store
-    from sensgen.study import plan_packs
-
-    out = tmp_path / "out"
-    larger = study_module.load(tiny)
-    with Store.open(out) as store:
-        packs = plan_packs(larger.specs(), larger.execution.pack_size)
-        store.add_runs(
-            PlannedRun(s.run_id, p.pack_id, s.canonical_json()) for p in packs for s in p.specs
-        )
+    out = _interrupted_plan(tiny, tmp_path / "out")
     smaller = study_module.load(tiny, {"grid.width": "[8]"})
     console = Console(record=True, width=300)
     run(smaller, out, progress=False, report=False, console=console)
@@ -582,16 +578,7 @@ def test_failed_runs_do_not_hold_the_measure_table(tiny, tmp_path, monkeypatch):
 
 
 def test_open_runs_sharing_a_pack_with_planned_ones_are_not_called_orphans(tiny, tmp_path):
-    from sensgen.store import PlannedRun, Store
-    from sensgen.study import plan_packs
-
-    out = tmp_path / "out"
-    larger = study_module.load(tiny)
-    with Store.open(out) as store:
-        packs = plan_packs(larger.specs(), larger.execution.pack_size)
-        store.add_runs(
-            PlannedRun(s.run_id, p.pack_id, s.canonical_json()) for p in packs for s in p.specs
-        )
+    out = _interrupted_plan(tiny, tmp_path / "out")
     smaller = study_module.load(tiny, {"random_labels": "0.0"})  # half of every pack
     console = Console(record=True, width=300)
     assert run(smaller, out, progress=False, report=False, console=console).complete

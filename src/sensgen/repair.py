@@ -18,6 +18,7 @@ from sensgen.artifacts import damaged_files
 from sensgen.errors import UserError
 from sensgen.store import FINAL, Status, Store
 from sensgen.study import Study
+from sensgen.study_dir import STUDY_FILE
 
 
 def damaged_packs(
@@ -60,10 +61,9 @@ def check_same_measurements(
         return
     old, new = previous.measure.model_dump(), study.measure.model_dump()
     changed = ", ".join(f"{k} = {old[k]!r} → {new[k]!r}" for k in old if old[k] != new[k])
-    stored = out / "study.toml"
-    runs_of = "1 finished run" if done == 1 else f"{done} finished runs"
+    stored = out / STUDY_FILE
     raise UserError(
-        f"{out} holds {runs_of} of this study measured as {stored} says, and this study's "
+        f"{out} holds {runs_of(done)} of this study measured as {stored} says, and this study's "
         f"[measure] differs ({changed}). sensgen measures a run when it trains it, so they "
         f"would keep their old measurements beside new runs measured otherwise. Run it with "
         f"the stored [measure] (`sensgen run {stored} --out {out}`), or into a new --out "

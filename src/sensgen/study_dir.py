@@ -218,14 +218,13 @@ def study_status(out_dir: str | Path) -> StatusSummary:
     damaged = artifacts.damaged_files(out, finished_packs)
     # Alive before or after the read: the `running` rows read are (or were just) its own.
     workers = before or live_driver_workers(out)
-    name, planned = "?", None
-    if (out / STUDY_FILE).exists():
-        try:
-            stored = study_module.load(out / STUDY_FILE)
-            name, planned = stored.name, {s.run_id for s in stored.specs()}
-        except UserError:
-            name = "unreadable study.toml"
-    unplanned_open = len(unplanned_open_runs(runs, planned)) if planned is not None else 0
+    stored = stored_study(out)
+    unplanned_open = 0
+    if stored is not None:
+        name = stored.name
+        unplanned_open = len(unplanned_open_runs(runs, {s.run_id for s in stored.specs()}))
+    else:
+        name = "unreadable study.toml" if (out / STUDY_FILE).exists() else "?"
     columns = ("n_done", "n_failed", "n_diverged", "n_running", "n_pending")
     rows = [
         (r.pack_id, r.n_runs, *(int(getattr(r, c)) for c in columns), r.status)

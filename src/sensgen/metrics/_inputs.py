@@ -17,8 +17,7 @@ def as_batch(model: nn.Module, x: object, name: str = "x") -> torch.Tensor:
 
     A NumPy array (or anything ``torch.as_tensor`` takes) becomes a tensor; a float tensor
     of another dtype is cast to the model's, if all its parameters share one (it computes
-    in that dtype anyway). For a sensgen
-    `MLP` the points must be flat, [B, d] with its d.
+    in that dtype anyway). For a sensgen `MLP` the points must be flat, [B, d] with its d.
 
     Raises:
         UserError: x is not array-like, not a batch (fewer than 2 dimensions), not floating

@@ -67,7 +67,8 @@ _PIECEWISE_LINEAR = frozenset(
 # Activation modules whose inputs are recorded on a user's own module (nn.ReLU6 is a
 # Hardtanh). The leaky ReLUs are piecewise linear with their kink at 0 (RReLU's slope is
 # fixed in eval mode; in train mode `require_eval_mode` refuses it).
-_PIECEWISE_MODULES = (nn.ReLU, nn.Hardtanh, nn.Hardsigmoid, nn.LeakyReLU, nn.PReLU, nn.RReLU)
+_KINK_AT_ZERO = (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.RReLU)
+_PIECEWISE_MODULES = (*_KINK_AT_ZERO, nn.Hardtanh, nn.Hardsigmoid)
 _ACTIVATION_MODULES = (*_PIECEWISE_MODULES, nn.Tanh, nn.Sigmoid, nn.ELU)
 _SUPPORTED = ", ".join(f"nn.{cls.__name__}" for cls in (nn.ReLU6, *_ACTIVATION_MODULES))
 # Normalisers of the output: their input is the logits, not a hidden layer.
@@ -172,7 +173,7 @@ class _EnoughLayers(Exception):
 
 
 def _module_breakpoints(module: nn.Module) -> tuple[tuple[float, ...], bool]:
-    if isinstance(module, (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.RReLU)):
+    if isinstance(module, _KINK_AT_ZERO):
         return (0.0,), True
     if isinstance(module, nn.Hardtanh):  # nn.ReLU6 is a Hardtanh(0, 6)
         return (float(module.min_val), float(module.max_val)), True
