@@ -53,6 +53,7 @@ import torch.nn.functional as F
 
 from _report import cpu_model, table
 from sensgen import data
+from sensgen.cache_blocks import cache_blocks
 from sensgen.models import MLP, Nonlinearity
 from sensgen.optim import MOMENTUM, OptimizerName
 from sensgen.train import Member, PackShape, derive_seed, init_pack, train_pack
@@ -141,7 +142,8 @@ def profile(case: Case, steps: int = 40) -> None:
         for e in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:15]
     ]
     rows.append(("wall time under the profiler", f"{wall / steps * 1e3:7.1f} ms/step"))
-    table(f"profile, {case.name}: {_describe(few)} (model init included)", rows)
+    blocks = "+".join(map(str, _blocks(case, members, x)))
+    table(f"profile, {case.name}: {_describe(few)} (model init included; blocks {blocks})", rows)
 
 
 def run(config: Config) -> None:
@@ -364,16 +366,33 @@ def products_alone(
     laid out as the trainer's were (same shapes, strides and offsets, and the same tensors
     sharing memory where the trainer's did), filled with random values. So what is timed is
     whatever `sensgen.backprop.Backprop` calls, in whatever layouts it uses, with no
-    hand-written copy of them to fall out of step.
+    hand-written copy of them to fall out of step. A pack the trainer cuts into cache
+    blocks (`sensgen.cache_blocks`) is replayed as it trains: each block's products, at
+    its size, through all the steps before the next block's.
     """
-    calls = stand_in_products(case, members, x, y)[1]
+    sizes = _blocks(case, members, x)
+    starts = itertools.accumulate([0, *sizes])
+    blocks = [
+        stand_in_products(case, members[start : start + size], x, y)[1]
+        for start, size in zip(starts, sizes, strict=False)
+    ]
 
     def run() -> None:
-        for _ in range(case.steps):
-            for fn, args, kwargs in calls:
-                fn(*args, **kwargs)
+        for calls in blocks:
+            for _ in range(case.steps):
+                for fn, args, kwargs in calls:
+                    fn(*args, **kwargs)
 
     return run
+
+
+def _blocks(case: Case, members: list[Member], x: torch.Tensor) -> list[int]:
+    """The cache blocks the trainer cuts the case's pack into (`sensgen.cache_blocks`)."""
+    shape = pack_shape(case, x.shape[1])
+    return cache_blocks(
+        shape.in_dim, shape.n_classes, shape.width, shape.depth, shape.optimizer,
+        shape.batch_size, len(members), x.device,
+    )  # fmt: skip
 
 
 Call = tuple[Callable, list, dict]

@@ -110,6 +110,26 @@ def test_products_alone_replays_the_trainer_s_products_on_stand_ins(
     run()  # replays without error, on the stand-ins
 
 
+def test_products_alone_replays_a_pack_in_blocks_as_the_trainer_trains_it(monkeypatch):
+    # The trainer cuts this pack into blocks of 2 and 3 (`sensgen.cache_blocks`) and trains
+    # each through all its steps: the replay calls the products the same way.
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import train as bench
+    from sensgen import cache_blocks
+
+    case = bench.Case("t", 5, 6, 2, 8, 20, 3)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    per_model = cache_blocks.model_step_bytes(12, 10, 6, 2, case.optimizer, 8)
+    monkeypatch.setattr(cache_blocks, "BYTES_PER_THREAD", 2 * per_model)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(20, 12, generator=gen), torch.randint(0, 10, (20,), generator=gen)
+    run = bench.products_alone(case, bench._members(case), x, y)
+    with bench._ProductRecorder() as recorder:
+        run()
+    models = [call[1][-1].shape[0] for call in recorder.calls]  # the batch of products
+    assert models == [2] * (8 * 3) + [3] * (8 * 3)
+
+
 def _layout(t: torch.Tensor) -> tuple:
     return t.shape, t.stride(), t.storage_offset()
 
@@ -160,7 +180,10 @@ def test_the_compiled_step_benchmark_times_sensgen_s_step(monkeypatch):
 def test_the_profile_shows_the_step_s_products():
     out = _run_training_benchmark("--profile")
     calls = dict(re.findall(r"(aten::\w+) +[\d.]+ ms/step +\((\d+) calls\)", out))
+    blocks = re.search(r"blocks ([\d+]+)\)", out).group(1).split("+")
+    assert sum(map(int, blocks)) == 32
     # the reference pack (2 hidden layers): 6 baddbmm (forward and weight gradients) and
-    # 2 bmm (the input gradients of the two upper layers) per step
-    assert calls["aten::baddbmm"] == "6" and calls["aten::bmm"] == "2"
+    # 2 bmm (the input gradients of the two upper layers) per step of each cache block
+    assert calls["aten::baddbmm"] == str(6 * len(blocks))
+    assert calls["aten::bmm"] == str(2 * len(blocks))
     assert "wall time under the profiler" in out

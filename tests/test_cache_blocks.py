@@ -1,0 +1,159 @@
+"""Cache blocks: how a pack is cut into blocks, and that blocks change no result."""
+
+import math
+
+import pytest
+import torch
+
+from sensgen import cache_blocks, train
+from sensgen.cache_blocks import block_sizes, model_step_bytes
+from sensgen.data import Augmentation
+from sensgen.models import Nonlinearity
+from sensgen.optim import OptimizerName
+from sensgen.train import Member, PackShape, train_pack
+
+N, D, C = 240, 12, 3
+
+
+def test_a_model_s_step_bytes_count_its_copies_and_its_batch():
+    # The reference pack's model (issue 8): 784-256-256-10, batch 128.
+    n_params = (784 * 256 + 256) + (256 * 256 + 256) + (256 * 10 + 10)
+    assert n_params == 269_322
+    batch = 128 * (784 + 4 * 256 * 2 + 2 * 10)
+    # Momentum: θ and its accumulator (the gradient goes into it). SGD: θ and the gradient.
+    # Adam: θ, the gradient, m and v. RMSprop: θ, the gradient and v.
+    copies = {
+        OptimizerName.MOMENTUM: 2,
+        OptimizerName.SGD: 2,
+        OptimizerName.ADAM: 4,
+        OptimizerName.RMSPROP: 3,
+    }
+    for optimizer, n in copies.items():
+        got = model_step_bytes(784, 10, 256, 2, optimizer, 128)
+        assert got == 4 * (n * n_params + batch), optimizer
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 4])
+def test_blocks_cover_the_pack_evenly_and_never_leave_a_model_alone(threads):
+    for n_models in range(1, 70):
+        for per_model in (1, 3, 7, 10, 40):  # budget 40: 40 models down to 1
+            sizes = block_sizes(n_models, per_model, threads, budget=40)
+            per_block = max(2, threads, threads * round(40 / per_model / threads))
+            case = (n_models, per_model, sizes)
+            assert sum(sizes) == n_models, case
+            assert min(sizes) >= 2 or sizes == [1], case
+            # As few blocks as blocks of per_block allow (one fewer where a last block of
+            # one joined its neighbour), none much above per_block.
+            assert len(sizes) in (
+                math.ceil(n_models / per_block),
+                math.ceil(n_models / per_block) - 1,
+            )
+            assert max(sizes) <= per_block + threads + 1, case
+            # Whole multiples of the threads but the last (which takes the remainder).
+            assert all(s % threads == 0 for s in sizes[:-1]), case
+            assert max(sizes[:-1], default=0) - min(sizes[:-1], default=0) <= threads, case
+
+
+def test_the_reference_packs_are_cut_as_measured(monkeypatch):
+    # docs/benchmarks.md, "Cache blocks": on 2 threads, the reference pack (momentum) in two
+    # blocks of 16, its Adam twin in blocks of 10-12, 8 models of 784-512³-10 in two of 4,
+    # the small models (width 64) whole.
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    cpu = torch.device("cpu")
+
+    def blocks(optimizer, width, depth, batch, n_models):
+        return cache_blocks.cache_blocks(784, 10, width, depth, optimizer, batch, n_models, cpu)
+
+    assert blocks(OptimizerName.MOMENTUM, 256, 2, 128, 32) == [16, 16]
+    assert blocks(OptimizerName.ADAM, 256, 2, 128, 32) == [12, 10, 10]
+    assert blocks(OptimizerName.ADAM, 512, 3, 128, 8) == [4, 4]
+    assert blocks(OptimizerName.MOMENTUM, 64, 2, 32, 32) == [32]
+
+
+def test_a_gpu_pack_and_a_full_batch_pack_are_one_block():
+    args = (784, 10, 512, 3, OptimizerName.ADAM)
+    assert cache_blocks.cache_blocks(*args, 128, 64, torch.device("cuda")) == [64]
+    assert cache_blocks.cache_blocks(*args, None, 64, torch.device("cpu")) == [64]
+    assert cache_blocks.cache_blocks(*args, 128, 64, torch.device("cpu")) != [64]
+
+
+def _data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N, D, generator=g)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()  # learnable, 3 classes
+    noisy = torch.randint(0, C, (N,), generator=g)
+    return x, y, noisy
+
+
+def _blocked(monkeypatch, sizes):
+    """train_pack with its blocks set to `sizes` (or one block: None)."""
+    monkeypatch.setattr(
+        train, "cache_blocks", lambda *args: [args[-2]] if sizes is None else list(sizes)
+    )
+
+
+@pytest.mark.parametrize("optimizer", list(OptimizerName))
+def test_a_pack_in_blocks_ends_bit_for_bit_as_one_block(monkeypatch, optimizer):
+    # Seven models: some fit and stop early, one diverges, one has noisy labels, two augment,
+    # learning rates and init scales differ. In blocks of 2, 3 and 2 every model ends with
+    # the same parameters, steps and divergence flag as in one block, in pack order.
+    x, y, noisy = _data()
+    lr = {OptimizerName.SGD: 0.3, OptimizerName.MOMENTUM: 0.05}.get(optimizer, 0.01)
+    members = [
+        Member(seed=10 + i, lr=lr * (0.5 + i / 4), init_scale=1.0 + i / 8, augment=i in (2, 5))
+        for i in range(7)
+    ]
+    members[4] = Member(seed=14, lr=1e30, init_scale=1.0)
+    labels = torch.stack([noisy if i == 3 else y for i in range(7)])
+    shape = PackShape(
+        D, C, 16, 2, Nonlinearity.RELU, optimizer, 32, 200, 20, True,
+        augmentation=Augmentation((1, 3, 4), max_shift=1, flip=True, fill=(0.0,)),
+    )  # fmt: skip
+    _blocked(monkeypatch, None)
+    whole = train_pack(shape, members, x, labels)
+    _blocked(monkeypatch, [2, 3, 2])
+    blocked = train_pack(shape, members, x, labels)
+    assert whole.diverged.tolist() == [i == 4 for i in range(7)]
+    assert (whole.steps < 200).any() and whole.steps[3] == 200  # stops at different steps
+    assert torch.equal(blocked.steps, whole.steps)
+    assert torch.equal(blocked.diverged, whole.diverged)
+    assert blocked.params.keys() == whole.params.keys()
+    for name, value in whole.params.items():
+        assert torch.equal(blocked.params[name], value), name
+        assert blocked.params[name].is_contiguous()
+
+
+def test_a_pack_in_blocks_ticks_once_per_step_of_the_pack(monkeypatch):
+    x, y, _ = _data()
+    shape = PackShape(D, C, 16, 2, Nonlinearity.RELU, OptimizerName.SGD, 32, 30, 10, False)
+    members = [Member(seed=i, lr=0.1, init_scale=1.0) for i in range(6)]
+    ticks = []
+    _blocked(monkeypatch, [2, 2, 2])
+    train_pack(shape, members, x, y.expand(6, -1), on_step=ticks.append)
+    assert ticks == list(range(30))
+
+
+def test_the_trainer_cuts_a_large_pack_into_blocks(monkeypatch):
+    # Through the real sizing: a budget of about two of these models per thread.
+    x, y, _ = _data()
+    shape = PackShape(D, C, 16, 2, Nonlinearity.RELU, OptimizerName.MOMENTUM, 32, 25, 25, False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    per_model = model_step_bytes(D, C, 16, 2, OptimizerName.MOMENTUM, 32)
+    monkeypatch.setattr(cache_blocks, "BYTES_PER_THREAD", 2 * per_model)
+    packs = []
+
+    class Recording(train.Backprop):
+        def loss_and_grad(self, params, *args, **kwargs):
+            packs.append(params["layers.0.weight"].shape[0])
+            return super().loss_and_grad(params, *args, **kwargs)
+
+    monkeypatch.setattr(train, "Backprop", Recording)
+    members = [Member(seed=i, lr=0.05, init_scale=1.0) for i in range(5)]
+    blocked = train_pack(shape, members, x, y.expand(5, -1))
+    assert packs == [2] * 25 + [3] * 25  # blocks of 2 and 3, one after the other
+    monkeypatch.setattr(cache_blocks, "BYTES_PER_THREAD", 100 * per_model)
+    packs.clear()
+    whole = train_pack(shape, members, x, y.expand(5, -1))
+    assert packs == [5] * 25
+    for name, value in whole.params.items():
+        assert torch.equal(blocked.params[name], value), name
