@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from sensgen import study as study_module
 from sensgen.cli import main
+from sensgen.errors import UserError
 from sensgen.execute import execute_pack
 from sensgen.metrics import jacobian_norm
 from sensgen.models import MLP
@@ -172,6 +173,19 @@ def test_parallel_workers_match_a_serial_run(tiny, tmp_path):
     b = open_results(parallel).runs().set_index("run_id")
     for column in ("test_acc", "gap", "jacobian_norm"):
         np.testing.assert_allclose(b.loc[a.index, column], a[column], rtol=1e-5)
+
+
+@pytest.mark.parametrize(("workers", "warned"), [(None, False), (2, False), (3, True)])
+def test_more_local_workers_than_cpus_are_warned_of(tiny, tmp_path, monkeypatch, workers, warned):
+    # Stopped early by a refused --out (a folder of someone else's files), after the check.
+    monkeypatch.setattr("sensgen.runner.usable_cpus", lambda: 2)
+    (tmp_path / "notes.txt").write_text("mine")
+    console = Console(record=True, width=300)
+    with pytest.raises(UserError, match="holds files"):
+        run(study_module.load(tiny), tmp_path, workers=workers, progress=False, console=console)
+    text = console.export_text()
+    assert ("--workers 3 is more than the 2 CPU(s)" in text) is warned
+    assert ("Use --workers 2 or fewer" in text) is warned
 
 
 def test_status_and_report_commands(tiny, tmp_path, capsys):

@@ -53,7 +53,8 @@ def run(
         int | None,
         typer.Option(
             help="Packs at once. local: 1 (default) trains in-process, N > 1 in N 1-thread "
-            "processes; ray: CPUs of the local Ray instance (default: all)."
+            "processes (one per CPU at most); ray: CPUs of the local Ray instance (default: "
+            "all)."
         ),
     ] = None,
     device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",

@@ -14,6 +14,7 @@ while it writes (`sensgen.driver`), so a second `sensgen run` on the same DIR is
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -45,6 +46,7 @@ from sensgen.repair import (
     requeue_damaged,
     retry_failed,
     say_why_failed,
+    warn,
 )
 from sensgen.store import DB_NAME, PlannedRun, Status, Store
 from sensgen.study import Execution, Measurements, RunSpec, Study, plan_packs
@@ -123,6 +125,8 @@ def run(
     console = console or Console(stderr=True)
     study = study if isinstance(study, Study) else study_module.load(study)
     executor = _check_options(executor, workers, device)
+    if executor is Executor.LOCAL:
+        _note_more_workers_than_cpus(workers or 1, console)
     out = Path(out_dir)
     previous = check_same_study(out, study)  # the stored study, before this run writes its own
     planned = study.planned()
@@ -233,6 +237,27 @@ def _check_options(executor: str, workers: int | None, device: str) -> Executor:
             f"(torch {torch.__version__}); run with --device cpu or on a GPU machine."
         )
     return executor
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # (macOS, Windows)
+        return os.cpu_count() or 1
+
+
+def _note_more_workers_than_cpus(workers: int, console: Console) -> None:
+    """A warning for local workers beyond the CPUs: each is a 1-thread process holding its
+    own PyTorch and data, so the extra ones only share the CPUs and add memory."""
+    cpus = usable_cpus()
+    if workers > cpus:
+        warn(
+            console,
+            f"--workers {workers} is more than the {cpus} CPU(s) this process may use: each "
+            "worker needs a CPU of its own, so the extra ones slow the others down and each "
+            f"holds its own copy of PyTorch and the data. Use --workers {cpus} or fewer.",
+        )
 
 
 def pack_memory_budget(execution: Execution, device: str) -> int:
