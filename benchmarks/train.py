@@ -199,6 +199,9 @@ def bench_case(
     # models one by one): timed apart so that the rest can be read as per-step work.
     fns["init"] = lambda: init_pack(pack_shape(case, x.shape[1]), members)
     fns["products alone"] = products_alone(case, members, x, y)
+    blocks = _blocks(case, members, x)
+    if len(blocks) > 1:  # the same pack in one block: what the cache blocks gain here
+        fns["one block"] = lambda: train_packed(case, members, x, y, blocks=[len(members)])
     first_probe = len(peak.rates)
     times = _interleaved(fns, repeats, between=peak.probe)
     # The peak probed within each round (after each of its timings): a guest that drifts
@@ -252,6 +255,15 @@ def bench_case(
                     f"{_spread(_paired(times['loop'], times['products alone']))}",
                 )
             )
+        if "one block" in times:
+            gain = _paired(times["one block"], times["packed"])
+            rows.append(
+                (
+                    "cache blocks / one block",
+                    f"{_spread(gain)} (packed in blocks of {'+'.join(map(str, blocks))} "
+                    f"against the {case.n_models} models in one block)",
+                )
+            )
         rows += [
             (
                 "max |θ_packed − θ_loop|",
@@ -289,11 +301,16 @@ def bench_case(
 
 
 def train_packed(
-    case: Case, members: list[Member], x: torch.Tensor, y: torch.Tensor
+    case: Case,
+    members: list[Member],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    blocks: list[int] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """sensgen's packed trainer: every model at once. Returns the stacked parameters."""
+    """sensgen's packed trainer: every model at once (in its cache blocks, or `blocks`).
+    Returns the stacked parameters."""
     labels = y.expand(len(members), -1)
-    return train_pack(pack_shape(case, x.shape[1]), members, x, labels).params
+    return train_pack(pack_shape(case, x.shape[1]), members, x, labels, blocks=blocks).params
 
 
 def pack_shape(case: Case, in_dim: int) -> PackShape:

@@ -16,6 +16,7 @@ import torch
 
 from sensgen import data
 from sensgen.backprop import Backprop
+from sensgen.cache_blocks import cache_blocks
 from sensgen.divergence import apply_update
 from sensgen.models import Nonlinearity
 from sensgen.optim import OPTIMIZERS, OptimizerName
@@ -52,6 +53,11 @@ def test_training_benchmark_quick_run_agrees_with_the_plain_loop():
     assert "relu, Adam, batch 128" in out
     assert out.count("products alone, GFLOP/s") == 4
     assert out.count("of which model init") == 4
+    # Where the trainer cuts the reference pack into cache blocks, the same pack in one
+    # block is timed beside it (on 2 threads: two blocks of 16).
+    blocks = cache_blocks(784, 10, 256, 2, OptimizerName.MOMENTUM, 128, 32, torch.device("cpu"))
+    split = "+".join(map(str, blocks))
+    assert (f"(packed in blocks of {split} against the 32" in out) is (len(blocks) > 1)
     # The reference pack's share of the peak, strict and per round, as percentages.
     paired = re.search(r"packed share of peak\s+([\d.]+)%.* of the peak probed in the same", out)
     strict = re.search(r"strict, for information\s+([\d.]+)% \(the best round", out)

@@ -85,15 +85,8 @@ def _data():
     return x, y, noisy
 
 
-def _blocked(monkeypatch, sizes):
-    """train_pack with its blocks set to `sizes` (or one block: None)."""
-    monkeypatch.setattr(
-        train, "cache_blocks", lambda *args: [args[-2]] if sizes is None else list(sizes)
-    )
-
-
 @pytest.mark.parametrize("optimizer", list(OptimizerName))
-def test_a_pack_in_blocks_ends_bit_for_bit_as_one_block(monkeypatch, optimizer):
+def test_a_pack_in_blocks_ends_bit_for_bit_as_one_block(optimizer):
     # Seven models: some fit and stop early, one diverges, one has noisy labels, two augment,
     # learning rates and init scales differ. In blocks of 2, 3 and 2 every model ends with
     # the same parameters, steps and divergence flag as in one block, in pack order.
@@ -109,10 +102,8 @@ def test_a_pack_in_blocks_ends_bit_for_bit_as_one_block(monkeypatch, optimizer):
         D, C, 16, 2, Nonlinearity.RELU, optimizer, 32, 200, 20, True,
         augmentation=Augmentation((1, 3, 4), max_shift=1, flip=True, fill=(0.0,)),
     )  # fmt: skip
-    _blocked(monkeypatch, None)
-    whole = train_pack(shape, members, x, labels)
-    _blocked(monkeypatch, [2, 3, 2])
-    blocked = train_pack(shape, members, x, labels)
+    whole = train_pack(shape, members, x, labels, blocks=[7])
+    blocked = train_pack(shape, members, x, labels, blocks=[2, 3, 2])
     assert whole.diverged.tolist() == [i == 4 for i in range(7)]
     assert (whole.steps < 200).any() and whole.steps[3] == 200  # stops at different steps
     assert torch.equal(blocked.steps, whole.steps)
@@ -123,14 +114,22 @@ def test_a_pack_in_blocks_ends_bit_for_bit_as_one_block(monkeypatch, optimizer):
         assert blocked.params[name].is_contiguous()
 
 
-def test_a_pack_in_blocks_ticks_once_per_step_of_the_pack(monkeypatch):
+def test_a_pack_in_blocks_ticks_once_per_step_of_the_pack():
     x, y, _ = _data()
     shape = PackShape(D, C, 16, 2, Nonlinearity.RELU, OptimizerName.SGD, 32, 30, 10, False)
     members = [Member(seed=i, lr=0.1, init_scale=1.0) for i in range(6)]
     ticks = []
-    _blocked(monkeypatch, [2, 2, 2])
-    train_pack(shape, members, x, y.expand(6, -1), on_step=ticks.append)
+    train_pack(shape, members, x, y.expand(6, -1), on_step=ticks.append, blocks=[2, 2, 2])
     assert ticks == list(range(30))
+
+
+@pytest.mark.parametrize("blocks", [[2, 2], [2, 2, 3], [0, 5], [6, -1]])
+def test_blocks_that_do_not_cut_the_pack_are_refused(blocks):
+    x, y, _ = _data()
+    shape = PackShape(D, C, 16, 2, Nonlinearity.RELU, OptimizerName.SGD, 32, 3, 3, False)
+    members = [Member(seed=i, lr=0.1, init_scale=1.0) for i in range(5)]
+    with pytest.raises(ValueError, match="blocks must be positive and sum to 5"):
+        train_pack(shape, members, x, y.expand(5, -1), blocks=blocks)
 
 
 def test_the_trainer_cuts_a_large_pack_into_blocks(monkeypatch):

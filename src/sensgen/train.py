@@ -161,6 +161,7 @@ def train_pack(
     y: torch.Tensor,
     *,
     on_step: Callable[[int], None] | None = None,
+    blocks: Sequence[int] | None = None,
 ) -> PackOutcome:
     """Train a pack of models until each fits, diverges or exhausts `max_steps`.
 
@@ -170,6 +171,8 @@ def train_pack(
         x: training inputs [N, d], shared by all models; training runs on x's device.
         y: training labels [M, N] (each model may have its own, e.g. random labels).
         on_step: called after every step with the step index (for progress bars).
+        blocks: how many models each cache block trains, in order (summing to M); None:
+            `sensgen.cache_blocks.cache_blocks` chooses (benchmarks compare the two).
 
     Returns:
         A `PackOutcome`.
@@ -182,10 +185,15 @@ def train_pack(
     n_models, n = len(members), x.shape[0]
     if y.shape != (n_models, n):
         raise ValueError(f"y must be [M, N] = [{n_models}, {n}], got {tuple(y.shape)}")
-    sizes = cache_blocks(
-        shape.in_dim, shape.n_classes, shape.width, shape.depth, shape.optimizer,
-        shape.batch_size, n_models, x.device,
-    )  # fmt: skip
+    if blocks is None:
+        sizes = cache_blocks(
+            shape.in_dim, shape.n_classes, shape.width, shape.depth, shape.optimizer,
+            shape.batch_size, n_models, x.device,
+        )  # fmt: skip
+    elif sum(blocks) != n_models or min(blocks) < 1:
+        raise ValueError(f"blocks must be positive and sum to {n_models}, got {list(blocks)}")
+    else:
+        sizes = list(blocks)
     if len(sizes) == 1:
         return _train_block(shape, members, x, y, on_step)
     ticks = _BlockTicks(on_step, len(sizes))
