@@ -14,37 +14,67 @@ from sensgen.analysis.claims import (
     per_point_claims,
 )
 from sensgen.analysis.pairs import pair_outcomes, pair_table
+from sensgen.analysis.stats import ADVANTAGE_COLUMNS, correlation_table
 from test_report import check_report
 
 
-def _table(rho_j, low_j, rho_params, n=40):
+def _table(rho_j, low_j, rho_params, n=40, advantage=(0.0, -0.1, 0.1)):
+    """A correlation table; `advantage`: Jbar's (d, low, high) over #weights."""
+    nan3 = (np.nan, np.nan, np.nan)
     rows = [
-        ("jacobian_norm", rho_j, low_j, min(rho_j + 0.1, 1.0)),
-        ("n_params", rho_params, rho_params - 0.2, rho_params + 0.2),
+        ("jacobian_norm", rho_j, low_j, min(rho_j + 0.1, 1.0), *nan3),
+        ("n_params", rho_params, rho_params - 0.2, rho_params + 0.2, *advantage),
     ]
     return pd.DataFrame(
-        [("mnist", p, n, r, lo, hi) for p, r, lo, hi in rows],
-        columns=["dataset", "predictor", "n", "spearman_rho", "spearman_low", "spearman_high"],
-    )
+        [("mnist", p, n, *rest) for p, *rest in rows],
+        columns=["dataset", "predictor", "n", "spearman_rho", "spearman_low", "spearman_high",
+                 *ADVANTAGE_COLUMNS],
+    )  # fmt: skip
 
 
 def test_jbar_claim_holds_only_when_its_interval_is_above_zero():
-    rises, beats = correlation_claims(_table(0.7, 0.5, 0.1))
+    rises, _ = correlation_claims(_table(0.7, 0.5, 0.1))
     assert (rises.figure, rises.holds) == ("Fig. 5", True) and "+0.70" in rises.measured
-    assert (beats.figure, beats.holds) == ("Fig. 1", True)
-    rises, beats = correlation_claims(_table(0.2, -0.1, 0.4))
+    rises, _ = correlation_claims(_table(0.2, -0.1, 0.4))
     assert rises.holds is None and rises.verdict == "inconclusive"  # interval straddles 0
-    assert beats.holds is False
     rises, _ = correlation_claims(_table(-0.6, -0.8, 0.4))  # interval [-0.8, -0.5]
     assert rises.holds is False
-    few = correlation_claims(_table(0.9, 0.8, 0.1, n=MIN_MODELS - 1))
+    few = correlation_claims(_table(0.9, 0.8, 0.1, n=MIN_MODELS - 1, advantage=(0.8, 0.5, 1.0)))
     assert [c.holds for c in few] == [None, None]
-    # A baseline strongly *anti*-correlated with the gap explains it better than a weak
-    # Jbar: the comparison is on |ρ|.
-    _, beats = correlation_claims(_table(0.3, 0.1, -0.9))
-    assert beats.holds is False
-    _, beats = correlation_claims(_table(0.7, 0.5, -0.4))
-    assert beats.holds is True
+
+
+@pytest.mark.parametrize(
+    ("advantage", "holds"),
+    [((0.6, 0.2, 0.9), True), ((-0.6, -0.9, -0.2), False), ((0.6, -0.05, 1.0), None),
+     ((np.nan, np.nan, np.nan), None)],
+)  # fmt: skip
+def test_jbar_does_better_only_when_the_paired_interval_of_the_difference_clears_zero(
+    advantage, holds
+):
+    # The point estimates (+0.7 against +0.1) are the same in every case: the verdict
+    # follows the interval of ρ_Jbar − |ρ_baseline| alone.
+    _, beats = correlation_claims(_table(0.7, 0.5, 0.1, advantage=advantage))
+    assert beats.figure == "Fig. 1" and beats.holds is holds
+    assert "ρ_Jbar − |ρ_baseline| = " in beats.measured
+
+
+def test_few_noisy_models_give_no_verdict_on_jbar_doing_better():
+    # The audit's case: 6 models, Jbar's ρ high but its interval straddling 0, the
+    # baseline's near 0. Two point estimates said "holds"; the paired interval does not.
+    rng = np.random.default_rng(4)
+    gap = np.arange(6.0)
+    runs = pd.DataFrame({
+        "run_id": [f"r{i}" for i in range(6)], "status": "done", "dataset": "mnist",
+        "gap": gap, "jacobian_norm": gap + rng.normal(0, 2.5, 6),
+        "n_params": rng.permutation(6).astype(float) * 1e4, "train_loss": rng.random(6),
+    })  # fmt: skip
+    table = correlation_table(runs, n_boot=1000)
+    rises, *beats = correlation_claims(table[table["n"] > 0])
+    assert rises.holds is None
+    by = table.set_index("predictor")
+    for baseline in ("n_params", "train_loss"):  # Jbar ahead on the point estimates
+        assert by.loc["jacobian_norm", "spearman_rho"] > abs(by.loc[baseline, "spearman_rho"])
+    assert [b.holds for b in beats] == [None, None]
 
 
 def _paired_runs(n_pairs=8, flip=0):
@@ -78,6 +108,22 @@ def test_pair_claims_need_a_majority_and_a_significant_sign_test():
     outcomes = pair_outcomes(pair_table(_paired_runs(flip=8), better_role="0.0"))
     gap = next(c for c in pair_claims(outcomes, "random_labels", "x") if "gap" in c.paper)
     assert gap.holds is False  # 0 of 8 on the paper's side, p = 2/256
+
+
+def test_each_pair_claim_names_its_own_role_when_a_factor_has_several_values():
+    # relu against relu6 (the paper's side in every pair) and against hard_tanh (never).
+    runs = _paired_runs()
+    runs["pair_role"] = runs["pair_role"].map({"0.0": "relu", "1.0": "relu6"})
+    third = runs[runs["pair_role"] == "relu6"].assign(
+        pair_role="hard_tanh", gap=0.0, jacobian_norm=0.0, run_id=lambda f: f["run_id"] + "h"
+    )
+    outcomes = pair_outcomes(pair_table(pd.concat([runs, third]), better_role="relu"))
+    claims = pair_claims(outcomes, "nonlinearity", "nonlinearity = relu6, hard_tanh")
+    gap = {c.paper: c.holds for c in claims if c.paper.endswith("higher gap")}
+    assert gap == {
+        "nonlinearity: the member with nonlinearity = hard_tanh has the higher gap": False,
+        "nonlinearity: the member with nonlinearity = relu6 has the higher gap": True,
+    }
 
 
 def test_report_of_pairs_whose_better_members_were_all_excluded(tmp_path):

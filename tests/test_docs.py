@@ -68,7 +68,7 @@ def test_every_block_of_the_measures_page_runs(tmp_path, monkeypatch):
     assert len(namespace["runs"]) == 4  # every model fits, so the inclusion rule keeps all
     scores, factors = namespace["scores"], namespace["factors"]
     assert {"jacobian_norm", "sharpness_mag", "pacbayes_mag_flatness"} <= set(scores["measure"])
-    assert set(factors["factor"]) == {"width"}
+    assert set(factors["factor"]) == {"width", "seed"}  # cells never pool the seeds
     values = namespace["values"]
     assert values["distance_l2"] == 0.0  # the block measures the model before training
     assert values["margin"] < 0 < values["spectral_product"]

@@ -104,6 +104,26 @@ def test_factor_table_agrees_with_granulated_psi_on_a_random_grid():
             assert got[axis] == pytest.approx(expected[axis])
 
 
+def test_models_of_different_seeds_are_never_pooled_into_one_cell():
+    # A width × seed grid: within each seed Jbar orders the two widths as the gap does
+    # (ψ_width = 1), while the seeds move the gap and Jbar in opposite directions. Pooling
+    # the seeds into one width cell (as a fixed list of hyper-parameter axes did) gave a
+    # negative ψ_width, and a measure looked better than Jbar along width.
+    seeds, widths = np.repeat([0, 1, 2], 2), np.tile([64, 128], 3)
+    runs = pd.DataFrame({
+        "run_id": [f"r{i}" for i in range(6)], "status": "done", "dataset": "mnist",
+        "seed": seeds, "width": widths, "gap": 0.1 * (widths == 128) + seeds,
+        "jacobian_norm": 1.0 * (widths == 128) + 10.0 * (2 - seeds),
+    })  # fmt: skip
+    measures = pd.DataFrame({"run_id": runs["run_id"], "margin": -runs["gap"]})
+    table = measure_factor_table(runs, measures).set_index(["factor", "measure"])
+    assert table.loc[("width", "jacobian_norm"), ["psi", "cells"]].tolist() == [1.0, 3]
+    assert table.loc[("seed", "jacobian_norm"), ["psi", "cells"]].tolist() == [-1.0, 2]
+    assert not table.loc[("width", "margin"), "beats_jbar"]  # −1 is not above 1
+    scores = measure_score_table(runs, measures).set_index("measure")
+    assert scores.loc["jacobian_norm", "psi"] == 0.0  # the mean of ψ_width and ψ_seed
+
+
 def test_continuous_axis_is_left_out():
     # lr drawn at random: every cell along lr holds one model, so ψ_lr is undefined for all.
     runs = grid_runs().assign(lr=np.linspace(1e-3, 1e-2, 9))

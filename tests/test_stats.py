@@ -11,11 +11,14 @@ import pytest
 from scipy import stats
 
 from sensgen.analysis.stats import (
+    ADVANTAGE_COLUMNS,
+    BASELINES,
     TABLE_PREDICTORS,
     CorrelationCI,
     correlation_table,
     correlation_with_ci,
     sign_test,
+    spearman_advantage,
 )
 
 METHODS = (("pearson", "r"), ("spearman", "rho"), ("kendall", "tau"))
@@ -217,7 +220,9 @@ def table_runs() -> pd.DataFrame:
 def test_correlation_table_rows_equal_correlation_with_ci_per_dataset():
     runs = table_runs()
     table = correlation_table(runs, n_boot=100, seed=3)
-    assert list(table.columns) == ["dataset", "predictor", "target", *CorrelationCI._fields]
+    assert list(table.columns) == [
+        "dataset", "predictor", "target", *CorrelationCI._fields, *ADVANTAGE_COLUMNS
+    ]  # fmt: skip
     assert list(table["dataset"]) == ["cifar10"] * 4 + ["mnist"] * 4
     assert tuple(table["predictor"][:4]) == TABLE_PREDICTORS
     assert (table["target"] == "gap").all()
@@ -231,6 +236,51 @@ def test_correlation_table_rows_equal_correlation_with_ci_per_dataset():
     assert row["spearman_rho"] > 0.5
     missing = table.loc[table["predictor"] == "transitions"]
     assert (missing["n"] == 0).all() and missing["spearman_rho"].isna().all()
+
+
+def test_the_table_s_baseline_rows_carry_jbar_s_paired_advantage():
+    runs = table_runs()
+    table = correlation_table(runs, n_boot=200, seed=3).set_index(["dataset", "predictor"])
+    done = runs.loc[(runs["dataset"] == "cifar10") & (runs["status"] == "done")]
+    for baseline in BASELINES:
+        expected = spearman_advantage(
+            done["jacobian_norm"], done[baseline], done["gap"], n_boot=200, seed=3
+        )
+        got = table.loc[("cifar10", baseline), list(ADVANTAGE_COLUMNS)]
+        assert tuple(got) == pytest.approx(expected)
+    for predictor in ("jacobian_norm", "transitions"):
+        assert table.loc[("mnist", predictor), list(ADVANTAGE_COLUMNS)].isna().all()
+
+
+def test_jbar_s_advantage_is_the_difference_of_the_two_spearman_rhos():
+    rng = np.random.default_rng(0)
+    y = rng.normal(size=30)
+    jbar, baseline = y + 0.3 * rng.normal(size=30), -y + 2.0 * rng.normal(size=30)
+    d, low, high = spearman_advantage(jbar, baseline, y, n_boot=500)
+    rho_j, rho_b = stats.spearmanr(jbar, y).statistic, stats.spearmanr(baseline, y).statistic
+    assert d == pytest.approx(rho_j - abs(rho_b), abs=1e-12)
+    assert low < d < high and low > 0  # Jbar clearly ahead of a weak, reversed baseline
+    # Seeded: the same interval again; another seed, another (close) one.
+    assert spearman_advantage(jbar, baseline, y, n_boot=500) == (d, low, high)
+    assert spearman_advantage(jbar, baseline, y, n_boot=500, seed=1)[1] != low
+
+
+def test_jbar_s_advantage_resamples_both_rhos_together():
+    # Jbar and the baseline identical: every resample gives d = ρ − |ρ| = 0 exactly (for
+    # ρ ≥ 0), so the paired interval is [0, 0]; resampling the two ρ apart would not be.
+    y = np.arange(12.0)
+    jbar = y + np.array([0, 3, -2, 1, 0, 4, -3, 2, 0, -1, 5, 1.0])
+    d, low, high = spearman_advantage(jbar, jbar.copy(), y, n_boot=300)
+    assert (d, low, high) == (0.0, 0.0, 0.0)
+
+
+@pytest.mark.parametrize(
+    "columns",
+    [([1.0, 2], [2.0, 1], [0.0, 1]), ([1.0, 1, 1, 1], [1.0, 2, 3, 4], [4.0, 3, 2, 1]),
+     ([1.0, np.nan, 3, np.inf], [1.0, 2, 3, 4], [1.0, 2, 3, 4])],
+)  # fmt: skip
+def test_jbar_s_advantage_is_undefined_on_too_few_or_constant_values(columns):
+    assert all(np.isnan(spearman_advantage(*map(np.array, columns), n_boot=50)))
 
 
 def test_correlation_table_of_no_done_runs_is_empty():

@@ -9,10 +9,10 @@ models, e.g. continuous random-search axes) and the PGDL conditional-mutual-info
 score (NaN unless at least two axes form a grid). ``beats_jbar`` says whether the measure's
 τ exceeds Jbar's on that dataset.
 
-`measure_factor_table` breaks Ψ down by factor: for each axis that varies (a grid axis, or a
-paired factor such as ``random_labels``), ψ_axis = the mean within-cell τ-b of the measure
-against the gap over cells where only that axis varies (Jiang et al. 2020, Eq. 3), so "does
-Jbar beat X when only the width changes?" is one row.
+`measure_factor_table` breaks Ψ down by factor: for each run field that varies (a grid
+axis, a paired factor such as ``random_labels``, the seed), ψ_axis = the mean within-cell
+τ-b of the measure against the gap over cells where only that field varies (Jiang et al.
+2020, Eq. 3), so "does Jbar beat X when only the width changes?" is one row.
 
 Example:
     >>> import pandas as pd
@@ -35,13 +35,16 @@ import pandas as pd
 
 from sensgen.analysis.ranking import cmi_pgdl, granulated_psi, kendall_tau, psi_by_axis, spearman
 from sensgen.analysis.tables import dataset_labels, done_runs
+from sensgen.spec import RunSpec
 
 # The paper's measures and the final train loss (Fig. 1), read from the runs frame, scored
 # beside `sensgen.measures`.
 PAPER_MEASURES = ("jacobian_norm", "jacobian_norm_train", "transitions", "train_loss")
-# Spec fields that may be a study's hyper-parameter axes.
-AXES = ("width", "depth", "lr", "optimizer", "batch_size", "init_scale", "train_subset",
-        "nonlinearity", "random_labels", "augment")  # fmt: skip
+# Every run field a study may vary, the seed included: a cell of ψ_axis holds models equal
+# in every other field that varies (`_dataset_groups`), so models differing in seed are
+# never pooled into one cell (they were, with a fixed list of hyper-parameters, and ψ then
+# mixed within-seed and across-seed orderings: a sign flip in a 2-seed grid).
+AXES = tuple(name for name in RunSpec.model_fields if name != "dataset")
 COLUMNS = ("dataset", "measure", "n", "kendall_tau", "spearman_rho", "psi", "cmi_pgdl",
            "beats_jbar")  # fmt: skip
 FACTOR_COLUMNS = ("dataset", "factor", "measure", "psi", "cells", "beats_jbar")
