@@ -1,8 +1,14 @@
 """A study directory's pack files damaged after they were written: a clear user error
 (exit 2, the file and the fix), and `sensgen run` trains only the damaged packs again."""
 
+import contextlib
 import errno
+import re
+import shlex
+import shutil
 import sqlite3
+import subprocess
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -239,3 +245,153 @@ def test_marks_of_a_pack_go_when_it_is_finished_and_requeue_needs_a_finished_pac
         store.finish_pack("p", [RunResult("a", Status.DONE, {"test_acc": 0.9})])
         assert not mark.exists()
         assert artifacts.damaged_files(tmp_path, ["p"]) == {}
+
+
+# DIR/results.db, the catalogue, damaged: a user error naming it with a fix that works.
+
+
+def _scramble_page(db, name):
+    """Scramble the data of the first page of table or index ``name`` in ``db`` (its
+    header intact), as a bad sector or a torn copy would."""
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        query = "SELECT rootpage FROM sqlite_master WHERE name = ?"
+        (page,) = conn.execute(query, (name,)).fetchone()
+        (size,) = conn.execute("PRAGMA page_size").fetchone()
+    data = bytearray(db.read_bytes())
+    start = (page - 1) * size
+    data[start + 100 : start + size] = bytes(
+        (b * 7 + 13) % 256 for b in data[start + 100 : start + size]
+    )
+    db.write_bytes(bytes(data))
+
+
+def _follow(err):
+    """Do what a message's `mv A B && sensgen run ...` says: the move, then the run
+    (in-process). Returns the run's exit code and the two directories."""
+    (command,) = re.findall(r"`(mv [^`]*)`", " ".join(err.split()))
+    move, run_command = (shlex.split(part) for part in command.split(" && "))
+    subprocess.run(move, check=True)
+    assert run_command[:2] == ["sensgen", "run"]
+    return _cli(*run_command[1:], "--no-progress"), Path(move[1]), Path(move[2])
+
+
+def _same_files(a, b):
+    """Whether two study directories hold byte-equal pack files."""
+    names = sorted(p.relative_to(a) for kind in artifacts.FOLDERS for p in (a / kind).iterdir())
+    others = sorted(p.relative_to(b) for kind in artifacts.FOLDERS for p in (b / kind).iterdir())
+    return names == others and all((a / n).read_bytes() == (b / n).read_bytes() for n in names)
+
+
+def test_a_damaged_catalogue_is_a_user_error_whose_fix_trains_the_study_again(study, capsys):
+    _, out, runs, points = study
+    original = out.with_name("original")
+    shutil.copytree(out, original)
+    db = out / "results.db"
+    _scramble_page(db, "runs")  # the rows themselves: read by report, status and run
+    damaged = db.read_bytes()
+    for command in (["report", str(out)], ["status", str(out)]):
+        assert _cli(*command) == 2  # (was a traceback, exit 1)
+        err = " ".join(capsys.readouterr().err.split())
+        assert f"{db} is damaged" in err and "Every model is trained again" in err
+    assert _cli("run", str(out / "study.toml"), "--out", str(out), "--no-progress") == 2
+    err = capsys.readouterr().err
+    assert "Nothing was changed" in " ".join(err.split())
+    assert db.read_bytes() == damaged and _same_files(out, original)
+    # The fix it gives: the directory moved aside whole, the study trained again into DIR.
+    code, moved_from, aside = _follow(err)
+    assert code == 0 and moved_from == out and aside == out.with_name("out.damaged")
+    again = open_results(out).runs().set_index("run_id")
+    assert (again["status"] == "done").all() and set(again.index) == set(runs.index)
+    for column in ("train_acc", "test_acc", "jacobian_norm"):
+        pd.testing.assert_series_equal(again.loc[runs.index, column], runs[column])
+    assert len(open_results(out).points()) == len(points)
+    # Nothing was deleted: the old directory is whole, its damaged catalogue included.
+    assert (aside / "results.db").read_bytes() == damaged and _same_files(aside, original)
+
+
+def test_a_damaged_catalogue_can_be_put_back_from_a_copy(finished, study, capsys):
+    _, out, runs, _ = study
+    _scramble_page(out / "results.db", "runs")
+    assert _cli("report", str(out)) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"If you have a copy of {out / 'results.db'} from before the damage, put it" in err
+    shutil.copyfile(finished[1] / "results.db", out / "results.db")  # the copy
+    assert _cli("status", str(out)) == 0
+    assert f"{len(runs)} done" in capsys.readouterr().out
+
+
+def test_damage_in_an_index_of_the_catalogue_stops_run_before_it_writes(study, capsys):
+    # `runs` reads the rows whole, so report and status worked; run's first insert met the
+    # damaged index half-way through, with a traceback.
+    path, out, _, _ = study
+    db = out / "results.db"
+    _scramble_page(db, "sqlite_autoindex_runs_1")
+    damaged, study_file = db.read_bytes(), (out / "study.toml").read_bytes()
+    more = ["--set", "grid.seed=[0, 1]"]  # new runs to insert
+    assert _cli("run", str(path), "--out", str(out), "--no-progress", *more) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"{db} is damaged (integrity check" in err and "Nothing was changed" in err
+    assert db.read_bytes() == damaged and (out / "study.toml").read_bytes() == study_file
+    assert _cli("report", str(out)) == 2
+
+
+def test_a_catalogue_cut_to_nothing_is_damage_not_a_new_study(study, capsys):
+    # An empty results.db beside a study's files: run planned the study anew and trained
+    # it over the old files, report said to run it.
+    path, out, _, _ = study
+    original = out.with_name("original")
+    shutil.copytree(out, original)
+    (out / "results.db").write_bytes(b"")
+    assert _cli("run", str(path), "--out", str(out), "--no-progress") == 2
+    assert "results.db is damaged (it holds no tables)" in " ".join(capsys.readouterr().err.split())
+    assert (out / "results.db").read_bytes() == b"" and _same_files(out, original)
+    assert _cli("report", str(out)) == 2
+    assert "Every model is trained again" in " ".join(capsys.readouterr().err.split())
+
+
+def test_a_catalogue_moved_away_leads_to_a_fix_that_works(study, capsys):
+    # The old message said "move it away"; then report said to run the study into DIR and
+    # run refused DIR ("holds files, but no study").
+    _, out, runs, _ = study
+    (out / "results.db").rename(out / "results.db.damaged")
+    for command in (["report", str(out)], ["status", str(out)]):
+        assert _cli(*command) == 2
+        err = " ".join(capsys.readouterr().err.split())
+        assert f"{out} holds a study's files but no study" in err
+    assert _cli("run", str(out / "study.toml"), "--out", str(out), "--no-progress") == 2
+    code, _, aside = _follow(capsys.readouterr().err)
+    assert code == 0 and (aside / "results.db.damaged").is_file()
+    assert (open_results(out).runs()["status"] == "done").sum() == len(runs)
+
+
+def test_the_fix_names_a_free_folder_and_quotes_paths(tmp_path):
+    out = tmp_path / "my study"
+    (out / "points").mkdir(parents=True)
+    (out / "points" / "p.parquet").write_bytes(b"x")
+    (tmp_path / "my study.damaged").mkdir()  # taken: mv would move DIR into it
+    with pytest.raises(UserError) as info:
+        open_results(out)
+    text = str(info.value)
+    aside = shlex.quote(str(tmp_path / "my study.damaged-2"))
+    assert f"`mv {shlex.quote(str(out))} {aside} && sensgen run STUDY --out" in text
+    assert "STUDY: the study file that trained it" in text
+
+
+def test_damage_met_after_the_catalogue_was_opened_is_a_user_error(study):
+    _, out, _, _ = study
+
+    class Damaged:
+        """A connection whose disk went bad after the catalogue was opened and checked."""
+
+        def execute(self, *args):
+            raise sqlite3.DatabaseError("database disk image is malformed")
+
+        def close(self):
+            pass
+
+    results = open_results(out)
+    results._conn.close()
+    results._conn = Damaged()
+    for read in (results.runs, results.pack_status, results.points):
+        with pytest.raises(UserError, match=r"results\.db is damaged.*trained again"):
+            read()

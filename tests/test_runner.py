@@ -598,3 +598,37 @@ def test_open_runs_sharing_a_pack_with_planned_ones_are_not_called_orphans(tiny,
     assert run(smaller, out, progress=False, report=False, console=console).complete
     assert "does not plan" not in console.export_text()
     assert "not planned" not in study_status(out).headline()
+
+
+def test_a_changed_inclusion_rule_rebuilds_the_report_of_a_finished_study(tiny, tmp_path, capsys):
+    # The report reads [inclusion] from DIR/study.toml: `--set inclusion.apply=false` on a
+    # finished study rewrote the file, left the report of the old rule and named it.
+    out = tmp_path / "out"
+    index, models = out / "report" / "index.html", out / "report" / "models.csv"
+    assert _cli("run", str(tiny), "--out", str(out), "--no-progress") == 0
+    assert len(pd.read_csv(models)) == 0  # no model fits in 40 steps: none qualifies
+    capsys.readouterr()
+    everyone = ["--set", "inclusion.apply=false"]
+    assert _cli("run", str(tiny), "--out", str(out), "--no-progress", *everyone) == 0
+    text = capsys.readouterr().out.replace("\n", "")  # (rich wraps long paths)
+    assert "Nothing to do" in text and f"Report: {index}" in text
+    assert set(pd.read_csv(models)["run_id"]) == set(open_results(out).runs()["run_id"])
+    # The same study again: its file and the report are left alone.
+    stamps = [p.stat().st_mtime_ns for p in (index, out / "study.toml")]
+    assert _cli("run", str(tiny), "--out", str(out), "--no-progress", *everyone) == 0
+    assert [p.stat().st_mtime_ns for p in (index, out / "study.toml")] == stamps
+    assert f"Report: {index}" in capsys.readouterr().out.replace("\n", "")
+
+
+def test_a_study_file_newer_than_the_report_makes_it_outdated(tiny, tmp_path):
+    # Whatever wrote it (a run killed before its report, an edit): run rewrites the report.
+    out = tmp_path / "out"
+    run(study_module.load(tiny), out, progress=False)
+    index = out / "report" / "index.html"
+    os.utime(out / "study.toml", ns=(index.stat().st_mtime_ns + 1,) * 2)
+    assert run(study_module.load(tiny), out, progress=False, report=False).report is None
+    result = run(study_module.load(tiny), out, progress=False)
+    assert (
+        result.report == index
+        and index.stat().st_mtime_ns > (out / "study.toml").stat().st_mtime_ns
+    )

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sensgen import artifacts
+from sensgen import artifacts, catalogue_damage
 from sensgen.errors import UserError
 from sensgen.schema import (
     DB_NAME,
@@ -66,6 +66,8 @@ class Results:
             fix = "choose another --out DIR" if create else "pass a study directory"
             raise UserError(f"{root} is a file, not a directory; {fix}.")
         if not create and not db.is_file():
+            if root.is_dir() and catalogue_damage.holds_study_files(root):
+                raise catalogue_damage.missing(root)
             raise UserError(
                 f"{root} is not a sensgen study directory: no {DB_NAME}; "
                 f"run `sensgen run STUDY --out {root}` first."
@@ -85,18 +87,22 @@ class Results:
         try:
             store._prepare(create)
         except BaseException as exc:
-            store.close()
-            busy = getattr(exc, "sqlite_errorname", "").startswith(("SQLITE_BUSY", "SQLITE_LOCKED"))
-            if isinstance(exc, sqlite3.DatabaseError) and not busy:
-                msg = f"{db} is not a readable sensgen results database ({exc}); move it away."
-                raise UserError(msg) from exc
+            store.close()  # first: the fix names the files SQLite leaves behind after it
+            if isinstance(exc, catalogue_damage.Foreign):
+                raise catalogue_damage.foreign(root, str(exc)) from None
+            if catalogue_damage.is_damage(exc):
+                raise catalogue_damage.damaged(root, exc) from exc
             raise
         return store
 
     def _prepare(self, create: bool) -> None:
+        # (Before the pragmas, which write a header into an empty file.)
+        if not self._tables() and catalogue_damage.holds_study_files(self.root):
+            raise sqlite3.DatabaseError("it holds no tables")  # cut short: not a new study
         for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "foreign_keys=ON"):
             self._conn.execute(f"PRAGMA {pragma}")
         self._conn.execute("PRAGMA busy_timeout=30000")
+        self._check_integrity()
         if not self._tables():
             if not create:
                 raise UserError(f"{self.db_path} is empty; run `sensgen run STUDY` on {self.root}.")
@@ -108,7 +114,16 @@ class Results:
                 self._migrate()
         names = [row[1] for row in self._conn.execute("PRAGMA table_info(runs)")]
         if tuple(names) != RUN_COLUMNS:
-            raise UserError(f"{self.db_path} has no valid `runs` table; move it away.")
+            raise catalogue_damage.Foreign("no valid `runs` table")
+
+    def _check_integrity(self) -> None:
+        """Find damage anywhere in the catalogue when it is opened (SQLite's quick_check
+        reads every page), before anything reads or writes: damage in an index page that
+        `runs` never reads broke the first insert of a `sensgen run` half-way through."""
+        problems = [str(row[0]) for row in self._conn.execute("PRAGMA quick_check")]
+        if problems != ["ok"]:
+            lines = [line for p in problems for line in p.splitlines() if "***" not in line]
+            raise sqlite3.DatabaseError(f"integrity check: {(lines or problems)[0]}")
 
     def _tables(self) -> set[str]:
         query = "SELECT name FROM sqlite_master WHERE type = 'table'"
@@ -126,7 +141,7 @@ class Results:
         self._conn.executemany("INSERT INTO meta VALUES (?, ?)", meta.items())
 
     def _schema_version(self) -> int:
-        bad = UserError(f"{self.db_path} is not a sensgen results database (no schema_version).")
+        bad = catalogue_damage.Foreign("no schema_version")
         if "meta" not in self._tables():
             raise bad
         row = self._conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
@@ -153,13 +168,35 @@ class Results:
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        self._conn.execute("BEGIN IMMEDIATE")
+        with self._damage_as_user_error():
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def _damage_as_user_error(self) -> Iterator[None]:
+        """Turn damage that SQLite meets in the catalogue after it was opened into the user
+        error that names DIR/results.db and the fix (`sensgen.catalogue_damage`), not a
+        traceback; a busy, read-only or full machine's errors pass through. The handle is
+        closed first: nothing more may be written to a damaged catalogue, and the fix names
+        the files SQLite leaves behind once it is closed."""
         try:
-            yield self._conn
-        except BaseException:
-            self._conn.execute("ROLLBACK")
+            yield
+        except sqlite3.DatabaseError as exc:
+            if catalogue_damage.is_damage(exc):
+                self.close()
+                raise catalogue_damage.damaged(self.root, exc, at_open=False) from exc
             raise
-        self._conn.execute("COMMIT")
+
+    def _rows(self, query: str, params: tuple = ()) -> tuple[list[tuple], list[str]]:
+        """The rows of a read of the catalogue and their column names (`_damage_as_user_error`)."""
+        with self._damage_as_user_error():
+            cur = self._conn.execute(query, params)
+            return cur.fetchall(), [d[0] for d in cur.description]
 
     def close(self) -> None:
         """Close the database connection (idempotent)."""
@@ -179,7 +216,7 @@ class Results:
         Sorted by ``(pack_id, run_id)``.
         """
         query = f"SELECT {', '.join(RUN_COLUMNS)} FROM runs ORDER BY pack_id, run_id"
-        rows = self._conn.execute(query).fetchall()
+        rows, _ = self._rows(query)
         frame = pd.DataFrame.from_records(rows, columns=RUN_COLUMNS).astype(RUN_DTYPES)
         for col in ("created_at", "finished_at"):
             frame[col] = pd.to_datetime(frame[col], utc=True, format="ISO8601")
@@ -232,10 +269,10 @@ class Results:
         return maps
 
     def _done_by_pack(self, run_ids: Iterable[str] | None) -> dict[str, set[str]]:
-        done = self._conn.execute("SELECT run_id, pack_id FROM runs WHERE status = 'done'")
+        done, _ = self._rows("SELECT run_id, pack_id FROM runs WHERE status = 'done'")
         by_pack: dict[str, set[str]] = {}
         wanted = None if run_ids is None else set(run_ids)
-        for run_id, pack_id in done.fetchall():
+        for run_id, pack_id in done:
             if wanted is None or run_id in wanted:
                 by_pack.setdefault(pack_id, set()).add(run_id)
         return by_pack
@@ -252,8 +289,8 @@ class Results:
             " ('done', 'failed', 'diverged') THEN wall_s END) AS wall_s"
             " FROM runs GROUP BY pack_id ORDER BY pack_id"
         )
-        cur = self._conn.execute(query)
-        frame = pd.DataFrame.from_records(cur.fetchall(), columns=[d[0] for d in cur.description])
+        rows, columns = self._rows(query)
+        frame = pd.DataFrame.from_records(rows, columns=columns)
         frame = frame.astype({c: "int64" for c in frame.columns[1:-1]} | {"wall_s": "float64"})
         conditions = [
             frame["n_running"] > 0,
@@ -267,8 +304,8 @@ class Results:
     def load_weights(self, pack_id: str) -> dict[str, torch.Tensor]:
         """The trained weights of a finished pack, as saved by `finish_pack`."""
         check_id("pack_id", pack_id)
-        query = "SELECT status FROM runs WHERE pack_id = ?"
-        statuses = {row[0] for row in self._conn.execute(query, (pack_id,))}
+        rows, _ = self._rows("SELECT status FROM runs WHERE pack_id = ?", (pack_id,))
+        statuses = {row[0] for row in rows}
         if not statuses or not statuses <= FINAL:
             raise ValueError(f"pack {pack_id!r} is unknown or not finished")
         return artifacts.read_tensors(self.root, "weights", pack_id)

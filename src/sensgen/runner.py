@@ -33,7 +33,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from sensgen import data
+from sensgen import catalogue_damage, data
 from sensgen import study as study_module
 from sensgen.artifacts import FOLDERS
 from sensgen.driver import driver_lock, remove_dead_temporaries
@@ -133,6 +133,8 @@ def run(
     specs = [p.spec for p in planned]
     run_ids = {s.run_id for s in specs}
     new = not (out / DB_NAME).exists()
+    if new and out.is_dir() and catalogue_damage.holds_study_files(out):
+        raise catalogue_damage.missing(out)  # its catalogue moved away or lost
     if new and out.is_dir() and not _only_sensgens(out):
         raise UserError(
             f"{out} exists and holds files, but no study ({DB_NAME} is missing): sensgen "
@@ -198,7 +200,7 @@ def run(
         from sensgen.analysis import write_report
 
         report_path = write_report(out)
-    elif index.exists():
+    elif index.exists() and not stale_report:  # (never a stale report's path)
         report_path = index
     # Runs this call finished: an interrupted call leaves some of its packs pending.
     n_trained = unfinished_before - _unfinished(counts)

@@ -23,6 +23,7 @@ from types import MappingProxyType
 
 SCHEMA_VERSION = 2
 DB_NAME = "results.db"
+STUDY_FILE = "study.toml"  # DIR/study.toml, the study as last run (`sensgen.study_dir`)
 
 
 class Status(StrEnum):

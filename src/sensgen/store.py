@@ -39,6 +39,10 @@ Contract:
   reader; while `requeue_pack` trains its pack again, the pack's runs are not final and
   readers leave them out. One exception to "readers do not write": opening a database of
   an older schema migrates it in place (one transaction), whoever opens it.
+* **A damaged catalogue.** Every open runs SQLite's integrity check (``quick_check``) first;
+  damage there, or met by a later read or write, is a `~sensgen.errors.UserError` naming
+  ``results.db`` and the fix (`sensgen.catalogue_damage`), found before anything is
+  written. The catalogue cannot be rebuilt from the per-pack files.
 * **Schema.** ``meta.schema_version`` is `SCHEMA_VERSION`; older databases are migrated on
   open, in one transaction (see ``MIGRATIONS``), newer ones are refused with a
   `~sensgen.errors.UserError`. A new database is built by the same migrations, so new and
@@ -142,7 +146,7 @@ class Store(Results):
         leaves a pending pack whose old files no reader trusts (as after any crash)."""
         check_id("pack_id", pack_id)
         query = "SELECT status FROM runs WHERE pack_id = ?"
-        statuses = {row[0] for row in self._conn.execute(query, (pack_id,))}
+        statuses = {row[0] for row in self._rows(query, (pack_id,))[0]}
         if not statuses or not statuses <= FINAL:
             raise ValueError(f"pack {pack_id!r} is unknown or not finished")
         cleared = ", ".join(f"{name} = NULL" for name in METRICS)
@@ -205,7 +209,7 @@ class Store(Results):
 
     def _check_pack(self, pack_id: str, results: Sequence[RunResult]) -> None:
         query = "SELECT run_id, status FROM runs WHERE pack_id = ?"
-        stored = dict(self._conn.execute(query, (pack_id,)).fetchall())
+        stored = dict(self._rows(query, (pack_id,))[0])
         ids = [r.run_id for r in results]
         if not stored:
             raise ValueError(f"unknown pack {pack_id!r}")

@@ -8,6 +8,7 @@ read-only, while a run may be writing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -21,10 +22,9 @@ from sensgen import artifacts
 from sensgen import study as study_module
 from sensgen.driver import live_driver_workers
 from sensgen.errors import UserError
+from sensgen.schema import STUDY_FILE
 from sensgen.store import FINAL, Status, Store, open_results
 from sensgen.study import SPEC_SCHEMA, Study
-
-STUDY_FILE = "study.toml"
 
 
 def stored_study(out: Path) -> Study | None:
@@ -65,12 +65,21 @@ def _effective(overrides: list[dict] | None) -> list[dict] | None:
 
 
 def report_outdated(index: Path, store: Store) -> bool:
-    """Whether DIR/report/index.html is missing or older than the last finished run.
+    """Whether DIR/report/index.html is missing, or older than the last finished run or
+    than DIR/study.toml.
 
     A driver killed while writing the report of newly finished runs leaves the previous
-    report in place; the next `run` must rewrite it even though it trains nothing.
+    report in place; the next `run` must rewrite it even though it trains nothing. A study
+    file written since the report (`write_study_file` writes it only when it changes) may
+    have another [inclusion] or [pairs], which the report reads: `--set inclusion.apply=
+    false` on a finished study left a report of the old rule. (A study file of the same
+    time counts as newer: a file system that keeps whole seconds would otherwise miss one
+    written in the report's last second.)
     """
     if not index.exists():
+        return True
+    study_file = store.root / STUDY_FILE
+    if study_file.exists() and study_file.stat().st_mtime_ns >= index.stat().st_mtime_ns:
         return True
     finished = store.runs()["finished_at"]
     latest = finished.max() if finished.notna().any() else None
@@ -142,10 +151,21 @@ def note_unplanned_open_runs(
         )
 
 
-def write_study_file(out: Path, study: Study) -> None:
+def write_study_file(out: Path, study: Study) -> bool:
+    """Write DIR/study.toml (atomically) unless it already holds this study's text.
+    Returns whether it was written.
+
+    Left alone when unchanged, its time says when the study last changed: a report older
+    than it may show other settings (`report_outdated`).
+    """
+    path, text = out / STUDY_FILE, study.to_toml()
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        if path.read_text(encoding="utf-8") == text:
+            return False
     tmp = out / f".{STUDY_FILE}.tmp-{os.getpid()}"
-    tmp.write_text(study.to_toml(), encoding="utf-8")
-    os.replace(tmp, out / STUDY_FILE)
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return True
 
 
 @dataclass(frozen=True)
