@@ -21,7 +21,9 @@ from sensgen.analysis import (
     rank_correlation,
     status_counts,
 )
-from sensgen.analysis.tables import CORRELATION_COLUMNS, MODEL_COLUMNS, PREDICTORS
+from sensgen.analysis.inclusion import mark_included
+from sensgen.analysis.models_table import MODEL_COLUMNS
+from sensgen.analysis.tables import CORRELATION_COLUMNS, PREDICTORS
 
 
 def gap_vs_synthetic_transitions(runs: pd.DataFrame) -> Figure:
@@ -107,6 +109,27 @@ def test_model_table_fills_missing_columns_and_accepts_empty_frames():
     table = model_table(runs)
     assert table["nonlinearity"].isna().all() and table["seed"].isna().all()
     assert model_table(runs.iloc[0:0]).empty
+
+
+def test_model_table_adds_every_varying_run_field_the_pairs_and_each_figures_x():
+    runs = synthetic_runs(8).assign(train_subset=[1000, 4000] * 4, augment=False, eval_every=100)
+    runs["pair_id"] = pd.Series([f"p{i // 2}" for i in range(8)], dtype="str")
+    runs["pair_role"] = pd.Series(["0.0", "1.0"] * 4, dtype="str")
+    runs["transitions"] = 100.0 * runs["jacobian_norm"]
+    runs["jacobian_norm_train"] = np.nan  # not measured: no column
+    runs.loc[0, ["train_acc", "eval_every"]] = [0.99, 50]  # excluded, yet eval_every varies
+    runs.loc[1, "status"] = "pending"
+    table = model_table(mark_included(runs, apply=True))
+    columns = list(table.columns)
+    seed = MODEL_COLUMNS.index("seed") + 1
+    assert columns[:seed] == list(MODEL_COLUMNS[:seed])
+    assert columns[seed : seed + 4] == ["train_subset", "eval_every", "pair_id", "pair_role"]
+    assert columns[columns.index("jacobian_norm") + 1] == "transitions"
+    assert "train_loss" in columns and "augment" not in columns
+    assert "jacobian_norm_train" not in columns
+    assert sorted(table["run_id"]) == sorted(runs["run_id"][2:])  # done and included
+    assert table["train_subset"].dtype == "Int64" and set(table["train_subset"]) == {1000, 4000}
+    assert table.set_index("run_id").loc["digits-003", "pair_id"] == "p1"
 
 
 def test_status_counts_lists_every_status_including_zeros_and_unknown_ones():

@@ -1,5 +1,6 @@
 """Paired-factor tables, sign tests and the Fig. 4 scatter on hand-built frames."""
 
+import html
 import io
 import math
 
@@ -8,11 +9,16 @@ import pandas as pd
 import pytest
 from matplotlib.lines import Line2D
 
-from sensgen.analysis.pair_figures import DIAGONAL_LABEL, paired_scatter
+from sensgen.analysis.inclusion import mark_included
+from sensgen.analysis.pair_figures import DIAGONAL_LABEL, _panel_title, paired_scatter
 from sensgen.analysis.pairs import (
+    ACCOUNTING_COLUMNS,
     EXPECTED,
     METRICS,
     OUTCOME_COLUMNS,
+    pair_accounting,
+    pair_count_text,
+    pair_counts,
     pair_outcomes,
     pair_table,
     role_of,
@@ -280,3 +286,113 @@ def test_pairs_section_names_the_fields_members_override():
     text = "the max_steps each member sets"
     assert any(f"identical but for random_labels and {text} (0.0," in p for p in section.html)
     assert saved == ["pairs", "pairs"]
+
+
+def _audited_runs():
+    """Four random-label pairs, every status and the inclusion rule marked: p1 and p2
+    complete; p3's random member below 100% train accuracy; p4's true member failed, and
+    p5's random member still pending."""
+    runs = _runs(
+        [
+            ("a0", "done", "p1", "0.0", 0.1, 1.0),
+            ("a1", "done", "p1", "1.0", 0.9, 6.0),
+            ("b0", "done", "p2", "0.0", 0.2, 2.0),
+            ("b1", "done", "p2", "1.0", 0.8, 5.0),
+            ("c0", "done", "p3", "0.0", 0.1, 1.5),
+            ("c1", "done", "p3", "1.0", 0.9, 7.0),
+            ("d0", "failed", "p4", "0.0", np.nan, np.nan),
+            ("d1", "done", "p4", "1.0", 0.9, 9.0),
+            ("e0", "done", "p5", "0.0", 0.1, 1.0),
+            ("e1", "pending", "p5", "1.0", np.nan, np.nan),
+        ]
+    )
+    runs["train_acc"] = [1.0, 1.0, 1.0, 1.0, 1.0, 0.9935, np.nan, 1.0, 1.0, np.nan]
+    return mark_included(runs, apply=True)
+
+
+def test_pair_accounting_says_why_each_planned_comparison_was_dropped():
+    runs = _audited_runs()
+    accounting = pair_accounting(runs, better_role="0.0")
+    assert list(accounting.columns) == list(ACCOUNTING_COLUMNS)
+    assert accounting.set_index("pair_id")["dropped"].to_dict() == {
+        "p1": "",
+        "p2": "",
+        "p3": "excluded",
+        "p4": "failed",
+        "p5": "not_finished",
+    }
+    assert pair_counts(accounting) == {
+        "planned_pairs": 5,
+        "compared_pairs": 2,
+        "planned_comparisons": 5,
+        "compared_comparisons": 2,
+        "dropped": {"missing": 0, "failed": 1, "diverged": 0, "not_finished": 1, "excluded": 1},
+    }
+    # The compared comparisons are exactly pair_table's rows.
+    compared = accounting.loc[accounting["dropped"] == "", "pair_id"].tolist()
+    assert pair_table(runs, better_role="0.0")["pair_id"].tolist() == compared == ["p1", "p2"]
+
+
+def test_pair_accounting_counts_each_comparison_once_and_a_missing_member():
+    runs = _label_runs().iloc[:-1]  # p1 complete, p2 random member failed, p3 better diverged
+    runs = pd.concat([runs, _runs([("f1", "done", "p4", "1.0", 0.9, 6.0)])])  # p4: no better
+    both = runs.assign(status=np.where(runs["run_id"] == "a1", "running", runs["status"]))
+    both.loc[both["run_id"] == "a0", "status"] = "failed"  # p1: failed and running
+    dropped = pair_accounting(both, better_role="0.0")["dropped"].tolist()
+    assert dropped == ["failed", "failed", "diverged", "missing"]
+    nonlinearity = pair_counts(pair_accounting(_nonlinearity_runs(), better_role="relu"))
+    assert (nonlinearity["planned_pairs"], nonlinearity["planned_comparisons"]) == (2, 6)
+    assert nonlinearity["compared_comparisons"] == 5 and nonlinearity["dropped"]["failed"] == 1
+    assert pair_count_text(nonlinearity) == (
+        "5 of 6 planned comparisons (2 pairs) compared; 1 dropped: a member failed (1)"
+    )
+
+
+def test_pair_table_leaves_out_a_pair_whose_member_the_inclusion_rule_excludes():
+    runs = _audited_runs()
+    assert "p3" not in set(pair_table(runs, better_role="0.0")["pair_id"])
+    every = mark_included(runs.drop(columns="included"), apply=False)
+    assert "p3" in set(pair_table(every, better_role="0.0")["pair_id"])
+
+
+def _pairs_section(runs, pairs):
+    figures = {}
+    section = pairs_section(runs, pairs, lambda name, fig: figures.setdefault(name, fig))
+    return section, html.unescape(" ".join(" ".join(section.html).split())), figures
+
+
+def test_pairs_section_says_how_many_planned_pairs_it_compares_and_why_it_drops_others():
+    pairs = {"factor": "random_labels", "values": [0.0, 1.0]}
+    section, text, figures = _pairs_section(_audited_runs(), pairs)
+    counted = (
+        "2 of 5 planned pairs compared; 3 dropped: a member failed (1), a member not finished "
+        "(pending or running) (1), a member below the inclusion rule (1)"
+    )
+    assert counted in text
+    assert counted in figures["pairs"].get_suptitle()
+    assert section.summary["pairs"] == 2
+    assert section.summary["pair_counts"]["dropped"]["excluded"] == 1
+
+
+def test_pairs_section_without_a_complete_pair_gives_the_reasons():
+    runs = _audited_runs()
+    runs = runs.assign(included=runs["included"] & runs["run_id"].isin(["c0", "c1"]))
+    section, text, figures = _pairs_section(runs, {"factor": "random_labels", "values": [0, 1]})
+    assert "No pairs to compare: 0 of 5 planned pairs compared; 5 dropped" in text
+    assert "a member below the inclusion rule (3)" in text and not figures
+    assert section.summary["pair_counts"]["compared_pairs"] == 0
+
+
+def test_pairs_section_names_values_that_match_no_stored_role():
+    # A [pairs] table edited after the run: no inclusion rule explains the missing role.
+    pairs = {"factor": "random_labels", "values": [0.5, 1.0]}
+    section, text, figures = _pairs_section(_audited_runs(), pairs)
+    assert "pairs.values[0] = 0.5 (pair_role '0.5') matches no run" in text
+    assert "pair_role '0.0', '1.0'" in text and "inclusion rule" not in text
+    assert not figures and not section.claims
+
+
+def test_pair_panel_titles_never_round_a_share_to_100_percent():
+    better, other = np.zeros(200), np.r_[np.ones(199), -1.0]
+    title = _panel_title("gap", np.full(200, "1.0"), better, other)
+    assert "199/200 pairs, 99.5%" in title

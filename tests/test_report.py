@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import html
 import json
+import re
 import shutil
 from html.parser import HTMLParser
 from pathlib import Path
@@ -13,6 +15,7 @@ import pytest
 
 from chromium import Browser
 from sensgen.analysis import write_report
+from sensgen.analysis.html import format_cell
 from test_analysis import synthetic_runs
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -278,3 +281,101 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert not errors, "errors in the page:\n" + "\n".join(errors)
     assert screenshot.read_bytes().startswith(PNG_MAGIC)
     assert browser.process.returncode is not None
+
+
+def page_text(index: Path) -> str:
+    """The page's text without tags, entities resolved and whitespace collapsed."""
+    text = re.sub(r"<[^>]+>", " ", index.read_text(encoding="utf-8"))
+    return " ".join(html.unescape(text).split())
+
+
+def test_a_report_on_an_unfinished_study_warns_above_the_claims(tmp_path):
+    runs = synthetic_runs(8)
+    runs.loc[[0, 1, 2, 3], "status"] = ["pending", "running", "failed", "diverged"]
+    out = tmp_path / "study"
+    index = write_report(out, runs=runs, n_boot=50)
+    text = page_text(index)
+    banner = "Study incomplete: 5 of 8 runs finished (1 pending, 1 running, 1 failed)."
+    assert banner in text and "verdicts, figures and tables below are provisional" in text
+    assert f"Resume with sensgen run {out / 'study.toml'} --out {out}" in text
+    assert text.index(banner) < text.index("Which of the paper's claims hold here")
+    page = index.read_text(encoding="utf-8")
+    assert page.index('class="banner"') < page.index('<table id="claims"')  # the verdicts
+    summary = json.loads((index.parent / "summary.json").read_text())
+    assert summary["complete"] is False
+    assert (summary["runs"], summary["runs_finished"]) == (8, 5)
+    assert summary["unfinished"] == {"pending": 1, "running": 1, "failed": 1}
+
+    runs.loc[[0, 1, 2], "status"] = "done"  # diverged runs are final: the study is complete
+    index = write_report(out, runs=runs, n_boot=50)
+    assert "Study incomplete" not in page_text(index)
+    assert json.loads((index.parent / "summary.json").read_text())["complete"] is True
+
+
+def _cli(*args: str) -> int:
+    """Run the CLI in-process; return its exit code."""
+    from sensgen.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main([*args])
+        raise SystemExit(0)
+    return info.value.code
+
+
+@pytest.mark.parametrize(
+    ("pairs", "names"),
+    [
+        ('[pairs]\nfactor = "random_labels"\nvalues = ["abc", 1.0]', ["pairs.values[0]", "'abc'"]),
+        ('[pairs]\nfactor = "random_labels"\nvalues = 1.0', ["pairs.values", "valid list"]),
+        ('[pairs]\nfactor = "depth"\nvalues = [0.0, 1.0]', ["pairs.factor 'depth'", "augment"]),
+        ('[pairs]\nfactor = "random_labels"\nvalues = [0, 0.0]', ["values", "more than once"]),
+        ('[pairs]\nfactor = "augment"\nvalues = [true, false]\nx = 1', ["pairs.x", "overrides"]),
+        ("[pairs]\nvalues = [true, false]", ["pairs.factor", "Field required"]),
+        ("pairs = 3", ["[pairs] must be a table"]),
+    ],
+)
+def test_an_invalid_pairs_table_in_study_toml_is_a_user_error_for_report(
+    tmp_path, capsys, pairs, names
+):
+    from sensgen.store import Store
+
+    with Store.open(tmp_path):
+        pass
+    path = tmp_path / "study.toml"
+    path.write_text(f'name = "edited"\n{pairs}\n', encoding="utf-8")
+    assert _cli("report", str(tmp_path)) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"{path}:" in err and all(name in err for name in names), err
+    assert "Traceback" not in err and f"sensgen run STUDY --out {tmp_path}" in err
+
+
+def test_cells_never_round_a_fraction_onto_a_whole_number():
+    assert format_cell(0.99996) == "0.99996" and format_cell(59999 / 60000) == "0.99998"
+    assert format_cell(np.float64(1 - 1e-12)) == "0.999999999999"
+    assert format_cell(2.00001) == "2.00001" and format_cell(-0.99999) == "-0.99999"
+    # Short forms that say they are rounded, and exact values, stay as they were.
+    assert format_cell(1.0) == "1" and format_cell(0.0) == "0" and format_cell(0.123456) == "0.1235"
+    assert format_cell(12345.678) == "1.235e+04" and format_cell(float("nan")) == ""
+
+
+def test_a_train_accuracy_short_of_1_never_shows_as_1_or_100_percent(tmp_path):
+    runs = synthetic_runs(4).assign(train_acc=[1.0, 0.99996, 1.0, 59999 / 60000])
+    rule = {"apply": True, "min_train_acc": 0.9999}
+    index = write_report(tmp_path, runs=runs, inclusion=rule, n_boot=50)
+    page = index.read_text(encoding="utf-8")
+    assert '<td data-v="0.99996">0.99996</td>' in page
+    assert f'<td data-v="{59999 / 60000!r}">0.99998</td>' in page
+    assert '<td data-v="1">1</td>' in page  # exactly 1 stays 1
+    assert "training accuracy ≥ 99.99%" in page_text(index)
+
+
+def test_models_csv_tells_apart_models_that_differ_in_any_run_field(tmp_path):
+    runs = synthetic_runs(6).assign(train_subset=[1000, 4000] * 3, augment=False)
+    runs["pair_id"] = pd.Series(["p0", "p0", "p1", "p1", None, None], dtype="str")
+    runs["pair_role"] = pd.Series(["0.0", "1.0"] * 2 + [None, None], dtype="str")
+    runs["transitions"] = 100.0 * runs["jacobian_norm"]
+    index = write_report(tmp_path, runs=runs, n_boot=50)
+    models = pd.read_csv(index.parent / "models.csv")
+    expected = {"train_subset", "pair_id", "pair_role", "train_loss", "transitions"}
+    assert expected <= set(models.columns) and "augment" not in models.columns
+    assert len(models.drop_duplicates(["train_subset", "seed", "width", "depth"])) == 6

@@ -26,8 +26,9 @@ from sensgen.analysis.geometry_figures import (
 )
 from sensgen.analysis.inclusion import analysed_runs, mark_included
 from sensgen.analysis.measure_scores import measure_factor_table, measure_score_table
+from sensgen.analysis.models_table import model_table
 from sensgen.analysis.pair_figures import paired_scatter
-from sensgen.analysis.pairs import pair_outcomes, pair_table, role_of
+from sensgen.analysis.pairs import pair_accounting, pair_counts, pair_outcomes, pair_table, role_of
 from sensgen.analysis.point_figures import jacobian_vs_loss, per_point_auroc
 from sensgen.analysis.report import write_report
 from sensgen.analysis.stats import correlation_table, correlation_with_ci, sign_test
@@ -35,7 +36,6 @@ from sensgen.analysis.tables import (
     RankCorrelation,
     correlation_summary,
     done_runs,
-    model_table,
     per_point_distribution,
     per_point_summary,
     rank_correlation,
@@ -62,7 +62,9 @@ __all__ = [
     "measure_factor_table",
     "measure_score_table",
     "model_table",
+    "pair_accounting",
     "pair_claims",
+    "pair_counts",
     "pair_outcomes",
     "pair_table",
     "paired_scatter",

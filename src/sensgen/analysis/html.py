@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from sensgen.analysis.numbers import significant
+
 CSS = """\
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #222;
        max-width: 1200px; margin: 2em auto; padding: 0 1em; line-height: 1.45; }
@@ -37,6 +39,8 @@ figure { margin: 1.5em 0; } figure img { max-width: 100%; height: auto;
          border: 1px solid #eee; } figcaption { color: #555; font-size: 0.95em; max-width: 60em; }
 .holds { color: #05704a; font-weight: 600; } .fails { color: #b3261e; font-weight: 600; }
 .open { color: #666; font-weight: 600; }
+.banner { background: #fff4e5; border-left: 4px solid #e69f00; padding: 0.6em 1em;
+          max-width: 60em; }
 """
 
 # Click a header of a table.sortable to sort by it (numbers by data-v, text otherwise).
@@ -73,11 +77,16 @@ def esc(text: Any) -> str:
 
 
 def format_cell(value: Any) -> str:
-    """Compact text for one cell: 4 significant digits, blank for missing."""
+    """Compact text for one cell: 4 significant digits, blank for missing.
+
+    A float that 4 digits would round onto a whole number it is not gets the digits that
+    tell them apart (`numbers.significant`): a train accuracy of 0.99996 shows as
+    "0.99996", never "1" beside a 100% inclusion rule.
+    """
     if value is None or value is pd.NA:
         return ""
     if isinstance(value, float | np.floating):
-        return "" if math.isnan(value) else f"{value:.4g}"
+        return "" if math.isnan(value) else significant(value)
     return str(value)
 
 

@@ -27,14 +27,16 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from sensgen.analysis.pairs import METRICS, sign_test
+from sensgen.analysis.numbers import percent
+from sensgen.analysis.pairs import METRICS, pair_count_text, sign_test
 from sensgen.analysis.plotting import bottom_legend, legend_handles, log_ticks
 from sensgen.analysis.tables import column
 
@@ -61,6 +63,7 @@ def paired_scatter(
     better_label: str,
     other_label: str,
     metrics: Sequence[str] = METRICS,
+    counts: Mapping[str, Any] | None = None,
 ) -> Figure:
     """One square panel per metric: the better member's value on x, the other's on y.
 
@@ -71,19 +74,23 @@ def paired_scatter(
         better_label: how to name the better member, e.g. "true labels".
         other_label: how to name the other member(s), e.g. "random labels".
         metrics: metrics to draw, one panel each; log axes for all but the gap.
+        counts: the study's `pairs.pair_counts`; the title then says how many planned
+            pairs are drawn and why the others were dropped ("2 of 4 planned pairs
+            compared; 2 dropped: a member below the inclusion rule (2)") rather than
+            "2 pairs", so pairs lost to a failed or excluded member are not silently missing.
 
     Returns:
         A Figure with one Axes per metric, or a single Axes with a note when the table has
         no rows.
     """
     if table.empty:
-        return _empty_figure(factor)
+        return _empty_figure(factor, counts)
     fig = Figure(figsize=(_PANEL_SIZE * len(metrics), _PANEL_SIZE + 1.8), layout="constrained")
     axes = fig.subplots(1, len(metrics), squeeze=False).ravel()
     for ax, metric in zip(axes, metrics, strict=True):
         _draw_metric(ax, table, metric, better_label, other_label)
     _legend(fig, axes)
-    fig.suptitle(_suptitle(table, factor, other_label, better_label), fontsize=14)
+    fig.suptitle(_suptitle(table, factor, other_label, better_label, counts), fontsize=14)
     return fig
 
 
@@ -184,7 +191,8 @@ def _panel_title(metric: str, roles: np.ndarray, better: np.ndarray, other: np.n
 
 
 def _percent(share: float) -> str:
-    return "n/a" if math.isnan(share) else f"{share:.0%}"
+    """Whole percent, but 199 of 200 pairs is "99.5%", never "100%" (`numbers.percent`)."""
+    return percent(share)
 
 
 def _p_text(p: float) -> str:
@@ -200,18 +208,30 @@ def _legend(fig: Figure, axes: Sequence[Axes]) -> None:
     bottom_legend(fig, handles)
 
 
-def _suptitle(table: pd.DataFrame, factor: str, other_label: str, better_label: str) -> str:
+def _suptitle(
+    table: pd.DataFrame,
+    factor: str,
+    other_label: str,
+    better_label: str,
+    counts: Mapping[str, Any] | None,
+) -> str:
     datasets = ", ".join(sorted(set(table.get("dataset", pd.Series(dtype=str)).astype(str))))
+    title = f"Paired factor {factor}: {other_label} vs {better_label} ({datasets})"
+    if counts is not None:
+        return f"{title}\n{pair_count_text(counts)}"
     n_pairs = table["pair_id"].nunique() if "pair_id" in table.columns else len(table)
-    return f"Paired factor {factor}: {other_label} vs {better_label} ({datasets}), {n_pairs} pairs"
+    return f"{title}, {n_pairs} pairs"
 
 
-def _empty_figure(factor: str) -> Figure:
-    """A single panel saying that no pair has both members finished."""
+def _empty_figure(factor: str, counts: Mapping[str, Any] | None) -> Figure:
+    """A single panel saying that no pair has both members finished (and included)."""
     fig = Figure(figsize=(6.0, 3.0), layout="constrained")
     ax = fig.subplots()
     ax.set_axis_off()
-    _note(ax, f"no complete pairs for {factor} yet\n(both members must be done)")
+    why = "\n(both members must be done and included)"
+    if counts is not None:
+        why = "\n" + pair_count_text(counts).replace("; ", "\n")
+    _note(ax, f"no complete pairs for {factor} yet{why}")
     fig.suptitle(f"Paired factor {factor}", fontsize=14)
     return fig
 

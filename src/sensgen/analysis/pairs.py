@@ -7,13 +7,17 @@ generalize better; the paper plots the better member on x against the other on y
 the other above the diagonal y = x for the gap and the mean test Jacobian norm Jbar.
 
 * `pair_table`: one row per comparison (better member vs one other member of a pair).
+* `pair_accounting` / `pair_counts`: every planned comparison, and why those that
+  `pair_table` leaves out were dropped (a member failed, diverged, is not finished, or is
+  below the inclusion rule): the pairs lost are a selection, so the report says how many.
 * `pair_outcomes`: per other role and metric, how many pairs lie above the diagonal, with a
   two-sided sign test against "above or below with equal odds".
 * `EXPECTED`: the paper's direction per factor and metric, for the report to compare with.
 
 A study's ``[pairs] values`` lists the better member first; its role string (the store's
-``pair_role``) is ``role_of(factor, values[0])``. Pass the runs after the study's inclusion
-rule if it has one: a pair whose member was left out then drops out as a whole.
+``pair_role``) is ``role_of(factor, values[0])``. Pass every run with the study's inclusion
+rule marked (`sensgen.analysis.inclusion.mark_included`): a pair with a member the rule
+leaves out then drops out as a whole, and `pair_accounting` can say so.
 
 Example:
     >>> import pandas as pd
@@ -40,7 +44,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from sensgen.analysis.tables import column, dataset_labels, done_runs
+from sensgen.analysis.tables import DONE, column, dataset_labels
 from sensgen.planner import _role
 from sensgen.spec import RunSpec
 
@@ -62,7 +66,17 @@ EXPECTED: Final[Mapping[str, Mapping[str, bool | None]]] = {
     "batch_size": {"gap": True, "jacobian_norm": True, "transitions": None},
 }
 
-_KEYS = ("pair_id", "dataset", "run_id", "pair_role")
+# Why a planned comparison has no row in `pair_table`, in the order a reason is chosen
+# when both members have one (the most definite first; "excluded" alone is the rule's).
+DROP_REASONS: Final[Mapping[str, str]] = {
+    "missing": "a member missing from the results",
+    "failed": "a member failed",
+    "diverged": "a member diverged",
+    "not_finished": "a member not finished (pending or running)",
+    "excluded": "a member below the inclusion rule",
+}
+ACCOUNTING_COLUMNS: Final = ("pair_id", "dataset", "other_role", "dropped")
+_STATUS_REASONS: Final = {"failed": "failed", "diverged": "diverged"}
 OUTCOME_COLUMNS: Final = (
     "other_role",
     "metric",
@@ -112,9 +126,11 @@ def pair_table(
 ) -> pd.DataFrame:
     """One row per comparison of a pair's better member with one of its other members.
 
-    Only finished models count (``status == "done"``); a pair whose better member is not
-    done gives no row, and neither does an other member that is not done. Rows without a
-    ``pair_id`` (unpaired models) are ignored. A pair of k members gives k − 1 rows.
+    Only finished models count (``status == "done"``), and of those only the ones the
+    inclusion rule keeps when ``runs`` has an ``included`` column (`mark_included`); a pair
+    whose better member does not count gives no row, and neither does an other member that
+    does not count (`pair_accounting` says why). Rows without a ``pair_id`` (unpaired
+    models) are ignored. A pair of k members gives k − 1 rows.
 
     Args:
         runs: the store's runs frame (run_id, status, dataset, pair_id, pair_role and the
@@ -133,7 +149,8 @@ def pair_table(
             a pair has two runs in one role.
     """
     paired = _paired_rows(runs, better_role)
-    members = _member_frame(done_runs(paired), metrics)
+    compared = paired.loc[_member_states(paired) == ""].reset_index(drop=True)
+    members = _member_frame(compared, metrics)
     better = members.loc[members["pair_role"] == better_role].drop(columns="dataset")
     other = members.loc[members["pair_role"] != better_role]
     table = other.merge(better, on="pair_id", suffixes=("_other", "_better"))
@@ -147,6 +164,87 @@ def pair_table(
     )
     table = table.sort_values(["dataset", "pair_id", "other_role"], kind="stable")
     return table.reset_index(drop=True)
+
+
+def pair_accounting(runs: pd.DataFrame, *, better_role: str) -> pd.DataFrame:
+    """Every planned comparison, and why `pair_table` drops the ones it drops.
+
+    A pair plans one comparison of its better member with each other role the study's
+    pairs hold; each is either compared (a `pair_table` row) or dropped because a member is
+    missing, failed, diverged, is not finished, or is below the inclusion rule (``runs``'
+    ``included`` column, when present). When both members have a reason, the first in
+    `DROP_REASONS` order counts, so each comparison is counted once.
+
+    Args:
+        runs: the store's runs frame, every status, ideally with ``included`` marked.
+        better_role: as for `pair_table`.
+
+    Returns:
+        DataFrame with columns ``ACCOUNTING_COLUMNS``: pair_id, dataset, other_role and
+        ``dropped``: "" when compared, else a key of `DROP_REASONS`; sorted like
+        `pair_table`.
+
+    Raises:
+        ValueError: as `pair_table`.
+    """
+    paired = _paired_rows(runs, better_role)
+    ids, roles = paired["pair_id"].astype(str), paired["pair_role"].astype(str)
+    state = dict(zip(zip(ids, roles, strict=True), _member_states(paired), strict=True))
+    datasets = dict(zip(ids, dataset_labels(paired), strict=True))
+    others = sorted(set(roles) - {better_role})
+    rows = []
+    for pair_id in sorted(set(ids)):
+        better = state.get((pair_id, better_role), "missing")
+        for role in others:
+            states = {better, state.get((pair_id, role), "missing")}
+            dropped = next((reason for reason in DROP_REASONS if reason in states), "")
+            rows.append((pair_id, datasets[pair_id], role, dropped))
+    frame = pd.DataFrame(rows, columns=list(ACCOUNTING_COLUMNS), dtype=object)
+    frame = frame.sort_values(["dataset", "pair_id", "other_role"], kind="stable")
+    return frame.reset_index(drop=True)
+
+
+def pair_counts(accounting: pd.DataFrame) -> dict[str, Any]:
+    """Totals of a `pair_accounting` frame, JSON-ready: planned and compared pairs (a pair
+    counts as compared when at least one of its comparisons is) and comparisons, and the
+    dropped comparisons per `DROP_REASONS` key (zeros included)."""
+    dropped = accounting["dropped"]
+    kept = dropped == ""
+    return {
+        "planned_pairs": int(accounting["pair_id"].nunique()),
+        "compared_pairs": int(accounting.loc[kept, "pair_id"].nunique()),
+        "planned_comparisons": len(accounting),
+        "compared_comparisons": int(kept.sum()),
+        "dropped": {reason: int((dropped == reason).sum()) for reason in DROP_REASONS},
+    }
+
+
+def pair_count_text(counts: Mapping[str, Any]) -> str:
+    """How many planned pairs (or comparisons, with more than two members) are compared
+    and why the others were dropped, e.g. "2 of 4 planned pairs compared; 2 dropped: a
+    member below the inclusion rule (2)"."""
+    n_pairs, n = counts["planned_pairs"], counts["planned_comparisons"]
+    kept = counts["compared_comparisons"]
+    text = f"{kept} of {n} planned pairs compared"
+    if n != n_pairs:  # the better member against each other member of each pair
+        text = f"{kept} of {n} planned comparisons ({n_pairs} pairs) compared"
+    reasons = [f"{DROP_REASONS[k]} ({v})" for k, v in counts["dropped"].items() if v]
+    return f"{text}; {n - kept} dropped: {', '.join(reasons)}" if reasons else text
+
+
+def _member_states(members: pd.DataFrame) -> np.ndarray:
+    """Per row, "" when the model counts in a comparison, else its `DROP_REASONS` key.
+
+    Like `done_runs`, a frame without a status column has no finished model.
+    """
+    n = len(members)
+    if "status" not in members.columns:
+        return np.full(n, "not_finished", dtype=object)
+    status = members["status"].astype(str).to_numpy()
+    kept = members["included"].to_numpy(bool) if "included" in members.columns else np.ones(n)
+    unfinished = [_STATUS_REASONS.get(s, "not_finished") for s in status]
+    done = np.where(kept.astype(bool), "", "excluded")
+    return np.where(status == DONE, done, np.array(unfinished, dtype=object)).astype(object)
 
 
 def _paired_rows(runs: pd.DataFrame, better_role: str) -> pd.DataFrame:

@@ -9,11 +9,15 @@ directory holds it writes:
                                  the measured figure and the verdict, then a sortable table
     DIR/report/<figure>.png|svg  Figs. 5 and 1 always; transitions (Fig. 5 companion),
                                  Fig. 4 pairs, Figs. 2 and 3, Study 6 when measured
-    DIR/report/models.csv        one row per analysed model
-    DIR/report/summary.json      status counts, correlations with 95% intervals, claims,
-                                 pair outcomes, per-point distributions
+    DIR/report/models.csv        one row per analysed model (`models_table.model_table`)
+    DIR/report/summary.json      status counts and whether the study is complete,
+                                 correlations with 95% intervals, claims, pair outcomes
+                                 and counts (planned, compared, dropped and why),
+                                 per-point distributions
 
 The study's ``[inclusion]`` rule (paper §4) decides which finished models are analysed.
+A study with runs not yet finished (pending, running, failed) gets a banner above the
+claims: its verdicts are provisional.
 Every file is written under a temporary name and renamed into place; figures an earlier
 report drew and this one does not are removed, so the folder matches the page.
 
@@ -28,7 +32,6 @@ import io
 import json
 import math
 import os
-import tomllib
 import uuid
 from collections.abc import Mapping
 from dataclasses import asdict
@@ -40,7 +43,10 @@ from matplotlib.figure import Figure
 
 from sensgen.analysis import tables
 from sensgen.analysis.html import document, esc, html_table
-from sensgen.analysis.inclusion import analysed_runs
+from sensgen.analysis.inclusion import analysed_runs, mark_included
+from sensgen.analysis.models_table import model_table
+from sensgen.analysis.numbers import percent
+from sensgen.analysis.report_config import study_inclusion, study_pairs, study_tables
 from sensgen.analysis.report_geometry import geometry_section
 from sensgen.analysis.report_sections import (
     Section,
@@ -57,6 +63,7 @@ REPORT_DIR = "report"
 _PNG_DPI = 150
 _MAX_REGION_RUNS = 50  # region maps read for the boundary-density summary
 _FIGURE_SUFFIXES = (".png", ".svg")
+UNFINISHED = ("pending", "running", "failed")  # statuses the next `sensgen run` trains
 
 _EXPLANATION = """\
 Each point of the first figure is one trained network. Its x value is the mean test-point
@@ -102,10 +109,11 @@ def write_report(
     profiles, maps, measures = pd.DataFrame(), {}, pd.DataFrame({"run_id": []})
     from_store = runs is None
     if from_store:
-        table = _study_tables(out_dir)
+        table = study_tables(out_dir)
         if inclusion is None:
-            inclusion = _inclusion(table.get("inclusion", {}), out_dir)
-        pairs = table.get("pairs") if pairs is None else pairs
+            inclusion = study_inclusion(table.get("inclusion", {}), out_dir)
+        if pairs is None:
+            pairs = study_pairs(table.get("pairs"), table, out_dir)
     rule = dict(inclusion or {"apply": False})
     if from_store:
         runs, points, profiles, maps, measures = _read_store(out_dir, points, rule)
@@ -113,12 +121,13 @@ def write_report(
     report.mkdir(parents=True, exist_ok=True)
     counts = tables.status_counts(runs)
     n_done = len(tables.done_runs(runs))
+    marked = mark_included(runs, **rule)  # every run: the pairs' and models' accounting
     runs = analysed_runs(runs, **rule)
     kept = set(runs["run_id"]) if "run_id" in runs.columns else set()
     points = _only(points if points is not None else pd.DataFrame(), kept)
     profiles, maps = _only(profiles, kept), {k: v for k, v in maps.items() if k in kept}
     measures = _only(measures, kept)
-    models = tables.model_table(runs)
+    models = model_table(marked)
     drawn: list[str] = []
 
     def save(name: str, fig: Figure) -> None:
@@ -126,11 +135,13 @@ def write_report(
             _write_bytes(report / f"{name}{suffix}", _render(fig, suffix[1:]))
         drawn.append(name)
 
-    parts, claims, summary = [], [], {"status_counts": _counts(counts)}
+    progress = completeness(counts)
+    parts, claims = [], []
+    summary = {"status_counts": _counts(counts), **progress}
     if len(models):
         sections = [
             correlation_section(runs, save, n_boot=n_boot),
-            pairs_section(runs, pairs, save),
+            pairs_section(marked, pairs, save),
             Section(*geometry_section(profiles, maps, save)),
             per_point_section(points, runs, save),
             measures_section(runs, measures),
@@ -145,7 +156,8 @@ def write_report(
     _write_text(report / "models.csv", models.to_csv(index=False))
     _write_text(report / "summary.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")
     note = _inclusion_note(rule, len(models), n_done)
-    page = _page(out_dir.resolve().name, counts, models, claims, [note, *parts], n_done)
+    banner = incomplete_banner(progress, out_dir)
+    page = _page(out_dir.resolve().name, counts, models, claims, [note, *parts], n_done, banner)
     index = report / "index.html"
     _write_text(index, page)
     return index
@@ -175,42 +187,6 @@ def _read_store(
         return runs, points, profiles, maps, results.measures()
 
 
-def _study_tables(out_dir: Path) -> dict[str, Any]:
-    """``out_dir/study.toml`` as a dict ({} when missing)."""
-    path = out_dir / "study.toml"
-    if not path.is_file():
-        return {}
-    try:
-        return tomllib.loads(path.read_text("utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
-        raise UserError(f"{path} cannot be read as TOML ({err}). {_rewrite(out_dir)}") from None
-
-
-def _inclusion(table: Any, out_dir: Path) -> dict[str, Any]:
-    """The ``[inclusion]`` table validated, defaults filled (paper §4's rule)."""
-    from pydantic import ValidationError
-
-    from sensgen.study import Inclusion, describe_errors  # deferred: works without a study
-
-    try:
-        if not isinstance(table, Mapping):
-            raise UserError(f"[inclusion] must be a table, not {table!r}")
-        return Inclusion(**table).model_dump()
-    except (ValidationError, UserError) as err:
-        why = describe_errors(err) if isinstance(err, ValidationError) else str(err)
-        path = out_dir / "study.toml"
-        raise UserError(f"{path}: inclusion: {why}. {_rewrite(out_dir)}") from None
-
-
-def _rewrite(out_dir: Path) -> str:
-    """The fix for a damaged DIR/study.toml (`sensgen run` writes it, as run)."""
-    return (
-        f"It is the study as run, written by `sensgen run`: run `sensgen run STUDY --out "
-        f"{out_dir}` again with the study file or preset you ran, which writes it anew "
-        "(nothing finished is trained again), or fix it by hand."
-    )
-
-
 def _only(frame: pd.DataFrame, run_ids: set[str]) -> pd.DataFrame:
     """Rows of the analysed runs (a frame without run_id passes through)."""
     if "run_id" not in frame.columns:
@@ -222,7 +198,7 @@ def _inclusion_note(rule: Mapping[str, Any], n_included: int, n_done: int) -> st
     if not rule.get("apply"):
         return f"<p>Inclusion: every finished model is analysed ({n_done}).</p>"
     threshold = rule.get("min_train_acc")
-    what = f"{threshold:.1%}" if threshold is not None else "100% (99.9% for CIFAR-100)"
+    what = percent(threshold, 1) if threshold is not None else "100% (99.9% for CIFAR-100)"
     return (
         f"<p>Inclusion (paper §4): models with training accuracy ≥ {what}. "
         f"<strong>{n_included} of {n_done}</strong> finished models qualify; the figures, "
@@ -237,15 +213,19 @@ def _page(
     claims: list,
     parts: list[str],
     n_done: int,
+    banner: str = "",
 ) -> str:
-    """The whole index.html as a string. ``parts[0]`` is the inclusion note."""
+    """The whole index.html as a string. ``parts[0]`` is the inclusion note; ``banner``
+    (an unfinished study's warning) goes right above the claims it qualifies."""
     title = f"sensgen report: {study}"
+    provisional = " (provisional: the study is incomplete)" if banner else ""
     body = [
         f"<h1>{esc(title)}</h1>",
         '<p class="muted">Sensitivity and generalization in neural networks '
         "(Novak et al., ICLR 2018).</p>",
         f'<p class="lead">{_EXPLANATION}</p>',
-        "<h2>Which of the paper's claims hold here</h2>",
+        banner,
+        f"<h2>Which of the paper's claims hold here{provisional}</h2>",
         claims_html(claims),
         "<h2>Models by status</h2>",
         html_table(counts, ["status", "count"], {"count": "models"}, "status"),
@@ -266,14 +246,63 @@ def _page(
         body += parts[1:]
         body += [
             f"<h2>Analysed models ({len(models)})</h2>",
-            '<p>Click a column to sort. Also as <a href="models.csv">models.csv</a>. An empty '
-            "batch size means full batch; init_scale is σ_w²; random_labels is the fraction "
-            "of shuffled labels.</p>",
+            '<p>Click a column to sort. Also as <a href="models.csv">models.csv</a>. Beside the '
+            "columns every study shows, it has each run field that varies in this study, "
+            "each model's pair in a paired study and each figure's x value. An empty batch "
+            "size means full batch, an empty train_subset the whole training set; init_scale "
+            "is σ_w²; random_labels is the fraction of shuffled labels; pair_role is the "
+            "member's value of the paired factor.</p>",
             '<div class="scroll">',
             html_table(models, list(models.columns), {}, "models", sortable=True),
             "</div>",
         ]
     return document(title, "\n".join(body))
+
+
+def completeness(counts: pd.DataFrame) -> dict[str, Any]:
+    """Whether every run of the study is finished, for summary.json and the banner.
+
+    Pending and running runs are not trained yet (or were interrupted); failed runs are
+    trained again by the next ``sensgen run``. Done and diverged runs are final.
+
+    Returns:
+        ``{"complete": bool, "runs": N, "runs_finished": n, "unfinished": {"pending": .,
+        "running": ., "failed": .}}``.
+    """
+    by = {str(row.status): int(row.count) for row in counts.itertuples()}
+    unfinished = {status: by.get(status, 0) for status in UNFINISHED}
+    total, left = sum(by.values()), sum(unfinished.values())
+    return {
+        "complete": left == 0,
+        "runs": total,
+        "runs_finished": total - left,
+        "unfinished": unfinished,
+    }
+
+
+def incomplete_banner(progress: Mapping[str, Any], out_dir: Path) -> str:
+    """A warning above the claims of an unfinished study ("" when complete): its verdicts
+    rest on the packs that finished first, which are not a random sample of the study."""
+    if progress["complete"]:
+        return ""
+    left = ", ".join(f"{n} {status}" for status, n in progress["unfinished"].items() if n)
+    command = f"sensgen run {out_dir / 'study.toml'} --out {out_dir}"
+    unfinished = progress["unfinished"]
+    retry = " (it trains the failed packs again)" if unfinished["failed"] else ""
+    running = (
+        " Runs shown as running are either training in another <code>sensgen run</code> "
+        "(wait for it) or were left by an interrupted one (resuming trains them again)."
+        if unfinished["running"]
+        else ""
+    )
+    return (
+        f'<p class="banner"><strong>Study incomplete: {progress["runs_finished"]} of '
+        f"{progress['runs']} runs finished ({esc(left)}).</strong> The verdicts, figures and "
+        "tables below are provisional: they use only the runs finished so far, and the packs "
+        "that finish first are not a random sample of the study. Resume with "
+        f"<code>{esc(command)}</code>{retry}; it builds this report again when it is done."
+        f"{running}</p>"
+    )
 
 
 def _remove_stale_figures(report: Path, drawn: list[str]) -> None:

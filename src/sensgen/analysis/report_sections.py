@@ -21,7 +21,14 @@ from sensgen.analysis.claims import Claim, correlation_claims, pair_claims, per_
 from sensgen.analysis.html import esc, figure_html, html_table
 from sensgen.analysis.measure_scores import measure_factor_table, measure_score_table
 from sensgen.analysis.pair_figures import paired_scatter
-from sensgen.analysis.pairs import pair_outcomes, pair_table, role_of
+from sensgen.analysis.pairs import (
+    pair_accounting,
+    pair_count_text,
+    pair_counts,
+    pair_outcomes,
+    pair_table,
+    role_of,
+)
 from sensgen.analysis.point_figures import (
     done_points_with_dataset,
     jacobian_vs_loss,
@@ -100,26 +107,45 @@ def correlation_section(runs: pd.DataFrame, save: Save, *, n_boot: int = 1000) -
 
 
 def pairs_section(runs: pd.DataFrame, pairs: Mapping[str, Any] | None, save: Save) -> Section:
-    """Fig. 4: one factor's pairs, the paired scatter and the sign tests."""
-    if not pairs or not pairs.get("factor") or "pair_id" not in runs.columns:
+    """Fig. 4: one factor's pairs, the paired scatter and the sign tests.
+
+    ``runs`` should hold every run with the inclusion rule marked (`mark_included`), so the
+    section can say how many planned pairs it compares and why it drops the others (a
+    member failed, diverged, is not finished or is below the rule): the pairs lost are not
+    a random subset (e.g. the random-label members that fail to fit).
+    """
+    if not pairs or not pairs.get("factor") or not {"pair_id", "pair_role"} <= set(runs.columns):
         return Section()
     factor, values = pairs["factor"], list(pairs["values"])
-    better = role_of(factor, values[0])
-    if better not in set(runs["pair_role"].dropna().astype(str)):
-        return Section([_no_pairs_left(factor, better)])
+    roles = [role_of(factor, v) for v in values]
+    stored = sorted(set(runs["pair_role"].dropna().astype(str)))
+    numbered = enumerate(zip(values, roles, strict=True))
+    unmatched = [(i, value, role) for i, (value, role) in numbered if role not in stored]
+    if unmatched:
+        return Section([_unmatched_values(factor, unmatched, stored)])
+    better = roles[0]
+    counts = pair_counts(pair_accounting(runs, better_role=better))
     table = pair_table(runs, better_role=better)
+    head = f"<h2>Paired factor: {esc(factor)} (Fig. 4)</h2>"
+    summary: dict[str, Any] = {"pairs": len(table), "pair_counts": counts}
+    if table.empty:
+        return Section([head + _no_pairs_left(factor, counts)], [], summary)
+    # Roles the study's runs hold beyond pairs.values (an earlier, longer list) are compared too.
+    others = ", ".join([*roles[1:], *(r for r in stored if r not in roles)])
     outcomes = pair_outcomes(table)
-    others = ", ".join(role_of(factor, v) for v in values[1:])
     claims = pair_claims(outcomes, factor, f"{factor} = {others}")
-    label = f"{factor} = {better}"
-    other = f"{factor} = {others}"
-    save("pairs", paired_scatter(table, factor=factor, better_label=label, other_label=other))
+    label, other = f"{factor} = {better}", f"{factor} = {others}"
+    figure = paired_scatter(
+        table, factor=factor, better_label=label, other_label=other, counts=counts
+    )
+    save("pairs", figure)
     overridden = sorted({k for extra in pairs.get("overrides") or [] for k in extra})
     also = f" and the {', '.join(overridden)} each member sets" if overridden else ""
     parts = [
-        f"<h2>Paired factor: {esc(factor)} (Fig. 4)</h2>",
-        f"<p>{len(table)} comparisons of models identical but for {esc(factor)}{esc(also)} "
-        f"({esc(better)}, expected to generalize better, against {esc(others)}).</p>",
+        head,
+        f"<p>Pairs of models identical but for {esc(factor)}{esc(also)} ({esc(better)}, "
+        f"expected to generalize better, against {esc(others)}): "
+        f"{esc(pair_count_text(counts))}.</p>",
         figure_html("pairs", _caption(claims, "Fig. 4")),
         html_table(
             outcomes,
@@ -128,20 +154,33 @@ def pairs_section(runs: pd.DataFrame, pairs: Mapping[str, Any] | None, save: Sav
             "pair-outcomes",
         ),
     ]
-    return Section(parts, claims, {"pair_outcomes": outcomes, "pairs": len(table)})
+    return Section(parts, claims, summary | {"pair_outcomes": outcomes})
 
 
-def _no_pairs_left(factor: str, better: str) -> str:
-    """The pairs section when the inclusion rule left no model of the better role."""
-    hint = (
-        " The paper analyses its augmentation pairs (Study 4b) without the rule: set "
-        "<code>[inclusion] apply = false</code> (<code>--set inclusion.apply=false</code>)."
-        if factor == "augment"
-        else ""
-    )
+def _no_pairs_left(factor: str, counts: Mapping[str, Any]) -> str:
+    """The pairs section when no planned pair has both members compared."""
+    hint = ""
+    if factor == "augment" and counts["dropped"]["excluded"]:
+        hint = (
+            " The paper analyses its augmentation pairs (Study 4b) without the rule: set "
+            "<code>[inclusion] apply = false</code> (<code>--set inclusion.apply=false</code>)."
+        )
+    return f"<p>No pairs to compare: {esc(pair_count_text(counts))}.{hint}</p>"
+
+
+def _unmatched_values(
+    factor: str, unmatched: Sequence[tuple[int, Any, str]], stored: Sequence[str]
+) -> str:
+    """The pairs section when ``[pairs] values`` name roles no stored run has: the table no
+    longer describes the runs (edited by hand?), which no inclusion rule explains."""
+    named = "; ".join(f"pairs.values[{i}] = {v!r} (pair_role {r!r})" for i, v, r in unmatched)
+    have = ", ".join(map(repr, stored)) or "none"
     return (
-        f"<h2>Paired factor: {esc(factor)} (Fig. 4)</h2><p>No pairs to compare: the inclusion "
-        f"rule left no model with {esc(factor)} = {esc(better)}.{hint}</p>"
+        f"<h2>Paired factor: {esc(factor)} (Fig. 4)</h2><p>No pairs to compare: "
+        f"{esc(named)} matches no run of this study, whose paired runs have pair_role "
+        f"{esc(have)}. The [pairs] table of the study's study.toml does not describe its "
+        "runs: set pairs.values back to the values the study was run with (the better "
+        "member first), then build the report again.</p>"
     )
 
 

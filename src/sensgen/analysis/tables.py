@@ -1,4 +1,6 @@
-"""Tidy tables over a study's results: the models, their statuses, and rank correlations.
+"""Tidy tables over a study's results: statuses, rank correlations, per-point statistics.
+
+The models table itself is `sensgen.analysis.models_table`.
 
 Every function here is pure: a pandas DataFrame in (the store's ``runs()`` or ``points()``
 frame), a new DataFrame out, no I/O and no plotting. The figures and the report build on
@@ -37,27 +39,6 @@ STATUSES = ("pending", "running", "done", "failed", "diverged")
 PREDICTORS = ("jacobian_norm", "n_params", "train_loss")
 NO_DATASET = "(none)"
 
-MODEL_COLUMNS = (
-    "run_id",
-    "dataset",
-    "width",
-    "depth",
-    "nonlinearity",
-    "optimizer",
-    "lr",
-    "batch_size",
-    "init_scale",
-    "random_labels",
-    "seed",
-    "steps",
-    "train_acc",
-    "test_acc",
-    "gap",
-    "jacobian_norm",
-    "n_params",
-    "status",
-)
-_INTEGER_COLUMNS = ("width", "depth", "batch_size", "seed", "steps", "n_params")
 CORRELATION_COLUMNS = (
     "dataset",
     "predictor",
@@ -132,26 +113,6 @@ def done_runs(runs: pd.DataFrame) -> pd.DataFrame:
     if "status" not in runs.columns:
         return runs.iloc[0:0].reset_index(drop=True)
     return runs.loc[runs["status"] == DONE].reset_index(drop=True)
-
-
-def model_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per finished model with the columns a reader wants, sorted by dataset and gap.
-
-    Columns are ``MODEL_COLUMNS``; a column the input lacks is filled with NaN. Integral
-    columns (width, depth, batch size, seed, steps, #weights) use pandas' nullable ``Int64``
-    so that a full-batch run shows an empty batch size rather than ``nan``.
-
-    Args:
-        runs: the store's runs frame (one row per model).
-
-    Returns:
-        DataFrame with columns ``MODEL_COLUMNS``, one row per done model.
-    """
-    table = done_runs(runs).reindex(columns=list(MODEL_COLUMNS))
-    for name in _INTEGER_COLUMNS:
-        table[name] = _as_nullable_int(table[name])
-    table = table.sort_values(["dataset", "gap", "run_id"], na_position="last", kind="stable")
-    return table.reset_index(drop=True)
 
 
 def status_counts(runs: pd.DataFrame) -> pd.DataFrame:
@@ -358,14 +319,3 @@ def _auroc(score: np.ndarray, positive: np.ndarray) -> float:
         return np.nan
     ranks = stats.rankdata(score)  # average ranks: ties count half
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def _as_nullable_int(values: pd.Series) -> pd.Series:
-    """Casts to ``Int64`` when every present value is integral; otherwise leaves it alone."""
-    numeric = pd.to_numeric(values, errors="coerce")
-    present = numeric.dropna()
-    if numeric.isna().sum() != values.isna().sum():
-        return values  # some entries are not numbers: keep them as they are
-    if len(present) and not np.all(np.isfinite(present) & (present == np.round(present))):
-        return values
-    return numeric.round().astype("Int64")
