@@ -110,6 +110,15 @@ def test_pair_claims_need_a_majority_and_a_significant_sign_test():
     assert gap.holds is False  # 0 of 8 on the paper's side, p = 2/256
 
 
+def test_a_pair_claim_never_rounds_its_share_onto_100_percent():
+    outcomes = pd.DataFrame({
+        "other_role": ["1.0"], "metric": ["gap"], "n": [200], "n_expected": [199],
+        "share": [199 / 200], "p_value": [1e-50],
+    })  # fmt: skip
+    [claim] = pair_claims(outcomes, "random_labels", "random labels")
+    assert "199 of 200 pairs (99.5%)" in claim.measured and claim.holds
+
+
 def test_each_pair_claim_names_its_own_role_when_a_factor_has_several_values():
     # relu against relu6 (the paper's side in every pair) and against hard_tanh (never).
     runs = _paired_runs()

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from sensgen.analysis.numbers import percent
 from sensgen.analysis.pairs import EXPECTED
 from sensgen.analysis.stats import ADVANTAGE_COLUMNS
 
@@ -103,8 +104,8 @@ def pair_claims(outcomes: pd.DataFrame, factor: str, other_label: str) -> list[C
             significant = row.p_value < SIGNIFICANCE and row.share != 0.5
             holds = bool(row.share > 0.5) if significant else None
             measured = (
-                f"{row.n_expected} of {row.n} pairs ({row.share:.0%}) have the higher {metric} "
-                f"with {row.other_role}; sign test p = {row.p_value:.2g}"
+                f"{row.n_expected} of {row.n} pairs ({percent(row.share)}) have the higher "
+                f"{metric} with {row.other_role}; sign test p = {row.p_value:.2g}"
             )
         claims.append(
             Claim(
