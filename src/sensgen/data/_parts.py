@@ -9,10 +9,11 @@ read as data: readers open only the registered file names.
 Processes fetching the same file also take turns on an exclusive ``flock`` of
 ``.FILE.lock``. The holder removes that file before it lets go (a waiter then finds that
 the file it locked is gone and takes a new one), so nothing stays behind. A lock is
-released when its holder exits, however it dies, so the holder knows that every other
-temporary file of ``FILE`` is a dead process's and removes it. Where the file system has
-no locks, downloads run side by side (each in its own file, still safe) and only temporary
-files untouched for `STALE_S` are removed.
+released when its holder exits, however it dies, so the holder removes the other
+temporary files of ``FILE`` that nothing has written to for `LOCKED_STALE_S` (not all of
+them: where locks do not hold across machines, another machine may be writing one). Where
+the file system has no locks, downloads run side by side (each in its own file, still
+safe), the lock file stays, and only temporary files untouched for `STALE_S` are removed.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 
 # A live download writes its file every megabyte; one untouched for a day is a dead one's.
 STALE_S = 24 * 3600.0
+LOCKED_STALE_S = 600.0  # (`remove_stale`) ten network read timeouts
 LOCK_TRIES = 100  # lock files removed under a waiter before it gives up on locking
 
 
@@ -104,7 +106,8 @@ def download_lock(dest: Path, name: str) -> Iterator[bool]:
     try:
         yield locked
     finally:
-        path.unlink(missing_ok=True)  # while held, so no later process waits on a stale file
+        if locked:  # while held, so no later process waits on a stale file; never a lock
+            path.unlink(missing_ok=True)  # file that another process holds
         handle.close()  # releases the lock
 
 
@@ -145,12 +148,18 @@ def part_files(dest: Path) -> list[Path]:
 
 
 def remove_stale(dest: Path, *, everything: bool) -> None:
-    """Remove temporary files of `dest` that no live process writes: `everything` while
-    holding the download lock (every writer holds it), else those untouched for STALE_S."""
+    """Remove temporary files of `dest` that no live process writes: while holding the
+    download lock (`everything`), those untouched for LOCKED_STALE_S, else for STALE_S.
+
+    Not every file while locked: a file system whose locks do not hold across machines
+    (NFS mounted ``nolock`` or ``local_lock``, Ray workers sharing a cache) would let two
+    holders delete each other's live downloads. A live download writes at least once per
+    network read timeout (60 s), so a file untouched for minutes is a dead one's."""
     now = time.time()
+    limit = LOCKED_STALE_S if everything else STALE_S
     for part in part_files(dest):
         try:
-            if everything or now - part.stat().st_mtime > STALE_S:
+            if now - part.stat().st_mtime > limit:
                 part.unlink()
                 log.info("removed %s, left by an interrupted download", part)
         except OSError:

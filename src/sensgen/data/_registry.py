@@ -9,6 +9,7 @@ checksums or mirrors.
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -163,9 +164,14 @@ _FASHION_CHECKSUMS = (
 def _pip_reinstall(package: str) -> str:
     """--force-reinstall rewrites the installed files (a plain install says "already
     satisfied"); --no-deps keeps it from reinstalling, and maybe upgrading, numpy, scipy
-    and the rest of the package's dependencies along with it."""
+    and the rest of the package's dependencies along with it; the installed version,
+    pinned, keeps pip from installing a newer release that may not fit them either."""
+    try:
+        pinned = f"{package}=={importlib.metadata.version(package)}"
+    except importlib.metadata.PackageNotFoundError:
+        pinned = package
     return (
-        f"reinstall {package}, which ships it: `pip install --force-reinstall {package} --no-deps`"
+        f"reinstall {package}, which ships it: `pip install --force-reinstall {pinned} --no-deps`"
     )
 
 
