@@ -13,8 +13,9 @@ can check them:
   holds when the paired bootstrap interval of d = ρ(gap, Jbar) − |ρ(gap, baseline)|
   (`stats.spearman_advantage`: both ρ on the same resamples of the same models; the
   interval from those of ρ_J − ρ_B and ρ_J + ρ_B) lies above 0, does not hold when it lies
-  below 0, inconclusive when it straddles 0 or fewer than 5 models have all three values. Two point estimates alone would call a Jbar ρ of +0.71
-  over 6 models, whose own interval straddles 0, better than a baseline at +0.06.
+  below 0, inconclusive when it straddles 0 or fewer than 5 models have all three values.
+  Two point estimates alone would call a Jbar ρ of +0.71 over 6 models, whose own interval
+  straddles 0, better than a baseline at +0.06.
 * Fig. 4 (Study 4), per factor and metric the paper makes a claim about: holds when the
   sign test gives p < 0.05 with most pairs on the paper's side of the diagonal, does not
   hold when p < 0.05 with most pairs on the other side, else no verdict.
