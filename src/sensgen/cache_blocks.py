@@ -7,18 +7,22 @@ and the memory-bound passes between them (the update, the gather, φ and φ′) 
 speed. Training the pack's models in blocks, each block through all of its steps before
 the next starts, keeps one block's working set in the cache from step to step.
 
-The models of a pack do not interact, and a batched product computes each model's
-slice as it would in any batch of two or more, so a block's models end bit for bit as in
-the whole pack (tests check it; a block of one takes another path of the batched product,
-so no block holds a single model unless the pack does).
+The models of a pack do not interact, and a batched product computes each model's slice
+alike in any batch of two or more models, so a block's models end bit for bit as in the
+whole pack while every block keeps two or more models training (tests check it). A block
+whose other models have stopped (fitted or diverged: `train._PackRun.compact`) trains its
+last one alone, and MKL's product over a single matrix may round differently from its slice
+in a batch, as it does for a whole pack down to its last model: that model can then end a
+few float32 units apart from its result in one block (as a run retrained in a pack of
+another size can; README, "How training works").
 
-Measured on a 2-core Xeon (issue 8, `docs/benchmarks.md`, "Cache blocks"): the
-reference pack (32 models of 784-256-256-10, momentum, batch 128) trained as two blocks
-of 16 takes 7–11% less time per step than as one block; the same gain for Adam as
-blocks of 8–12, and for 8 models of 784-512-512-512-10 as two blocks of 4. Blocks of a
-quarter of `BYTES_PER_THREAD` lost a few percent against that, the batched products
-having fewer models to spread over the threads. On a GPU the whole pack is one block:
-its memory is not a cache to fit, and larger batched products fill it better.
+Measured on a 2-core Xeon guest (issue 8, `docs/benchmarks.md`, "Cache blocks"): the
+reference pack (32 models of 784-256-256-10, momentum, batch 128) trained as two blocks of
+16 ran 1.04× as fast (1.03–1.11 over 5 paired rounds, run 49) as in one block, and
+0.98–1.15× in other paired runs depending on the hour; its Adam twin, as blocks of 12 + 10
++ 10, 1.10× (1.07–1.14). The 8-model packs of width 512 of the reference study, cut in two
+blocks of 4, ran 0.97–1.04× as fast as whole: no gain there. On a GPU the whole pack is one
+block: its memory is not a cache to fit, and larger batched products fill it better.
 """
 
 from __future__ import annotations
@@ -62,11 +66,11 @@ def model_step_bytes(
 def block_sizes(n_models: int, model_bytes: int, threads: int, budget: int) -> list[int]:
     """How many models each block trains, in order (they sum to `n_models`).
 
-    Blocks hold about `budget` bytes of working set: ⌊budget / model_bytes⌋ models,
-    rounded to the nearest multiple of `threads` (a batched product spreads its models
-    over the threads: an odd block leaves one idle at its end), at least `threads` and at
-    least 2. The pack is then cut into as few blocks as that allows, their sizes as equal
-    as multiples of `threads` make them; never a block of one model (module docstring).
+    Blocks hold about `budget` bytes of working set: budget / model_bytes models, rounded
+    to the nearest multiple of `threads` (a batched product spreads its models over the
+    threads: an odd block leaves one idle at its end), at least `threads` and at least 2.
+    The pack is then cut into as few blocks as that allows, their sizes as equal as
+    multiples of `threads` make them; never a block of one model (module docstring).
     """
     if min(n_models, model_bytes, threads) < 1:
         raise ValueError(

@@ -179,8 +179,10 @@ def train_pack(
 
     On the CPU a minibatch pack whose working set outgrows the cache trains as blocks of
     its models, one block after the other (`sensgen.cache_blocks`): the same results, bit
-    for bit, in less time. `on_step` is then called once per step of the pack as a whole,
-    spread over the blocks.
+    for bit while every block keeps two or more models training (that module says when
+    not). `on_step` is then called once for every n_blocks steps the blocks take together:
+    once per step of the pack, spread over the blocks, when no model stops early, fewer
+    when blocks stop at different steps.
     """
     n_models, n = len(members), x.shape[0]
     if y.shape != (n_models, n):
