@@ -1,6 +1,7 @@
 """End to end: a real study through the CLI into a study directory, resumed and reported."""
 
 import gzip
+import json
 import os
 import sqlite3
 import subprocess
@@ -532,6 +533,14 @@ def test_open_runs_of_an_earlier_version_of_the_study_are_named(tiny, tmp_path):
     headline = study_status(out).headline()
     assert f"The {open_runs} open runs are not planned by study.toml" in headline
     assert "run it again" not in headline
+    # No run of this study trains them: its report is complete, without a banner that a
+    # resume could never clear, and says how many it leaves aside.
+    from sensgen.analysis import write_report
+
+    index = write_report(out)
+    summary = json.loads((out / "report" / "summary.json").read_text())
+    assert summary["complete"] and summary["unplanned_open_runs"] == open_runs
+    assert "Study incomplete" not in index.read_text()
 
 
 def test_every_file_of_a_study_gets_the_umasks_mode(tiny, tmp_path):

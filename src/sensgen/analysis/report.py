@@ -121,6 +121,7 @@ def write_report(
     report.mkdir(parents=True, exist_ok=True)
     counts = tables.status_counts(runs)
     n_done = len(tables.done_runs(runs))
+    runs_all = runs
     marked = mark_included(runs, **rule)  # every run: the pairs' and models' accounting
     runs = analysed_runs(runs, **rule)
     kept = set(runs["run_id"]) if "run_id" in runs.columns else set()
@@ -135,9 +136,17 @@ def write_report(
             _write_bytes(report / f"{name}{suffix}", _render(fig, suffix[1:]))
         drawn.append(name)
 
-    progress = completeness(counts)
+    # Open runs an earlier version of the study planned and this one does not: no
+    # `sensgen run` of this study trains them, so they do not make it unfinished.
+    left_behind = _unplanned_open_runs(out_dir, runs_all) if from_store else set()
+    planned = runs_all[~runs_all["run_id"].isin(left_behind)] if left_behind else runs_all
+    progress = completeness(tables.status_counts(planned))
     parts, claims = [], []
-    summary = {"status_counts": _counts(counts), **progress}
+    summary = {
+        "status_counts": _counts(counts),
+        **progress,
+        "unplanned_open_runs": len(left_behind),
+    }
     if len(models):
         sections = [
             correlation_section(runs, save, n_boot=n_boot),
@@ -161,6 +170,17 @@ def write_report(
     index = report / "index.html"
     _write_text(index, page)
     return index
+
+
+def _unplanned_open_runs(out_dir: Path, runs: pd.DataFrame) -> set[str]:
+    """Open runs of the store that DIR/study.toml does not plan
+    (`study_dir.unplanned_open_runs`); none when the study file cannot be read."""
+    from sensgen.study_dir import stored_study, unplanned_open_runs  # deferred, as the store
+
+    study = stored_study(out_dir)
+    if study is None or runs.empty:
+        return set()
+    return unplanned_open_runs(runs, {p.spec.run_id for p in study.planned()})
 
 
 def _read_store(
