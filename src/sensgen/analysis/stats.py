@@ -251,8 +251,10 @@ def spearman_advantage(
     (low_minus, high_minus), (low_plus, high_plus) = (
         _percentile_interval(v, n_boot, level) for v in (minus, plus)
     )
-    # (np.min: NaN, an interval undefined, stays NaN whichever side it is on)
-    return d, float(np.min([low_minus, low_plus])), float(np.min([high_minus, high_plus]))
+    # (np.min: NaN, an interval undefined, stays NaN whichever side it is on; d ≤ ρ_J ≤ 1,
+    # so a high end past 1, where both differences' intervals reach beyond it, says 1)
+    high = float(np.min([high_minus, high_plus, 1.0]))
+    return d, float(np.min([low_minus, low_plus])), high
 
 
 def _differences(columns: np.ndarray) -> np.ndarray:
