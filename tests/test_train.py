@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sensgen import backprop, optim, train
+from sensgen import backprop, optim, pack, train
 from sensgen.backprop import logits as train_logits
 from sensgen.models import MLP, Nonlinearity
 from sensgen.optim import OptimizerName
@@ -255,7 +255,7 @@ def test_fit_check_goes_chunk_by_chunk_and_stops_early(monkeypatch):
     both_miss = own.clone()
     both_miss[:, 0] = (both_miss[:, 0] + 1) % C  # nobody fits after the first chunk: stop
     calls = []
-    monkeypatch.setattr(train, "logits", lambda *args: calls.append(1) or train_logits(*args))
+    monkeypatch.setattr(pack, "logits", lambda *args: calls.append(1) or train_logits(*args))
     assert not fits_training_set(template, params, x, both_miss, chunk_size=7).any()
     assert len(calls) == 1
 

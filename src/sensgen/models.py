@@ -154,7 +154,7 @@ def draw_initial_(
     """An MLP's initial parameters, in place: W_l ~ N(0, σ_w²/fan_in) for W_l [n_l, n_{l−1}]
     (contiguous) drawn from ``generator`` layer after layer, b_l = 0 (paper §4, 'init').
 
-    The one definition of `MLP`'s initial weights: `sensgen.train.init_pack` draws a pack's
+    The one definition of `MLP`'s initial weights: `sensgen.pack.init_pack` draws a pack's
     models into their slices of its stacked tensors with it, so a model's weights depend
     only on its seed and init scale, whichever tensor they are drawn into.
     """
