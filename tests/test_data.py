@@ -642,6 +642,20 @@ def test_an_unsearchable_cache_falls_back_to_the_next_folder(
     assert f"`chmod`/`chown` {cache})" in out and server.requests == []
 
 
+def test_a_folder_that_may_not_be_searched_is_not_called_missing_on_newer_pythons(
+    server, cache, tmp_path, monkeypatch
+):
+    # From Python 3.14, Path.is_file answers False where os.stat is refused: a file in a
+    # folder this user may not search must still be reported as a permission problem.
+    monkeypatch.setattr(Path, "is_file", lambda self: False)
+    debian = tmp_path / "usr/share/datasets/fashion-mnist"
+    fashion_in(debian, monkeypatch, mirrors=(server.url,))
+    cache.mkdir()
+    refuse(monkeypatch, cache, "search")
+    states = {r.folder: {f.state for f in r.files} for r in data.verify_all("fashion_mnist")}
+    assert states[cache / "fashion_mnist"] == {"denied"}
+
+
 def write_and_register(folder: Path, files: dict[str, bytes], monkeypatch) -> None:
     """Write raw file contents over a tiny MNIST and register checksums that accept them."""
     make_mnist(folder)

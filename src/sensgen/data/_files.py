@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -112,14 +113,17 @@ def _check_file(
     spec: DatasetSpec, name: str, checksums: tuple[str, ...], folder: Path, package: bool
 ) -> FileReport:
     path = folder / name
+    # os.stat, not Path.is_file: from Python 3.14 is_file answers False for a file it may
+    # not look at, which would call a permission problem a missing file.
+    problem = None
     try:
-        present = path.is_file()
+        present = stat.S_ISREG(path.stat().st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        present = False
     except PermissionError:  # looking needs search permission on every folder above it
         return _denied(path, folder_unsearchable(folder))
     except OSError as e:
         present, problem = True, f"unreadable ({e})"
-    else:
-        problem = None
     if not present:
         return FileReport(path, False, "missing", _missing_fix(spec, package), FileState.MISSING)
     try:
