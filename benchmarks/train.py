@@ -405,11 +405,7 @@ def products_alone(
 
 def _blocks(case: Case, members: list[Member], x: torch.Tensor) -> list[int]:
     """The cache blocks the trainer cuts the case's pack into (`sensgen.cache_blocks`)."""
-    shape = pack_shape(case, x.shape[1])
-    return cache_blocks(
-        shape.in_dim, shape.n_classes, shape.width, shape.depth, shape.optimizer,
-        shape.batch_size, len(members), x.device,
-    )  # fmt: skip
+    return cache_blocks(pack_shape(case, x.shape[1]), len(members), x.device)
 
 
 Call = tuple[Callable, list, dict]

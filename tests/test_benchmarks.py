@@ -55,7 +55,10 @@ def test_training_benchmark_quick_run_agrees_with_the_plain_loop():
     assert out.count("of which model init") == 4
     # Where the trainer cuts the reference pack into cache blocks, the same pack in one
     # block is timed beside it (on 2 threads: two blocks of 16).
-    blocks = cache_blocks(784, 10, 256, 2, OptimizerName.MOMENTUM, 128, 32, torch.device("cpu"))
+    reference = PackShape(
+        784, 10, 256, 2, Nonlinearity.RELU, OptimizerName.MOMENTUM, 128, 1, 1, False
+    )
+    blocks = cache_blocks(reference, 32, torch.device("cpu"))
     split = "+".join(map(str, blocks))
     assert (f"(packed in blocks of {split} against the 32" in out) is (len(blocks) > 1)
     # The reference pack's share of the peak, strict and per round, as percentages.

@@ -62,7 +62,8 @@ def test_the_reference_packs_are_cut_as_measured(monkeypatch):
     cpu = torch.device("cpu")
 
     def blocks(optimizer, width, depth, batch, n_models):
-        return cache_blocks.cache_blocks(784, 10, width, depth, optimizer, batch, n_models, cpu)
+        shape = PackShape(784, 10, width, depth, Nonlinearity.RELU, optimizer, batch, 1, 1, False)
+        return cache_blocks.cache_blocks(shape, n_models, cpu)
 
     assert blocks(OptimizerName.MOMENTUM, 256, 2, 128, 32) == [16, 16]
     assert blocks(OptimizerName.ADAM, 256, 2, 128, 32) == [12, 10, 10]
@@ -71,10 +72,13 @@ def test_the_reference_packs_are_cut_as_measured(monkeypatch):
 
 
 def test_a_gpu_pack_and_a_full_batch_pack_are_one_block():
-    args = (784, 10, 512, 3, OptimizerName.ADAM)
-    assert cache_blocks.cache_blocks(*args, 128, 64, torch.device("cuda")) == [64]
-    assert cache_blocks.cache_blocks(*args, None, 64, torch.device("cpu")) == [64]
-    assert cache_blocks.cache_blocks(*args, 128, 64, torch.device("cpu")) != [64]
+    def shape(batch_size):
+        return PackShape(784, 10, 512, 3, Nonlinearity.RELU, OptimizerName.ADAM, batch_size,
+                         1, 1, False)  # fmt: skip
+
+    assert cache_blocks.cache_blocks(shape(128), 64, torch.device("cuda")) == [64]
+    assert cache_blocks.cache_blocks(shape(None), 64, torch.device("cpu")) == [64]
+    assert cache_blocks.cache_blocks(shape(128), 64, torch.device("cpu")) != [64]
 
 
 def _data():

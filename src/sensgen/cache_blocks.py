@@ -33,6 +33,7 @@ import math
 import torch
 
 from sensgen.optim import OPTIMIZERS, OptimizerName
+from sensgen.pack import PackShape
 
 # The working set one thread's share of the cache holds well from step to step. Measured,
 # not derived: the 2-core guest of issue 8 reports a 480 MiB L3 that it shares with its
@@ -93,21 +94,15 @@ def block_sizes(n_models: int, model_bytes: int, threads: int, budget: int) -> l
     return sizes
 
 
-def cache_blocks(
-    in_dim: int,
-    n_classes: int,
-    width: int,
-    depth: int,
-    optimizer: OptimizerName,
-    batch_size: int | None,
-    n_models: int,
-    device: torch.device,
-) -> list[int]:
-    """The block sizes a pack trains in on `device` (`block_sizes`): one block on a GPU
-    and for full batch (whose step reads the whole training set anyway, and shares the
-    first layer's product across the pack)."""
-    if device.type != "cpu" or batch_size is None:
+def cache_blocks(shape: PackShape, n_models: int, device: torch.device) -> list[int]:
+    """The block sizes a pack of `n_models` models of `shape` trains in on `device`
+    (`block_sizes`): one block on a GPU and for full batch (whose step reads the whole
+    training set anyway, and shares the first layer's product across the pack)."""
+    if device.type != "cpu" or shape.batch_size is None:
         return [n_models]
-    model_bytes = model_step_bytes(in_dim, n_classes, width, depth, optimizer, batch_size)
+    model_bytes = model_step_bytes(
+        shape.in_dim, shape.n_classes, shape.width, shape.depth, shape.optimizer,
+        shape.batch_size,
+    )  # fmt: skip
     threads = torch.get_num_threads()
     return block_sizes(n_models, model_bytes, threads, BYTES_PER_THREAD * threads)

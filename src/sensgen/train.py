@@ -103,10 +103,7 @@ def train_pack(
     if y.shape != (n_models, n):
         raise ValueError(f"y must be [M, N] = [{n_models}, {n}], got {tuple(y.shape)}")
     if blocks is None:
-        sizes = cache_blocks(
-            shape.in_dim, shape.n_classes, shape.width, shape.depth, shape.optimizer,
-            shape.batch_size, n_models, x.device,
-        )  # fmt: skip
+        sizes = cache_blocks(shape, n_models, x.device)
     elif sum(blocks) != n_models or min(blocks) < 1:
         raise ValueError(f"blocks must be positive and sum to {n_models}, got {list(blocks)}")
     else:

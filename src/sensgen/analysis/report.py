@@ -58,6 +58,7 @@ from sensgen.analysis.report_sections import (
 )
 from sensgen.artifacts import DamagedFileError
 from sensgen.errors import UserError
+from sensgen.schema import STUDY_FILE
 
 REPORT_DIR = "report"
 _PNG_DPI = 150
@@ -306,7 +307,7 @@ def incomplete_banner(progress: Mapping[str, Any], out_dir: Path) -> str:
     if progress["complete"]:
         return ""
     left = ", ".join(f"{n} {status}" for status, n in progress["unfinished"].items() if n)
-    command = f"sensgen run {out_dir / 'study.toml'} --out {out_dir}"
+    command = f"sensgen run {out_dir / STUDY_FILE} --out {out_dir}"
     unfinished = progress["unfinished"]
     retry = " (it trains the failed packs again)" if unfinished["failed"] else ""
     running = (

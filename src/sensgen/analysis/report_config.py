@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from sensgen.errors import UserError
-
-STUDY_FILE = "study.toml"
+from sensgen.schema import STUDY_FILE
 
 
 def study_tables(out_dir: Path) -> dict[str, Any]:
