@@ -1,6 +1,7 @@
 """Activation codes: piece indices, sign codes, layers, and a user's own modules (paper §2.2)."""
 
 import itertools
+import re
 
 import pytest
 import torch
@@ -149,3 +150,76 @@ def test_functional_activations_are_a_user_error():
 
     with pytest.raises(UserError, match="functional activations"):
         activation_codes(Functional(), torch.zeros(2, 3))
+
+
+class _Hidden(nn.Module):
+    """fc1, nn.ReLU, fc2, then `call` on fc2's output (a second hidden layer), fc3."""
+
+    def __init__(self, call):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+        self.act, self.call = nn.ReLU(), call
+
+    def forward(self, x):
+        return self.fc3(self.call(self.fc2(self.act(self.fc1(x)))))
+
+
+@pytest.mark.parametrize(
+    ("call", "named"),
+    [
+        (F.relu, "F.relu"),
+        (lambda h: F.relu(h, inplace=True), "F.relu"),
+        (torch.relu, "torch.relu"),
+        (lambda h: h.relu(), "Tensor.relu"),
+        (torch.tanh, "torch.tanh"),
+        (torch.sigmoid, "torch.sigmoid"),
+        (F.gelu, "F.gelu"),
+        (lambda h: F.hardtanh(h, -1.0, 1.0), "F.hardtanh"),
+        (F.leaky_relu, "F.leaky_relu"),
+    ],
+)
+def test_an_activation_function_outside_modules_is_named(call, named):
+    # The hooks see layer 1 only: layer 2's units would be missing from the code.
+    with pytest.raises(UserError, match=f"calls {re.escape(named)} outside an activation module"):
+        activation_codes(_Hidden(call), torch.randn(5, 3))
+
+
+def test_an_activation_function_inside_another_module_is_refused():
+    class Block(nn.Module):  # not an activation module: its F.relu has no hook
+        def forward(self, h):
+            return F.relu(h)
+
+    with pytest.raises(UserError, match=r"F\.relu outside"):
+        activation_codes(_Hidden(Block()), torch.randn(5, 3))
+
+
+def test_the_readout_and_activation_modules_own_calls_are_allowed():
+    # nn.ReLU calls F.relu itself, inside the module; log-softmax and softmax are readouts.
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(7, 3, generator=gen)
+    net = _Hidden(nn.ReLU(inplace=True))
+    readout = nn.Sequential(net, nn.LogSoftmax(dim=1))
+
+    class SoftmaxInForward(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return F.softmax(self.net(x), dim=1)
+
+    expected = activation_codes(net, x)
+    h1 = net.fc1(x)
+    h2 = net.fc2(F.relu(h1))
+    assert torch.equal(expected, torch.cat([piece_index(h1, (0.0,)), piece_index(h2, (0.0,))], 1))
+    assert torch.equal(activation_codes(readout, x), expected)
+    assert torch.equal(activation_codes(SoftmaxInForward(), x), expected)
+
+
+def test_only_the_layers_asked_for_are_checked():
+    # n_layers=1 stops the forward at layer 1's module: the F.relu after it never runs.
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(6))
+    net = _Hidden(F.relu)
+    assert len(hidden_preactivations(net, x, n_layers=1)) == 1
+    with pytest.raises(UserError, match=r"F\.relu outside"):
+        hidden_preactivations(net, x)

@@ -208,20 +208,56 @@ def test_open_path_and_a_users_sequential():
     assert len(hidden_preactivations(user, path)) == 2
 
 
-def test_hidden_functional_activation_is_caught_by_exact():
+def _mixed(layer_1: str) -> nn.Module:
+    """fc1, then `layer_1` ("functional": F.relu in the forward; "square": h², neither a
+    module nor affine), fc2, nn.ReLU, fc3."""
+
     class Mixed(nn.Module):
         def __init__(self):
             super().__init__()
-            self.fc1, self.fc2, self.act = nn.Linear(2, 8), nn.Linear(8, 8), nn.ReLU()
+            self.fc1, self.fc2, self.fc3 = nn.Linear(2, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+            self.act = nn.ReLU()
 
         def forward(self, x):
-            return self.act(self.fc2(F.relu(self.fc1(x))))  # layer 1 is invisible to hooks
+            h = self.fc1(x)
+            a = F.relu(h) if layer_1 == "functional" else h * h  # invisible to hooks
+            return self.fc3(self.act(self.fc2(a)))
 
     torch.manual_seed(0)
-    net = Mixed().double()
+    return Mixed().double()
+
+
+@pytest.mark.parametrize("method", ["exact", "sampled"])
+def test_hidden_functional_activation_is_refused_by_both_methods(method):
+    with pytest.raises(UserError, match=r"calls F\.relu outside an activation module"):
+        transitions(_mixed("functional"), _ellipse(*_circle_anchors(), 64), method=method)
+
+
+def test_exact_refuses_a_layer_that_is_not_affine_between_modules():
+    # No activation function to name (h² is no activation), but the recorded
+    # pre-activations are not affine between crossings: the exact method's own check.
+    path = _ellipse(*_circle_anchors(), 64)
     with pytest.raises(UserError, match="not affine"):
-        transitions(net, _ellipse(*_circle_anchors(), 64))
-    assert transitions(net, _ellipse(*_circle_anchors(), 64), method="sampled") >= 0
+        transitions(_mixed("square"), path)
+    assert transitions(_mixed("square"), path, method="sampled") >= 0  # (its codes: 1 layer)
+
+
+@pytest.mark.parametrize("method", ["exact", "sampled"])
+def test_functional_activation_after_the_last_module_is_refused(method):
+    # After the last activation module no recorded pre-activation shows it: before the
+    # function spy, both methods left layer 2 out without a word.
+    class After(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2, self.fc3 = nn.Linear(2, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+            self.act = nn.ReLU()
+
+        def forward(self, x):
+            return self.fc3(F.relu(self.fc2(self.act(self.fc1(x)))))
+
+    torch.manual_seed(0)
+    with pytest.raises(UserError, match=r"F\.relu outside an activation module"):
+        transitions(After().double(), _ellipse(*_circle_anchors(), 64), method=method)
 
 
 def _leaky_sequential(activation: nn.Module, seed: int = 3) -> nn.Sequential:

@@ -28,7 +28,8 @@ piecewise linear — the last three with the one breakpoint 0 — and the sign-c
 nn.Sigmoid, nn.ELU): the *input* of each call is a hidden layer's pre-activation, in call
 order. Any other activation module of torch (nn.GELU, nn.SiLU, nn.Softplus, ...) is
 refused by name: its layer would be left out of the code without a word. (A softmax-family
-module is the readout, not a hidden layer.)
+module is the readout, not a hidden layer.) So is an activation *function* (``F.relu``,
+``torch.tanh``, ...) called while no activation module runs (`sensgen.metrics._functional`).
 
 Example:
     >>> import torch
@@ -46,6 +47,7 @@ import torch
 from torch import nn
 
 from sensgen.errors import UserError
+from sensgen.metrics._functional import UnhookedActivations
 from sensgen.metrics._mode import require_eval_mode
 from sensgen.models import MLP, Nonlinearity
 
@@ -132,8 +134,8 @@ def hidden_preactivations(
         each preactivation is [B, n_l] in x's dtype.
 
     Raises:
-        UserError: if a non-MLP module has no activation module, or has dropout or batch
-            norm in train mode.
+        UserError: if a non-MLP module has no activation module, calls an activation
+            function outside one, or has dropout or batch norm in train mode.
     """
     if isinstance(model, MLP):
         return _mlp_preactivations(model, x, n_layers)
@@ -202,14 +204,26 @@ def _hooked_preactivations(
             f"be read. Does it use functional activations (F.relu, torch.tanh)? Wrap them in "
             f"nn modules: one of {_SUPPORTED}."
         )
-    handles = [m.register_forward_pre_hook(record) for m in activations]
+    spy = UnhookedActivations()
+
+    def enter(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        spy.inside += 1
+        record(module, args)
+
+    def leave(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        spy.inside -= 1
+
+    handles = [m.register_forward_pre_hook(enter) for m in activations]
+    handles += [m.register_forward_hook(leave) for m in activations]
     try:
-        model(x)
+        with spy:
+            model(x)
     except _EnoughLayers:
-        pass
+        pass  # (what the layers not asked for call does not matter: they did not run)
     finally:
         for handle in handles:
             handle.remove()
+    spy.refuse(model, _SUPPORTED)
     return records
 
 

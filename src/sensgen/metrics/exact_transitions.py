@@ -216,10 +216,12 @@ def _position_order(edge: torch.Tensor, frac: torch.Tensor) -> torch.Tensor:
 
 def _check_piecewise_affine(net, polygon, edge, frac, size) -> None:
     """Every pre-activation at each interval's midpoint must be the mean of its values at
-    the ends: between crossings of the recorded layers they are affine. (A functional
-    activation after the last activation module shows in no recorded pre-activation; the
-    logits cannot be checked instead, as a smooth readout — log-softmax, a normalisation —
-    is not affine either, and adds no region.)"""
+    the ends: between crossings of the recorded layers they are affine. This catches what
+    the codes' own check of activation functions (`sensgen.metrics._functional`) does not
+    name, before an activation module: max-pooling, a ReLU written as a clamp, a
+    normalisation. (After the last activation module it shows in no recorded
+    pre-activation; the logits cannot be checked instead, as a smooth readout —
+    log-softmax, a normalisation — is not affine either, and adds no region.)"""
     end, chunks = _intervals(polygon, edge, frac, size)
     for rows, knots in chunks:
         knot_points = polygon.points(edge[knots], frac[knots])

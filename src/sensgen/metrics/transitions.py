@@ -91,12 +91,13 @@ def transitions(
     Returns:
         The count as a Python int. "sampled" runs the model in its own dtype, "exact" in
         float64; on a module other than a sensgen MLP, "exact" also checks at every interval
-        midpoint that the recorded pre-activations are affine, which catches functional
-        activations hidden before an activation module.
+        midpoint that the recorded pre-activations are affine (activation functions called
+        outside activation modules are refused by both methods: `sensgen.metrics.codes`).
 
     Raises:
-        UserError: unknown method or distance, a smooth φ with method="exact", or a path
-            with fewer than 2 points.
+        UserError: unknown method or distance, a smooth φ with method="exact", a path
+            with fewer than 2 points, or a module whose pre-activations cannot all be read
+            (`sensgen.metrics.codes.hidden_preactivations`).
     """
     method = parse_choice(TransitionMethod, method, "method")
     if method is TransitionMethod.EXACT:
