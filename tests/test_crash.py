@@ -309,6 +309,28 @@ def test_status_while_a_run_is_in_progress_and_after_it_is_killed(crash_study, t
     assert sum(_status_counts(after).values()) == SEEDS
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sigterm_stops_the_run_as_ctrl_c_does_and_it_resumes(crash_study, tmp_path, workers):
+    # A scheduler's stop (SIGTERM) killed the driver at once: no word, its workers left to
+    # notice they were orphaned, and the resource tracker warning of leaked semaphores.
+    out = tmp_path / "out"
+    proc = _start(crash_study, out, "--workers", workers)
+    assert _wait_for_done(proc, out, 2)
+    pool = _workers_of(proc.pid)
+    assert len(pool) == (2 if workers == "2" else 0)
+    proc.send_signal(signal.SIGTERM)
+    code = _finish(proc, kill=False)
+    log = out.with_suffix(".log").read_text()
+    assert code == 128 + signal.SIGTERM, log
+    assert "terminated (SIGTERM): finished packs are kept" in log
+    assert "leaked" not in log and "Traceback" not in log, log
+    assert not any(_running(pid) for pid in pool)
+    runs = _check_consistent(out)
+    assert 2 <= (runs["status"] == "done").sum() < SEEDS
+    assert _finish(_start(crash_study, out), kill=False) == 0  # resumes, re-queueing `running`
+    assert (_check_consistent(out)["status"] == "done").all()
+
+
 DIVERGING = """
 name = "diverging"
 [base]

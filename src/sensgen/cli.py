@@ -2,14 +2,18 @@
 
 Each command calls one library function. Exit codes: 0 ok; 2 bad input (study file,
 dataset, argument), with a one-paragraph message naming what is wrong and the fix; 1 an
-internal error (a bug: please report it with the traceback).
+internal error (a bug: please report it with the traceback); `run` stopped by Ctrl-C
+exits 130, by SIGTERM 143 (`Terminated`), finished packs kept.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import signal
 import sqlite3
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -70,15 +74,19 @@ def run(
     loaded = study_module.load(study, _parse_sets(set_ or []))
     out_dir = out or Path("runs") / loaded.name
     try:
-        result = run_study(
-            loaded, out_dir, executor=executor, workers=workers, device=device, progress=progress
-        )
-    except KeyboardInterrupt:  # (typer would exit 130 without a word)
+        with _sigterm_as_interrupt():
+            result = run_study(
+                loaded, out_dir, executor=executor, workers=workers, device=device,
+                progress=progress,
+            )  # fmt: skip
+    except KeyboardInterrupt as stop:  # (typer would exit 130 without a word)
+        terminated = isinstance(stop, Terminated)
         err_console.print(
-            "interrupted: finished packs are kept; run the same command again to resume.",
+            f"{'terminated (SIGTERM)' if terminated else 'interrupted'}: finished packs are "
+            "kept; run the same command again to resume.",
             markup=False,
         )
-        raise typer.Exit(130) from None
+        raise typer.Exit(128 + signal.SIGTERM if terminated else 130) from None
     counts = ", ".join(f"{n} {status}" for status, n in sorted(result.counts.items()))
     if result.n_trained == 0:
         out_console.print(
@@ -176,6 +184,36 @@ def datasets_verify(
         raise UserError(f"{bad} dataset(s) failed verification; each line above says the fix.")
     if not checked:
         out_console.print("No dataset files found; `sensgen datasets fetch NAME` gets them.")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a cluster scheduler's stop, ``kill``), raised in the main thread as Ctrl-C
+    is, so that a run stops the same way: workers stopped, finished packs kept, a word on
+    how to resume. Python's default for SIGTERM is to die at once, leaving spawned workers
+    to notice they are orphaned and the resource tracker to warn of leaked semaphores."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, the first SIGTERM raises `Terminated`; later ones are ignored,
+    so that the stop it started is not itself cut short."""
+    signalled = False
+
+    def handler(signum: int, frame: object) -> None:
+        nonlocal signalled
+        if not signalled:
+            signalled = True
+            raise Terminated
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (an embedding application): leave it be
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: list[str] | None = None) -> None:
