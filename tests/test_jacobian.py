@@ -345,7 +345,7 @@ def test_the_autodiff_chunk_bounds_every_layers_jacobian():
 
 def test_softmax_jacobian_times_a_vector_is_the_factor_times_it():
     # The estimator's O(B·C) S v against the dense S [B, C, C], confident points included.
-    from sensgen.metrics.jacobian import softmax_jacobian_times
+    from sensgen.metrics.jacobian_estimate import softmax_jacobian_times
 
     g = torch.Generator().manual_seed(0)
     for scale in (1.0, 40.0, 300.0):  # 40: p_top within 1e-17 of 1

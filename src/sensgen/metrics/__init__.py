@@ -19,10 +19,10 @@ from sensgen.metrics.jacobian import (
     Method,
     Output,
     jacobian_norm,
-    jacobian_norm_estimate,
     jacobian_norms,
     softmax_jacobian_factor,
 )
+from sensgen.metrics.jacobian_estimate import jacobian_norm_estimate
 from sensgen.metrics.profiles import (
     Density,
     Profile,

@@ -3,6 +3,7 @@ argument and the fix instead of an error from deep inside torch (or a wrong numb
 
 from __future__ import annotations
 
+import itertools
 import numbers
 
 import torch
@@ -21,7 +22,8 @@ def as_batch(model: nn.Module, x: object, name: str = "x") -> torch.Tensor:
 
     Raises:
         UserError: x is not array-like, not a batch (fewer than 2 dimensions), not floating
-            point (integer pixels need the model's own scaling), or of the wrong width.
+            point (integer pixels need the model's own scaling), of the wrong width, or on
+            another device than the model.
     """
     x = as_tensor(x, f"{name} must be a tensor of points [B, ...]")
     if x.ndim < 2:
@@ -34,14 +36,50 @@ def as_batch(model: nn.Module, x: object, name: str = "x") -> torch.Tensor:
             f"{name} is {x.dtype}: pass the inputs as the model was trained on them, as "
             f"floats (for 8-bit images, e.g. {name}.float() / 255)."
         )
-    if type(model) is MLP and list(x.shape[1:]) != [model.layers[0].in_features]:
+    check_mlp_width(model, x, name)
+    devices = {t.device for t in itertools.chain(model.parameters(), model.buffers())}
+    if len(devices) == 1 and x.device not in devices:
+        (device,) = devices
+        raise UserError(
+            f"{name} is on {x.device} but {type(model).__name__} is on {device}: pass "
+            f"{name}.to({str(device)!r}) (the metrics leave devices to the caller)."
+        )
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    return x.to(dtype=dtypes.pop()) if len(dtypes) == 1 else x  # (mixed: the model's call)
+
+
+def check_mlp_width(model: nn.Module, x: torch.Tensor, name: str) -> None:
+    """UserError naming ``name`` unless a sensgen `MLP` gets flat points [B, d] of its d."""
+    if is_plain_mlp(model) and list(x.shape[1:]) != [model.layers[0].in_features]:
         d = model.layers[0].in_features
         raise UserError(
             f"{name} has points of shape {list(x.shape[1:])}, but this MLP takes flat inputs "
             f"of {d} values: pass {name}.flatten(1)."
         )
-    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
-    return x.to(dtype=dtypes.pop()) if len(dtypes) == 1 else x  # (mixed: the model's call)
+
+
+def is_plain_mlp(model: nn.Module) -> bool:
+    """True for a sensgen `MLP` that computes what `MLP` does.
+
+    The closed forms (Jacobian, codes, exact transitions) read an MLP's layers instead of
+    calling it, so a subclass that changes ``forward`` (an input scaling, a temperature)
+    must take the general path that calls the module.
+    """
+    cls = type(model)
+    return (
+        isinstance(model, MLP)
+        and cls.forward is MLP.forward
+        and cls.preactivations is MLP.preactivations
+        and cls.activation is MLP.activation
+    )
+
+
+def unwrap_parallel(model: nn.Module) -> nn.Module:
+    """The module inside `nn.DataParallel` / `DistributedDataParallel` wrappers (the same
+    function; torch.func's `functional_call` refuses the wrappers themselves)."""
+    while isinstance(model, nn.DataParallel | nn.parallel.DistributedDataParallel):
+        model = model.module
+    return model
 
 
 def as_tensor(value: object, requirement: str) -> torch.Tensor:

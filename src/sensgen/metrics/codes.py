@@ -48,6 +48,7 @@ from torch import nn
 
 from sensgen.errors import UserError
 from sensgen.metrics._functional import UnhookedActivations
+from sensgen.metrics._inputs import check_mlp_width, is_plain_mlp
 from sensgen.metrics._mode import require_eval_mode
 from sensgen.models import MLP, Nonlinearity
 
@@ -137,7 +138,8 @@ def hidden_preactivations(
         UserError: if a non-MLP module has no activation module, calls an activation
             function outside one, or has dropout or batch norm in train mode.
     """
-    if isinstance(model, MLP):
+    if is_plain_mlp(model):
+        check_mlp_width(model, x, "x")
         return _mlp_preactivations(model, x, n_layers)
     require_eval_mode(model, "activation codes")
     return _hooked_preactivations(model, x, n_layers)

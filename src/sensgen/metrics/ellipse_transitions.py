@@ -35,7 +35,6 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from sensgen.errors import UserError
 from sensgen.metrics.exact_transitions import transition_details
 from sensgen.metrics.sampled_transitions import default_chunk_size, sampled_count
 from sensgen.metrics.trajectories import check_count, ellipse_angles, ellipse_axes
@@ -96,8 +95,7 @@ def ellipse_transitions_sampled(
 
     Samples z(2πi/k) are generated chunk by chunk, so memory stays bounded for any k.
     """
-    if n_points < 2:
-        raise UserError(f"n_points must be at least 2, got {n_points}.")
+    n_points = check_count(n_points, "n_points", 2)
     size = chunk_size or default_chunk_size(model, x1.reshape(1, -1))
     chunks = (
         _ellipse(x1, x2, x3, n_points, start=i, stop=min(i + size, n_points))

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from sensgen.errors import UserError
-from sensgen.metrics._inputs import check_chunk_size
+from sensgen.metrics._inputs import check_chunk_size, is_plain_mlp
 from sensgen.metrics._mode import require_eval_mode
 from sensgen.metrics.codes import (
     BREAKPOINTS,
@@ -97,7 +97,7 @@ def transition_details(
             crossings = _layer_crossings(net, polygon, edge, frac, layer, size)
             found.append(crossings)
             edge, frac = _merge(edge, frac, crossings[0], crossings[1])
-        if not isinstance(net, MLP):
+        if not is_plain_mlp(net):
             _check_piecewise_affine(net, polygon, edge, frac, size)
     return _result(found, polygon)
 
@@ -170,7 +170,7 @@ def _intervals(polygon: _Polygon, edge, frac, size: int) -> tuple[torch.Tensor, 
 
 
 def _preactivation(net, polygon, edge, frac, layer) -> HiddenLayer:
-    if isinstance(net, MLP):
+    if is_plain_mlp(net):
         h = _mlp_preactivation(net, polygon, edge, frac, layer)
     else:
         h = hidden_preactivations(net, polygon.points(edge, frac), n_layers=layer + 1)[layer]

@@ -34,10 +34,15 @@ from functools import partial
 
 import torch
 from torch import nn
-from torch.func import functional_call, jacrev, vjp, vmap
+from torch.func import functional_call, jacrev, vmap
 
 from sensgen.errors import UserError, parse_choice
-from sensgen.metrics._inputs import as_batch, check_chunk_size
+from sensgen.metrics._inputs import (
+    as_batch,
+    check_chunk_size,
+    is_plain_mlp,
+    unwrap_parallel,
+)
 from sensgen.metrics._mode import require_eval_mode
 from sensgen.models import DERIVATIVES, MLP
 
@@ -77,15 +82,17 @@ def jacobian_norm(
     is the mean of these values over the test set; averaging is the caller's job.
 
     Args:
-        model: any module mapping a batch [B, ...] to logits [B, C], in eval mode if it
-            has dropout or batch norm (else `UserError`); its parameters, buffers and
-            ``.grad`` are not touched.
-        x: inputs [B, ...] (for sensgen MLPs [B, d]).
+        model: any module mapping a batch [B, ...] to logits [B, C] (a log-softmax is
+            fine; probabilities are refused for output="softmax"), in eval mode if it has
+            dropout, batch norm or spectral norm (else `UserError`); `nn.DataParallel` is
+            measured as the module inside. Its parameters, buffers and ``.grad`` are not
+            touched.
+        x: inputs [B, ...] (for sensgen MLPs [B, d]) on the model's device.
         output: "softmax" or "logits".
         chunk_size: points per chunk; None picks one that bounds memory (~64 MiB per
             intermediate). Results do not depend on it.
-        method: "auto" (closed form for sensgen `MLP`, autodiff otherwise),
-            "closed_form" or "autodiff".
+        method: "auto" (closed form for a sensgen `MLP` with MLP's own forward, autodiff
+            otherwise), "closed_form" or "autodiff".
 
     Returns:
         float64 tensor [B] on x's device.
@@ -114,12 +121,13 @@ def jacobian_norms(
     """
     wanted = [parse_choice(Output, o, "output") for o in outputs]
     method = parse_choice(Method, method, "method")
+    model = unwrap_parallel(model)
     if method is Method.AUTO:
-        method = Method.CLOSED_FORM if isinstance(model, MLP) else Method.AUTODIFF
-    if method is Method.CLOSED_FORM and not isinstance(model, MLP):
+        method = Method.CLOSED_FORM if is_plain_mlp(model) else Method.AUTODIFF
+    if method is Method.CLOSED_FORM and not is_plain_mlp(model):
         raise UserError(
-            f"method='closed_form' needs a sensgen MLP, got {type(model).__name__}; "
-            "use method='autodiff' (or 'auto') for other modules."
+            f"method='closed_form' needs a sensgen MLP (with MLP's own forward), got "
+            f"{type(model).__name__}; use method='autodiff' (or 'auto') for other modules."
         )
     chunk_size = check_chunk_size(chunk_size)
     x = as_batch(model, x)
@@ -137,15 +145,33 @@ def jacobian_norms(
     for chunk in torch.split(x, size):
         with torch.no_grad():
             logits, gram = gram_fn(chunk)
-        if Output.SOFTMAX in wanted and logits.shape[-1] == 1:
-            raise UserError(
-                f"{type(model).__name__} returns one logit per point: the softmax of one "
-                "logit is constant, so its Jacobian is 0. Measure output='logits', or wrap "
-                "a binary classifier to return [0, z] (softmax([0, z]) = [1 − σ(z), σ(z)])."
-            )
+        if Output.SOFTMAX in wanted:
+            _check_logits(model, logits)
         for o in wanted:
             parts[o].append(_contract(logits, gram, o))
     return {o: torch.cat(p) for o, p in parts.items()}
+
+
+def _check_logits(model: nn.Module, logits: torch.Tensor) -> None:
+    """UserError if the softmax of `logits` [B, C] cannot be what the caller meant."""
+    name = type(model).__name__
+    if logits.shape[-1] == 1:
+        raise UserError(
+            f"{name} returns one logit per point: the softmax of one "
+            "logit is constant, so its Jacobian is 0. Measure output='logits', or wrap "
+            "a binary classifier to return [0, z] (softmax([0, z]) = [1 − σ(z), σ(z)])."
+        )
+    # Probabilities (a softmax already applied) would be softmaxed twice, silently. No
+    # logits are all >= 0 with every row summing to 1 by chance.
+    tolerance = max(1e-6, 8 * torch.finfo(logits.dtype).eps)
+    total = logits.to(torch.float64).sum(dim=-1)
+    if bool((logits >= 0).all()) and bool(((total - 1).abs() <= tolerance).all()):
+        raise UserError(
+            f"{name} returns probabilities (every output >= 0, each row summing to 1), "
+            "not logits, so output='softmax' would apply a second softmax. Pass "
+            "output='logits' to take the Jacobian of what it returns (for a softmax head "
+            "that is the paper's ‖∂p/∂x‖_F), or return the logits (a log-softmax is fine)."
+        )
 
 
 def softmax_jacobian_factor(logits: torch.Tensor) -> torch.Tensor:
@@ -158,8 +184,7 @@ def softmax_jacobian_factor(logits: torch.Tensor) -> torch.Tensor:
         float64 [B, C, C]. The diagonal uses 1 − p_i = Σ_{j≠i} p_j, so S_yy stays
         accurate when p_y is within float32 rounding of 1.
     """
-    z = logits.to(torch.float64)
-    p = torch.softmax(z - z.amax(dim=-1, keepdim=True), dim=-1)  # [B, C]
+    p = _probabilities(logits)  # [B, C]
     eye = torch.eye(p.shape[-1], dtype=torch.bool, device=p.device)
     others = p.unsqueeze(-2).masked_fill(eye, 0.0).sum(dim=-1)  # [B, C]: Σ_{j≠i} p_j
     s = -p.unsqueeze(-1) * p.unsqueeze(-2)  # [B, C, C]
@@ -167,26 +192,10 @@ def softmax_jacobian_factor(logits: torch.Tensor) -> torch.Tensor:
     return s
 
 
-def softmax_jacobian_times(logits: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """S v for S = diag(p) − p pᵀ (`softmax_jacobian_factor`), float64 [B, C], in O(B·C)
-    memory: the estimator is for many classes, where S [B, C, C] would not fit.
-
-    (S v)_i = p_i (v_i o_i − r_i) with o_i = Σ_{j≠i} p_j and r_i = Σ_{j≠i} p_j v_j. For the
-    most probable class both sums are taken over the other classes directly; for every
-    other class (p_i ≤ ½) as the total less its own term, which then cancels nothing
-    large. So S v keeps its accuracy at confident points, as S itself does.
-    """
+def _probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """p = softmax(z) in float64, max-shifted: [B, C]."""
     z = logits.to(torch.float64)
-    p = torch.softmax(z - z.amax(dim=-1, keepdim=True), dim=-1)  # [B, C]
-    v = v.to(torch.float64)
-    pv = p * v
-    others = p.sum(dim=-1, keepdim=True) - p  # o_i, accurate for p_i ≤ ½
-    rest = pv.sum(dim=-1, keepdim=True) - pv  # r_i, likewise
-    top = p.argmax(dim=-1, keepdim=True)  # [B, 1]
-    not_top = torch.ones_like(p).scatter_(-1, top, 0.0)
-    others.scatter_(-1, top, (p * not_top).sum(dim=-1, keepdim=True))
-    rest.scatter_(-1, top, (pv * not_top).sum(dim=-1, keepdim=True))
-    return p * (v * others - rest)
+    return torch.softmax(z - z.amax(dim=-1, keepdim=True), dim=-1)
 
 
 def _contract(logits: torch.Tensor, gram: torch.Tensor, output: Output) -> torch.Tensor:
@@ -234,13 +243,7 @@ def _autodiff_logit_gram(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tenso
     def logits_of_one(xi: torch.Tensor) -> torch.Tensor:
         return functional_call(model, (params, buffers), (xi.unsqueeze(0),)).squeeze(0)
 
-    logits = functional_call(model, (params, buffers), (x,))
-    if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
-        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise UserError(
-            f"jacobian_norm expects the model to return logits of shape [B, C]; "
-            f"{type(model).__name__} returned {got}."
-        )
+    logits = _check_output(model, functional_call(model, (params, buffers), (x,)))
     try:
         jz = vmap(jacrev(logits_of_one))(x).flatten(start_dim=2)  # [B, C, d]
     except RuntimeError as error:
@@ -253,6 +256,17 @@ def _autodiff_logit_gram(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tenso
             f"on a tensor's value. torch says: {error}"
         ) from None
     return logits, jz @ jz.transpose(1, 2)
+
+
+def _check_output(model: nn.Module, logits: object) -> torch.Tensor:
+    """The model's output if it is logits [B, C], else a UserError saying what it was."""
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
+        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise UserError(
+            f"jacobian_norm expects the model to return logits of shape [B, C]; "
+            f"{type(model).__name__} returned {got}."
+        )
+    return logits
 
 
 def _default_chunk_size(model: nn.Module, x: torch.Tensor, method: Method) -> int:
@@ -288,59 +302,3 @@ def _largest_output(model: nn.Module, x: torch.Tensor) -> int:
         for handle in handles:
             handle.remove()
     return max(sizes)
-
-
-def jacobian_norm_estimate(
-    model: nn.Module,
-    x: torch.Tensor,
-    *,
-    n_projections: int,
-    generator: torch.Generator,
-    output: str = "softmax",
-) -> torch.Tensor:
-    """Unbiased random-projection estimate of ‖J(x)‖_F², for very many outputs.
-
-    For v ~ N(0, I_C), E‖vᵀJ‖² = tr(JᵀJ) = ‖J‖_F², and vᵀJ is one vector–Jacobian product
-    (one backward pass) however large C is. With k independent draws,
-
-        est = (1/k) Σ_i ‖v_iᵀ J‖²,     Var(est) = 2‖J Jᵀ‖_F² / k ≤ 2‖J‖_F⁴ / k,
-
-    so the relative standard deviation is at most √(2/k) (k = 200: ≤ 10%). For the softmax
-    output vᵀJ = (S v)ᵀ J_z with S = diag(p) − ppᵀ formed in float64, as in `jacobian_norm`.
-    Use it when C is so large that the exact C×C Gram matrix is too costly; otherwise prefer
-    the exact `jacobian_norm`.
-
-    Args:
-        model: module mapping [B, ...] to logits [B, C]; points must not interact (no batch
-            statistics), since one batched backward pass gives every point's product.
-        x: inputs [B, ...].
-        n_projections: k >= 1.
-        generator: keyword-only source of the Gaussian projections.
-        output: "softmax" or "logits".
-
-    Returns:
-        float64 [B]: estimates of ‖J‖_F² (squared: the unbiased quantity).
-
-    Example:
-        >>> net = MLP(20, 1000, width=32, depth=1)
-        >>> g = torch.Generator().manual_seed(0)
-        >>> jacobian_norm_estimate(net, torch.randn(4, 20), n_projections=64, generator=g).shape
-        torch.Size([4])
-    """
-    how = parse_choice(Output, output, "output")
-    if n_projections < 1:
-        raise UserError(f"n_projections must be a positive integer, got {n_projections}.")
-    x = as_batch(model, x)
-    require_eval_mode(model, "jacobian_norm_estimate")
-    params = {name: p.detach() for name, p in model.named_parameters()}
-    buffers = {name: b.detach() for name, b in model.named_buffers()}
-    logits, pullback = vjp(lambda v: functional_call(model, (params, buffers), (v,)), x)
-    total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
-    for _ in range(n_projections):
-        v = torch.randn(logits.shape, generator=generator, dtype=torch.float64)
-        v = v.to(x.device)
-        if how is Output.SOFTMAX:
-            v = softmax_jacobian_times(logits, v)  # S v  [B, C]
-        (row,) = pullback(v.to(logits.dtype))  # vᵀ J_z per point  [B, ...]
-        total += row.flatten(start_dim=1).to(torch.float64).pow(2).sum(dim=1)
-    return total / n_projections

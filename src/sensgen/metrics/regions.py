@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from sensgen.errors import UserError
-from sensgen.metrics._inputs import check_chunk_size
+from sensgen.metrics._inputs import check_chunk_size, check_mlp_width
 from sensgen.metrics.codes import layer_activation_codes
 from sensgen.metrics.trajectories import PlaneGrid, check_count
 
@@ -65,6 +65,7 @@ def region_map(
             f"points must hold resolution² = {resolution * resolution} grid points, "
             f"got {points.shape[0]}."
         )
+    check_mlp_width(model, points, "points")
     param = next(model.parameters(), None)
     if param is not None:  # a float64 grid on a float32 model, and vice versa
         points = points.to(dtype=param.dtype, device=param.device)

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from sensgen.errors import UserError, parse_choice
-from sensgen.metrics._inputs import as_tensor
+from sensgen.metrics._inputs import as_tensor, check_mlp_width
 from sensgen.metrics.codes import activation_codes
 
 # Elements allowed in one chunk's largest intermediate (points × features or × units).
@@ -90,7 +90,12 @@ def check_path(path: object) -> torch.Tensor:
 
 
 def like_model(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """x in the dtype and on the device of the model's parameters (if it has any)."""
+    """x in the dtype and on the device of the model's parameters (if it has any).
+
+    Raises:
+        UserError: a sensgen `MLP` given points that are not flat [k, d] with its d.
+    """
+    check_mlp_width(model, x, "path")
     param = next(model.parameters(), None)
     return x if param is None else x.to(dtype=param.dtype, device=param.device)
 
