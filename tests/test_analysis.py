@@ -286,7 +286,7 @@ def test_figure_with_one_model_draws_it_without_a_correlation(build, x_name):
     fig = build(synthetic_runs(1))
     (ax,) = fig.axes
     assert scatter_points(fig) == 1
-    assert "ρ = n/a, n = 1" in ax.get_title()
+    assert "ρ = n/a (needs ≥ 3 models), n = 1" in ax.get_title()
     fig.savefig(io.BytesIO(), format="png")
 
 

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from sensgen.analysis.numbers import percent
+from sensgen.analysis.numbers import percent, signed
 from sensgen.analysis.pairs import EXPECTED
 from sensgen.analysis.stats import ADVANTAGE_COLUMNS
 
@@ -129,8 +129,9 @@ def per_point_claims(distribution: pd.DataFrame) -> list[Claim]:
             Claim(
                 "Study 6",
                 "per test point, ‖J(x)‖ rises with the point's cross-entropy",
-                f"median within-model Spearman ρ = {rho['median']:+.2f} over "
-                f"{int(rho['models'])} models (range {rho['min']:+.2f} to {rho['max']:+.2f})",
+                f"median within-model Spearman ρ = {signed(rho['median'])} over "
+                f"{_count(int(rho['models']), 'model')} (range {signed(rho['min'])} to "
+                f"{signed(rho['max'])})",
                 bool(rho["median"] > 0),
             )
         )
@@ -156,6 +157,8 @@ def _rises(dataset: str, predictor: str, row: pd.Series) -> Claim:
         f"Spearman ρ = {_signed(row['spearman_rho'])} "
         f"[{_signed(row['spearman_low'])}, {_signed(row['spearman_high'])}], n = {n}"
     )
+    if math.isnan(row["spearman_rho"]):  # say why, not just "n/a"
+        measured = f"Spearman ρ = {_rho(row)}, n = {n}"
     low, high = row["spearman_low"], row["spearman_high"]
     holds = None
     if n >= MIN_MODELS and not (math.isnan(low) or math.isnan(high)):
@@ -171,10 +174,12 @@ def _beats(dataset: str, jacobian: pd.Series, baseline: str, by: pd.DataFrame) -
     # at ρ = −0.9 explains the gap, reversed, better than Jbar at +0.3), beyond the
     # resampling noise of the two ρ together (module docstring).
     d, low, high = (other.get(c, math.nan) for c in ADVANTAGE_COLUMNS)
+    difference = f"{_signed(d)} [{_signed(low)}, {_signed(high)}]"
+    if math.isnan(d):
+        difference = "n/a (needs both ρ)"
     measured = (
-        f"ρ(gap, {_PREDICTOR_TEXT[baseline]}) = {_signed(other['spearman_rho'])} vs "
-        f"ρ(gap, Jbar) = {_signed(jacobian['spearman_rho'])}; ρ_Jbar − |ρ_baseline| = "
-        f"{_signed(d)} [{_signed(low)}, {_signed(high)}]"
+        f"ρ(gap, {_PREDICTOR_TEXT[baseline]}) = {_rho(other)} vs "
+        f"ρ(gap, Jbar) = {_rho(jacobian)}; ρ_Jbar − |ρ_baseline| = {difference}"
     )
     n = min(int(jacobian["n"]), int(other["n"]))
     holds = None
@@ -184,4 +189,18 @@ def _beats(dataset: str, jacobian: pd.Series, baseline: str, by: pd.DataFrame) -
 
 
 def _signed(value: float) -> str:
-    return "n/a" if math.isnan(value) else f"{value:+.2f}".replace("-", "−")
+    return signed(value)
+
+
+def _rho(row: pd.Series) -> str:
+    """A row's Spearman ρ, or "n/a" with the reason from the table's ``note`` column
+    (`report_sections` adds it: too few models, or a column the same for every model)."""
+    note = row.get("note", "")
+    if math.isnan(row["spearman_rho"]) and isinstance(note, str) and note:
+        return f"n/a ({note})"
+    return _signed(row["spearman_rho"])
+
+
+def _count(n: int, noun: str) -> str:
+    """The count with its noun: 1 model, 3 models."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

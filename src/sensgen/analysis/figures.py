@@ -13,7 +13,9 @@ caller's job (``sensgen.analysis.write_report`` does it). Only finished models a
 One panel per dataset; models trained on (partly) random labels are drawn in a second
 colour and marker. The x axis is logarithmic, so models with a non-positive or missing x
 value cannot be drawn; each panel says how many it skipped. Each panel's title gives the
-Spearman ρ over the drawn models, the same number as ``correlation_summary``.
+Spearman ρ over every model with both values finite (a Jbar of 0 included, drawn or not),
+the same number and n as ``correlation_summary`` and the report's correlation table; where
+it is undefined, the title says why.
 
 Example:
     >>> import pandas as pd
@@ -35,14 +37,18 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from sensgen.analysis.numbers import signed
 from sensgen.analysis.plotting import bottom_legend, legend_handles, log_ticks, panel_figure
 from sensgen.analysis.tables import column, dataset_labels, done_runs, rank_correlation
 
 GAP_LABEL = "generalization gap (train acc − test acc)"
-JACOBIAN_LABEL = r"mean test $\|J\|_F$ (softmax output w.r.t. standardised input)"
+# Two lines: on one, the label is wider than a single panel and is cut off at its edge.
+JACOBIAN_LABEL = "mean test $\\|J\\|_F$\n(softmax output w.r.t. standardised input)"
 PARAMS_LABEL = "number of weights (parameters)"
 TRAIN_LOSS_LABEL = "final train loss (cross-entropy, nats)"
 TRANSITIONS_LABEL = "mean transitions on test-point ellipses (exact)"
+SHORT_NAMES = {"jacobian_norm": "Jbar", "transitions": "transitions", "n_params": "#weights",
+               "train_loss": "train loss"}  # fmt: skip
 
 _PANEL_SIZE = (5.0, 4.2)  # inches per dataset panel
 _MAX_COLUMNS = 3
@@ -157,7 +163,8 @@ def _draw_panel(ax: Axes, group: pd.DataFrame, name: str, x_name: str, x_label: 
             )
     _style_axes(ax, x_label)
     _log_ticks(ax, x[drawable])
-    ax.set_title(_panel_title(name, x[drawable], y[drawable]), fontsize=12)
+    # Rank statistics need no log axis: ρ is over every finite pair, as in the table.
+    ax.set_title(_panel_title(name, x, y, SHORT_NAMES.get(x_name, x_name)), fontsize=12)
     skipped = int((~drawable).sum())
     if skipped:
         ax.set_xlabel(f"{x_label}\n{skipped} of {len(group)} skipped (x ≤ 0 or missing)")
@@ -165,14 +172,15 @@ def _draw_panel(ax: Axes, group: pd.DataFrame, name: str, x_name: str, x_label: 
         _note(ax, "no model with a positive x value")
 
 
-def _panel_title(name: str, x: np.ndarray, y: np.ndarray) -> str:
-    """Dataset name over the Spearman ρ and n of the drawn points."""
+def _panel_title(name: str, x: np.ndarray, y: np.ndarray, x_short: str = "x") -> str:
+    """Dataset name over the Spearman ρ and n of the jointly finite (x, y) pairs."""
     result = rank_correlation(x, y)
-    rho = (
-        "n/a"
-        if math.isnan(result.spearman_rho)
-        else f"{result.spearman_rho:+.2f}".replace("-", "−")
-    )
+    rho = signed(result.spearman_rho)
+    if math.isnan(result.spearman_rho):  # why, in a few words (the table's note says more)
+        keep = np.isfinite(x) & np.isfinite(y)
+        constant = [k for k, v in ((x_short, x[keep]), ("gap", y[keep])) if np.ptp(v) == 0]
+        why = "needs ≥ 3 models" if result.n < 3 else f"{' and '.join(constant)} constant"
+        rho = f"n/a ({why})"
     return f"{name}\nSpearman ρ = {rho}, n = {result.n}"
 
 

@@ -25,8 +25,9 @@ from sensgen.analysis.numbers import significant
 CSS = """\
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #222;
        max-width: 1200px; margin: 2em auto; padding: 0 1em; line-height: 1.45; }
-h1 { font-size: 1.7em; margin-bottom: 0.2em; } h2 { margin-top: 1.8em; font-size: 1.3em; }
-p.lead { max-width: 60em; } .muted { color: #666; }
+h1 { font-size: 1.7em; margin-bottom: 0.2em; overflow-wrap: anywhere; }
+h2 { margin-top: 1.8em; font-size: 1.3em; }
+p.lead { max-width: 60em; } code { overflow-wrap: anywhere; } .muted { color: #666; }
 table { border-collapse: collapse; font-size: 0.9em; margin: 0.5em 0; }
 th, td { padding: 0.25em 0.7em; border-bottom: 1px solid #e3e3e3; text-align: right; }
 th { background: #f3f5f7; position: sticky; top: 0; }
@@ -156,7 +157,11 @@ def _number(value: Any) -> str:
         number = float(value)
     except (TypeError, ValueError):
         return "NaN"
-    return "NaN" if math.isnan(number) else repr(number).removesuffix(".0")
+    if math.isnan(number):
+        return "NaN"
+    if math.isinf(number):  # JavaScript's parseFloat reads "Infinity", not Python's "inf"
+        return "Infinity" if number > 0 else "-Infinity"
+    return repr(number).removesuffix(".0")
 
 
 def _cls(text: bool) -> str:

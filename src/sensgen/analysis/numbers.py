@@ -11,6 +11,8 @@ Example:
     ('0.99996', '1', '0.1235', '1.235e+04')
     >>> percent(0.9999, 1), percent(1.0), percent(0.004), percent(0.5)
     ('99.99%', '100%', '0.4%', '50%')
+    >>> signed(0.9964), signed(1.0), signed(-0.25), signed(float("nan"))
+    ('+0.996', '+1.00', '−0.25', 'n/a')
 """
 
 from __future__ import annotations
@@ -48,3 +50,17 @@ def percent(share: float, decimals: int = 0) -> str:
         if shown not in (0.0, 1.0) or shown == share:
             return text
     return f"{share!r} (as a fraction)"
+
+
+def signed(value: float, decimals: int = 2) -> str:
+    """A correlation-like ``value`` with its sign (a true minus) and ``decimals`` decimals,
+    more where it would otherwise read ±1 without being exactly ±1 (a Spearman ρ of
+    0.9964 is "+0.996", not a perfect "+1.00"); "n/a" when it is NaN."""
+    value = float(value)
+    if math.isnan(value):
+        return "n/a"
+    for d in range(decimals, _MAX_DIGITS + 1):
+        text = f"{value:+.{d}f}"
+        if abs(float(text)) != 1.0 or abs(value) == 1.0:
+            break
+    return text.replace("-", "−")

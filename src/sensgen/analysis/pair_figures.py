@@ -108,16 +108,23 @@ def _draw_metric(
     ax.set_xlabel(f"{name}\n{better_label}", fontsize=11)
     ax.set_ylabel(f"{name}\n{other_label}", fontsize=11)
     ax.set_box_aspect(1)  # equal limits on a square box: y = x runs corner to corner
+    roles = table["other_role"].astype(str).to_numpy()
+    finite = np.isfinite(better) & np.isfinite(other)
     if not drawable.any():
         _style(ax, *((0.1, 10.0) if log else (0.0, 1.0)), log)
-        _note(ax, f"{metric}: no pair has\nboth values (not measured?)")
-        ax.set_title(PANEL_TITLES.get(metric, metric), fontsize=11)
+        if finite.any():  # measured, but every pair has a value ≤ 0 (a dead network's 0)
+            _note(ax, f"{metric}: every pair has a value ≤ 0,\nwhich a log axis cannot show")
+            ax.set_title(_panel_title(metric, roles, better, other), fontsize=11)
+            n = len(table)
+            ax.set_xlabel(f"{ax.get_xlabel()}\n{n} of {n} not drawn (missing or ≤ 0)")
+        else:
+            _note(ax, f"{metric}: no pair has\nboth values (not measured?)")
+            ax.set_title(PANEL_TITLES.get(metric, metric), fontsize=11)
         return
     _scatter_roles(ax, table, better, other, drawable)
     lo, hi = _limits(np.concatenate([better[drawable], other[drawable]]), log)
     ax.plot([lo, hi], [lo, hi], "--", color="0.35", linewidth=1.0, label=DIAGONAL_LABEL)
     _style(ax, lo, hi, log)
-    roles = table["other_role"].astype(str).to_numpy()
     ax.set_title(_panel_title(metric, roles, better, other), fontsize=11)
     skipped = int((~drawable).sum())
     if skipped:

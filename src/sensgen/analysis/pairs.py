@@ -87,6 +87,7 @@ OUTCOME_COLUMNS: Final = (
     "share",
     "p_value",
     "median_ratio",
+    "ratio_pairs",
 )
 
 
@@ -304,7 +305,9 @@ def pair_outcomes(table: pd.DataFrame, metrics: Sequence[str] = METRICS) -> pd.D
 
     Paper §3 Study 4: the worse-generalizing member should show the higher gap and Jbar
     (see `EXPECTED` for each factor's claims). ``median_ratio`` is the median of
-    other / better over pairs where both are positive (the paper's "×3 to ×100" scale).
+    other / better over the ``ratio_pairs`` pairs where both are positive (the paper's "×3
+    to ×100" scale): a subset of the n pairs when some value is 0 or negative (a gap below
+    0, a dead network's Jbar of 0), which the report says beside it.
 
     Args:
         table: a `pair_table` frame.
@@ -313,8 +316,9 @@ def pair_outcomes(table: pd.DataFrame, metrics: Sequence[str] = METRICS) -> pd.D
 
     Returns:
         DataFrame with columns ``OUTCOME_COLUMNS``: other_role, metric, comparisons (rows of
-        the table), n, n_expected, ties, share, p_value, median_ratio; roles sorted, metrics
-        in the given order. share, p_value and median_ratio are NaN when undefined.
+        the table), n, n_expected, ties, share, p_value, median_ratio, ratio_pairs; roles
+        sorted, metrics in the given order. share, p_value and median_ratio are NaN when
+        undefined.
     """
     rows = []
     roles = table["other_role"] if "other_role" in table.columns else pd.Series(dtype=str)
@@ -330,14 +334,20 @@ def pair_outcomes(table: pd.DataFrame, metrics: Sequence[str] = METRICS) -> pd.D
                     "comparisons": len(group),
                     **sign_test(better, other)._asdict(),
                     "median_ratio": _median_ratio(better, other),
+                    "ratio_pairs": int(_ratio_kept(better, other).sum()),
                 }
             )
     frame = pd.DataFrame(rows, columns=list(OUTCOME_COLUMNS))
-    counts = ("comparisons", "n", "n_expected", "ties")
+    counts = ("comparisons", "n", "n_expected", "ties", "ratio_pairs")
     return frame.astype(dict.fromkeys(counts, "int64"))
 
 
 def _median_ratio(better: np.ndarray, other: np.ndarray) -> float:
     """Median of other / better over pairs where both are finite and positive; else NaN."""
-    keep = np.isfinite(better) & np.isfinite(other) & (better > 0) & (other > 0)
+    keep = _ratio_kept(better, other)
     return float(np.median(other[keep] / better[keep])) if keep.any() else np.nan
+
+
+def _ratio_kept(better: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """The pairs a ratio is defined for: both values finite and positive."""
+    return np.isfinite(better) & np.isfinite(other) & (better > 0) & (other > 0)

@@ -36,6 +36,7 @@ from matplotlib.axes import Axes
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
+from sensgen.analysis.numbers import signed
 from sensgen.analysis.plotting import panel_figure
 from sensgen.analysis.tables import column, done_runs, per_point_summary
 
@@ -198,12 +199,16 @@ def _draw_hexbin(fig: Figure, ax: Axes, name: str, group: pd.DataFrame) -> None:
 
 
 def _hexbin_title(name: str, group: pd.DataFrame) -> str:
-    """Dataset name over the median within-model Spearman ρ and the model count."""
+    """Dataset name over the median within-model Spearman ρ and the models it is over
+    (of how many drawn, where some models' ρ is undefined: a constant ‖J‖ or CE)."""
     rho = column(per_point_summary(group), "spearman_rho")
     models = group["run_id"].nunique()
     finite = rho[np.isfinite(rho)]
     value = _signed(float(np.median(finite))) if len(finite) else "n/a"
-    return f"{name}\nmedian within-model Spearman ρ = {value} ({models} {_models(models)})"
+    title = f"{name}\nmedian within-model Spearman ρ = {value}"
+    if len(finite) in (0, models):  # over every model drawn, or n/a for all of them
+        return f"{title} ({models} {_models(models)})"
+    return f"{title}\n(over {len(finite)} of {models} models; the others' ρ is undefined)"
 
 
 def _style_hexbin_axes(ax: Axes) -> None:
@@ -283,8 +288,8 @@ def _models(count: int) -> str:
 
 
 def _signed(value: float) -> str:
-    """A value to two decimals with a true minus sign."""
-    return f"{value:+.2f}".replace("-", "−")
+    """A value to two decimals with a true minus sign (more where two read ±1)."""
+    return signed(value)
 
 
 def _note(ax: Axes, message: str, *, y: float = 0.5) -> None:

@@ -32,6 +32,7 @@ import io
 import json
 import math
 import os
+import shlex
 import uuid
 from collections.abc import Mapping
 from dataclasses import asdict
@@ -258,6 +259,14 @@ def _page(
             "nothing to plot. Train longer (max_steps) or relax [inclusion] in the study "
             "file, run it again, then build the report again.</p>"
         )
+    elif models.empty and _only_diverged(counts):  # final: resuming trains nothing
+        n = int(counts.loc[counts["status"] == "diverged", "count"].sum())
+        body.append(
+            f"<h2>Figures</h2><p><strong>Every run diverged ({n})</strong>: no finished "
+            "model to plot, and running the study again will not change that (diverged runs "
+            "are final). Lower the learning rates (or the init scale) in the study file and "
+            "train it into a new directory, then build the report again.</p>"
+        )
     elif models.empty:
         body.append(
             "<h2>Figures</h2><p><strong>No finished models to analyse yet</strong>: nothing "
@@ -278,6 +287,12 @@ def _page(
             "</div>",
         ]
     return document(title, "\n".join(body))
+
+
+def _only_diverged(counts: pd.DataFrame) -> bool:
+    """True when the study has runs and every one of them diverged."""
+    by = dict(zip(counts["status"].astype(str), counts["count"].astype(int), strict=True))
+    return by.get("diverged", 0) > 0 and sum(by.values()) == by["diverged"]
 
 
 def completeness(counts: pd.DataFrame) -> dict[str, Any]:
@@ -307,7 +322,9 @@ def incomplete_banner(progress: Mapping[str, Any], out_dir: Path) -> str:
     if progress["complete"]:
         return ""
     left = ", ".join(f"{n} {status}" for status, n in progress["unfinished"].items() if n)
-    command = f"sensgen run {out_dir / STUDY_FILE} --out {out_dir}"
+    # Quoted for a POSIX shell: a directory name with a space or a quote still pastes whole.
+    study_file, directory = shlex.quote(str(out_dir / STUDY_FILE)), shlex.quote(str(out_dir))
+    command = f"sensgen run {study_file} --out {directory}"
     unfinished = progress["unfinished"]
     retry = " (it trains the failed packs again)" if unfinished["failed"] else ""
     running = (

@@ -51,6 +51,8 @@ _CORRELATION_HEADERS = {
     "pearson_high": "r CI high",
     "spearman_p": "p (ρ)",
 }
+_OUTCOME_SHOWN = ("other_role", "metric", "n", "n_expected", "ties", "share", "p_value",
+                  "median_ratio")  # fmt: skip
 _PREDICTOR_NAMES = {
     "jacobian_norm": "mean test ‖J‖_F (Jbar)",
     "transitions": "transitions (test ellipses)",
@@ -63,6 +65,7 @@ _OUTCOME_HEADERS = {
     "share": "share",
     "p_value": "sign-test p",
     "median_ratio": "median other / better",
+    "ratio_pairs": "pairs in the ratio",
 }
 
 
@@ -79,7 +82,7 @@ def correlation_section(runs: pd.DataFrame, save: Save, *, n_boot: int = 1000) -
     """Fig. 5 (gap vs Jbar, and vs transitions when measured) and Fig. 1 (vs #weights, vs
     final train loss), with the correlation table (bootstrap 95% intervals)."""
     table = correlation_table(runs, n_boot=n_boot)
-    table = table[table["n"] > 0].reset_index(drop=True)
+    table = _with_notes(table[table["n"] > 0].reset_index(drop=True), runs)
     claims = correlation_claims(table)
     parts = ["<h2>Sensitivity and the generalization gap across models (Figs. 5 and 1)</h2>"]
     plots = [
@@ -95,15 +98,30 @@ def correlation_section(runs: pd.DataFrame, save: Save, *, n_boot: int = 1000) -
         mine = [c for c in claims if c.figure == figure and _about(c, predictor)]
         parts.append(figure_html(name, _caption(mine, figure)))
     shown = table.assign(predictor=table["predictor"].map(_PREDICTOR_NAMES))
-    columns = ["dataset", "predictor", "n", *list(_CORRELATION_HEADERS)[1:]]
+    columns = ["dataset", "predictor", "n", *list(_CORRELATION_HEADERS)[1:], "note"]
     parts += [
         "<h3>Rank correlation of the gap with each predictor</h3>",
         "<p>Over included models per dataset; n counts models with both values finite. "
-        "Intervals: percentile bootstrap over models (1,000 resamples, seeded). Paper "
-        "claim: Jbar correlates clearly and positively; the baselines do not.</p>",
+        "Intervals: percentile bootstrap over models (1,000 resamples, seeded); blank where "
+        "undefined (the note says why). Paper claim: Jbar correlates clearly and positively; "
+        "the baselines do not.</p>",
         html_table(shown, columns, _CORRELATION_HEADERS, "correlations", sortable=True),
     ]
     return Section(parts, claims, {"correlations": table})
+
+
+def _with_notes(table: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """``table`` with a ``note`` column: why a row's correlation is undefined ("" if it is
+    not), from the same finished models `correlation_table` used."""
+    done = tables.done_runs(runs)
+    datasets = tables.dataset_labels(done)
+    notes = []
+    for row in table.itertuples(index=False):
+        group = done.loc[datasets == row.dataset]
+        x, y = tables.column(group, row.predictor), tables.column(group, "gap")
+        name = _PREDICTOR_NAMES.get(row.predictor, row.predictor)
+        notes.append(tables.undefined_reason(x, y, name, "the gap"))
+    return table.assign(note=pd.Series(notes, index=table.index, dtype=object))
 
 
 def pairs_section(runs: pd.DataFrame, pairs: Mapping[str, Any] | None, save: Save) -> Section:
@@ -149,10 +167,13 @@ def pairs_section(runs: pd.DataFrame, pairs: Mapping[str, Any] | None, save: Sav
         figure_html("pairs", _caption(claims, "Fig. 4")),
         html_table(
             outcomes,
-            ["other_role", "metric", "n", "n_expected", "ties", "share", "p_value", "median_ratio"],
+            [*_OUTCOME_SHOWN, "ratio_pairs"],
             _OUTCOME_HEADERS,
             "pair-outcomes",
         ),
+        "<p>n counts the pairs with both values finite and unequal (ties apart). The median "
+        "ratio is over the pairs where both values are positive, which may be fewer (a gap "
+        "below 0, a Jbar or transition count of 0); blank where no pair has both.</p>",
     ]
     return Section(parts, claims, summary | {"pair_outcomes": outcomes})
 

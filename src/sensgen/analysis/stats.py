@@ -312,7 +312,7 @@ def _estimates(x: np.ndarray, y: np.ndarray) -> dict[str, tuple[float, float]]:
             "spearman": stats.spearmanr(x, y),
             "kendall": stats.kendalltau(x, y),
         }
-    return {key: (float(r.statistic), float(r.pvalue)) for key, r in results.items()}
+    return {key: (float(_snap(r.statistic)), float(r.pvalue)) for key, r in results.items()}
 
 
 def _bootstrap_intervals(
@@ -336,7 +336,15 @@ def _bootstrap_intervals(
 
 def _kendall(a: np.ndarray, b: np.ndarray) -> float:
     """Kendall τ-b of two non-constant ``[n]`` arrays (scipy, O(n log n))."""
-    return float(stats.kendalltau(a, b).statistic)
+    return float(_snap(stats.kendalltau(a, b).statistic))
+
+
+def _snap(value: float | np.ndarray) -> float | np.ndarray:
+    """A coefficient within rounding (1e-12) of ±1 as exactly ±1: scipy's τ-b of a perfectly
+    concordant sample with ties is 0.9999999999999999, which the report would print in
+    full (`numbers.significant` never rounds onto a whole number)."""
+    value = np.asarray(value, dtype=np.float64)
+    return np.where(np.abs(np.abs(value) - 1.0) < 1e-12, np.sign(value), value)
 
 
 def _rowwise_pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -344,7 +352,7 @@ def _rowwise_pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a = a - a.mean(axis=1, keepdims=True)
     b = b - b.mean(axis=1, keepdims=True)
     r = (a * b).sum(axis=1) / np.sqrt((a * a).sum(axis=1) * (b * b).sum(axis=1))
-    return np.clip(r, -1.0, 1.0)  # rounding can step just past ±1
+    return _snap(np.clip(r, -1.0, 1.0))  # rounding can step just past ±1
 
 
 def _percentile_interval(values: np.ndarray, n_boot: int, level: float) -> tuple[float, float]:

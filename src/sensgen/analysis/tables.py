@@ -165,6 +165,24 @@ def rank_correlation(x: np.ndarray, y: np.ndarray) -> RankCorrelation:
     )
 
 
+def undefined_reason(x: np.ndarray, y: np.ndarray, x_name: str, y_name: str) -> str:
+    """Why a correlation of ``y`` with ``x`` is undefined (`rank_correlation`'s rule), in
+    words for the report; "" when it is defined.
+
+    Example:
+        >>> undefined_reason(np.ones(4), np.arange(4.0), "Jbar", "gap")
+        'Jbar is the same for all 4 models'
+    """
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    keep = np.isfinite(x) & np.isfinite(y)
+    n = int(keep.sum())
+    if n < 3:
+        return f"needs 3 models with both values, has {n}"
+    same = [name for name, v in ((x_name, x[keep]), (y_name, y[keep])) if np.ptp(v) == 0]
+    verb = "is" if len(same) == 1 else "are"
+    return f"{' and '.join(same)} {verb} the same for all {n} models" if same else ""
+
+
 def correlation_summary(runs: pd.DataFrame) -> pd.DataFrame:
     """Per dataset, rank correlation of the generalization gap with Jbar and two baselines.
 
