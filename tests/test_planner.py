@@ -387,6 +387,27 @@ def test_a_directory_refuses_other_pair_overrides_and_other_studies(tmp_path):
         check_same_study(out, _load(tmp_path, FULL_BATCH_PAIRS, name="other"))
 
 
+def test_a_directory_refuses_pairs_by_another_factor_or_added_pairs(tmp_path):
+    # The random_labels = 0 member is also the augment = false one: it kept its old pair,
+    # and the new augment = true member was left in a pair of its own, without a word.
+    out = tmp_path / "out"
+    out.mkdir()
+    labels = _load(tmp_path, PAIRED)
+    write_study_file(out, labels)
+    by_labels = 'factor = "random_labels"\nvalues = [0.0, 1.0]'
+    augment = PAIRED.replace(by_labels, 'factor = "augment"\nvalues = [false, true]')
+    with pytest.raises(UserError, match=r"pairs\.factor = 'random_labels'; this study pairs by"):
+        check_same_study(out, _load(tmp_path, augment))
+    unpaired = PAIRED[: PAIRED.index("[pairs]")]
+    write_study_file(out, _load(tmp_path, unpaired))
+    with pytest.raises(UserError, match=r"planned without \[pairs\]; this study pairs them"):
+        check_same_study(out, labels)
+    write_study_file(out, labels)
+    check_same_study(out, _load(tmp_path, unpaired))  # pairs dropped: the runs keep theirs
+    more = PAIRED.replace("values = [0.0, 1.0]", "values = [0.0, 0.5, 1.0]")
+    check_same_study(out, _load(tmp_path, more))  # another member per pair: an extension
+
+
 def test_empty_pair_overrides_are_the_same_study_as_none(tmp_path):
     # [{}, {}] (e.g. what a bare --set leaves) changes no member: resuming is fine.
     out = tmp_path / "out"

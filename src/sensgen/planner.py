@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sensgen import data, train
+from sensgen.errors import UserError
 from sensgen.optim import OPTIMIZERS
 from sensgen.spec import RunSpec
 
@@ -92,6 +93,31 @@ def _role(value: Any) -> str:
     if isinstance(value, str):
         return value
     return "full" if value is None else json.dumps(value)
+
+
+MAX_RUNS = 1_000_000  # as many as [sample] n may draw; planning them takes about a minute
+
+
+def check_plan_size(
+    n_draws: int | None, grid: Mapping[str, int], n_members: int | None, source: str
+) -> None:
+    """Refuse a study that would plan more than `MAX_RUNS` runs, before expanding it.
+
+    The count is draws × the product of the [grid] list lengths × pair members (an upper
+    bound: equal runs are planned once). A plan of millions of specs is a mistake (one
+    grid axis too many, an n meant for another study) that used to fill the memory of
+    the machine, silently, before the first model trained.
+    """
+    factors = {"sample.n": n_draws or 1, **{f"grid.{k}": v for k, v in grid.items()}}
+    factors["pairs.values"] = n_members or 1
+    if (total := math.prod(factors.values())) <= MAX_RUNS:
+        return
+    sizes = " × ".join(f"{v:,} ({k})" for k, v in factors.items() if v > 1)
+    raise UserError(
+        f"{source}: this study plans {sizes} = {total:,} runs, more than the {MAX_RUNS:,} "
+        "sensgen plans in one study. Lower sample.n or shorten the [grid] lists (or split "
+        "the study into several, each with its own --out)."
+    )
 
 
 @dataclass(frozen=True)

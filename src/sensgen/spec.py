@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, field_validator
@@ -27,10 +28,14 @@ FULL = "full"
 
 
 def _not_bool(value: Any) -> Any:
-    """Refuse true/false for a number: pydantic reads true as 1, so ``width = true`` trained
-    width-1 nets and ``lr = true`` a learning rate of 1, without a word."""
+    """Refuse true/false or a quoted string for a number: pydantic reads true as 1, so
+    ``width = true`` trained width-1 nets and ``lr = true`` a learning rate of 1, and it
+    reads ``width = "8"`` as 8, so a study file's quoted numbers passed without a word
+    (``"full"``, where a field takes it, is read before this check)."""
     if isinstance(value, bool):
         raise ValueError("expected a number, not a boolean")
+    if isinstance(value, str):
+        raise ValueError(f"expected a number, not the string {value!r} (numbers take no quotes)")
     return value
 
 
@@ -64,12 +69,14 @@ class RunSpec(BaseModel):
     max_steps: Annotated[int, NOT_BOOL, Field(ge=1)] = 10_000
     eval_every: Annotated[int, NOT_BOOL, Field(ge=1)] = 100
     stop_at_fit: StrictBool = True
-    seed: Annotated[int, NOT_BOOL, Field(ge=0, lt=2**63)] = 0
+    seed: Annotated[int, NOT_BOOL, Field(ge=0, le=2**63 - 1)] = 0
     augment: StrictBool = False
 
     @field_validator("batch_size", "train_subset", mode="before")
     @classmethod
     def _full_means_none(cls, value: Any) -> Any:
+        if isinstance(value, str) and value != FULL:
+            raise ValueError(f'expected a number or "{FULL}", not the string {value!r}')
         return None if value == FULL else value
 
     @field_validator("dataset")
@@ -110,3 +117,30 @@ class RunSpec(BaseModel):
         fields = json.loads(text)
         fields.pop("schema", None)
         return cls.model_validate(fields)
+
+
+def _toml_string(text: str) -> str:
+    """A TOML basic string. Not json.dumps(text) alone: it writes a character beyond
+    U+FFFF (an emoji in a description) as a surrogate pair, which TOML refuses, so the
+    study directory's study.toml could not be read back; TOML also wants DEL escaped."""
+    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
+def _toml_key(key: str) -> str:
+    """A bare key where TOML allows one, else quoted ("0.5" bare would be a dotted key)."""
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _toml_string(key)
+
+
+def toml_value(value: Any) -> str:
+    """A study value as TOML (None is "full"), for DIR/study.toml (`sensgen.study`)."""
+    if value is None:  # only batch_size and train_subset take None, spelled "full"
+        return _toml_string(FULL)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_toml_key(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, int | float):
+        return repr(value)
+    return _toml_string(str(value))

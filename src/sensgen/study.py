@@ -26,26 +26,21 @@ workers or devices. Same-shape specs are grouped into packs that train together.
 
 from __future__ import annotations
 
-import json
-import re
+import copy
 import tomllib
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sensgen import data
 from sensgen.errors import UserError
-from sensgen.planner import Pack, PlannedSpec, expand, plan_packs
-from sensgen.sampling import check_sample_axes, draw_samples, seed_draws
-from sensgen.spec import FULL, SPEC_SCHEMA, RunSpec
+from sensgen.planner import Pack, PlannedSpec, check_plan_size, expand, plan_packs
+from sensgen.sampling import check_sample_axes, check_sample_draws, draw_samples, seed_draws
+from sensgen.schema import STUDY_FILE
+from sensgen.spec import FULL, SPEC_SCHEMA, RunSpec, toml_value
 from sensgen.study_tables import (
     PAIR_FACTORS,
     Execution,
@@ -123,8 +118,8 @@ class Study(BaseModel):
     def to_toml(self) -> str:
         """The study as TOML, defaults resolved into `[base]` (written to DIR/study.toml)."""
         base = {**RunSpec().model_dump(mode="json"), **self.base}
-        lines = [f"{k} = {_toml_value(getattr(self, k))}" for k in ("name", "description")]
-        lines.append(f"scale = {_toml_value(self.scale)}")
+        lines = [f"{k} = {toml_value(getattr(self, k))}" for k in ("name", "description")]
+        lines.append(f"scale = {toml_value(self.scale)}")
         tables = {
             "base": base,
             "grid": self.grid,
@@ -138,31 +133,12 @@ class Study(BaseModel):
             if entries is None:
                 continue
             lines += ["", f"[{table}]"]
-            lines += [f"{k} = {_toml_value(v)}" for k, v in entries.items() if v is not None]
+            lines += [f"{k} = {toml_value(v)}" for k, v in entries.items() if v is not None]
         if self.scale != "default":
             # The scale's overrides are already in the tables above; an empty table keeps
             # the name loadable without applying them twice (after later --set values).
-            lines += ["", f"[scales.{json.dumps(self.scale)}]"]
+            lines += ["", f"[scales.{toml_value(self.scale)}]"]
         return "\n".join(lines) + "\n"
-
-
-def _toml_key(key: str) -> str:
-    """A bare key where TOML allows one, else quoted ("0.5" bare would be a dotted key)."""
-    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)
-
-
-def _toml_value(value: Any) -> str:
-    if value is None:  # only batch_size and train_subset take None, spelled "full"
-        return json.dumps(FULL)
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
-    if isinstance(value, int | float):
-        return repr(value)
-    return json.dumps(str(value))
 
 
 # ---- loading ----------------------------------------------------------------------------
@@ -181,6 +157,7 @@ def load(path_or_preset: str | Path, overrides: Mapping[str, str] | None = None)
 
     Overrides address `base.KEY`, `grid.KEY` (a TOML array), `execution.KEY`, `name` or a
     bare run-spec KEY (which sets `base.KEY` and removes that axis from [grid] and [sample]).
+    Every ``[scales.NAME]`` is checked as `--set scale=NAME` would apply it, chosen or not.
 
     Raises:
         UserError: missing file, TOML syntax error, unknown key, bad value — naming it.
@@ -192,13 +169,43 @@ def load(path_or_preset: str | Path, overrides: Mapping[str, str] | None = None)
         raise UserError(
             f"{source} is not valid TOML ({err}). Fix the syntax and run again."
         ) from None
-    overrides = {k: _parse_value(v) for k, v in (overrides or {}).items()}
-    if "scale" in overrides:
-        raw["scale"] = overrides.pop("scale")
+    sets = {k: _parse_value(v) for k, v in (overrides or {}).items()}
+    chosen = sets.pop("scale", raw.get("scale", "default"))
+    # An error may be in a value given on the command line rather than in the file.
+    where = f"{source} with --set {', '.join(sets)}" if sets else source
+    study = _validate(_scaled(raw, chosen, sets, source), where)
+    scales = raw.get("scales")
+    for name in scales if isinstance(scales, dict) else []:
+        if name != chosen or name == "default":
+            _check_scale(_scaled(raw, name, sets, source), name, where)
+    return study
+
+
+def _scaled(raw: dict, scale: Any, sets: Mapping[str, Any], source: str) -> dict:
+    """A copy of the parsed file with a scale's overrides applied, then `--set`'s."""
+    raw = copy.deepcopy({**raw, "scale": scale})
     _apply_scale(raw, source)
-    for key, value in overrides.items():
+    for key, value in sets.items():
         _set_key(raw, key, value, f"--set {key}", source)
-    return _validate(raw, source)
+    return raw
+
+
+def _check_scale(raw: dict, name: str, source: str) -> None:
+    """Validate a ``[scales.NAME]`` this run does not apply, as `--set scale=NAME` would
+    (without planning, so no dataset checks): a misspelt key or a bad value in
+    ``[scales.paper]`` was found only by the paper-scale run, on the cluster it was for."""
+    where = f"{source} [scales.{name}]"
+    if name == "default":
+        raise UserError(
+            f"{where} is never applied: the default scale is the study as written. Put its "
+            "keys in the study's tables, or rename the table."
+        )
+    try:
+        _check_axes(Study.model_validate(raw), where)
+    except ValidationError as err:
+        raise UserError(
+            f"{where}: {describe_errors(err)}. Fix the scale (it applies with --set scale={name})."
+        ) from None
 
 
 def _parse_value(text: str) -> Any:
@@ -216,11 +223,7 @@ def _read_study_text(path_or_preset: str | Path) -> tuple[str, str]:
     preset_dir = path.is_dir() and path.suffix != ".toml" and str(path) in preset_names()
     if (path.suffix == ".toml" or path.exists()) and not preset_dir:
         if not path.is_file():
-            what = "is a directory, not a file" if path.is_dir() else "does not exist"
-            raise UserError(
-                f"Study file {path} {what}. Pass an existing .toml file or a preset "
-                f"name ({', '.join(preset_names())})."
-            )
+            raise UserError(f"Study file {path} {_not_a_file(path)}")
         try:
             return str(path), path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as err:
@@ -236,6 +239,19 @@ def _read_study_text(path_or_preset: str | Path) -> tuple[str, str]:
         )
     text = resources.files(PRESETS_PACKAGE).joinpath(f"{name}.toml").read_text(encoding="utf-8")
     return f"preset {name!r}", text
+
+
+def _not_a_file(path: Path) -> str:
+    """Why a study path is no file, and the fix: a study directory's own study, a preset."""
+    if path.is_dir() and (path / STUDY_FILE).is_file():
+        return (
+            f"is a directory: a study directory, it seems. To resume it, run "
+            f"`sensgen run {path / STUDY_FILE} --out {path}`."
+        )
+    what = "is a directory, not a file" if path.is_dir() else "does not exist"
+    if path.suffix == ".toml" and path.name == str(path) and path.stem in preset_names():
+        return f"{what}. For the built-in preset, drop the suffix: `sensgen run {path.stem}`."
+    return f"{what}. Pass an existing .toml file or a preset name ({', '.join(preset_names())})."
 
 
 def _apply_scale(raw: dict, source: str) -> None:
@@ -283,9 +299,11 @@ def _set_key(raw: dict, key: str, value: Any, origin: str, source: str) -> None:
                 axes.pop(field, None)
         _drop_pair_override(raw.get("pairs"), field)
     else:
+        tables = [t for t, model in _TABLE_MODELS.items() if field in model.model_fields]
+        hint = f" Did you mean {' or '.join(f'{t}.{field}' for t in tables)}?" if tables else ""
         raise UserError(
-            f"{origin}: unknown key {key!r} for {source}. Use TABLE.FIELD with TABLE one of "
-            f"{', '.join(TABLES)}, or a run field ({', '.join(RunSpec.model_fields)})."
+            f"{origin}: unknown key {key!r} for {source}.{hint} Use TABLE.FIELD with TABLE "
+            f"one of {', '.join(TABLES)}, or a run field ({', '.join(RunSpec.model_fields)})."
         )
 
 
@@ -322,6 +340,11 @@ def _check_axes(study: Study, source: str) -> None:
     for key, values in study.grid.items():
         if not values:
             raise UserError(f"{source}: grid.{key} is an empty list; give at least one value.")
+    n_draws = study.sample.n if study.sample else None
+    n_members = len(study.pairs.values) if study.pairs else None
+    check_plan_size(n_draws, {k: len(v) for k, v in study.grid.items()}, n_members, source)
+    if study.sample is not None:
+        check_sample_draws(sample_axes, study.sample.n, study.grid, source)
     varied = {*study.grid, "seed"}
     if study.pairs is not None:  # set per member, after the draws
         varied |= {study.pairs.factor, *(k for e in study.pairs.overrides or [] for k in e)}
@@ -348,14 +371,16 @@ def describe_errors(err: ValidationError) -> str:
     return "; ".join(parts)
 
 
+_TABLE_MODELS: dict[str, type[BaseModel]] = {"sample": Sampling, "pairs": Pairing}
+_TABLE_MODELS |= {"inclusion": Inclusion, "measure": Measurements, "execution": Execution}
+
+
 def _valid_keys(loc: tuple) -> str:
     """ ", valid: ..." for an unknown key at the top of a study or in one of its tables."""
-    tables = {"sample": Sampling, "pairs": Pairing, "inclusion": Inclusion}
-    tables |= {"measure": Measurements, "execution": Execution}
     if len(loc) == 1:
         return f" (valid: {', '.join(Study.model_fields)})"
-    if len(loc) == 2 and loc[0] in tables:
-        return f" (valid in [{loc[0]}]: {', '.join(tables[loc[0]].model_fields)})"
+    if len(loc) == 2 and loc[0] in _TABLE_MODELS:
+        return f" (valid in [{loc[0]}]: {', '.join(_TABLE_MODELS[loc[0]].model_fields)})"
     return ""
 
 

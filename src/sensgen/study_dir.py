@@ -49,6 +49,7 @@ def check_same_study(out: Path, study: Study) -> Study | None:
             f"{out} already holds study {previous.name!r}, not {study.name!r}. Choose another "
             "--out directory, or run the same study to resume it."
         )
+    _check_same_pairing(out, previous, study)
     before, now = (s.pairs.overrides if s.pairs else None for s in (previous, study))
     if previous.pairs and study.pairs and _effective(before) != _effective(now):
         raise UserError(
@@ -57,6 +58,30 @@ def check_same_study(out: Path, study: Study) -> Study | None:
             "(or miss) the old pairs. Run it into a new --out directory."
         )
     return previous
+
+
+def _check_same_pairing(out: Path, previous: Study, study: Study) -> None:
+    """Refuse pairs by another factor, or pairs where the runs were planned without them.
+
+    A run keeps the pair (or no pair) it was first planned in: the member the two plans
+    share (random_labels = 0 is also augment = false) would stay in its old pair or in
+    none, and its new partner would end up in a pair of its own, with nothing said.
+    """
+    if study.pairs is None:
+        return  # (pairs dropped: the runs keep theirs, and the report reads none)
+    fix = "Run this study into a new --out directory."
+    if previous.pairs is None:
+        raise UserError(
+            f"{out} holds runs planned without [pairs]; this study pairs them by "
+            f"{study.pairs.factor!r}. A run keeps the pair it was planned in (here none), so "
+            f"the runs already there would pair with nothing. {fix}"
+        )
+    if previous.pairs.factor != study.pairs.factor:
+        raise UserError(
+            f"{out} holds pairs of pairs.factor = {previous.pairs.factor!r}; this study "
+            f"pairs by {study.pairs.factor!r}. A run keeps the pair it was planned in, so a "
+            f"run the two share would stay in its old pair and its new partner alone. {fix}"
+        )
 
 
 def _effective(overrides: list[dict] | None) -> list[dict] | None:
