@@ -197,7 +197,9 @@ def test_all_measures_consistent_and_pure():
     assert out["margin"] == gamma
     assert out["inverse_margin"] == pytest.approx(1 / gamma**2, rel=1e-12)
     for name in M.NORMALISED:
-        assert out[f"{name}_normalised"] == pytest.approx(out[name] / gamma**2, rel=1e-12)
+        # L = 2: the geometric means are normalised inside the mean, 2·(Π_l ‖W_l‖²/γ²)^{1/2}
+        expected = out[name] / abs(gamma) if name in M.GEOMETRIC else out[name] / gamma**2
+        assert out[f"{name}_normalised"] == pytest.approx(expected, rel=1e-12)
     assert all(isinstance(v, float) for v in out.values())
 
 

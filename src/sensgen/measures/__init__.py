@@ -39,9 +39,10 @@ from sensgen.measures.norms import (
     spectral_geometric,
     spectral_product,
 )
-from sensgen.measures.suite import GROUPS, NORMALISED, all_measures
+from sensgen.measures.suite import GEOMETRIC, GROUPS, NORMALISED, all_measures
 
 __all__ = [
+    "GEOMETRIC",
     "GROUPS",
     "NORMALISED",
     "adversarial_accuracy",

@@ -99,7 +99,9 @@ def pacbayes_flatness(
     """PAC-Bayes flatness 1/σ² (JNMKB, "pacbayes.flatness"/"pacbayes.mag.flatness").
 
     σ is the largest value with E_u[acc(θ + u)] ≥ acc(θ) − ``deviation`` on (x, y), where
-    u_i ~ N(0, σ²θ_i² + ε²) (magnitude-aware, the default) or u ~ N(0, σ²I) (plain).
+    u_i ~ N(0, σ²θ_i² + ε²) (magnitude-aware, the default) or u ~ N(0, σ²I) (plain). An
+    exact tie counts as ≥ (`_TIES`). A net with a NaN or ∞ parameter (a diverged one) gives
+    NaN, not the cap that its constant argmax would reach.
 
     Search: ``n_draws`` standard-normal draws g are taken once from a generator seeded with
     ``seed`` and reused at every σ (common random numbers: the criterion is a deterministic
@@ -113,7 +115,9 @@ def pacbayes_flatness(
         {n: torch.randn(s, generator=gen, dtype=torch.float64) for n, s in shapes}
         for _ in range(n_draws)
     ]
-    target = _accuracy(net, x, y) - deviation
+    target = _accuracy(net, x, y) - deviation - _TIES
+    if not _finite(net):
+        return {"sigma": math.nan, "flatness": math.nan}
 
     def ok(sigma: float) -> bool:
         kw = {"magnitude_aware": magnitude_aware, "eps": eps, "settle": target}
@@ -121,6 +125,18 @@ def pacbayes_flatness(
 
     sigma = _largest_feasible(ok, sigma_max, steps)
     return {"sigma": sigma, "flatness": 1.0 / sigma**2 if sigma > 0 else math.inf}
+
+
+# The searches' criteria hold when an accuracy is ≥ acc(θ) − deviation, up to this much: the
+# accuracies are multiples of 1/m, their means over n draws of 1/(mn), so an exact tie
+# (10 draws each losing one point of 10: mean 0.9 = 1 − 0.1) can be summed to 1e-16 below
+# the threshold, and was refused; any real shortfall is ≥ 1/(10mn), far above this.
+_TIES = 1e-12
+
+
+def _finite(net: nn.Module) -> bool:
+    """Whether every parameter of ``net`` is finite."""
+    return all(bool(torch.isfinite(p).all()) for p in net.parameters())
 
 
 def _accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -292,14 +308,17 @@ def sharpness(
     generator seeded with ``seed`` and reused at every α, so the criterion is a
     deterministic function of α. α' comes from the same bracketing and bisection as
     `pacbayes_flatness` (cap ``alpha_max``, ``steps`` bisection steps). The net is not
-    modified. Returns ``{"alpha": α', "sharpness": 1/α'²}`` (∞ when α' = 0).
+    modified. Returns ``{"alpha": α', "sharpness": 1/α'²}`` (∞ when α' = 0; NaN for a net
+    with a NaN or ∞ parameter). An exact tie counts as ≥ (`_TIES`).
     """
     gen = torch.Generator().manual_seed(seed)
     start = {
         n: 2 * torch.rand(p.shape, generator=gen, dtype=torch.float64) - 1
         for n, p in net.named_parameters()
     }
-    target = _accuracy(net, x, y) - deviation
+    target = _accuracy(net, x, y) - deviation - _TIES
+    if not _finite(net):
+        return {"alpha": math.nan, "sharpness": math.nan}
     kw = {"magnitude_aware": magnitude_aware, "eps": eps, "ascent_steps": ascent_steps}
 
     def ok(alpha: float) -> bool:
@@ -319,4 +338,5 @@ def pacbayes_init(distance_l2: float, sigma: float, m: int) -> float:
     """
     if sigma <= 0:
         return math.inf
-    return distance_l2**2 / (4 * sigma**2) + math.log(m / sigma) + 10
+    # (float products round to ∞ where distance_l2**2 would raise OverflowError)
+    return distance_l2 * distance_l2 / (4 * sigma * sigma) + math.log(m / sigma) + 10

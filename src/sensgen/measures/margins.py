@@ -70,10 +70,27 @@ def margin(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def inverse_margin(gamma: float) -> float:
-    """1/γ² (JNMKB, "1/margin"); γ from `margin`."""
-    return 1.0 / gamma**2 if gamma != 0 else math.inf
+    """1/γ² (JNMKB, "1/margin"); γ from `margin`.
+
+    ∞ for γ = 0 and where γ² rounds to 0, 0 where γ² overflows, NaN for NaN. For γ < 0
+    (more than a tenth of the points misclassified) the value is that of |γ|.
+    """
+    square = gamma * gamma  # (a float product rounds where gamma**2 would raise)
+    return 1.0 / square if square != 0 else math.inf
 
 
-def normalised(measure_value: float, gamma: float) -> float:
-    """measure / γ², the margin-normalised version of a norm measure (JNMKB)."""
-    return measure_value * inverse_margin(gamma)
+def normalised(measure_value: float, gamma: float, *, root: int = 1) -> float:
+    """measure · (1/γ²)^{1/root}, the margin-normalised version of a norm measure (JNMKB).
+
+    ``root`` = 1 gives measure/γ² (JNMKB's "prod.fro/margin", "prod.spec/margin",
+    "path.norm/margin", "spec.orig"). For a geometric mean L·(Π_l ‖W_l‖²)^{1/L}, pass
+    ``root`` = L: JNMKB normalise inside the mean, L·(Π_l ‖W_l‖²/γ²)^{1/L} ("sum.fro/margin",
+    "sum.spec/margin"), which is measure · (1/γ²)^{1/L} and, like the product over γ², does
+    not change when every layer of a bias-free ReLU net is scaled by the same c > 0.
+    """
+    if root == 1:
+        return measure_value * inverse_margin(gamma)
+    if gamma == 0:
+        return measure_value * math.inf
+    exponent = -2.0 * math.log(abs(gamma)) / root  # log of (1/γ²)^{1/root}; NaN for NaN
+    return measure_value * (math.exp(exponent) if not exponent > 709.0 else math.inf)

@@ -70,8 +70,17 @@ def _fro_sq(w: torch.Tensor) -> float:
     return float((w * w).sum())
 
 
+def _spec(w: torch.Tensor) -> float:
+    """‖w‖_2, the largest singular value: NaN if w holds a NaN, ∞ if it holds an ∞ (the
+    SVD would raise on the one and return NaN for the other)."""
+    if not bool(torch.isfinite(w).all()):
+        return math.nan if bool(torch.isnan(w).any()) else math.inf
+    return float(torch.linalg.matrix_norm(w, ord=2))
+
+
 def _spec_sq(w: torch.Tensor) -> float:
-    return float(torch.linalg.matrix_norm(w, ord=2)) ** 2
+    s = _spec(w)
+    return s * s  # (a float product rounds to ∞ where s**2 would raise OverflowError)
 
 
 def _exp(log_value: float) -> float:
@@ -123,16 +132,32 @@ def spectral_geometric(net: nn.Module) -> float:
 
 
 def spectral_frobenius(net: nn.Module) -> float:
-    """Π_l ‖W_l‖_2² · Σ_l ‖W_l‖_F² / ‖W_l‖_2² (JNMKB, "fro/spec").
+    """Π_l ‖W_l‖_2² · Σ_l ‖W_l‖_F² / ‖W_l‖_2²: JNMKB's "spec.orig" before its division by
+    γ² (Bartlett et al. 2017); JNMKB's "fro/spec" is the sum alone.
 
-    The sum is the total stable rank; the product is as in `spectral_product`.
+    The sum is the total stable rank; the product is as in `spectral_product`. A zero
+    layer gives 0 (the product's limit, the stable ranks lying in [1, rank]); a NaN, NaN.
     """
     ws = _weights(net)
     spec = [_spec_sq(w) for w in ws]
+    if any(math.isnan(s) for s in spec):
+        return math.nan
     if min(spec) == 0:
         return 0.0
-    stable_rank = sum(_fro_sq(w) / s for w, s in zip(ws, spec, strict=True))
+    stable_rank = sum(_stable_rank(w, s) for w, s in zip(ws, spec, strict=True))
     return _exp(_log_product(spec) + math.log(stable_rank))
+
+
+def _stable_rank(w: torch.Tensor, spec_sq: float) -> float:
+    """‖w‖_F²/‖w‖_2² given ‖w‖_2² ≠ 0; where the squares overflow (entries beyond ~1e154),
+    the same ratio of w/max|w_ij| (∞ for an infinite entry, which makes the product ∞)."""
+    fro_sq = _fro_sq(w)
+    if math.isfinite(fro_sq) and math.isfinite(spec_sq):
+        return fro_sq / spec_sq
+    if not bool(torch.isfinite(w).all()):
+        return math.inf
+    v = w / w.abs().max()
+    return _fro_sq(v) / _spec_sq(v)
 
 
 def path_norm(net: nn.Module) -> float:
@@ -162,6 +187,9 @@ def distance_from_init(
         ``l2``: ‖θ − θ_0‖_2 over all parameters (weights and biases);
         ``frobenius``: [‖W_l − W_l⁰‖_F for l = 1..L];
         ``spectral``: [‖W_l − W_l⁰‖_2 for l = 1..L].
+
+    Raises:
+        UserError: ``init`` does not hold net's parameters by name and shape.
     """
     theta, theta0 = _params(net), _params(init)
     if isinstance(init, Mapping):  # a state dict also holds buffers (batch-norm statistics)
@@ -174,10 +202,20 @@ def distance_from_init(
             f"{extra[:5]}): pass the same architecture at initialisation, as a module or "
             "its state dict."
         )
+    reshaped = [k for k in theta if theta[k].shape != theta0[k].shape]
+    if reshaped:  # (the differences would broadcast into a number of no meaning)
+        found = ", ".join(
+            f"{k}: {list(theta0[k].shape)} in init, {list(theta[k].shape)} in net"
+            for k in reshaped[:5]
+        )
+        raise UserError(
+            f"init's parameters do not have net's shapes ({found}): pass the same "
+            "architecture at initialisation, as a module or its state dict."
+        )
     l2 = math.sqrt(sum(float(((theta[k] - theta0[k]) ** 2).sum()) for k in theta))
     diffs = [theta[f"{n}.weight"] - theta0[f"{n}.weight"] for n in _linear_names(net)]
     return {
         "l2": l2,
         "frobenius": [float(torch.linalg.matrix_norm(d)) for d in diffs],
-        "spectral": [float(torch.linalg.matrix_norm(d, ord=2)) for d in diffs],
+        "spectral": [_spec(d) for d in diffs],
     }

@@ -7,7 +7,8 @@ Groups, so a study can skip the expensive searches:
 * ``distance``: ``distance_l2`` (‖θ − θ_0‖_2), ``distance_frobenius`` (Σ_l ‖W_l − W_l⁰‖_F²),
   ``distance_spectral`` (Σ_l ‖W_l − W_l⁰‖_2²).
 * ``margin``: ``margin`` (γ), ``inverse_margin`` and, with ``norms``, ``<name>_normalised``
-  = value/γ² for each name in `NORMALISED`.
+  for each name in `NORMALISED`: value/γ², but L·(Π_l ‖W_l‖²/γ²)^{1/L} = value·(1/γ²)^{1/L}
+  for the geometric means (`GEOMETRIC`), as JNMKB's "sum.fro/margin", "sum.spec/margin".
 * ``flatness``: ``pacbayes_mag_flatness`` = 1/σ'² (magnitude-aware search) and
   ``pacbayes_init`` (plain search; m = ``n_train``, the training-set size). Two seeded
   bisection searches.
@@ -29,6 +30,7 @@ from sensgen.errors import UserError
 from sensgen.measures.flatness import pacbayes_flatness, pacbayes_init, sharpness
 from sensgen.measures.margins import inverse_margin, margin, normalised
 from sensgen.measures.norms import (
+    _linear_names,
     distance_from_init,
     frobenius_geometric,
     frobenius_product,
@@ -50,8 +52,11 @@ NORM_MEASURES = (
     spectral_frobenius,
     path_norm,
 )
-# Measures that JNMKB also report divided by γ² (the "margin-normalised" versions).
+# Norm measures also stored margin-normalised, as JNMKB's "/margin" versions (frobenius_sum,
+# which JNMKB do not normalise, over γ² too).
 NORMALISED = tuple(fn.__name__ for fn in NORM_MEASURES)
+# The geometric means L·(Π_l ‖W_l‖²)^{1/L}: JNMKB normalise them inside the mean.
+GEOMETRIC = ("frobenius_geometric", "spectral_geometric")
 
 
 def all_measures(
@@ -87,14 +92,21 @@ def all_measures(
     dist = distance_from_init(net, init) if {"distance", "flatness"} & set(groups) else None
     if "distance" in groups:
         out["distance_l2"] = dist["l2"]
-        out["distance_frobenius"] = sum(d**2 for d in dist["frobenius"])
-        out["distance_spectral"] = sum(d**2 for d in dist["spectral"])
+        # (float products round to ∞ where d**2 would raise OverflowError)
+        out["distance_frobenius"] = sum(d * d for d in dist["frobenius"])
+        out["distance_spectral"] = sum(d * d for d in dist["spectral"])
     if "margin" in groups:
         gamma = margin(net, x, y)
         out["margin"] = gamma
         out["inverse_margin"] = inverse_margin(gamma)
         if "norms" in groups:
-            out |= {f"{name}_normalised": normalised(out[name], gamma) for name in NORMALISED}
+            depth = len(_linear_names(net))
+            out |= {
+                f"{name}_normalised": normalised(
+                    out[name], gamma, root=depth if name in GEOMETRIC else 1
+                )
+                for name in NORMALISED
+            }
     if "flatness" in groups:
         out["pacbayes_mag_flatness"] = pacbayes_flatness(net, x, y, seed=seed)["flatness"]
         sigma = pacbayes_flatness(net, x, y, seed=seed, magnitude_aware=False)["sigma"]
