@@ -354,3 +354,27 @@ def test_softmax_jacobian_times_a_vector_is_the_factor_times_it():
         dense = (softmax_jacobian_factor(z) @ v.unsqueeze(-1)).squeeze(-1)
         row_scale = dense.abs().amax(dim=-1, keepdim=True)
         assert ((softmax_jacobian_times(z, v) - dense).abs() <= 1e-13 * row_scale).all()
+
+
+def test_closed_form_of_a_blown_up_net_is_not_nan_from_the_gram_trick():
+    # Finite first-layer weights near 1e20 overflow G = W_1 W_1ᵀ in float32; with every
+    # hidden unit dead the Jacobian is exactly 0, and 0·inf made it NaN (a run then stored
+    # as diverged although it trained finite). The closed form must agree with autodiff.
+    net = MLP(64, 10, 32, 1, "relu", generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        net.layers[0].weight.mul_(1e20)
+        net.layers[0].bias.fill_(-1e30)
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(1))
+    closed = jacobian_norms(net, x)
+    for output, norms in closed.items():
+        assert torch.equal(norms, torch.zeros(5, dtype=torch.float64)), output
+    # Live units, a tiny readout: G still overflows, the Jacobian (~1e7) does not.
+    with torch.no_grad():
+        net.layers[0].bias.zero_()
+        net.layers[1].weight.mul_(1e-12)
+    w1 = net.layers[0].weight
+    assert not torch.isfinite(w1 @ w1.T).all()
+    closed, auto = jacobian_norms(net, x), jacobian_norms(net, x, method="autodiff")
+    assert torch.isfinite(closed["logits"]).all() and (closed["logits"] > 1e5).all()
+    for output in closed:
+        torch.testing.assert_close(closed[output], auto[output], rtol=1e-4, atol=0)

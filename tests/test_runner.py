@@ -641,3 +641,21 @@ def test_a_study_file_newer_than_the_report_makes_it_outdated(tiny, tmp_path):
         result.report == index
         and index.stat().st_mtime_ns > (out / "study.toml").stat().st_mtime_ns
     )
+
+
+def test_a_run_diverged_after_training_says_which_numbers_broke():
+    # A run that trained finite but whose metrics are not (logits beyond float32) was stored
+    # with "became non-finite during training", which was untrue.
+    import torch
+
+    from sensgen.execute import _divergence
+    from sensgen.models import MLP
+
+    net = MLP(4, 3, 5, 1, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        net.layers[0].weight.fill_(2e30)
+    during = _divergence(True, ["train_loss"], net)
+    assert during == "loss or parameters became non-finite during training"
+    after = _divergence(False, ["train_loss", "jacobian_norm"], net)
+    assert "trained with finite losses and parameters (the largest |θ| 2.0e+30)" in after
+    assert "its train_loss, jacobian_norm came out non-finite" in after

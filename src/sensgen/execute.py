@@ -211,10 +211,10 @@ def _evaluate(specs, shape, template, outcome: PackOutcome, x_train, labels, tes
             "jacobian_norm": float(frame["jacobian_norm"].mean()),
             "jacobian_norm_logits": float(frame["jacobian_norm_logits"].mean()),
         }
-        finite = all(pd.notna(v) and abs(v) != float("inf") for v in metrics.values())
-        diverged = bool(outcome.diverged[i]) or not finite
+        broken = [k for k, v in metrics.items() if pd.isna(v) or abs(v) == float("inf")]
+        diverged = bool(outcome.diverged[i]) or bool(broken)
         status = Status.DIVERGED if diverged else Status.DONE
-        error = "loss or parameters became non-finite during training" if diverged else None
+        error = _divergence(bool(outcome.diverged[i]), broken, net) if diverged else None
         if not diverged:  # diverged nets are not measured (their columns stay NULL)
             metrics |= measure_model(
                 net, x_train=x_train, test=test, config=measure, seed=MEASURE_SEED
@@ -222,6 +222,18 @@ def _evaluate(specs, shape, template, outcome: PackOutcome, x_train, labels, tes
         results.append(RunResult(spec.run_id, status, metrics, error))
         points.append(frame)
     return results, points
+
+
+def _divergence(in_training: bool, broken: list[str], net: torch.nn.Module) -> str:
+    """Why a run is stored as diverged: non-finite during training, or trained to finite
+    weights whose function is not finite in float32 (its logits overflow, say)."""
+    if in_training:
+        return "loss or parameters became non-finite during training"
+    largest = max(float(p.detach().abs().max()) for p in net.parameters())
+    return (
+        f"trained with finite losses and parameters (the largest |θ| {largest:.1e}), but its "
+        f"{', '.join(broken)} came out non-finite: the trained function overflows float32"
+    )
 
 
 def _point_frame(run_id: str, logits: torch.Tensor, y: torch.Tensor, norms) -> pd.DataFrame:

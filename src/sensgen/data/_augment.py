@@ -12,9 +12,10 @@ For image i, with optional flip f_i and shift (dy_i, dx_i), the output is
     out[c, h, w]     = flipped[c, h − dy_i, w − dx_i]   if that pixel is inside the image,
                        fill_c                           otherwise,
 
-so dy > 0 moves the content down and dx > 0 moves it right. Per image, the draws are the
-shifts (dy, dx) first, then (if flips are on) the flip: a model whose augmentation draws come
-from its own generator sees the same images however many images are drawn alongside.
+so dy > 0 moves the content down and dx > 0 moves it right. For a batch of n images the
+draws are the n shift pairs (dy, dx) first, [n, 2] in one call, then (if flips are on) the n
+flips: a model whose augmentation draws come from its own generator sees the same images
+however many images its pack-mates draw.
 
 Example:
     >>> import torch

@@ -220,6 +220,10 @@ def _mlp_gram_fn(model: MLP) -> Callable[[torch.Tensor], tuple[torch.Tensor, tor
     w1 = weights[0]
     use_gram = w1.shape[0] < w1.shape[1]  # n1 < d: the Gram trick is cheaper
     second = w1 @ w1.T if use_gram else w1  # G [n1, n1], or W_1 [n1, d]
+    if use_gram and not bool(torch.isfinite(second).all()) and bool(torch.isfinite(w1).all()):
+        # G squares W_1 before M meets it: finite weights beyond ~1e19 (a blown-up net) would
+        # overflow it, and 0·inf make NaN of a Jacobian that is 0 (every unit dead) or finite.
+        use_gram, second = False, w1
 
     def gram_of(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         hidden, logits = model.preactivations(x)
