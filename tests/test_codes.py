@@ -180,7 +180,10 @@ class _Hidden(nn.Module):
 )
 def test_an_activation_function_outside_modules_is_named(call, named):
     # The hooks see layer 1 only: layer 2's units would be missing from the code.
-    with pytest.raises(UserError, match=f"calls {re.escape(named)} outside an activation module"):
+    with pytest.raises(
+        UserError,
+        match=f"hidden layer with {re.escape(named)} outside an activation",
+    ):
         activation_codes(_Hidden(call), torch.randn(5, 3))
 
 
@@ -189,7 +192,7 @@ def test_an_activation_function_inside_another_module_is_refused():
         def forward(self, h):
             return F.relu(h)
 
-    with pytest.raises(UserError, match=r"F\.relu outside"):
+    with pytest.raises(UserError, match=r"with F\.relu outside"):
         activation_codes(_Hidden(Block()), torch.randn(5, 3))
 
 
@@ -221,5 +224,29 @@ def test_only_the_layers_asked_for_are_checked():
     x = torch.randn(5, 3, generator=torch.Generator().manual_seed(6))
     net = _Hidden(F.relu)
     assert len(hidden_preactivations(net, x, n_layers=1)) == 1
-    with pytest.raises(UserError, match=r"F\.relu outside"):
+    with pytest.raises(UserError, match=r"with F\.relu outside"):
         hidden_preactivations(net, x)
+
+
+class _NotHidden(nn.Module):
+    """fc1, nn.ReLU, a gate σ(g) (a parameter: no input dependence) on the units, fc2, then
+    logits / softplus(t) (a learnt temperature) and a sigmoid over them: activation
+    functions, none of them a hidden layer of the code."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.act = nn.Linear(3, 4), nn.Linear(4, 2), nn.ReLU()
+        self.g, self.t = nn.Parameter(torch.zeros(4)), nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        a = self.act(self.fc1(x)) * torch.sigmoid(self.g)
+        return torch.sigmoid(self.fc2(a) / F.softplus(self.t))
+
+
+def test_activation_functions_that_make_no_hidden_layer_are_allowed():
+    # The spy refused these at first: an activation function counts only where it acts on
+    # something that depends on x and its result then enters a linear map.
+    torch.manual_seed(0)
+    net = _NotHidden()
+    x = torch.randn(6, 3, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(activation_codes(net, x), piece_index(net.fc1(x), (0.0,)))

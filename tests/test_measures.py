@@ -380,6 +380,10 @@ def test_a_study_stores_the_measures_of_each_done_model(tmp_path):
             assert stored.loc[row.run_id, "distance_l2"] == pytest.approx(
                 M.distance_from_init(net, init)["l2"], rel=1e-9
             )
+            gamma = stored.loc[row.run_id, "margin"]  # L = 3 layers: inside the mean
+            assert stored.loc[row.run_id, "frobenius_geometric_normalised"] == pytest.approx(
+                3 * (M.frobenius_product(net) / gamma**2) ** (1 / 3), rel=1e-9
+            )
     plain = study_module.Study(name="p", base=dict(dataset="digits", width=8, depth=1,
                                                    max_steps=5, eval_every=5))  # fmt: skip
     run(plain, tmp_path / "p", progress=False, report=False)
@@ -644,3 +648,30 @@ def test_mlps_with_prelu_or_a_parametrized_linear_keep_their_norms():
     nn.utils.parametrizations.weight_norm(normed[0])
     for net in (prelu, normed):
         assert M.frobenius_sum(net) > 0 and M.path_norm(net) > 0
+
+
+def test_the_geometric_means_of_an_older_directory_read_as_now():
+    # Directories measured before the fix stored L·(Π‖W_l‖²)^{1/L}/γ²: reading derives the
+    # values from the stored mean and margin, so old and new runs rank alike.
+    import numpy as np
+    import pandas as pd
+
+    from sensgen.results import geometric_normalised
+
+    geometric, gamma = np.array([6.0, 2.5]), np.array([0.5, 2.0])
+    old = pd.DataFrame(
+        {
+            "run_id": ["a", "b"],
+            "margin": gamma,
+            "frobenius_geometric": geometric,
+            "frobenius_geometric_normalised": geometric / gamma**2,  # the old definition
+            "frobenius_product": [1.0, 2.0],
+            "frobenius_product_normalised": [4.0, 0.5],
+        }
+    )
+    new = geometric_normalised(old.copy(), np.array([3, 2]))
+    expected = geometric * (1 / gamma**2) ** (1 / np.array([3, 2]))
+    np.testing.assert_allclose(new["frobenius_geometric_normalised"], expected, rtol=1e-14)
+    assert new["frobenius_product_normalised"].tolist() == [4.0, 0.5]  # product: / γ², as stored
+    no_margin = old.drop(columns="margin")
+    assert geometric_normalised(no_margin.copy(), np.array([3, 2])).equals(no_margin)

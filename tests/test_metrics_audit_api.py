@@ -72,6 +72,12 @@ def test_data_parallel_is_measured_as_the_module_inside():
         jacobian_norm_estimate(m, x, n_projections=3, generator=_gen(0)) for m in (wrapped, model)
     ]
     assert torch.equal(*estimate)
+    # Codes and transitions too (DataParallel's forward hid the modules' hooks: "no
+    # activation module"), and region maps.
+    path = ellipse(*torch.randn(3, 6, generator=_gen(4)), n_points=64)
+    for method in ("exact", "sampled"):
+        assert transitions(wrapped, path, method=method) == transitions(model, path, method=method)
+    assert torch.equal(activation_codes(wrapped, x), activation_codes(model, x))
 
 
 def test_a_model_on_another_device_is_named():
@@ -178,3 +184,14 @@ def test_a_cnn_with_buffers_matches_per_point_autograd_for_any_chunk():
     for chunk_size in (None, 1, 2, 7):
         got = jacobian_norm(cnn, x, chunk_size=chunk_size)
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=0)
+
+
+def test_the_estimate_refuses_probabilities_too():
+    # jacobian_norm refused a softmax head; the estimate applied a second softmax silently.
+    torch.manual_seed(0)
+    probs = nn.Sequential(nn.Linear(6, 4), nn.Softmax(dim=1))
+    x = torch.randn(5, 6)
+    with pytest.raises(UserError, match="returns probabilities"):
+        jacobian_norm_estimate(probs, x, n_projections=2, generator=_gen(0))
+    logits = jacobian_norm_estimate(probs, x, n_projections=2, generator=_gen(0), output="logits")
+    assert logits.shape == (5,) and torch.isfinite(logits).all()

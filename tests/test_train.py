@@ -407,3 +407,12 @@ def test_stopped_models_leave_the_pack_and_the_rest_train_on_as_alone(monkeypatc
         assert alone.steps[0] == pack.steps[i]
         for name, value in pack.params.items():
             torch.testing.assert_close(value[i], alone.params[name][0], rtol=1e-6, atol=1e-7)
+
+
+def test_a_batch_larger_than_the_training_set_is_refused():
+    # The batch buffer was left partly uninitialised: the models trained on garbage.
+    x, ys = _data()
+    shape = _shape(OptimizerName.SGD, batch_size=N + 1)
+    with pytest.raises(ValueError, match=f"batch_size {N + 1} exceeds the {N} training"):
+        train_pack(shape, _members(OptimizerName.SGD), x, ys)
+    assert train_pack(_shape(OptimizerName.SGD, batch_size=N, max_steps=2), _members("sgd"), x, ys)

@@ -246,7 +246,9 @@ class Results:
         if long.empty:
             return pd.DataFrame({"run_id": pd.Series(dtype="str")})
         wide = long.pivot_table(index="run_id", columns="measure", values="value", dropna=False)
-        return wide.reset_index().rename_axis(columns=None)
+        wide = wide.reset_index().rename_axis(columns=None)
+        depth = self.runs().set_index("run_id")["depth"].reindex(wide["run_id"])
+        return geometric_normalised(wide, depth.to_numpy() + 1)  # L = depth + 1 layers
 
     def region_maps(self, run_id: str) -> dict[str, torch.Tensor]:
         """Region maps of a ``done`` run (paper Fig. 3): ``init`` and ``trained`` int32
@@ -319,3 +321,23 @@ def open_results(out_dir: str | Path) -> Results:
         ...     results.runs().groupby("status").size()
     """
     return Results.open(out_dir, create=False)
+
+
+def geometric_normalised(wide: pd.DataFrame, n_layers: np.ndarray) -> pd.DataFrame:
+    """``wide`` (one row per run, one column per measure) with the two margin-normalised
+    geometric means (`sensgen.measures.GEOMETRIC`) derived from the stored means and the
+    margin, L·(Π_l ‖W_l‖²/γ²)^{1/L} with L = ``n_layers`` per row, as the measures compute
+    them now: directories measured before that definition was fixed stored
+    L·(Π_l ‖W_l‖²)^{1/L}/γ², and a resumed study would rank its old values with new ones."""
+    from sensgen.measures import GEOMETRIC
+    from sensgen.measures.margins import normalised
+
+    if "margin" not in wide.columns:
+        return wide
+    for name in GEOMETRIC:
+        if name in wide.columns and f"{name}_normalised" in wide.columns:
+            rows = zip(wide[name], wide["margin"], n_layers, strict=True)
+            wide[f"{name}_normalised"] = [
+                normalised(float(v), float(gamma), root=int(n)) for v, gamma, n in rows
+            ]
+    return wide

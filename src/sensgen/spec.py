@@ -28,14 +28,12 @@ FULL = "full"
 
 
 def _not_bool(value: Any) -> Any:
-    """Refuse true/false or a quoted string for a number: pydantic reads true as 1, so
-    ``width = true`` trained width-1 nets and ``lr = true`` a learning rate of 1, and it
-    reads ``width = "8"`` as 8, so a study file's quoted numbers passed without a word
-    (``"full"``, where a field takes it, is read before this check)."""
+    """Refuse true/false for a number: pydantic reads true as 1, so ``width = true`` trained
+    width-1 nets and ``lr = true`` a learning rate of 1, without a word. (A number in quotes,
+    ``width = "8"``, is that number: `--set lr=.01`, which TOML cannot read as a number,
+    arrives as the string ".01".)"""
     if isinstance(value, bool):
         raise ValueError("expected a number, not a boolean")
-    if isinstance(value, str):
-        raise ValueError(f"expected a number, not the string {value!r} (numbers take no quotes)")
     return value
 
 
@@ -75,7 +73,7 @@ class RunSpec(BaseModel):
     @field_validator("batch_size", "train_subset", mode="before")
     @classmethod
     def _full_means_none(cls, value: Any) -> Any:
-        if isinstance(value, str) and value != FULL:
+        if isinstance(value, str) and value != FULL and not _is_number(value):
             raise ValueError(f'expected a number or "{FULL}", not the string {value!r}')
         return None if value == FULL else value
 
@@ -117,6 +115,14 @@ class RunSpec(BaseModel):
         fields = json.loads(text)
         fields.pop("schema", None)
         return cls.model_validate(fields)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _toml_string(text: str) -> str:

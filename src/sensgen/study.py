@@ -174,6 +174,7 @@ def load(path_or_preset: str | Path, overrides: Mapping[str, str] | None = None)
     # An error may be in a value given on the command line rather than in the file.
     where = f"{source} with --set {', '.join(sets)}" if sets else source
     study = _validate(_scaled(raw, chosen, sets, source), where)
+    _check_written_draws(raw, chosen, source)
     scales = raw.get("scales")
     for name in scales if isinstance(scales, dict) else []:
         if name != chosen or name == "default":
@@ -188,6 +189,17 @@ def _scaled(raw: dict, scale: Any, sets: Mapping[str, Any], source: str) -> dict
     for key, value in sets.items():
         _set_key(raw, key, value, f"--set {key}", source)
     return raw
+
+
+def _check_written_draws(raw: dict, scale: Any, source: str) -> None:
+    """`check_sample_draws` on the study as written (its scale applied, no --set): a --set
+    that fixes the last [sample] axis (``--set width=256``) asks for one configuration."""
+    try:
+        written = Study.model_validate(_scaled(raw, scale, {}, source))
+    except ValidationError:
+        return  # (valid only with its --set values, which _validate has checked)
+    if written.sample is not None:
+        check_sample_draws(written.sample.axes(), written.sample.n, written.grid, source)
 
 
 def _check_scale(raw: dict, name: str, source: str) -> None:
@@ -343,8 +355,6 @@ def _check_axes(study: Study, source: str) -> None:
     n_draws = study.sample.n if study.sample else None
     n_members = len(study.pairs.values) if study.pairs else None
     check_plan_size(n_draws, {k: len(v) for k, v in study.grid.items()}, n_members, source)
-    if study.sample is not None:
-        check_sample_draws(sample_axes, study.sample.n, study.grid, source)
     varied = {*study.grid, "seed"}
     if study.pairs is not None:  # set per member, after the draws
         varied |= {study.pairs.factor, *(k for e in study.pairs.overrides or [] for k in e)}

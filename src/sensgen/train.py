@@ -102,6 +102,8 @@ def train_pack(
     n_models, n = len(members), x.shape[0]
     if y.shape != (n_models, n):
         raise ValueError(f"y must be [M, N] = [{n_models}, {n}], got {tuple(y.shape)}")
+    if shape.batch_size is not None and shape.batch_size > n:  # (a batch would be garbage)
+        raise ValueError(f"batch_size {shape.batch_size} exceeds the {n} training examples")
     if blocks is None:
         sizes = cache_blocks(shape, n_models, x.device)
     elif sum(blocks) != n_models or min(blocks) < 1:

@@ -154,8 +154,8 @@ def _rises(dataset: str, predictor: str, row: pd.Series) -> Claim:
     paper = f"{dataset}: the gap rises with the {_PREDICTOR_TEXT[predictor]}"
     n = int(row["n"])
     measured = (
-        f"Spearman ρ = {_signed(row['spearman_rho'])} "
-        f"[{_signed(row['spearman_low'])}, {_signed(row['spearman_high'])}], n = {n}"
+        f"Spearman ρ = {signed(row['spearman_rho'])} "
+        f"[{signed(row['spearman_low'])}, {signed(row['spearman_high'])}], n = {n}"
     )
     if math.isnan(row["spearman_rho"]):  # say why, not just "n/a"
         measured = f"Spearman ρ = {_rho(row)}, n = {n}"
@@ -174,7 +174,7 @@ def _beats(dataset: str, jacobian: pd.Series, baseline: str, by: pd.DataFrame) -
     # at ρ = −0.9 explains the gap, reversed, better than Jbar at +0.3), beyond the
     # resampling noise of the two ρ together (module docstring).
     d, low, high = (other.get(c, math.nan) for c in ADVANTAGE_COLUMNS)
-    difference = f"{_signed(d)} [{_signed(low)}, {_signed(high)}]"
+    difference = f"{signed(d)} [{signed(low)}, {signed(high)}]"
     if math.isnan(d):
         difference = "n/a (needs both ρ)"
     measured = (
@@ -188,17 +188,13 @@ def _beats(dataset: str, jacobian: pd.Series, baseline: str, by: pd.DataFrame) -
     return Claim("Fig. 1", paper, measured, holds)
 
 
-def _signed(value: float) -> str:
-    return signed(value)
-
-
 def _rho(row: pd.Series) -> str:
     """A row's Spearman ρ, or "n/a" with the reason from the table's ``note`` column
     (`report_sections` adds it: too few models, or a column the same for every model)."""
     note = row.get("note", "")
     if math.isnan(row["spearman_rho"]) and isinstance(note, str) and note:
         return f"n/a ({note})"
-    return _signed(row["spearman_rho"])
+    return signed(row["spearman_rho"])
 
 
 def _count(n: int, noun: str) -> str:

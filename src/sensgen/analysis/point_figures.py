@@ -204,7 +204,7 @@ def _hexbin_title(name: str, group: pd.DataFrame) -> str:
     rho = column(per_point_summary(group), "spearman_rho")
     models = group["run_id"].nunique()
     finite = rho[np.isfinite(rho)]
-    value = _signed(float(np.median(finite))) if len(finite) else "n/a"
+    value = signed(float(np.median(finite))) if len(finite) else "n/a"
     title = f"{name}\nmedian within-model Spearman ρ = {value}"
     if len(finite) in (0, models):  # over every model drawn, or n/a for all of them
         return f"{title} ({models} {_models(models)})"
@@ -274,7 +274,7 @@ def _strip_box(ax: Axes, group: pd.DataFrame, spec: tuple, *, seed: int) -> None
         jitter = rng.uniform(-_JITTER, _JITTER, len(values)) if len(values) > 1 else 0.0
         ax.scatter(position + jitter, values, s=18, c=colour, alpha=0.7, zorder=3)
         ticks.append(position)
-        labels.append(f"{label}\nmedian {_signed(float(np.median(values)))}")
+        labels.append(f"{label}\nmedian {signed(float(np.median(values)))}")
     ax.set_xticks(ticks, labels, fontsize=10)
     ax.set_xlim(-0.6, max(len(ticks), 2) - 0.4)
     ax.tick_params(axis="y", labelsize=10)
@@ -285,11 +285,6 @@ def _strip_box(ax: Axes, group: pd.DataFrame, spec: tuple, *, seed: int) -> None
 def _models(count: int) -> str:
     """``model`` or ``models``."""
     return "model" if count == 1 else "models"
-
-
-def _signed(value: float) -> str:
-    """A value to two decimals with a true minus sign (more where two read ±1)."""
-    return signed(value)
 
 
 def _note(ax: Axes, message: str, *, y: float = 0.5) -> None:

@@ -41,6 +41,8 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -48,7 +50,7 @@ from torch import nn
 
 from sensgen.errors import UserError
 from sensgen.metrics._functional import UnhookedActivations
-from sensgen.metrics._inputs import check_mlp_width, is_plain_mlp
+from sensgen.metrics._inputs import check_mlp_width, is_plain_mlp, unwrap_parallel
 from sensgen.metrics._mode import require_eval_mode
 from sensgen.models import MLP, Nonlinearity
 
@@ -138,6 +140,7 @@ def hidden_preactivations(
         UserError: if a non-MLP module has no activation module, calls an activation
             function outside one, or has dropout or batch norm in train mode.
     """
+    model = unwrap_parallel(model)  # (DataParallel's own forward would hide the hooks)
     if is_plain_mlp(model):
         check_mlp_width(model, x, "x")
         return _mlp_preactivations(model, x, n_layers)
@@ -206,27 +209,42 @@ def _hooked_preactivations(
             f"be read. Does it use functional activations (F.relu, torch.tanh)? Wrap them in "
             f"nn modules: one of {_SUPPORTED}."
         )
-    spy = UnhookedActivations()
+    structure = tuple(map(id, model.modules()))
+    spy = UnhookedActivations(x) if _CHECKED.get(model) != structure else None
 
     def enter(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        spy.inside += 1
+        if spy is not None:
+            spy.inside += 1
         record(module, args)
 
     def leave(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        spy.inside -= 1
+        if spy is not None:
+            spy.inside -= 1
 
     handles = [m.register_forward_pre_hook(enter) for m in activations]
     handles += [m.register_forward_hook(leave) for m in activations]
+    complete = False
     try:
-        with spy:
+        with spy or contextlib.nullcontext():
             model(x)
+        complete = True
     except _EnoughLayers:
         pass  # (what the layers not asked for call does not matter: they did not run)
     finally:
         for handle in handles:
             handle.remove()
-    spy.refuse(model, _SUPPORTED)
+    if spy is not None:
+        spy.refuse(model, _SUPPORTED)
+        if complete:  # checked whole: its later calls (chunks, layers) run without the spy
+            _CHECKED[model] = structure
     return records
+
+
+# Modules whose whole forward pass the spy has found clean, with their modules' identities
+# then: the spy costs a third of a small module's forward, and exact transitions call it per
+# layer and per chunk. (A forward whose control flow depends on the input could make a
+# hidden layer only for other inputs: the first call's input is the one checked.)
+_CHECKED: weakref.WeakKeyDictionary[nn.Module, tuple[int, ...]] = weakref.WeakKeyDictionary()
 
 
 def _refuse_uncoded_activations(model: nn.Module) -> None:

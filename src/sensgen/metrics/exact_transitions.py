@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from sensgen.errors import UserError
-from sensgen.metrics._inputs import check_chunk_size, is_plain_mlp
+from sensgen.metrics._inputs import check_chunk_size, is_plain_mlp, unwrap_parallel
 from sensgen.metrics._mode import require_eval_mode
 from sensgen.metrics.codes import (
     BREAKPOINTS,
@@ -85,6 +85,7 @@ def transition_details(
     """
     path = check_path(path)
     chunk_size = check_chunk_size(chunk_size)
+    model = unwrap_parallel(model)
     require_eval_mode(model, "transitions")
     net = _float64(model)
     polygon = _Polygon(like_model(net, path), closed)

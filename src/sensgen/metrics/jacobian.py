@@ -146,13 +146,13 @@ def jacobian_norms(
         with torch.no_grad():
             logits, gram = gram_fn(chunk)
         if Output.SOFTMAX in wanted:
-            _check_logits(model, logits)
+            check_logits(model, logits)
         for o in wanted:
             parts[o].append(_contract(logits, gram, o))
     return {o: torch.cat(p) for o, p in parts.items()}
 
 
-def _check_logits(model: nn.Module, logits: torch.Tensor) -> None:
+def check_logits(model: nn.Module, logits: torch.Tensor) -> None:
     """UserError if the softmax of `logits` [B, C] cannot be what the caller meant."""
     name = type(model).__name__
     if logits.shape[-1] == 1:
@@ -184,7 +184,7 @@ def softmax_jacobian_factor(logits: torch.Tensor) -> torch.Tensor:
         float64 [B, C, C]. The diagonal uses 1 − p_i = Σ_{j≠i} p_j, so S_yy stays
         accurate when p_y is within float32 rounding of 1.
     """
-    p = _probabilities(logits)  # [B, C]
+    p = probabilities(logits)  # [B, C]
     eye = torch.eye(p.shape[-1], dtype=torch.bool, device=p.device)
     others = p.unsqueeze(-2).masked_fill(eye, 0.0).sum(dim=-1)  # [B, C]: Σ_{j≠i} p_j
     s = -p.unsqueeze(-1) * p.unsqueeze(-2)  # [B, C, C]
@@ -192,7 +192,7 @@ def softmax_jacobian_factor(logits: torch.Tensor) -> torch.Tensor:
     return s
 
 
-def _probabilities(logits: torch.Tensor) -> torch.Tensor:
+def probabilities(logits: torch.Tensor) -> torch.Tensor:
     """p = softmax(z) in float64, max-shifted: [B, C]."""
     z = logits.to(torch.float64)
     return torch.softmax(z - z.amax(dim=-1, keepdim=True), dim=-1)
@@ -247,7 +247,7 @@ def _autodiff_logit_gram(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tenso
     def logits_of_one(xi: torch.Tensor) -> torch.Tensor:
         return functional_call(model, (params, buffers), (xi.unsqueeze(0),)).squeeze(0)
 
-    logits = _check_output(model, functional_call(model, (params, buffers), (x,)))
+    logits = check_output(model, functional_call(model, (params, buffers), (x,)))
     try:
         jz = vmap(jacrev(logits_of_one))(x).flatten(start_dim=2)  # [B, C, d]
     except RuntimeError as error:
@@ -262,7 +262,7 @@ def _autodiff_logit_gram(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tenso
     return logits, jz @ jz.transpose(1, 2)
 
 
-def _check_output(model: nn.Module, logits: object) -> torch.Tensor:
+def check_output(model: nn.Module, logits: object) -> torch.Tensor:
     """The model's output if it is logits [B, C], else a UserError saying what it was."""
     if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
         got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__

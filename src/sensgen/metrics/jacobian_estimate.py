@@ -13,7 +13,7 @@ from torch.func import functional_call, vjp
 from sensgen.errors import parse_choice
 from sensgen.metrics._inputs import as_batch, unwrap_parallel
 from sensgen.metrics._mode import require_eval_mode
-from sensgen.metrics.jacobian import Output, _check_output, _probabilities
+from sensgen.metrics.jacobian import Output, check_logits, check_output, probabilities
 from sensgen.metrics.trajectories import check_count
 
 
@@ -63,7 +63,9 @@ def jacobian_norm_estimate(
     params = {name: p.detach() for name, p in model.named_parameters()}
     buffers = {name: b.detach() for name, b in model.named_buffers()}
     logits, pullback = vjp(lambda v: functional_call(model, (params, buffers), (v,)), x)
-    _check_output(model, logits)
+    check_output(model, logits)
+    if how is Output.SOFTMAX:
+        check_logits(model, logits.detach())
     total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
     for _ in range(n_projections):
         v = torch.randn(logits.shape, generator=generator, dtype=torch.float64)
@@ -84,7 +86,7 @@ def softmax_jacobian_times(logits: torch.Tensor, v: torch.Tensor) -> torch.Tenso
     other class (p_i ≤ ½) as the total less its own term, which then cancels nothing
     large. So S v keeps its accuracy at confident points, as S itself does.
     """
-    p = _probabilities(logits)  # [B, C]
+    p = probabilities(logits)  # [B, C]
     v = v.to(torch.float64)
     pv = p * v
     others = p.sum(dim=-1, keepdim=True) - p  # o_i, accurate for p_i ≤ ½
