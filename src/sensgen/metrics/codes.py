@@ -28,8 +28,9 @@ piecewise linear — the last three with the one breakpoint 0 — and the sign-c
 nn.Sigmoid, nn.ELU): the *input* of each call is a hidden layer's pre-activation, in call
 order. Any other activation module of torch (nn.GELU, nn.SiLU, nn.Softplus, ...) is
 refused by name: its layer would be left out of the code without a word. (A softmax-family
-module is the readout, not a hidden layer.) So is an activation *function* (``F.relu``,
-``torch.tanh``, ...) called while no activation module runs (`sensgen.metrics._functional`).
+module is the readout, not a hidden layer.) So is a hidden layer made by an activation
+*function* (``F.relu``, ``torch.tanh``, ...) while no activation module runs: on something
+that depends on the input, feeding a later linear map (`sensgen.metrics._functional`).
 
 Example:
     >>> import torch
