@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, field_validator
@@ -123,30 +122,3 @@ def _is_number(text: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def _toml_string(text: str) -> str:
-    """A TOML basic string. Not json.dumps(text) alone: it writes a character beyond
-    U+FFFF (an emoji in a description) as a surrogate pair, which TOML refuses, so the
-    study directory's study.toml could not be read back; TOML also wants DEL escaped."""
-    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
-
-
-def _toml_key(key: str) -> str:
-    """A bare key where TOML allows one, else quoted ("0.5" bare would be a dotted key)."""
-    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _toml_string(key)
-
-
-def toml_value(value: Any) -> str:
-    """A study value as TOML (None is "full"), for DIR/study.toml (`sensgen.study`)."""
-    if value is None:  # only batch_size and train_subset take None, spelled "full"
-        return _toml_string(FULL)
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{_toml_key(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
-    if isinstance(value, int | float):
-        return repr(value)
-    return _toml_string(str(value))

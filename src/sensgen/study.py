@@ -40,7 +40,7 @@ from sensgen.errors import UserError
 from sensgen.planner import Pack, PlannedSpec, check_plan_size, expand, plan_packs
 from sensgen.sampling import check_sample_axes, check_sample_draws, draw_samples, seed_draws
 from sensgen.schema import STUDY_FILE
-from sensgen.spec import FULL, SPEC_SCHEMA, RunSpec, toml_value
+from sensgen.spec import FULL, SPEC_SCHEMA, RunSpec
 from sensgen.study_tables import (
     PAIR_FACTORS,
     Execution,
@@ -50,6 +50,7 @@ from sensgen.study_tables import (
     Sampling,
     check_pairing,
 )
+from sensgen.study_toml import study_toml
 
 __all__ = [
     "FULL",
@@ -117,11 +118,8 @@ class Study(BaseModel):
 
     def to_toml(self) -> str:
         """The study as TOML, defaults resolved into `[base]` (written to DIR/study.toml)."""
-        base = {**RunSpec().model_dump(mode="json"), **self.base}
-        lines = [f"{k} = {toml_value(getattr(self, k))}" for k in ("name", "description")]
-        lines.append(f"scale = {toml_value(self.scale)}")
         tables = {
-            "base": base,
+            "base": {**RunSpec().model_dump(mode="json"), **self.base},
             "grid": self.grid,
             "sample": self.sample.model_dump() if self.sample else None,
             "pairs": self.pairs.model_dump() if self.pairs else None,
@@ -129,16 +127,8 @@ class Study(BaseModel):
             "measure": self.measure.model_dump(),
             "execution": self.execution.model_dump(),
         }
-        for table, entries in tables.items():
-            if entries is None:
-                continue
-            lines += ["", f"[{table}]"]
-            lines += [f"{k} = {toml_value(v)}" for k, v in entries.items() if v is not None]
-        if self.scale != "default":
-            # The scale's overrides are already in the tables above; an empty table keeps
-            # the name loadable without applying them twice (after later --set values).
-            lines += ["", f"[scales.{toml_value(self.scale)}]"]
-        return "\n".join(lines) + "\n"
+        top = {"name": self.name, "description": self.description, "scale": self.scale}
+        return study_toml(top, tables)
 
 
 # ---- loading ----------------------------------------------------------------------------
