@@ -250,3 +250,49 @@ def test_activation_functions_that_make_no_hidden_layer_are_allowed():
     net = _NotHidden()
     x = torch.randn(6, 3, generator=torch.Generator().manual_seed(7))
     assert torch.equal(activation_codes(net, x), piece_index(net.fc1(x), (0.0,)))
+
+
+class _Written(nn.Module):
+    """fc1, nn.ReLU, fc2, then layer 2 made by a function in one of the ways no returned
+    value shows: written into a buffer's slice, in place on a slice, in place under a view
+    taken before, or summed into the output (a readout that is no Linear)."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+        self.act, self.how = nn.ReLU(), how
+
+    def forward(self, x):
+        a = self.fc2(self.act(self.fc1(x)))
+        if self.how == "setitem":
+            h = torch.empty_like(a)
+            h[:, :2], h[:, 2:] = F.relu(a[:, :2]), torch.tanh(a[:, 2:])
+            return self.fc3(h)
+        if self.how == "in place on a slice":
+            F.relu(a[:, :2], inplace=True)
+            return self.fc3(a)
+        if self.how == "in place under a view":
+            flat = a.view(len(a), -1)
+            a.relu_()
+            return self.fc3(flat)
+        return F.relu(a).sum(-1, keepdim=True)  # f = Σ_j relu(a_j): still a hidden layer
+
+
+@pytest.mark.parametrize(
+    "how", ["setitem", "in place on a slice", "in place under a view", "sum readout"]
+)
+def test_a_function_made_layer_is_found_through_writes_views_and_reductions(how):
+    # Found by a review: the layer was missing from the code (4 units instead of 8).
+    with pytest.raises(UserError, match="makes a hidden layer with"):
+        activation_codes(_Written(how), torch.randn(5, 3))
+
+
+def test_a_module_is_checked_at_every_public_call():
+    # One clean call does not excuse the next: a module may change between calls.
+    net = _Hidden(nn.ReLU())
+    x = torch.randn(5, 3)
+    activation_codes(net, x)
+    del net.call  # (a submodule: replaced by a function)
+    net.call = F.relu
+    with pytest.raises(UserError, match=r"with F\.relu outside"):
+        activation_codes(net, x)

@@ -129,6 +129,10 @@ def test_sample_draws_that_can_only_coincide_are_refused(tmp_path):
     # A --set that fixes the last axis of a [sample] with axes asks for one configuration.
     sampled = _write(tmp_path, TINY + "[sample]\nn = 5\nlr = [0.1, 0.2]\n", "sampled.toml")
     assert {s.lr for s in study.load(sampled, {"lr": "0.3"}).specs()} == {0.3}
+    # A --set that adds the seed axis to an axis-less [sample] collapses it just the same.
+    no_seed = _write(tmp_path, TINY.replace("seed = [0, 1]", "") + "[sample]\nn = 5\n", "n.toml")
+    with pytest.raises(UserError, match=r"with --set grid.seed: \[sample\] has no axes"):
+        study.load(no_seed, {"grid.seed": "[0, 1]"})
     # Without a seed axis its draws are n seeds, as documented.
     seeds = study.load(_write(tmp_path, TINY.replace("seed = [0, 1]", "") + "[sample]\nn = 5\n"))
     assert len({s.seed for s in seeds.specs()}) == 5

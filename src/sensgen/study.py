@@ -164,7 +164,7 @@ def load(path_or_preset: str | Path, overrides: Mapping[str, str] | None = None)
     # An error may be in a value given on the command line rather than in the file.
     where = f"{source} with --set {', '.join(sets)}" if sets else source
     study = _validate(_scaled(raw, chosen, sets, source), where)
-    _check_written_draws(raw, chosen, source)
+    _check_draws(raw, chosen, study, where)
     scales = raw.get("scales")
     for name in scales if isinstance(scales, dict) else []:
         if name != chosen or name == "default":
@@ -181,15 +181,17 @@ def _scaled(raw: dict, scale: Any, sets: Mapping[str, Any], source: str) -> dict
     return raw
 
 
-def _check_written_draws(raw: dict, scale: Any, source: str) -> None:
-    """`check_sample_draws` on the study as written (its scale applied, no --set): a --set
-    that fixes the last [sample] axis (``--set width=256``) asks for one configuration."""
+def _check_draws(raw: dict, scale: Any, study: Study, source: str) -> None:
+    """`check_sample_draws` on the study to run, unless a --set fixed the last axis of a
+    [sample] that has axes as written (``--set width=256``: one configuration, as asked)."""
+    if study.sample is None or study.sample.axes():
+        return
     try:
         written = Study.model_validate(_scaled(raw, scale, {}, source))
     except ValidationError:
-        return  # (valid only with its --set values, which _validate has checked)
-    if written.sample is not None:
-        check_sample_draws(written.sample.axes(), written.sample.n, written.grid, source)
+        written = None  # (valid only with its --set values, which _validate has checked)
+    if written is None or written.sample is None or not written.sample.axes():
+        check_sample_draws({}, study.sample.n, study.grid, source)
 
 
 def _check_scale(raw: dict, name: str, source: str) -> None:

@@ -30,7 +30,7 @@ order. Any other activation module of torch (nn.GELU, nn.SiLU, nn.Softplus, ...)
 refused by name: its layer would be left out of the code without a word. (A softmax-family
 module is the readout, not a hidden layer.) So is a hidden layer made by an activation
 *function* (``F.relu``, ``torch.tanh``, ...) while no activation module runs: on something
-that depends on the input, feeding a later linear map (`sensgen.metrics._functional`).
+that depends on the input, its result then used (`sensgen.metrics._functional`).
 
 Example:
     >>> import torch
@@ -43,7 +43,8 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import weakref
+import contextvars
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -210,20 +211,21 @@ def _hooked_preactivations(
             f"be read. Does it use functional activations (F.relu, torch.tanh)? Wrap them in "
             f"nn modules: one of {_SUPPORTED}."
         )
-    structure = tuple(map(id, model.modules()))
-    spy = UnhookedActivations(x) if _CHECKED.get(model) != structure else None
+    checked = _CHECKED_IN_CALL.get()
+    spy = None if checked is not None and id(model) in checked else UnhookedActivations(x)
 
     def enter(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        if spy is not None:
-            spy.inside += 1
+        spy.inside += 1
         record(module, args)
 
     def leave(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        if spy is not None:
-            spy.inside -= 1
+        spy.inside -= 1
 
-    handles = [m.register_forward_pre_hook(enter) for m in activations]
-    handles += [m.register_forward_hook(leave) for m in activations]
+    if spy is None:
+        handles = [m.register_forward_pre_hook(record) for m in activations]
+    else:
+        handles = [m.register_forward_pre_hook(enter) for m in activations]
+        handles += [m.register_forward_hook(leave) for m in activations]
     complete = False
     try:
         with spy or contextlib.nullcontext():
@@ -236,16 +238,33 @@ def _hooked_preactivations(
             handle.remove()
     if spy is not None:
         spy.refuse(model, _SUPPORTED)
-        if complete:  # checked whole: its later calls (chunks, layers) run without the spy
-            _CHECKED[model] = structure
+        if complete and checked is not None:  # the rest of this call's passes skip the spy
+            checked.add(id(model))
     return records
 
 
-# Modules whose whole forward pass the spy has found clean, with their modules' identities
-# then: the spy costs a third of a small module's forward, and exact transitions call it per
-# layer and per chunk. (A forward whose control flow depends on the input could make a
-# hidden layer only for other inputs: the first call's input is the one checked.)
-_CHECKED: weakref.WeakKeyDictionary[nn.Module, tuple[int, ...]] = weakref.WeakKeyDictionary()
+# The modules whose whole forward pass the spy found clean in the current `checked_once`
+# block (their ids: the block holds them alive). The spy costs a third of a small
+# module's forward, and exact transitions, sampled counts and region maps make one pass per
+# layer or chunk: one public call checks a module once. Outside such a block every pass is
+# checked.
+_CHECKED_IN_CALL: contextvars.ContextVar[set[int] | None] = contextvars.ContextVar(
+    "sensgen_checked_in_call", default=None
+)
+
+
+@contextlib.contextmanager
+def checked_once() -> Iterator[None]:
+    """Within the block, a module's activation functions are checked on its first whole
+    forward pass only (`_functional`); blocks nest into the outermost one."""
+    if _CHECKED_IN_CALL.get() is not None:
+        yield
+        return
+    token = _CHECKED_IN_CALL.set(set())
+    try:
+        yield
+    finally:
+        _CHECKED_IN_CALL.reset(token)
 
 
 def _refuse_uncoded_activations(model: nn.Module) -> None:

@@ -44,6 +44,7 @@ from sensgen.metrics._mode import require_eval_mode
 from sensgen.metrics.codes import (
     BREAKPOINTS,
     HiddenLayer,
+    checked_once,
     hidden_preactivations,
     is_piecewise_linear,
 )
@@ -92,7 +93,7 @@ def transition_details(
     size = chunk_size or default_chunk_size(model, path)
     edge, frac = polygon.vertex_knots()
     found = []
-    with torch.no_grad():
+    with torch.no_grad(), checked_once():  # (a user module's functions: on the first pass)
         n_layers = len(hidden_preactivations(net, polygon.points(edge[:1], frac[:1])))
         for layer in range(n_layers):
             crossings = _layer_crossings(net, polygon, edge, frac, layer, size)

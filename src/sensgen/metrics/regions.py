@@ -29,7 +29,7 @@ from torch import nn
 
 from sensgen.errors import UserError
 from sensgen.metrics._inputs import check_chunk_size, check_mlp_width
-from sensgen.metrics.codes import layer_activation_codes
+from sensgen.metrics.codes import checked_once, layer_activation_codes
 from sensgen.metrics.trajectories import PlaneGrid, check_count
 
 # Grid points per forward pass when region_map is not given a chunk size.
@@ -70,7 +70,8 @@ def region_map(
     if param is not None:  # a float64 grid on a float32 model, and vice versa
         points = points.to(dtype=param.dtype, device=param.device)
     chunks = points.split(chunk_size or _CHUNK_POINTS)
-    codes = torch.cat([_layer_codes(model, chunk, layer) for chunk in chunks])  # [R*R, n]
+    with checked_once():  # (a user module's activation functions: on the first chunk)
+        codes = torch.cat([_layer_codes(model, c, layer) for c in chunks])  # [R*R, n]
     _, ids = torch.unique(codes, dim=0, return_inverse=True)
     return ids.reshape(resolution, resolution).to(torch.int64)
 

@@ -34,7 +34,7 @@ from torch import nn
 
 from sensgen.errors import UserError, parse_choice
 from sensgen.metrics._inputs import as_tensor, check_mlp_width
-from sensgen.metrics.codes import activation_codes
+from sensgen.metrics.codes import activation_codes, checked_once
 
 # Elements allowed in one chunk's largest intermediate (points × features or × units).
 _CHUNK_ELEMENTS = 2**22
@@ -63,14 +63,15 @@ def sampled_count(
     """
     metric = parse_choice(CodeDistance, distance or CodeDistance.L1, "distance")
     total, first, last = 0, None, None
-    for chunk in chunks:
-        # [b, U] in int16: int8 differences could overflow
-        codes = activation_codes(model, like_model(model, chunk)).to(torch.int16)
-        if last is not None:
-            codes = torch.cat([last, codes])
-        total += _code_distance(codes[:-1], codes[1:], metric)
-        first = codes[:1] if first is None else first
-        last = codes[-1:]
+    with checked_once():  # (a user module's activation functions: on the first chunk)
+        for chunk in chunks:
+            # [b, U] in int16: int8 differences could overflow
+            codes = activation_codes(model, like_model(model, chunk)).to(torch.int16)
+            if last is not None:
+                codes = torch.cat([last, codes])
+            total += _code_distance(codes[:-1], codes[1:], metric)
+            first = codes[:1] if first is None else first
+            last = codes[-1:]
     if closed and first is not None:
         total += _code_distance(last, first, metric)
     return total
