@@ -195,3 +195,19 @@ def test_the_estimate_refuses_probabilities_too():
         jacobian_norm_estimate(probs, x, n_projections=2, generator=_gen(0))
     logits = jacobian_norm_estimate(probs, x, n_projections=2, generator=_gen(0), output="logits")
     assert logits.shape == (5,) and torch.isfinite(logits).all()
+
+
+def test_closed_must_be_a_boolean_and_anchors_must_not_coincide():
+    # closed="no" is truthy: it closed the path. Three equal anchors gave NaN densities.
+    from sensgen.metrics import transition_profile
+
+    net = MLP(3, 2, width=8, depth=1, generator=_gen(0)).double()
+    path = torch.randn(10, 3, generator=_gen(1), dtype=torch.float64)
+    for method in ("exact", "sampled"):
+        with pytest.raises(UserError, match="closed must be True or False, got 'no'"):
+            transitions(net, path, method=method, closed="no")
+    assert transitions(net, path, closed=False) <= transitions(net, path, closed=True)
+    same = torch.ones(3, dtype=torch.float64)
+    with pytest.raises(UserError, match="x1, x2 and x3 coincide"):
+        transition_profile(net, same, same, same)
+    assert (transition_profile(net, same, same, same, density="per_bin").values == 0).all()

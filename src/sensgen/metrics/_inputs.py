@@ -102,3 +102,11 @@ def check_chunk_size(chunk_size: object) -> int | None:
     if chunk_size < 1:
         raise UserError(f"chunk_size must be a positive integer or None, got {chunk_size}.")
     return int(chunk_size)
+
+
+def check_flag(value: object, name: str) -> bool:
+    """``value`` if it is a boolean (Python's or NumPy's), else a UserError naming ``name``:
+    any object is truthy, so closed="no" would have closed the path."""
+    if type(value).__name__ not in ("bool", "bool_"):
+        raise UserError(f"{name} must be True or False, got {value!r}.")
+    return bool(value)

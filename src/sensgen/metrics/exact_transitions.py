@@ -39,7 +39,12 @@ import torch
 from torch import nn
 
 from sensgen.errors import UserError
-from sensgen.metrics._inputs import check_chunk_size, is_plain_mlp, unwrap_parallel
+from sensgen.metrics._inputs import (
+    check_chunk_size,
+    check_flag,
+    is_plain_mlp,
+    unwrap_parallel,
+)
 from sensgen.metrics._mode import require_eval_mode
 from sensgen.metrics.codes import (
     BREAKPOINTS,
@@ -86,6 +91,7 @@ def transition_details(
     """
     path = check_path(path)
     chunk_size = check_chunk_size(chunk_size)
+    closed = check_flag(closed, "closed")
     model = unwrap_parallel(model)
     require_eval_mode(model, "transitions")
     net = _float64(model)

@@ -289,7 +289,14 @@ def transition_profile(
     angles = crossing_angles(model, x1, x2, x3, sides=check_count(sides, "sides", 3)).cpu()
     counts = bin_by_angle(angles, torch.ones_like(angles), edges, reduce=Reduce.SUM)
     if how is Density.ARC_LENGTH:
-        counts = counts / bin_arc_length(*ellipse_axes(x1, x2, x3), edges).cpu()
+        arc = bin_arc_length(*ellipse_axes(x1, x2, x3), edges).cpu()
+        if not bool((arc > 0).any()):  # (0/0 in every bin: NaN densities, without a word)
+            raise UserError(
+                "x1, x2 and x3 coincide: the ellipse through them is one point, with no arc "
+                "length to divide the counts by. Pass distinct anchors, or "
+                "density='per_bin'."
+            )
+        counts = counts / arc
     elif how is Density.PER_RADIAN:
         counts = counts / (edges[1:] - edges[:-1])
     return Profile(bin_centres=centres, values=counts, angles=angles, per_point=None)

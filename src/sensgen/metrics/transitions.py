@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from sensgen.errors import UserError, parse_choice
-from sensgen.metrics._inputs import check_chunk_size
+from sensgen.metrics._inputs import check_chunk_size, check_flag
 from sensgen.metrics.ellipse_transitions import (
     PolygonCount,
     crossing_angles,
@@ -100,6 +100,7 @@ def transitions(
             (`sensgen.metrics.codes.hidden_preactivations`).
     """
     method = parse_choice(TransitionMethod, method, "method")
+    closed = check_flag(closed, "closed")
     if method is TransitionMethod.EXACT:
         if distance is not None:
             raise UserError("distance applies to method='sampled' only; leave it unset.")
