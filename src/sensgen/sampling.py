@@ -131,13 +131,11 @@ def check_sample_axes(
             _check_sample_axis(key, axis, source)
 
 
-def check_sample_draws(
-    sample_axes: Mapping[str, Any], n: int, grid: Mapping[str, Any], source: str
-) -> None:
-    """Refuse a `[sample]` whose n draws are all one configuration: no axes, while a
-    [grid] seed axis sets the seed each draw would otherwise get (`seed_draws`). The
-    draws collapsed into one run per grid point, without a word."""
-    if not sample_axes and "seed" in grid and n > 1:
+def check_sample_draws(n: int, grid: Mapping[str, Any], source: str) -> None:
+    """Refuse the n draws of a `[sample]` with no axes (the caller's to check) when a
+    [grid] seed axis sets the seed each draw would otherwise get (`seed_draws`): they are
+    all one configuration, which collapsed into one run per grid point without a word."""
+    if "seed" in grid and n > 1:
         raise UserError(
             f"{source}: [sample] has no axes (only n = {n} and its seed), and grid.seed "
             "sets every run's seed, so its draws are all one configuration. Add the axes to "

@@ -191,7 +191,7 @@ def _check_draws(raw: dict, scale: Any, study: Study, source: str) -> None:
     except ValidationError:
         written = None  # (valid only with its --set values, which _validate has checked)
     if written is None or written.sample is None or not written.sample.axes():
-        check_sample_draws({}, study.sample.n, study.grid, source)
+        check_sample_draws(study.sample.n, study.grid, source)
 
 
 def _check_scale(raw: dict, name: str, source: str) -> None:

@@ -39,7 +39,13 @@ from matplotlib.figure import Figure
 
 from sensgen.analysis.numbers import signed
 from sensgen.analysis.plotting import bottom_legend, legend_handles, log_ticks, panel_figure
-from sensgen.analysis.tables import column, dataset_labels, done_runs, rank_correlation
+from sensgen.analysis.tables import (
+    column,
+    dataset_labels,
+    done_runs,
+    rank_correlation,
+    undefined_parts,
+)
 
 GAP_LABEL = "generalization gap (train acc − test acc)"
 # Two lines: on one, the label is wider than a single panel and is cut off at its edge.
@@ -177,9 +183,8 @@ def _panel_title(name: str, x: np.ndarray, y: np.ndarray, x_short: str = "x") ->
     result = rank_correlation(x, y)
     rho = signed(result.spearman_rho)
     if math.isnan(result.spearman_rho):  # why, in a few words (the table's note says more)
-        keep = np.isfinite(x) & np.isfinite(y)
-        constant = [k for k, v in ((x_short, x[keep]), ("gap", y[keep])) if np.ptp(v) == 0]
-        why = "needs ≥ 3 models" if result.n < 3 else f"{' and '.join(constant)} constant"
+        n, constant = undefined_parts(x, y, x_short, "gap")
+        why = "needs ≥ 3 models" if n < 3 else f"{' and '.join(constant)} constant"
         rho = f"n/a ({why})"
     return f"{name}\nSpearman ρ = {rho}, n = {result.n}"
 

@@ -173,14 +173,23 @@ def undefined_reason(x: np.ndarray, y: np.ndarray, x_name: str, y_name: str) -> 
         >>> undefined_reason(np.ones(4), np.arange(4.0), "Jbar", "gap")
         'Jbar is the same for all 4 models'
     """
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    keep = np.isfinite(x) & np.isfinite(y)
-    n = int(keep.sum())
+    n, same = undefined_parts(x, y, x_name, y_name)
     if n < 3:
         return f"needs 3 models with both values, has {n}"
-    same = [name for name, v in ((x_name, x[keep]), (y_name, y[keep])) if np.ptp(v) == 0]
     verb = "is" if len(same) == 1 else "are"
     return f"{' and '.join(same)} {verb} the same for all {n} models" if same else ""
+
+
+def undefined_parts(
+    x: np.ndarray, y: np.ndarray, x_name: str, y_name: str
+) -> tuple[int, list[str]]:
+    """(n, the names of the columns constant over them): n counts the models with both
+    values finite, the ones `rank_correlation` ranks; its ρ is undefined when n < 3 or a
+    column is constant. The reasons `undefined_reason` and the figures' titles give."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    keep = np.isfinite(x) & np.isfinite(y)
+    same = [name for name, v in ((x_name, x[keep]), (y_name, y[keep])) if v.size and np.ptp(v) == 0]
+    return int(keep.sum()), same
 
 
 def correlation_summary(runs: pd.DataFrame) -> pd.DataFrame:
