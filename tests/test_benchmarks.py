@@ -196,3 +196,34 @@ def test_the_profile_shows_the_step_s_products():
     assert calls["aten::baddbmm"] == str(6 * len(blocks))
     assert calls["aten::bmm"] == str(2 * len(blocks))
     assert "wall time under the profiler" in out
+
+
+def test_the_block_size_benchmark_times_halvings_down_to_two_models(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import block_sizes
+
+    assert block_sizes.layouts(32) == {
+        "1 × 32": [32], "2 × 16": [16] * 2, "4 × 8": [8] * 4, "8 × 4": [4] * 8, "16 × 2": [2] * 16
+    }  # fmt: skip
+    assert block_sizes.layouts(6) == {"1 × 6": [6], "2 × 3": [3, 3]}  # (3 // 2 = 1: stop)
+
+
+@pytest.mark.slow
+@needs_fashion_mnist
+def test_the_block_size_benchmark_runs_and_marks_the_chosen_layout(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import block_sizes
+
+    block_sizes.main(["--quick"])
+    out = capsys.readouterr().out
+    assert "reference pack in cache blocks: 32 × 784-256-256-10" in out
+    rows = re.findall(r"^  (\d+ × \d+)(  \(chosen\))?\s+[\d.]+ s  ([\d.]+)x against", out, re.M)
+    assert [r[0] for r in rows] == ["1 × 32", "2 × 16", "4 × 8", "8 × 4", "16 × 2"]
+    chosen = cache_blocks(
+        PackShape(784, 10, 256, 2, Nonlinearity.RELU, OptimizerName.MOMENTUM, 128, 1, 1, False),
+        32,
+        torch.device("cpu"),
+    )
+    marked = [name for name, mark, _ in rows if mark]
+    assert marked == [f"{len(chosen)} × {chosen[0]}"]
+    assert [ratio for _, mark, ratio in rows if mark] == ["1.00"]  # against itself
