@@ -450,6 +450,26 @@ def test_checksum_mismatch_in_cache_is_an_error_not_a_download(server, cache, mo
     assert len(server.requests) == 4
 
 
+def test_a_folder_where_a_file_should_be_is_named_not_downloaded_onto(
+    server, cache, monkeypatch, capsys
+):
+    # It was called missing: `fetch` downloaded the file, then failed renaming it onto the
+    # folder with an error that named only its temporary file, gone by then.
+    tiny = make_mnist(server.root)
+    monkeypatch.setitem(
+        _registry.REGISTRY, "mnist", tiny_spec("mnist", tiny.folder, mirrors=(server.url,))
+    )
+    in_the_way = cache / "mnist" / IDX[1]
+    in_the_way.mkdir(parents=True)
+    assert cli("datasets", "fetch", "mnist") == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"file {in_the_way} failed verification (a folder, not a file)" in err
+    assert f"Fix: delete {in_the_way} and run `sensgen datasets fetch mnist`" in err
+    assert ".part" not in err and server.requests == []
+    report = data.verify("mnist")
+    assert report.files[1].state == "damaged" and report.files[1].present
+
+
 def test_verify_reports_per_file_and_never_raises(server, cache, monkeypatch):
     tiny = make_mnist(server.root)
     monkeypatch.setitem(

@@ -117,7 +117,12 @@ def _check_file(
     # not look at, which would call a permission problem a missing file.
     problem = None
     try:
-        present = stat.S_ISREG(path.stat().st_mode)
+        mode = path.stat().st_mode
+        present = True
+        # A folder (or other non-file) under the file's name is in the way, not missing: a
+        # download would fail renaming onto it, with an error naming only its temporary file.
+        if not stat.S_ISREG(mode):
+            problem = "a folder, not a file" if stat.S_ISDIR(mode) else "not a regular file"
     except (FileNotFoundError, NotADirectoryError):
         present = False
     except PermissionError:  # looking needs search permission on every folder above it
