@@ -118,6 +118,14 @@ def test_unreadable_study_files_are_user_errors(tmp_path):
         study.load(latin1)
 
 
+def test_a_byte_order_mark_is_not_a_toml_error(tmp_path):
+    # A UTF-8 file saved with a BOM (Windows editors) was refused as "not valid TOML
+    # (Invalid statement (at line 1, column 1))", an error nothing visible explains.
+    path = tmp_path / "bom.toml"
+    path.write_bytes("\ufeff".encode() + TINY.encode())
+    assert study.load(path).specs() == study.load(_write(tmp_path, TINY)).specs()
+
+
 def test_overrides(tmp_path):
     path = _write(tmp_path, TINY)
     s = study.load(path, {"width": "32", "grid.seed": "[0, 1, 2]", "execution.pack_size": "2"})

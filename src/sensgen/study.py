@@ -229,7 +229,9 @@ def _read_study_text(path_or_preset: str | Path) -> tuple[str, str]:
         if not path.is_file():
             raise UserError(f"Study file {path} {_not_a_file(path)}")
         try:
-            return str(path), path.read_text(encoding="utf-8")
+            # utf-8-sig: Windows editors (Notepad, PowerShell's Out-File) start UTF-8 with a
+            # byte-order mark, which tomllib calls an "Invalid statement" at line 1, column 1.
+            return str(path), path.read_text(encoding="utf-8-sig")
         except (OSError, UnicodeDecodeError) as err:
             raise UserError(
                 f"Study file {path} cannot be read as UTF-8 text ({err}). Pass a readable "
