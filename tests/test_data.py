@@ -720,6 +720,26 @@ def test_truncated_cifar_archive_names_the_file(tmp_path, cache, monkeypatch):
         data.load("cifar10", split="train", root=folder)
 
 
+def test_a_cifar_batch_without_its_label_key_is_not_called_a_missing_member(
+    tmp_path, cache, monkeypatch
+):
+    # It said "archive member b'labels' is missing", a dict key named as an archive member.
+    folder = tmp_path / "root"
+    folder.mkdir()
+    with tarfile.open(folder / "cifar-10-python.tar.gz", "w:gz") as tar:
+        for member in [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"]:
+            payload = pickle.dumps({b"data": np.zeros((4, 3072), np.uint8)}, protocol=2)
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{member}")
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    monkeypatch.setitem(_registry.REGISTRY, "cifar10", tiny_spec("cifar10", folder))
+    with pytest.raises(UserError) as err:
+        data.load("cifar10", split="train", root=folder)
+    message = str(err.value)
+    assert "cifar-10-batches-py/data_batch_1: the batch has no key b'labels'" in message
+    assert "archive member" not in message and str(folder) in message
+
+
 def test_unknown_name_and_split():
     with pytest.raises(UserError, match=r"Unknown dataset 'mnsit'.*cifar10.*mnist_sample"):
         data.load("mnsit", split="train")

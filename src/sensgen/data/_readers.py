@@ -139,8 +139,10 @@ def _read_batch(tar: tarfile.TarFile, member: str, label_key: bytes) -> RawSplit
         raise KeyError(member)
     with f:
         batch = _NumpyOnlyUnpickler(io.BytesIO(f.read()), encoding="bytes").load()
-    x = np.asarray(batch[b"data"])
-    y = np.asarray(batch[label_key], dtype=np.int64)
+    try:
+        x, y = np.asarray(batch[b"data"]), np.asarray(batch[label_key], dtype=np.int64)
+    except KeyError as e:  # a key of the batch's dict, not a missing archive member
+        raise ValueError(f"{member}: the batch has no key {e}") from None
     if x.dtype != np.uint8 or x.ndim != 2 or y.shape != (x.shape[0],):
         raise ValueError(f"{member}: data {x.dtype} {x.shape} and labels {y.shape} disagree")
     return RawSplit(x, y)
