@@ -8,6 +8,8 @@ from sensgen.cli import main
 from sensgen.errors import UserError
 from sensgen.geometry import (
     PATH_KINDS,
+    anchor_problem,
+    different_class_anchor_indices,
     measure_profiles,
     measure_regions,
     profile_anchors,
@@ -224,3 +226,25 @@ def test_bad_geometry_settings_exit_2_naming_the_field(key, value, message, tmp_
     assert info.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "x" / "results.db").exists()
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [[0, 1], [0, 0, 1, 1, 2], [0, 0, 0, 1, 1], [0, 1, 2], [0, 1, 2, 2, 2], [5]],
+)
+def test_anchor_problem_agrees_with_the_anchors_it_checks_for(labels):
+    # `sensgen run` refuses a study by anchor_problem before training: it must refuse
+    # exactly what the anchor draws after training would fail on.
+    y = torch.tensor(labels)
+    config = Measurements(profile_ellipses=2, region_planes=1)
+    problem = anchor_problem(y, config)
+    try:
+        different_class_anchor_indices(y, 1, seed=0)
+        same_class_anchor_indices(y, 1, seed=0)
+    except UserError:
+        assert problem is not None
+    else:
+        assert problem is None
+    only_planes = anchor_problem(y, Measurements(region_planes=1))
+    assert (only_planes is None) == (len(set(labels)) >= 3)
+    assert anchor_problem(y, Measurements()) is None

@@ -262,6 +262,37 @@ def test_a_missing_dataset_leaves_no_study_directory_behind(tmp_path, monkeypatc
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (
+            ["train_subset=2", "measure.region_planes=1"],
+            "measure.region_planes = 1 needs three training points of different classes, "
+            "but the training points hold 2 classes",
+        ),
+        (
+            ["train_subset=3", "measure.profile_ellipses=2"],
+            "(for its same-class ellipses) a class with three training points, but no class "
+            "has more than 1",
+        ),
+    ],
+    ids=["planes", "same-class"],
+)
+def test_anchors_a_training_subset_cannot_give_exit_2_before_training(
+    tiny, tmp_path, capsys, sets, message
+):
+    # Measured after training, each run failed (its model lost) with a message about test
+    # points and transition_ellipses, exit 0, and every new `run` trained it again.
+    out = tmp_path / "out"
+    args = [x for s in [*sets, "grid.width=[8]", "grid.depth=[1]", "batch_size=1"]
+            for x in ("--set", s)]  # fmt: skip
+    assert _cli("run", str(tiny), "--out", str(out), "--no-progress", *args) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert message in err and f"Runs on 'digits' with {sets[0].replace('=', ' = ')}" in err
+    assert "Fix: use a larger train_subset" in err and "Traceback" not in err
+    assert not out.exists()
+
+
 def test_console_script_exit_codes(tmp_path):
     """The installed `sensgen` entry point, as a user runs it."""
     script = [sys.executable, "-m", "sensgen.cli"]

@@ -103,6 +103,34 @@ def same_class_anchor_indices(labels: torch.Tensor, n: int, *, seed: int) -> tor
     return torch.stack(rows) if rows else torch.empty(0, 3, dtype=torch.int64)
 
 
+def anchor_problem(y_train: torch.Tensor, config: Measurements) -> str | None:
+    """Why the true labels `y_train` of a training subset cannot give the anchors that
+    `config` asks for (profile ellipses, region planes), naming the fields; None if they can.
+
+    The same rules as `different_class_anchor_indices` and `same_class_anchor_indices`, so
+    that `sensgen run` refuses such a study before training (a run measured after training
+    failed, its model lost, and was trained again, to fail again, by every new `run`).
+    """
+    asks = {"profile_ellipses": config.profile_ellipses, "region_planes": config.region_planes}
+    fields = " and ".join(f"measure.{k} = {v}" for k, v in asks.items() if v)
+    if not fields:
+        return None
+    classes, counts = y_train.detach().cpu().unique(return_counts=True)
+    if len(classes) < 3:
+        return (
+            f"{fields} need{'s' * (' and ' not in fields)} three training points of "
+            f"different classes, but the training points hold {len(classes)} "
+            f"class{'es' * (len(classes) != 1)}"
+        )
+    if config.profile_ellipses and int(counts.max()) < 3:
+        return (
+            f"measure.profile_ellipses = {config.profile_ellipses} needs (for its same-class "
+            f"ellipses) a class with three training points, but no class has more than "
+            f"{int(counts.max())}"
+        )
+    return None
+
+
 def profile_anchors(
     x_train: torch.Tensor, y_train: torch.Tensor, n: int, *, seed: int
 ) -> dict[str, torch.Tensor]:

@@ -38,7 +38,8 @@ from sensgen import study as study_module
 from sensgen.artifacts import FOLDERS
 from sensgen.driver import driver_lock, remove_dead_temporaries
 from sensgen.errors import UserError
-from sensgen.execute import execute_or_fail
+from sensgen.execute import execute_or_fail, training_subset
+from sensgen.geometry import anchor_problem
 from sensgen.repair import (
     check_same_measurements,
     damaged_packs,
@@ -143,6 +144,7 @@ def run(
         )
     if new:  # a missing dataset leaves no empty study directory behind
         _preflight({s.dataset for s in specs})
+        _check_anchors(specs, study.measure)
     with Store.open(out) as store, driver_lock(out, workers or 1) as record_workers:
         remove_dead_temporaries(out)
         stored = store.runs()  # as found: read once for the checks below
@@ -159,6 +161,7 @@ def run(
         # only the runs not yet in a final status (or to train again) will need their data.
         if not new:
             _preflight({s.dataset for s in specs if s.run_id not in finished})
+            _check_anchors([s for s in specs if s.run_id not in finished], study.measure)
         requeue_damaged(store, damaged, console)
         retry_failed(store, failed, console)
         write_study_file(out, study)
@@ -299,6 +302,24 @@ def _preflight(datasets: set[str]) -> None:
     for name in sorted(datasets):
         data.load(name, split="train")
         data.load(name, split="test")
+
+
+def _check_anchors(specs: Sequence[RunSpec], measure: Measurements) -> None:
+    """Refuse profile ellipses or region planes that a run's training subset cannot anchor
+    (too few classes, or no class with three points), before anything is trained: measured
+    after training, each such run failed with its model lost, and every `run` retried it."""
+    if not (measure.profile_ellipses or measure.region_planes):
+        return
+    for name, size in sorted({(s.dataset, s.train_subset) for s in specs}, key=str):
+        train = data.load(name, split="train")
+        subset = training_subset(name, len(train), size)
+        problem = anchor_problem(train.y if subset is None else train.y[subset], measure)
+        if problem is not None:
+            subset_text = "full" if size is None else size
+            raise UserError(
+                f"Runs on {name!r} with train_subset = {subset_text}: {problem}. Fix: use a "
+                "larger train_subset, or set those [measure] fields to 0. Nothing was trained."
+            )
 
 
 def _counts(store: Store, run_ids: set[str]) -> dict[str, int]:
