@@ -248,6 +248,20 @@ def test_download_404_names_the_url(server, cache, monkeypatch):
     assert str(pickle.loads(pickle.dumps(err.value))) == message  # as from a worker process
 
 
+def test_a_failed_download_from_sensgen_mirror_names_the_variable(cache, monkeypatch):
+    # A value without its scheme failed as "unknown url type", and the fix said only to
+    # check the network: nothing said the URLs were the environment variable's.
+    monkeypatch.setenv("SENSGEN_MIRROR", "127.0.0.1:9")
+    with pytest.raises(UserError) as err:
+        data.fetch("mnist")
+    message = str(err.value)
+    assert f"tried 127.0.0.1:9/{IDX[0]} (unknown url type" in message
+    assert "Fix: check SENSGEN_MIRROR (set to '127.0.0.1:9'), which gave these URLs" in message
+    with pytest.raises(UserError) as err:  # a mirror= argument is no environment's
+        data.fetch("mnist", mirror="127.0.0.1:9")
+    assert "check SENSGEN_MIRROR (set to" not in str(err.value)
+
+
 def test_downloaded_file_with_wrong_checksum_is_discarded(server, cache, monkeypatch):
     tiny = make_mnist(server.root)
     spec = tiny_spec("mnist", tiny.folder, mirrors=(server.url,))

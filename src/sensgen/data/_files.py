@@ -285,7 +285,7 @@ def fetch(spec: DatasetSpec, root: str | Path | None = None, mirror: str | None 
                 urls = [f"{base.rstrip('/')}/{f.name}" for base in mirrors(spec, mirror)]
                 download(urls, report.path, f.checksums, name=spec.name)
     except DownloadError as e:
-        raise _download_failed(spec, e, others) from None
+        raise _download_failed(spec, e, others, from_env=mirror is None) from None
     for bad in _bad_files(others):
         log.warning("%s, so a verified copy was downloaded to %s", describe(bad), dest)
     return dest
@@ -296,19 +296,23 @@ def _bad_files(reports: list[VerifyReport]) -> list[FileReport]:
 
 
 def _download_failed(
-    spec: DatasetSpec, error: DownloadError, others: list[VerifyReport]
+    spec: DatasetSpec, error: DownloadError, others: list[VerifyReport], *, from_env: bool
 ) -> UserError:
     """The download error, led by what is wrong with the other copies and their fixes:
-    offline, those are the only fixes that work."""
+    offline, those are the only fixes that work. URLs that $SENSGEN_MIRROR made are said to
+    be its (a stale or scheme-less value read as "check the network")."""
+    env = os.environ.get(MIRROR_ENV) if from_env else None
+    fixes = [f"check {MIRROR_ENV} (set to {env!r}), which gave these URLs"] if env else []
     bad = _bad_files(others)
     if bad:
         lead = "; ".join(describe(f) for f in bad) + ", so that copy is not used, and sensgen "
         packaged = bad[0].path.parent in spec.local_dirs() and spec.reinstall_hint
-        return error.with_context(lead, [spec.reinstall_hint if packaged else bad[0].fix or ""])
+        fixes.append(spec.reinstall_hint if packaged else bad[0].fix or "")
+        return error.with_context(lead, fixes)
     packaged = any(r.folder in spec.local_dirs() for r in others)
     if spec.missing_hint and not packaged:
-        return error.with_context("", [spec.missing_hint])
-    return error
+        fixes.append(spec.missing_hint)
+    return error.with_context("", fixes) if fixes else error
 
 
 def _embedded_missing(spec: DatasetSpec, root: str | Path | None) -> UserError:
