@@ -13,6 +13,7 @@ import pytest
 from rich.console import Console
 from safetensors.torch import load_file
 
+from sensgen import data
 from sensgen import study as study_module
 from sensgen.cli import main
 from sensgen.errors import UserError
@@ -166,6 +167,18 @@ def test_a_failure_is_named_at_the_end_of_the_run(tiny, tmp_path, monkeypatch):
     assert "`sensgen run` again trains them again" in text
 
 
+def test_a_failure_that_ends_in_a_full_stop_is_not_given_a_second(tiny, tmp_path, monkeypatch):
+    def refused(specs, **kwargs):
+        raise UserError("set measure.profile_ellipses = 0.")
+
+    monkeypatch.setattr("sensgen.execute.execute_pack", refused)
+    console = Console(record=True, width=200)
+    run(study_module.load(tiny), tmp_path / "o", progress=False, report=False, console=console)
+    text = " ".join(console.export_text().split())
+    assert "measure.profile_ellipses = 0. `sensgen run` again trains them again." in text
+    assert ".." not in text
+
+
 def test_parallel_workers_match_a_serial_run(tiny, tmp_path):
     serial, parallel = tmp_path / "serial", tmp_path / "parallel"
     run(study_module.load(tiny), serial, progress=False, report=False)
@@ -290,6 +303,29 @@ def test_anchors_a_training_subset_cannot_give_exit_2_before_training(
     err = " ".join(capsys.readouterr().err.split())
     assert message in err and f"Runs on 'digits' with {sets[0].replace('=', ' = ')}" in err
     assert "Fix: use a larger train_subset" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_transition_ellipses_a_dataset_s_test_labels_cannot_anchor_exit_2_before_training(
+    tiny, tmp_path, capsys, monkeypatch
+):
+    # A registered two-class dataset: its ellipses need three test classes. Measured after
+    # training, each run failed with its model lost, and every new `run` trained it again.
+    load = data.load
+
+    def two_test_classes(name, *, split, root=None):
+        loaded = load(name, split=split, root=root)
+        if split == "test":
+            loaded.y.remainder_(2)
+        return loaded
+
+    monkeypatch.setattr(data, "load", two_test_classes)
+    out = tmp_path / "out"
+    args = ["--set", "measure.transition_ellipses=1", "--no-progress"]
+    assert _cli("run", str(tiny), "--out", str(out), *args) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "Runs on 'digits': ellipses through three test points of different classes" in err
+    assert "test labels hold 2; set measure.transition_ellipses = 0. Nothing was trained." in err
     assert not out.exists()
 
 

@@ -90,8 +90,9 @@ def say_why_failed(runs: pd.DataFrame, run_ids: set[str], console: Console) -> N
     the database held it)."""
     failed = runs[runs["run_id"].isin(run_ids) & (runs["status"] == Status.FAILED.value)]
     for error, group in failed.groupby("error"):
-        warn(console, f"{runs_of(len(group))} failed: {error}. `sensgen run` again trains them "
-             "again.")  # fmt: skip
+        # (an error's own closing full stop is not doubled)
+        warn(console, f"{runs_of(len(group))} failed: {error.rstrip('.')}. `sensgen run` again "
+             "trains them again.")  # fmt: skip
 
 
 def retry_failed(store: Store, failed: dict[str, str], console: Console) -> None:

@@ -40,6 +40,7 @@ from sensgen.driver import driver_lock, remove_dead_temporaries
 from sensgen.errors import UserError
 from sensgen.execute import execute_or_fail, training_subset
 from sensgen.geometry import anchor_problem
+from sensgen.measure import MEASURE_SEED, ellipse_anchor_indices
 from sensgen.repair import (
     check_same_measurements,
     damaged_packs,
@@ -306,8 +307,16 @@ def _preflight(datasets: set[str]) -> None:
 
 def _check_anchors(specs: Sequence[RunSpec], measure: Measurements) -> None:
     """Refuse profile ellipses or region planes that a run's training subset cannot anchor
-    (too few classes, or no class with three points), before anything is trained: measured
-    after training, each such run failed with its model lost, and every `run` retried it."""
+    (too few classes, or no class with three points), and transition ellipses that a
+    dataset's test labels cannot (fewer than three classes: a registered two-class
+    dataset), before anything is trained: measured after training, each such run failed
+    with its model lost, and every `run` retried it."""
+    if measure.transition_ellipses:
+        for name in sorted({s.dataset for s in specs}):
+            try:  # (the draw itself: its rule, not a copy of it)
+                ellipse_anchor_indices(data.load(name, split="test").y, 1, seed=MEASURE_SEED)
+            except UserError as err:
+                raise UserError(f"Runs on {name!r}: {err} Nothing was trained.") from None
     if not (measure.profile_ellipses or measure.region_planes):
         return
     for name, size in sorted({(s.dataset, s.train_subset) for s in specs}, key=str):
