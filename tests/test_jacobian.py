@@ -284,6 +284,39 @@ def test_metrics_refuse_a_model_whose_output_depends_on_train_mode(noisy):
     assert transitions(model, x, method="exact") == transitions(model, x, method="exact")
 
 
+@pytest.mark.parametrize("conv", [False, True])
+def test_metrics_refuse_a_batch_norm_without_running_statistics(conv):
+    # track_running_stats=False: torch normalises by the batch's statistics in eval mode
+    # too, so a point's output depends on its batch. The metrics gave batch- and
+    # chunk-dependent numbers (BatchNorm2d: a one-point Jacobian normalised over its own
+    # pixels; sampled counts 16 or 136 by chunk size) or a ValueError from inside torch.
+    from sensgen.metrics import activation_codes, transitions
+
+    torch.manual_seed(0)
+    if conv:
+        norm = nn.BatchNorm2d(2, track_running_stats=False)
+        layers = [nn.Unflatten(1, (1, 3, 3)), nn.Conv2d(1, 2, 2), norm, nn.ReLU(), nn.Flatten()]
+        model = nn.Sequential(*layers, nn.Linear(8, 3))
+    else:
+        norm = nn.BatchNorm1d(8, track_running_stats=False)
+        model = nn.Sequential(nn.Linear(9, 8), norm, nn.ReLU(), nn.Linear(8, 3))
+    model.eval()
+    x = torch.randn(6, 9)
+    with torch.no_grad():  # (the reason: the first two points' outputs depend on the rest)
+        assert not torch.allclose(model(x)[:2], model(x[:2]))
+    for call in (
+        lambda: jacobian_norm(model, x),
+        lambda: jacobian_norm_estimate(
+            model, x, n_projections=2, generator=torch.Generator().manual_seed(0)
+        ),
+        lambda: activation_codes(model, x),
+        lambda: transitions(model, x, method="exact"),
+        lambda: transitions(model, x, method="sampled", chunk_size=2),
+    ):
+        with pytest.raises(UserError, match=r"BatchNorm.d \('\d'\).*track_running_stats=False"):
+            call()
+
+
 def test_inputs_are_checked_and_named():
     # Each mistake is a UserError naming x and the fix, not an error from inside torch.
     net = _mlp("relu", d=9, dtype=torch.float32)

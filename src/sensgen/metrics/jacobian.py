@@ -84,7 +84,8 @@ def jacobian_norm(
     Args:
         model: any module mapping a batch [B, ...] to logits [B, C] (a log-softmax is
             fine; probabilities are refused for output="softmax"), in eval mode if it has
-            dropout, batch norm or spectral norm (else `UserError`); `nn.DataParallel` is
+            dropout, batch norm or spectral norm (else `UserError`; so is a batch norm
+            without running statistics, batch-dependent in any mode); `nn.DataParallel` is
             measured as the module inside. Its parameters, buffers and ``.grad`` are not
             touched.
         x: inputs [B, ...] (for sensgen MLPs [B, d]) on the model's device.
