@@ -211,3 +211,22 @@ def test_closed_must_be_a_boolean_and_anchors_must_not_coincide():
     with pytest.raises(UserError, match="x1, x2 and x3 coincide"):
         transition_profile(net, same, same, same)
     assert (transition_profile(net, same, same, same, density="per_bin").values == 0).all()
+
+
+def test_the_estimate_takes_an_empty_batch_and_inputs_that_require_grad():
+    # An empty batch was refused as "returns probabilities" (an empty row is vacuously >= 0
+    # and sums to 1); inputs requiring grad gave a result on the caller's autograd graph,
+    # which .numpy() refuses. Logits W x + b: each draw is ‖vᵀW‖², in closed form.
+    linear = nn.Linear(5, 3).double()
+    x = torch.randn(4, 5, generator=_gen(0), dtype=torch.float64).requires_grad_()
+    for output in ("softmax", "logits"):
+        empty = jacobian_norm_estimate(
+            linear, x[:0], n_projections=2, generator=_gen(1), output=output
+        )
+        assert empty.shape == (0,) and empty.dtype == torch.float64
+    got = jacobian_norm_estimate(linear, x, n_projections=3, generator=_gen(1), output="logits")
+    assert not got.requires_grad
+    g = _gen(1)
+    draws = torch.stack([torch.randn(4, 3, generator=g, dtype=torch.float64) for _ in "abc"])
+    expected = (draws @ linear.weight.detach()).pow(2).sum(-1).mean(0)
+    torch.testing.assert_close(torch.from_numpy(got.numpy()), expected, rtol=1e-12, atol=0)

@@ -58,8 +58,11 @@ def jacobian_norm_estimate(
     how = parse_choice(Output, output, "output")
     n_projections = check_count(n_projections, "n_projections", 1)
     model = unwrap_parallel(model)
-    x = as_batch(model, x)
+    # (detached: a result on the caller's autograd graph could not even become a NumPy array)
+    x = as_batch(model, x).detach()
     require_eval_mode(model, "jacobian_norm_estimate")
+    if x.shape[0] == 0:  # (no logits to check: an empty row is "all >= 0, summing to 1")
+        return torch.zeros(0, dtype=torch.float64, device=x.device)
     params = {name: p.detach() for name, p in model.named_parameters()}
     buffers = {name: b.detach() for name, b in model.named_buffers()}
     logits, pullback = vjp(lambda v: functional_call(model, (params, buffers), (v,)), x)
