@@ -230,3 +230,25 @@ def test_the_estimate_takes_an_empty_batch_and_inputs_that_require_grad():
     draws = torch.stack([torch.randn(4, 3, generator=g, dtype=torch.float64) for _ in "abc"])
     expected = (draws @ linear.weight.detach()).pow(2).sum(-1).mean(0)
     torch.testing.assert_close(torch.from_numpy(got.numpy()), expected, rtol=1e-12, atol=0)
+
+
+def test_a_forward_that_mixes_the_points_has_no_per_point_jacobian():
+    # f(x)_i = W (x_i − mean_j x_j): jacrev takes each point alone, where the centred input
+    # is 0, and returned 0 for every point (the batch's own ∂f_i/∂x_i is (1 − 1/B) W),
+    # paired with the batch's softmax. A fixed centre is per point: ‖S(p) W‖_F, closed form.
+    class Centred(nn.Module):
+        def __init__(self, centre=None):
+            super().__init__()
+            self.fc, self.centre = nn.Linear(5, 3).double(), centre
+
+        def forward(self, x):
+            return self.fc(x - (x.mean(0) if self.centre is None else self.centre))
+
+    x = torch.randn(6, 5, generator=_gen(0), dtype=torch.float64)
+    with pytest.raises(UserError, match="mixes the points"):
+        jacobian_norm(Centred(), x)
+    fixed = Centred(centre=x.mean(0))
+    with torch.no_grad():
+        logits, w = fixed(x), fixed.fc.weight
+        expected = _accurate_softmax_norm(logits, w.expand(6, 3, 5))
+    torch.testing.assert_close(jacobian_norm(fixed, x), expected, rtol=1e-12, atol=0)

@@ -85,7 +85,8 @@ def jacobian_norm(
         model: any module mapping a batch [B, ...] to logits [B, C] (a log-softmax is
             fine; probabilities are refused for output="softmax"), in eval mode if it has
             dropout, batch norm or spectral norm (else `UserError`; so is a batch norm
-            without running statistics, batch-dependent in any mode); `nn.DataParallel` is
+            without running statistics, batch-dependent in any mode, and on the autodiff
+            path a forward whose points' logits change with their batch); `nn.DataParallel` is
             measured as the module inside. Its parameters, buffers and ``.grad`` are not
             touched.
         x: inputs [B, ...] (for sensgen MLPs [B, d]) on the model's device.
@@ -245,12 +246,14 @@ def _autodiff_logit_gram(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tenso
     params = {name: p.detach() for name, p in model.named_parameters()}
     buffers = {name: b.detach() for name, b in model.named_buffers()}
 
-    def logits_of_one(xi: torch.Tensor) -> torch.Tensor:
-        return functional_call(model, (params, buffers), (xi.unsqueeze(0),)).squeeze(0)
+    def logits_of_one(xi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = functional_call(model, (params, buffers), (xi.unsqueeze(0),)).squeeze(0)
+        return out, out
 
     logits = check_output(model, functional_call(model, (params, buffers), (x,)))
     try:
-        jz = vmap(jacrev(logits_of_one))(x).flatten(start_dim=2)  # [B, C, d]
+        jz, alone = vmap(jacrev(logits_of_one, has_aux=True))(x)
+        jz = jz.flatten(start_dim=2)  # [B, C, d]
     except RuntimeError as error:
         if "vmap" not in str(error):
             raise
@@ -260,7 +263,26 @@ def _autodiff_logit_gram(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tenso
             "called as F.dropout in train mode?: call model.eval()) or Python control flow "
             f"on a tensor's value. torch says: {error}"
         ) from None
+    _check_points_alone(model, logits, alone)
     return logits, jz @ jz.transpose(1, 2)
+
+
+def _check_points_alone(model: nn.Module, logits: torch.Tensor, alone: torch.Tensor) -> None:
+    """UserError unless each point's logits [B, C] are the same computed alone, in a batch
+    of one, as jacrev differentiates it: a forward that mixes points (statistics over the
+    batch, as in ``x - x.mean(0)``) would pair the batch's softmax with the Jacobian of
+    another function (0 for that example). Tolerance √eps of the dtype, relative to the
+    point's largest logit, absorbs the rounding of batched versus one-point kernels."""
+    tolerance = torch.finfo(logits.dtype).eps ** 0.5
+    gap = (alone - logits).abs().amax(dim=-1)
+    scale = 1.0 + logits.abs().amax(dim=-1)
+    if bool((gap > tolerance * scale).any()):
+        raise UserError(
+            f"{type(model).__name__} gives a point other logits alone (a batch of one, as "
+            "each point's Jacobian is taken) than in its batch: its forward mixes the points "
+            "(statistics over the batch dimension?), so it has no per-point Jacobian. Make "
+            "each output depend on its own input only."
+        )
 
 
 def check_output(model: nn.Module, logits: object) -> torch.Tensor:
