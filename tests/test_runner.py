@@ -382,7 +382,9 @@ def test_packs_planned_by_a_larger_version_of_the_study_are_trained_whole(tiny, 
     assert (open_results(out).runs()["status"] == "done").all()
 
 
-def test_a_dead_worker_leaves_its_packs_pending_for_the_next_run(tiny, tmp_path, monkeypatch):
+def test_a_dead_worker_leaves_its_packs_pending_for_the_next_run(
+    tiny, tmp_path, monkeypatch, capsys
+):
     from concurrent.futures import Future
     from concurrent.futures.process import BrokenProcessPool
 
@@ -409,6 +411,12 @@ def test_a_dead_worker_leaves_its_packs_pending_for_the_next_run(tiny, tmp_path,
     result = run(study_module.load(tiny), out, workers=2, progress=False, report=False)
     assert result.counts == {"pending": N_RUNS} and not result.complete
     assert result.n_trained == 0  # "Trained 0 models", not the number attempted
+    capsys.readouterr()
+    assert _cli("run", str(tiny), "--out", str(out), "--workers", "2", "--no-progress") == 0
+    said = capsys.readouterr()
+    assert "a worker process died" in said.err
+    assert "Nothing to do" not in said.out and "already finished" not in said.out
+    assert "Trained 0 models" in said.out and f"{N_RUNS} pending" in said.out
     monkeypatch.undo()
     again = run(study_module.load(tiny), out, progress=False, report=False)
     assert again.n_trained == N_RUNS and again.counts == {"done": N_RUNS}

@@ -88,7 +88,7 @@ def run(
         )
         raise typer.Exit(128 + signal.SIGTERM if terminated else 130) from None
     counts = ", ".join(f"{n} {status}" for status, n in sorted(result.counts.items()))
-    if result.n_trained == 0:
+    if result.n_trained == 0 and result.complete:  # (not when a dead worker left packs open)
         out_console.print(
             f"Nothing to do: all {result.n_runs} runs of study {loaded.name!r} in {out_dir} "
             f"are already finished ({counts}).",
