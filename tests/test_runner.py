@@ -103,6 +103,32 @@ def test_second_run_does_nothing_and_says_so(tiny, tmp_path, capsys):
     pd.testing.assert_frame_equal(open_results(out).runs(), before)
 
 
+def test_status_and_open_results_read_a_read_only_study_directory(tiny, tmp_path):
+    out = tmp_path / "out"
+    run(study_module.load(tiny), out, progress=False, report=False)
+    # The directory mounted read-only (an archive, another user's share), where SQLite
+    # cannot create the write-ahead log's files: in a user and mount namespace of its own.
+    read = "from sensgen import open_results as o; print(len(o(sys.argv[1]).runs()))"
+    script = (
+        'mount --bind "$1" "$1" && mount -o remount,ro,bind "$1" "$1" || exit 77; '
+        '"$2" -m sensgen.cli status "$1"; echo "status $?"; "$2" -c "import sys; $3" "$1"; '
+        '"$2" -m sensgen.cli report "$1"; echo "report $?"'
+    )
+    command = ["unshare", "-rm", "sh", "-c", script, "sh", str(out), sys.executable, read]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    except FileNotFoundError:
+        pytest.skip("no unshare here")
+    if done.returncode == 77 or "unshare" in done.stderr.split(":", 1)[0]:
+        pytest.skip(f"no read-only mount here: {done.stderr.strip()}")
+    said = done.stdout + done.stderr
+    assert "status 0" in said and f"{N_RUNS} runs: 0 pending, 0 running, {N_RUNS} done" in said
+    assert f"\n{N_RUNS}\n" in done.stdout  # open_results(DIR).runs()
+    # The report cannot be written there: exit 2, naming the report's folder.
+    assert "report 2" in said and f"{out / 'report'}" in said and "Read-only" in said
+    assert not list(out.glob("results.db-*"))
+
+
 def test_resume_after_a_crash_equals_an_uninterrupted_run(tiny, tmp_path):
     out = tmp_path / "out"
     run(study_module.load(tiny), out, progress=False, report=False)

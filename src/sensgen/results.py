@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sqlite3
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
@@ -77,7 +78,10 @@ class Results:
         try:
             for sub in (root, *(root / k for k in artifacts.FOLDERS)) if create else ():
                 sub.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(db, timeout=30.0, isolation_level=None)
+            target, uri = db, False
+            if not create and not os.access(root, os.W_OK):  # (a read-only mount, an archive)
+                target, uri = _read_only_uri(db), True
+            conn = sqlite3.connect(target, uri=uri, timeout=30.0, isolation_level=None)
         except (OSError, sqlite3.OperationalError) as exc:
             raise UserError(
                 f"Cannot create or open the study directory {root} ({exc}); choose a writable "
@@ -321,6 +325,15 @@ def open_results(out_dir: str | Path) -> Results:
         ...     results.runs().groupby("status").size()
     """
     return Results.open(out_dir, create=False)
+
+
+def _read_only_uri(db: Path) -> str:
+    """A URI that opens ``db`` for reading in a folder this process may not write: SQLite
+    cannot create the write-ahead log's files there, so a database without a log left
+    beside it is opened immutable (no driver can be writing it either), one with a log
+    read-only, so that the log's commits are read too."""
+    log = db.with_name(f"{db.name}-wal").exists()
+    return f"{db.absolute().as_uri()}?{'mode=ro' if log else 'immutable=1'}"
 
 
 def geometric_normalised(wide: pd.DataFrame, n_layers: np.ndarray) -> pd.DataFrame:
