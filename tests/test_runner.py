@@ -546,6 +546,27 @@ def test_another_measure_table_over_finished_runs_is_refused(tiny, tmp_path, cap
     assert len(open_results(out).runs()) == 2 * len(before)
 
 
+def test_another_measure_table_beside_finished_runs_of_another_plan_is_refused(
+    tiny, tmp_path, capsys
+):
+    # A study whose runs are all new (another width) with another [measure]: the finished
+    # runs stay, measured otherwise, in the one report. Accepted, it rewrote DIR/study.toml,
+    # and the first study, run again, was then refused as "measured as study.toml says".
+    out = tmp_path / "out"
+    assert _cli("run", str(tiny), "--out", str(out), "--no-progress") == 0
+    stored = (out / "study.toml").read_text(encoding="utf-8")
+    capsys.readouterr()
+    code = _cli(
+        "run", str(tiny), "--out", str(out), "--no-progress",
+        "--set", "width=12", "--set", "measure.jacobian_train_points=10",
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "[measure] differs (jacobian_train_points = " in err
+    assert (out / "study.toml").read_text(encoding="utf-8") == stored
+    assert len(open_results(out).runs()) == N_RUNS
+    assert _cli("run", str(tiny), "--out", str(out), "--no-progress") == 0
+
+
 def test_a_machine_that_refuses_a_file_is_a_clear_error(tiny, tmp_path, monkeypatch, capsys):
     # Permissions, a full disk or a file where a folder should be: exit 2 with the file and
     # what to check, not a traceback (exit 1 is for sensgen's own bugs).

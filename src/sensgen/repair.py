@@ -47,23 +47,24 @@ def damaged_packs(
 
 
 def check_same_measurements(
-    runs: pd.DataFrame, run_ids: set[str], study: Study, previous: Study | None, out: Path
+    runs: pd.DataFrame, study: Study, previous: Study | None, out: Path
 ) -> None:
-    """Refuse another ``[measure]`` than the stored study's while runs of this study are
-    finished: a run is measured when it is trained, so they would keep what they were
-    measured with beside new runs measured otherwise, and DIR/study.toml, rewritten, would
-    no longer describe them. Nothing is changed."""
+    """Refuse another ``[measure]`` than the stored study's while the directory holds
+    measured runs, this study's or not: a run is measured when it is trained, so they would
+    keep what they were measured with beside new runs measured otherwise (the report shows
+    them all), and DIR/study.toml, rewritten, would no longer describe them. Nothing is
+    changed."""
     if previous is None or previous.measure == study.measure:
         return
     measured = runs["status"].isin([Status.DONE.value, Status.DIVERGED.value])
-    done = len(set(runs.loc[measured, "run_id"]) & run_ids) if len(runs) else 0
+    done = int(measured.sum()) if len(runs) else 0
     if not done:
         return
     old, new = previous.measure.model_dump(), study.measure.model_dump()
     changed = ", ".join(f"{k} = {old[k]!r} → {new[k]!r}" for k in old if old[k] != new[k])
     stored = out / STUDY_FILE
     raise UserError(
-        f"{out} holds {runs_of(done)} of this study measured as {stored} says, and this study's "
+        f"{out} holds {runs_of(done)} measured as {stored} says, and this study's "
         f"[measure] differs ({changed}). sensgen measures a run when it trains it, so they "
         f"would keep their old measurements beside new runs measured otherwise. Run it with "
         f"the stored [measure] (`sensgen run {stored} --out {out}`), or into a new --out "

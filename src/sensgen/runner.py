@@ -150,7 +150,7 @@ def run(
         remove_dead_temporaries(out)
         stored = store.runs()  # as found: read once for the checks below
         check_spec_schema(stored, out)
-        check_same_measurements(stored, run_ids, study, previous, out)
+        check_same_measurements(stored, study, previous, out)
         damaged = damaged_packs(store, stored, run_ids, console)
         failed = failed_packs(stored, run_ids)
         again = set(damaged) | set(failed)
