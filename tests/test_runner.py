@@ -600,6 +600,23 @@ def test_a_machine_that_refuses_a_file_is_a_clear_error(tiny, tmp_path, monkeypa
         main(["run", str(tiny), "--out", str(tmp_path / "out"), "--no-progress"])
 
 
+def test_a_file_where_a_folder_should_be_and_the_reverse_are_clear_errors(tiny, tmp_path, capsys):
+    out = tmp_path / "out"
+    run(study_module.load(tiny), out, progress=False, report=False)
+    (out / "report").write_text("x")  # DIR/report a file: the report cannot be written
+    capsys.readouterr()
+    assert _cli("report", str(out)) == 2
+    err = capsys.readouterr().err
+    assert f"{out / 'report'}" in err and "what was already computed is kept" in err
+    (out / "report").unlink()
+    (out / "study.toml").unlink()
+    (out / "study.toml").mkdir()  # DIR/study.toml a folder: it cannot be written
+    assert _cli("run", str(tiny), "--out", str(out), "--no-progress") == 2
+    err = capsys.readouterr().err
+    assert f"{out / 'study.toml'}" in err and "what was already computed is kept" in err
+    assert (open_results(out).runs()["status"] == "done").all()
+
+
 def test_brackets_in_a_path_are_printed_as_they_are(tiny, tmp_path, capsys):
     out = tmp_path / "br[/red]" / "d [x]"
     assert _cli("run", str(tiny), "--out", str(out), "--no-progress") == 0

@@ -240,6 +240,7 @@ def environment_problem(err: BaseException) -> str | None:
     text = str(err)
     if isinstance(err, OSError) and err.errno in _MACHINE_ERRNOS:
         where = f": {err.filename}" if err.filename else ""
+        where += f" -> {err.filename2}" if err.filename2 else ""  # (a rename's target)
         what = f"{err.strerror or text}{where}"
     elif isinstance(err, sqlite3.OperationalError) and (
         "readonly" in text or "disk" in text or "unable to open" in text
@@ -257,9 +258,11 @@ def environment_problem(err: BaseException) -> str | None:
 
 
 # What a machine refuses: permissions, a read-only or full file system, a file where a
-# folder should be. (Not ENOENT and the like, which may be sensgen's own bug.)
+# folder should be or a folder where a file should be (mkdir(exist_ok=True) of a file's
+# name is EEXIST). (Not ENOENT and the like, which may be sensgen's own bug.)
 _MACHINE_ERRNOS = frozenset(
     {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR}
+    | {errno.EISDIR, errno.EEXIST}
 )
 
 
