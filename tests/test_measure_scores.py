@@ -52,8 +52,9 @@ def test_score_table_perfect_reversed_and_jbar():
     assert table.loc["reversed", "kendall_tau"] == pytest.approx(-1.0)
     assert table.loc["reversed", "psi"] == pytest.approx(-1.0)
     assert math.isnan(table.loc["constant", "kendall_tau"])
-    # The final train loss (paper Fig. 1) falls with width alone: ψ_width = −1, other ψ NaN.
-    assert table.loc["train_loss", "psi"] == pytest.approx(-1.0)
+    # The final train loss (paper Fig. 1) falls with width alone: ψ_width = −1; constant
+    # in every depth and random-labels cell while the gap varies, ψ = 0 there (JNMKB).
+    assert table.loc["train_loss", "psi"] == pytest.approx(-1 / 3)
     # The failed run is left out: 8 finished models.
     assert set(table["n"]) == {8}
     # Jbar: ψ = (ψ_width + ψ_depth + ψ_random_labels) / 3 = (−1 + 1 + 1) / 3.
@@ -77,7 +78,8 @@ def test_factor_table_hand_computed():
     assert cells["width", "jacobian_norm"] == 4
     assert psi["width", "perfect"] == pytest.approx(1.0)
     assert psi["depth", "reversed"] == pytest.approx(-1.0)
-    assert cells["depth", "constant"] == 0 and math.isnan(psi["depth", "constant"])
+    # A constant measure orders no pair of a cell whose gap varies: τ = 0 there (JNMKB).
+    assert cells["depth", "constant"] == 4 and psi["depth", "constant"] == 0.0
     beats = table.set_index(["factor", "measure"])["beats_jbar"]
     assert beats["width", "perfect"]  # 1 above Jbar's −1
     assert not beats["width", "reversed"]  # −1 is not above −1

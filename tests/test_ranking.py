@@ -14,6 +14,7 @@ from sensgen.analysis.ranking import (
     cmi_pgdl,
     granulated_psi,
     kendall_tau,
+    psi_by_axis,
     sign_error,
     spearman,
 )
@@ -223,6 +224,26 @@ def test_psi_skips_cells_without_a_tau():
     # lr=1 cell (.2,1), (.5,2): τ = 1. ψ_width = 1/3.
     assert per_axis["width"] == pytest.approx(1 / 3)
     assert psi == pytest.approx((-1 + 1 / 3) / 2)
+
+
+def test_psi_counts_a_measure_blind_to_an_axis_as_zero_there():
+    # A width × lr grid; μ = the width (a parameter count), the gap rises with both axes.
+    # ψ_width: cells fix lr, μ and g both rise with width → τ = 1 in each.
+    # ψ_lr: cells fix width, μ is constant while g varies: no pair is ordered, τ = 0 in
+    # JNMKB's Eq. 2 (τ-b would be 0/0), so ψ_lr = 0 and Ψ = (1 + 0)/2, not 1.
+    frame = pd.DataFrame(
+        {
+            "width": [1, 1, 2, 2, 3, 3],
+            "lr": [1, 2, 1, 2, 1, 2],
+            "gap": [0.1, 0.15, 0.2, 0.3, 0.35, 0.5],
+        }
+    ).assign(mu=lambda f: f["width"].astype(float))
+    psi, per_axis = granulated_psi(frame, "mu", "gap", ["width", "lr"])
+    assert per_axis == {"width": 1.0, "lr": 0.0}
+    assert psi == 0.5
+    # A cell whose gap is constant too has nothing to order: still left out.
+    flat = frame.assign(gap=[0.1, 0.1, 0.2, 0.3, 0.35, 0.5])
+    assert psi_by_axis(flat, "mu", "gap", ["width", "lr"])["lr"] == (0.0, 2)
 
 
 # ---------------------------------------------------------------- against the PGDL scorer

@@ -73,8 +73,9 @@ def measure_factor_table(runs: pd.DataFrame, measures: pd.DataFrame) -> pd.DataF
     """One row per (dataset, factor, measure): ψ along that factor alone.
 
     ψ_factor = mean over cells (models equal in every other varying axis, ≥ 2 of them and a
-    defined τ-b) of the within-cell Kendall τ-b of the measure against the gap; ``cells`` is
-    the number of cells averaged. ``beats_jbar``: ψ above Jbar's ψ for the same factor
+    gap that varies) of the within-cell Kendall τ-b of the measure against the gap, 0 in a
+    cell where the measure is constant (`granulated_psi`); ``cells`` is the number of cells
+    averaged. ``beats_jbar``: ψ above Jbar's ψ for the same factor
     (None where either is undefined). A factor with no defined cell for any measure (e.g. a
     continuous random-search axis: every cell holds one model) is left out.
 

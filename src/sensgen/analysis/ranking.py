@@ -97,11 +97,15 @@ def granulated_psi(
     Measures", §5, Eq. 4).
 
     For axis i, a cell is one combination of values of all the *other* axes; within a cell
-    only axis i varies. ψ_i = mean, over cells with ≥ 2 models and a defined τ-b (see
-    ``kendall_tau``: e.g. not constant in μ or g), of the within-cell τ-b of μ against g;
-    cells are weighted equally. Ψ = mean of ψ_i over the axes with a defined ψ_i (Jiang et
-    al. average over all axes; on a complete grid with varying g both agree). Rows whose μ
-    or g is not finite are dropped first; a missing axis value is a value of its own.
+    only axis i varies. ψ_i = mean, over cells with ≥ 2 models and a varying g, of the
+    within-cell τ-b of μ against g; cells are weighted equally. A cell where μ is constant
+    (a measure blind to axis i, such as the parameter count along the learning rate) scores
+    0, as in JNMKB's Eq. 2-3, whose τ counts a tied pair as 0: τ-b is undefined there, and
+    leaving such cells out gave blind measures the ψ of the axes they do see. Cells with a
+    constant g (nothing to order) are left out. Ψ = mean of ψ_i over the axes with a defined
+    ψ_i (Jiang et al. average over all axes; on a complete grid with varying g both agree).
+    Rows whose μ or g is not finite are dropped first; a missing axis value is a value of
+    its own. (Within a cell with some, not all, μ tied, τ-b is not JNMKB's τ-a.)
 
     Args:
         frame: one row per model.
@@ -134,10 +138,17 @@ def psi_by_axis(
     for axis in axes:
         others = [a for a in axes if a != axis]
         cells = data.groupby(others, dropna=False, sort=False) if others else [(None, data)]
-        taus = [kendall_tau(cell[measure], cell[gap]) for _, cell in cells]
+        taus = [_cell_tau(cell[measure], cell[gap]) for _, cell in cells]
         taus = [t for t in taus if np.isfinite(t)]
         out[axis] = (float(np.mean(taus)) if taus else float("nan"), len(taus))
     return out
+
+
+def _cell_tau(mu: pd.Series, gap: pd.Series) -> float:
+    """τ-b of one ψ cell; 0 where μ is constant but g is not (JNMKB's τ of all-tied pairs)."""
+    if len(mu) >= 2 and np.ptp(mu.to_numpy(float)) == 0 and np.ptp(gap.to_numpy(float)) > 0:
+        return 0.0
+    return kendall_tau(mu, gap)
 
 
 def _pairs(data: pd.DataFrame, measure: str, gap: str, axes: list[str], self_pairs: bool):
