@@ -86,6 +86,21 @@ def test_factor_table_hand_computed():
     assert not beats["depth", "perfect"]  # nor 1 above 1
 
 
+def test_an_undefined_score_neither_beats_nor_loses_to_jbar():
+    # "sparse" has a value for one model only: its τ and every ψ are undefined, so whether
+    # it beats Jbar is unknown (None), not "no" (False), in both tables.
+    runs = grid_runs()
+    measures = grid_measures(runs).assign(sparse=[1.0] + [np.nan] * 8)
+    scores = measure_score_table(runs, measures).set_index("measure")
+    assert math.isnan(scores.loc["sparse", "kendall_tau"])
+    assert scores.loc["sparse", "beats_jbar"] is None
+    assert scores.loc["perfect", "beats_jbar"] is True
+    factors = measure_factor_table(runs, measures)
+    sparse = factors.loc[factors["measure"] == "sparse"]
+    assert len(sparse) == 3 and sparse["psi"].isna().all()
+    assert sparse["beats_jbar"].map(lambda b: b is None).all()
+
+
 def test_factor_table_agrees_with_granulated_psi_on_a_random_grid():
     rng = np.random.default_rng(0)
     n = 3 * 4 * 2 * 2  # two models per cell of a 3 × 4 × 2 grid

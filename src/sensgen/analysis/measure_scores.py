@@ -121,10 +121,12 @@ def _dataset_groups(runs: pd.DataFrame, measures: pd.DataFrame):
 
 
 def _mark_beats_jbar(scored: list[dict], score: str) -> None:
-    """Sets each row's ``beats_jbar``: its `score` above Jbar's (None if Jbar's is NaN)."""
+    """Sets each row's ``beats_jbar``: its `score` above Jbar's (None if either is NaN: an
+    undefined score is no evidence either way)."""
     jbar = next((s[score] for s in scored if s["measure"] == "jacobian_norm"), math.nan)
     for row in scored:
-        row["beats_jbar"] = None if math.isnan(jbar) else bool(row[score] > jbar)
+        undefined = math.isnan(jbar) or math.isnan(row[score])
+        row["beats_jbar"] = None if undefined else bool(row[score] > jbar)
 
 
 def _by_magnitude(table: pd.DataFrame, keys: list[str], score: str) -> pd.DataFrame:
