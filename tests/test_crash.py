@@ -513,3 +513,50 @@ def test_an_interrupted_driver_stops_its_workers_at_once(tmp_path, monkeypatch):
     assert time.perf_counter() - start < 60  # (the packs alone would take many minutes)
     assert len(workers) == 2 and not any(w.is_alive() for w in workers)
     assert set(open_results(out).runs()["status"]) == {"running"}
+
+
+def _blocked_signals(pid: int) -> int:
+    """The SigBlk mask of process `pid` (bit n − 1 set: signal n blocked)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"^SigBlk:\s*([0-9a-f]+)$", status, re.M).group(1), 16)
+
+
+def test_workers_are_spawned_deaf_to_a_terminal_s_ctrl_c(tmp_path, monkeypatch):
+    # A terminal's Ctrl-C signals the whole process group: a worker still importing torch
+    # printed its own KeyboardInterrupt traceback (or "Fatal Python error: init_import_site")
+    # beside the driver's resume message. The workers now start with SIGINT blocked, and
+    # the driver, which stops them, keeps its own mask.
+    import sensgen.parallel as parallel
+
+    pools, seen = [], {}
+
+    def recording_pool(workers):
+        pools.append(real_pool(workers))
+        return pools[-1]
+
+    def interrupted_wait(futures, return_when):
+        time.sleep(3)  # the workers are training by now
+        workers = [p.pid for p in pools[0]._processes.values()]
+        for pid in workers:
+            os.kill(pid, signal.SIGINT)  # a worker's share of a Ctrl-C
+        time.sleep(1)
+        seen["masks"] = [_blocked_signals(pid) for pid in workers]
+        seen["alive"] = [p.is_alive() for p in pools[0]._processes.values()]
+        seen["driver"] = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        raise KeyboardInterrupt
+
+    real_pool = parallel.worker_pool
+    monkeypatch.setattr(parallel, "worker_pool", recording_pool)
+    monkeypatch.setattr(parallel, "wait", interrupted_wait)
+    path = tmp_path / "long.toml"
+    path.write_text(
+        'name = "long"\n[base]\ndataset = "digits"\nmax_steps = 1000000\neval_every = 1000000\n'
+        "stop_at_fit = false\n[grid]\nwidth = [8, 16]\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(KeyboardInterrupt):
+        run(study_module.load(path), tmp_path / "out", workers=2, progress=False, report=False)
+    sigint = 1 << (signal.SIGINT - 1)
+    assert len(seen["masks"]) == 2 and all(mask & sigint for mask in seen["masks"])
+    assert seen["alive"] == [True, True]  # (SIGINT would have ended a pack with a traceback)
+    assert signal.SIGINT not in seen["driver"]

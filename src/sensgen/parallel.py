@@ -10,6 +10,11 @@ cores without oversubscription; several multi-threaded processes on the same cor
 against each other and can run many times slower than one. `--workers 1` (the default)
 trains in the driver process instead, with all of PyTorch's threads.
 
+A terminal's Ctrl-C signals the whole process group, workers included. The workers are
+spawned with SIGINT blocked (`_spawned_deaf_to_sigint`): the driver alone answers it, by
+stopping them (`_stop`), where a worker still importing torch printed a traceback of its
+own, or a fatal "Failed to import the site module", beside the driver's resume message.
+
 An exception inside a pack is that pack's `failed` status. A worker process that dies (killed
 for memory, say) breaks the whole pool, and no pack can be blamed for it: the packs it had
 not finished go back to `pending`, for the next `sensgen run` to retry. A worker whose
@@ -19,12 +24,14 @@ for nobody and then waiting forever for work.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
+import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 
@@ -58,6 +65,25 @@ def worker_pool(workers: int) -> ProcessPoolExecutor:
         initializer=_init_worker,
         initargs=(os.getpid(),),
     )
+
+
+@contextlib.contextmanager
+def _spawned_deaf_to_sigint() -> Iterator[None]:
+    """Block SIGINT in this thread while the pool spawns workers (it does in `submit`).
+
+    A spawned process keeps the signal mask of the thread that started it, across exec, and
+    Python leaves it as it is: the workers never see SIGINT. A SIGINT sent to the driver
+    meanwhile is not lost: it waits until the mask is restored, or another of the driver's
+    threads takes it, and the main thread raises KeyboardInterrupt either way.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # (only the main thread's mask matters: `submit` spawns from the caller)
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _stop(pool: ProcessPoolExecutor) -> None:
@@ -102,7 +128,8 @@ def train_in_processes(
             while waiting and not broken and len(in_flight) < workers:
                 pack = waiting[0]
                 try:
-                    future = pool.submit(_worker, pack.specs, device, measure)
+                    with _spawned_deaf_to_sigint():
+                        future = pool.submit(_worker, pack.specs, device, measure)
                 except BrokenProcessPool:
                     broken = True
                     break
