@@ -83,6 +83,9 @@ def test_duplicate_grid_points_are_deduplicated(tmp_path):
         (("[grid]", "[grid"), "not valid TOML"),
         (("[grid]", "[execution]\npack_memory_gb = inf\n[grid]"), "pack_memory_gb"),
         (("[grid]", "[execution]\npack_memory_gb = 1e400\n[grid]"), "pack_memory_gb"),
+        # (the default study directory is runs/NAME: these were runs/ and the working one)
+        (('name = "tiny"', 'name = ".."'), r"name: dots alone name no folder .* \(got '\.\.'\)"),
+        (('name = "tiny"', 'name = "."'), r"name: dots alone name no folder"),
     ],
 )
 def test_bad_study_files_name_the_problem(tmp_path, edit, names):

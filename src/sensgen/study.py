@@ -33,7 +33,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from sensgen import data
 from sensgen.errors import UserError
@@ -90,6 +90,15 @@ class Study(BaseModel):
     inclusion: Inclusion = Inclusion()
     measure: Measurements = Measurements()
     execution: Execution = Execution()
+
+    @field_validator("name")
+    @classmethod
+    def _names_a_folder(cls, name: str) -> str:
+        """The name is the default study directory's last part (runs/NAME): "." and ".."
+        would make it runs/ itself, or the working directory."""
+        if set(name) == {"."}:
+            raise ValueError("dots alone name no folder of the study's own (runs/NAME)")
+        return name
 
     def planned(self) -> list[PlannedSpec]:
         """Every run of the study with its pair membership, deduplicated by run_id."""
@@ -371,7 +380,8 @@ def describe_errors(err: ValidationError) -> str:
         if e["type"] == "extra_forbidden":
             parts.append(f"unknown key {where!r}{_valid_keys(e['loc'])}")
         else:
-            parts.append(f"{where}: {e['msg']} (got {e.get('input')!r})")
+            msg = e["msg"].removeprefix("Value error, ")  # (a validator's own sentence)
+            parts.append(f"{where}: {msg} (got {e.get('input')!r})")
     return "; ".join(parts)
 
 
