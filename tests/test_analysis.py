@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import io
+import itertools
 import math
 
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from sensgen.analysis import (
@@ -305,3 +307,29 @@ def test_figures_do_not_touch_pyplot_state():
     before = plt.get_fignums()
     gap_vs_jacobian(synthetic_runs(4))
     assert plt.get_fignums() == before
+
+
+@pytest.mark.parametrize(
+    ("build", "x_name", "values"),
+    [
+        (gap_vs_jacobian, "jacobian_norm", [0.3932, 0.3941, 0.3952]),  # seeds of one config
+        (gap_vs_params, "n_params", [25_450, 25_610, 25_770]),
+        (gap_vs_train_loss, "train_loss", [2.1e-4, 2.2e-4, 2.3e-4]),
+    ],
+)
+def test_narrow_log_x_range_gets_few_distinct_non_overlapping_tick_labels(build, x_name, values):
+    # Within a decade and between two 1-2-5 ticks, matplotlib's LogLocator falls back to
+    # linear ticks: nine 6-digit labels ran into each other ("0.393250.39350.39375").
+    runs = synthetic_runs(3).assign(**{x_name: values})
+    fig = build(runs)
+    (ax,) = fig.axes
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    lo, hi = ax.get_xlim()
+    ticks = [t for t in ax.xaxis.get_major_ticks() if lo <= t.get_loc() <= hi]
+    labels = [t.label1 for t in ticks if t.label1.get_visible() and t.label1.get_text()]
+    texts = [label.get_text() for label in labels]
+    assert 2 <= len(texts) <= 6, texts
+    assert len(set(texts)) == len(texts), texts  # no two ticks share a label
+    boxes = sorted((label.get_window_extent(renderer) for label in labels), key=lambda b: b.x0)
+    assert all(a.x1 < b.x0 for a, b in itertools.pairwise(boxes)), texts

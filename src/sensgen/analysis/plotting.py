@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from matplotlib.axes import Axes
 from matplotlib.axis import Axis
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 
 def panel_figure(
@@ -43,15 +43,28 @@ def tick_label(value: float, _position: int) -> str:
     mantissa = value / 10**exponent
     if abs(mantissa - 1) < 1e-6:
         return f"$10^{{{exponent}}}$"
-    return f"${mantissa:.0f}\\times10^{{{exponent}}}$"
+    return f"${mantissa:.4g}\\times10^{{{exponent}}}$"  # 2.55×10⁴ between the 1-2-5 ticks
 
 
 def log_ticks(axis: Axis, lo: float, hi: float) -> None:
-    """1-2-5 ticks on a short log range [lo, hi], decades on a long one; no minor labels."""
+    """1-2-5 ticks on a short log range [lo, hi], decades on a long one; no minor labels.
+
+    A range that holds fewer than two 1-2-5 ticks (models that differ by a few percent) gets
+    four or so plain ticks: LogLocator would fall back to a dense linear locator there, whose
+    long labels run into each other."""
     subs = (1.0,) if math.log10(hi / lo) > 2.5 else (1.0, 2.0, 5.0)
-    axis.set_major_locator(LogLocator(base=10, subs=subs))
+    if lo < hi and _ticks_125(lo, hi) < 2:
+        axis.set_major_locator(MaxNLocator(nbins=4))
+    else:
+        axis.set_major_locator(LogLocator(base=10, subs=subs))
     axis.set_major_formatter(FuncFormatter(tick_label))
     axis.set_minor_formatter(NullFormatter())
+
+
+def _ticks_125(lo: float, hi: float) -> int:
+    """How many of the ticks 1, 2, 5 × 10^k lie in [lo, hi] (0 < lo)."""
+    decades = range(math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 1)
+    return sum(lo <= m * 10.0**k <= hi for k in decades for m in (1, 2, 5))
 
 
 def legend_handles(axes: Iterable[Axes]) -> dict[str, object]:
