@@ -14,6 +14,7 @@ from sensgen.analysis.geometry_figures import (
     region_maps_figure,
 )
 from sensgen.analysis.report_geometry import boundary_contrast, manifold_contrasts
+from sensgen.metrics import angle_bins
 
 
 def _profiles(n_bins=12):
@@ -48,6 +49,32 @@ def test_manifold_contrasts_read_anchor_and_midway_bins():
     assert c["random_jacobian_midway"] == pytest.approx(10.0)
     assert c["same_class_density_anchors"] == pytest.approx((2 + 6 + 10) / 3)
     assert c["same_class_density_midway"] == pytest.approx((0 + 4 + 8) / 3)
+
+
+@pytest.mark.parametrize("n_bins", [9, 12, 15, 60])
+def test_manifold_contrasts_find_the_anchor_bins_for_every_allowed_bin_count(n_bins):
+    # With B ≡ 3 (mod 6) the centres sit half a bin off the 2πk/B grid (angle_bins); the
+    # anchor at π is centre (B − 1)/2, which round(B/2) missed by one bin.
+    _, centres = angle_bins(n_bins)
+    angles = centres.numpy()
+    anchors = np.array([math.pi / 3, math.pi, 5 * math.pi / 3])
+    at_anchor = np.isclose(np.abs(angles[:, None] - anchors).min(axis=1), 0.0, atol=1e-9)
+    assert at_anchor.sum() == 3
+    frame = pd.DataFrame(
+        {
+            "run_id": "a",
+            "path": "different_class",
+            "ellipse": 0,
+            "bin": np.arange(n_bins),
+            "angle": angles,
+            "jacobian_norm": np.where(at_anchor, 1.0, 100.0),
+            "transition_density": np.where(at_anchor, 1.0, 3.0),
+        }
+    )
+    c = manifold_contrasts(frame)
+    assert c["different_class_jacobian_anchors"] == 1.0
+    assert c["different_class_density_anchors"] == 1.0
+    assert c["different_class_jacobian_midway"] == 100.0
 
 
 def test_manifold_figure_draws_three_paths_on_a_log_axis_and_handles_empty():

@@ -11,12 +11,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 
+import numpy as np
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
 from sensgen.analysis.claims import Claim
 from sensgen.analysis.geometry_figures import (
+    ANCHOR_ANGLES,
     boundary_table,
     manifold_profiles,
     profile_summary,
@@ -24,9 +26,7 @@ from sensgen.analysis.geometry_figures import (
 )
 from sensgen.analysis.html import figure_html
 
-# Bins of the default 60-bin profile: anchors at centres 10, 30, 50; midway at 0, 20, 40.
-_ANCHOR_FRACTIONS = (1 / 6, 1 / 2, 5 / 6)
-_MIDWAY_FRACTIONS = (0.0, 1 / 3, 2 / 3)
+_MIDWAY_ANGLES = (0.0, 2 * math.pi / 3, 4 * math.pi / 3)  # between the anchors
 
 
 def manifold_contrasts(profiles: pd.DataFrame) -> dict[str, float]:
@@ -37,15 +37,22 @@ def manifold_contrasts(profiles: pd.DataFrame) -> dict[str, float]:
         "<path>_density_midway"} for each path kind present (means over models).
     """
     summary = profile_summary(profiles)
-    n_bins = int(summary["bin"].max()) + 1
     out: dict[str, float] = {}
     for path, rows in summary.groupby("path"):
         by_bin = rows.set_index("bin")
-        for where, fractions in (("anchors", _ANCHOR_FRACTIONS), ("midway", _MIDWAY_FRACTIONS)):
-            bins = [round(f * n_bins) % n_bins for f in fractions]
+        for where, angles in (("anchors", ANCHOR_ANGLES), ("midway", _MIDWAY_ANGLES)):
+            bins = [_nearest_bin(by_bin["angle"], angle) for angle in angles]
             out[f"{path}_jacobian_{where}"] = float(by_bin.loc[bins, "jacobian_mean"].mean())
             out[f"{path}_density_{where}"] = float(by_bin.loc[bins, "density_mean"].mean())
     return out
+
+
+def _nearest_bin(centres: pd.Series, angle: float) -> int:
+    """The bin whose centre angle is nearest ``angle`` around the circle. With B ≡ 3
+    (mod 6) bins the centres are offset by half a bin (`metrics.angle_bins`), so an index
+    computed as angle / width would miss the anchor at π."""
+    distance = np.abs(np.angle(np.exp(1j * (centres.to_numpy(dtype=float) - angle))))
+    return centres.index[int(np.argmin(distance))]
 
 
 def boundary_contrast(table: pd.DataFrame) -> dict[str, float]:
