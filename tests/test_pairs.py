@@ -2,11 +2,13 @@
 
 import html
 import io
+import itertools
 import math
 
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.lines import Line2D
 
 from sensgen.analysis.inclusion import mark_included
@@ -396,3 +398,34 @@ def test_pair_panel_titles_never_round_a_share_to_100_percent():
     better, other = np.zeros(200), np.r_[np.ones(199), -1.0]
     title = _panel_title("gap", np.full(200, "1.0"), better, other)
     assert "199/200 pairs, 99.5%" in title
+
+
+def test_paired_scatter_tick_labels_do_not_run_into_each_other_on_close_values():
+    # Gaps of nonlinearity pairs within 0.02 of each other (fig4-factors, tiny): the default
+    # linear locator put nine 6-character labels ("0.2325") under a 4.6-inch panel.
+    table = pd.DataFrame(
+        {
+            "pair_id": ["p0", "p1", "p2"],
+            "dataset": "fashion_mnist",
+            "better_role": "relu",
+            "other_role": "hard_tanh",
+            "gap_better": [0.2413, 0.2442, 0.2471],
+            "gap_other": [0.2361, 0.2379, 0.2306],
+            "jacobian_norm_better": [0.2711, 0.2725, 0.2730],
+            "jacobian_norm_other": [0.2840, 0.2880, 0.2970],
+        }
+    )
+    fig = paired_scatter(
+        table, factor="nonlinearity", better_label="relu", other_label="hard_tanh",
+        metrics=("gap", "jacobian_norm"),
+    )  # fmt: skip
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    for ax in fig.axes:
+        lo, hi = ax.get_xlim()
+        ticks = [t for t in ax.xaxis.get_major_ticks() if lo <= t.get_loc() <= hi]
+        labels = [t.label1 for t in ticks if t.label1.get_visible() and t.label1.get_text()]
+        texts = [label.get_text() for label in labels]
+        assert 2 <= len(texts) <= 6, texts
+        boxes = sorted((b.get_window_extent(renderer) for b in labels), key=lambda b: b.x0)
+        assert all(a.x1 < b.x0 for a, b in itertools.pairwise(boxes)), texts

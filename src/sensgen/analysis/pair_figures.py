@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from sensgen.analysis.numbers import percent
 from sensgen.analysis.pairs import METRICS, pair_count_text, sign_test
@@ -169,6 +170,9 @@ def _style(ax: Axes, lo: float, hi: float, log: bool) -> None:
         ax.set_yscale("log")
         for axis in (ax.xaxis, ax.yaxis):
             log_ticks(axis, lo, hi)
+    else:  # the default locator's steps of 0.0025 label a narrow gap range too densely
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_locator(MaxNLocator(nbins=5, steps=[1, 2, 5, 10]))
     ax.set_xlim(lo, hi)
     ax.set_ylim(lo, hi)
     ax.tick_params(labelsize=10)
