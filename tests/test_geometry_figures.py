@@ -13,7 +13,11 @@ from sensgen.analysis.geometry_figures import (
     profile_summary,
     region_maps_figure,
 )
-from sensgen.analysis.report_geometry import boundary_contrast, manifold_contrasts
+from sensgen.analysis.report_geometry import (
+    boundary_contrast,
+    geometry_claims,
+    manifold_contrasts,
+)
 from sensgen.metrics import angle_bins
 
 
@@ -115,3 +119,19 @@ def test_region_figure_marks_points_and_handles_no_maps():
     none = {k: v[:0] for k, v in _half_plane_maps().items()}
     assert "no region maps" in region_maps_figure(none).texts[0].get_text()
     assert np.isfinite(boundary_table({"r": _half_plane_maps()})["elsewhere"]).all()
+
+
+def test_the_fig3_claim_counts_the_planes_its_median_is_over():
+    # The median runs over every (model, plane) map: 2 models of 3 planes are 6 maps.
+    rows = [
+        (run, plane, stage, 1.0, 1.0, ratio)
+        for run in ("a", "b")
+        for plane in range(3)
+        for stage, ratio in (("init", 1.0 + plane), ("trained", 0.5))
+    ]
+    table = pd.DataFrame(
+        rows, columns=["run_id", "plane", "stage", "near_points", "elsewhere", "ratio"]
+    )
+    (claim,) = geometry_claims(pd.DataFrame(), table, n_region_runs=2)
+    assert "median over 6 plane(s) of 2 model(s): 2 at init, 0.5 after training" in claim.measured
+    assert claim.holds is True

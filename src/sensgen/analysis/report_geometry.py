@@ -101,12 +101,14 @@ def geometry_claims(
     if table is not None and len(table):
         ratio = boundary_contrast(table)
         init, trained = ratio.get("init", math.nan), ratio.get("trained", math.nan)
+        n_maps = len(table[["run_id", "plane"]].drop_duplicates())
         claims.append(
             Claim(
                 "Fig. 3",
                 "after training, training points sit in regions of low boundary density",
-                f"boundary density near the points / elsewhere, median over "
-                f"{n_region_runs} model(s): {init:.3g} at init, {trained:.3g} after training",
+                f"boundary density near the points / elsewhere, median over {n_maps} "
+                f"plane(s) of {n_region_runs} model(s): {init:.3g} at init, {trained:.3g} "
+                "after training",
                 bool(trained < 1 and trained < init),
             )
         )
