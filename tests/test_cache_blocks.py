@@ -176,3 +176,19 @@ def test_the_trainer_cuts_a_large_pack_into_blocks(monkeypatch):
     assert packs == [5] * 25
     for name, value in whole.params.items():
         assert torch.equal(blocked.params[name], value), name
+
+
+@pytest.mark.parametrize("nonlinearity", list(Nonlinearity))
+def test_blocks_end_bit_for_bit_as_one_block_for_every_nonlinearity_and_odd_sizes(nonlinearity):
+    # A model's slice of 7 examples by 5 units (35 values) fills no whole vector: the
+    # elementwise kernels of φ and φ' take its last values, or all of them, in their scalar
+    # loop, which for sigmoid and ELU rounds differently from the vectorised one. Where a
+    # slice sits in the pack's buffer must not decide which loop it gets.
+    x, y, _ = _data()
+    shape = PackShape(D, C, 5, 2, nonlinearity, OptimizerName.SGD, 7, 60, 1000, False)
+    members = [Member(seed=20 + i, lr=0.2, init_scale=1.0 + i / 4) for i in range(7)]
+    labels = y.expand(7, N).contiguous()
+    whole = train_pack(shape, members, x, labels, blocks=[7])
+    blocked = train_pack(shape, members, x, labels, blocks=[2, 3, 2])
+    for name, value in whole.params.items():
+        assert torch.equal(blocked.params[name], value), name

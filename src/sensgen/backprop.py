@@ -108,6 +108,17 @@ BACKWARD_FROM_ACTIVATION = frozenset(
 )
 
 
+# The nonlinearities whose elementwise kernels (φ and φ') round differently in their scalar
+# loop, which takes the values after a call's last whole pair of vectors (a kernel call
+# runs 2 vectors at a time, at most 32 values on AVX-512), than in their vectorised one.
+# For them a model's slice goes through its own call unless it is a multiple of
+# `VECTOR_MULTIPLE` values: otherwise which of its values the scalar loop takes would
+# depend on where the slice sits in the pack's buffer, so on its pack-mates (a cache
+# block, a compacted pack). As the fused update does (`sensgen.optim`).
+TAIL_SENSITIVE = frozenset({Nonlinearity.SIGMOID, Nonlinearity.ELU})
+VECTOR_MULTIPLE = 64
+
+
 def n_layers(params: Params) -> int:
     """L, the number of weight layers of a stacked MLP."""
     return sum(1 for name in params if name.endswith(".weight"))
@@ -132,6 +143,7 @@ class Backprop:
         self.activation = ACTIVATIONS_INTO[nonlinearity]
         self.backward = ACTIVATION_BACKWARDS[nonlinearity]
         self.in_place = nonlinearity in BACKWARD_FROM_ACTIVATION
+        self.tail_sensitive = nonlinearity in TAIL_SENSITIVE
         self.first_grad_bound: torch.Tensor | None = None  # see `loss_and_grad`
         self._buffers: dict[tuple, torch.Tensor] = {}
 
@@ -158,7 +170,7 @@ class Backprop:
         for index in range(n_layers(params) - 1):
             h = self._affine(params, index, a)
             out = h if self.in_place else self._buffer(f"a{index}", h, *h.shape)
-            a = self.activation(h, out)
+            a = self._per_model(self.activation, (h, out), into=out)
             hidden.append((h, a))
         return hidden, self._affine(params, n_layers(params) - 1, a)
 
@@ -228,8 +240,21 @@ class Backprop:
                 delta_norm = torch.linalg.vector_norm(delta, dim=(1, 2)).to(torch.float64)
                 self.first_grad_bound = underflow_slack(delta_norm, delta) * input_norms
             if index > 0:
-                delta = self.backward(self._upstream(params, index, delta), *hidden[index - 1])
+                upstream = self._upstream(params, index, delta)
+                delta = self._per_model(self.backward, (upstream, *hidden[index - 1]), upstream)
         return losses
+
+    def _per_model(
+        self, kernel: Callable, args: tuple[torch.Tensor, ...], into: torch.Tensor
+    ) -> torch.Tensor:
+        """``kernel(*args)``, an elementwise kernel over [M, ...] tensors writing ``into``
+        (one of them), one call per model where the slices would otherwise share a scalar
+        loop (`TAIL_SENSITIVE`); returns ``into``."""
+        if not self.tail_sensitive or into[0].numel() % VECTOR_MULTIPLE == 0:
+            return kernel(*args)
+        for slices in zip(*(t.unbind(0) for t in args), strict=True):
+            kernel(*slices)
+        return into
 
     def _upstream(self, params: Params, index: int, delta: torch.Tensor) -> torch.Tensor:
         """δ_l W_l, the gradient at layer (index − 1)'s activation, in that layer's layout:
