@@ -57,8 +57,8 @@ def run(
         int | None,
         typer.Option(
             help="Packs at once. local: 1 (default) trains in-process, N > 1 in N 1-thread "
-            "processes (one per CPU at most); ray: CPUs of the local Ray instance (default: "
-            "all)."
+            "processes (at most one per CPU, else a warning); ray: CPUs of the local Ray "
+            "instance (default: all)."
         ),
     ] = None,
     device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
@@ -169,8 +169,11 @@ def datasets_fetch(name: Annotated[str, typer.Argument(help="Dataset name.")]) -
 def datasets_verify(
     name: Annotated[str | None, typer.Argument(help="Dataset name \\[default: all found].")] = None,
 ) -> None:
-    """Check the checksums of a dataset's files (or of every dataset with files here: in
-    the cache, in Debian's folder or in an installed package, damaged ones included)."""
+    """Check the checksums of a dataset's files (default: every dataset with files here).
+
+    Files here: in the cache, in Debian's folder or in an installed package, damaged or not.
+
+    Exits 2 if any file fails."""
     from sensgen import data
 
     checked = {n: data.verify_all(n) for n in ([name] if name else data.names())}
