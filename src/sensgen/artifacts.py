@@ -7,7 +7,7 @@
                                         (`sensgen.measures`, e.g. norms, margin, flatness)
     DIR/weights/<pack_id>.safetensors   trained weights, tensors "<run_id>.<parameter>"
     DIR/regions/<pack_id>.safetensors   region maps, tensors "<run_id>.<init|trained|anchors|
-                                        labels>" (Study 3, `sensgen.geometry`)
+                                        labels|indices>" (Study 3, `sensgen.geometry`)
 
 Tables hold one row per item with a ``run_id`` column; tensor files prefix every tensor
 with its run's id. `write_atomic` writes under a temporary name (``*.tmp-<pid>``), fsyncs and

@@ -5,6 +5,7 @@ Layout of a study directory (readable without sensgen: ``sqlite3``, pandas, safe
     DIR/results.db                      # table `runs` (one row per model), table `meta`
     DIR/points/<pack_id>.parquet        # per-test-point results of every run of a pack
     DIR/profiles/<pack_id>.parquet      # ‖J‖ and transition density along ellipses (Fig. 2)
+    DIR/measures/<pack_id>.parquet      # generalization measures (`sensgen.measures`)
     DIR/weights/<pack_id>.safetensors   # trained weights of a pack
     DIR/regions/<pack_id>.safetensors   # region maps before/after training (Fig. 3)
 
