@@ -150,18 +150,38 @@ def test_report_of_pairs_whose_better_members_were_all_excluded(tmp_path):
     assert summary["pairs"] == 8
 
 
-def test_per_point_claims_read_medians():
-    dist = pd.DataFrame(
+def test_per_point_claims_count_the_models_on_each_side():
+    # One row per model. 8 of 8 ρ above 0: p = 2/2⁸, holds; AUROC: 6 of 8 above 0.5
+    # (p = 0.29), no verdict, though the median is above 0.5.
+    summary = pd.DataFrame(
         {
-            "metric": ["spearman_rho", "auroc_error", "auroc_confidence"],
-            "models": [3, 3, 3],
-            "min": [0.5, 0.6, 0.7], "q10": [0.5, 0.6, 0.7], "median": [0.8, 0.45, 0.8],
-            "q90": [0.9, 0.7, 0.9], "max": [0.9, 0.7, 0.9],
+            "spearman_rho": [0.5, 0.6, 0.7, 0.8, 0.8, 0.85, 0.9, 0.9],
+            "auroc_error": [0.45, 0.49, 0.6, 0.6, 0.62, 0.7, 0.7, 0.7],
+            "auroc_confidence": [0.8] * 8,
         }
-    )  # fmt: skip
-    rho, auroc = per_point_claims(dist)
-    assert rho.holds is True and auroc.holds is False
-    assert "baseline: 0.800" in auroc.measured
+    )
+    rho, auroc = per_point_claims(summary)
+    assert rho.holds is True and "8 of 8 models above 0, sign test p = 0.0078" in rho.measured
+    assert "median within-model Spearman ρ = +0.80 over 8 models" in rho.measured
+    assert auroc.holds is None and "6 of 8 models above 0.5, sign test p = 0.29" in auroc.measured
+    assert "median AUROC = 0.610 (softmax-confidence baseline: 0.800)" in auroc.measured
+    # Most models on the other side, significantly: does not hold.
+    (below,) = per_point_claims(pd.DataFrame({"spearman_rho": [-0.1] * 7 + [-0.2]}))
+    assert below.holds is False and "0 of 8 models above 0" in below.measured
+
+
+@pytest.mark.parametrize("n", [1, 5])
+def test_per_point_claims_give_no_verdict_on_five_models_or_fewer(n):
+    # A sign test over n ≤ 5 models cannot reach p < 0.05 (two-sided, 5 of 5: 0.0625): a
+    # single model's ρ over its 10,000 points said "holds" for the whole study.
+    summary = pd.DataFrame({"spearman_rho": [0.9] * n, "auroc_error": [0.8] * n})
+    assert [c.holds for c in per_point_claims(summary)] == [None, None]
+
+
+def test_per_point_claims_refuse_the_distribution_they_once_took():
+    distribution = pd.DataFrame({"metric": ["spearman_rho"], "models": [3], "median": [0.8]})
+    with pytest.raises(TypeError, match="per_point_summary's frame, one row per model"):
+        per_point_claims(distribution)
 
 
 def test_report_of_a_paired_study_draws_fig4_and_lists_its_claims(tmp_path):

@@ -19,9 +19,13 @@ can check them:
 * Fig. 4 (Study 4), per factor and metric the paper makes a claim about: holds when the
   sign test gives p < 0.05 with most pairs on the paper's side of the diagonal, does not
   hold when p < 0.05 with most pairs on the other side, else no verdict.
-* Study 6 (per point): the median over models of the within-model Spearman ρ(‖J(x)‖, CE)
-  is positive and the median misclassification AUROC of ‖J(x)‖ exceeds 0.5; the
-  confidence baseline's AUROC is reported beside it (no paper claim).
+* Study 6 (per point), "‖J(x)‖ rises with CE(x)" and "flags misclassified points better
+  than chance": the models are counted by the side their within-model Spearman ρ(‖J(x)‖,
+  CE) falls on (above 0), and their misclassification AUROC of ‖J(x)‖ (above 0.5); holds
+  when the sign test over models gives p < 0.05 with most models above, does not hold
+  when p < 0.05 with most below, else no verdict (5 models or fewer can never reach it:
+  one model's ρ over its test points says nothing of the next model's). The medians and
+  the confidence baseline's AUROC are reported beside them (no paper claim).
 * Figs. 2 and 3 come from `sensgen.analysis.report_geometry`.
 
 Example:
@@ -38,11 +42,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 
 from sensgen.analysis.numbers import percent, signed
-from sensgen.analysis.pairs import EXPECTED
+from sensgen.analysis.pairs import EXPECTED, sign_test
 from sensgen.analysis.stats import ADVANTAGE_COLUMNS
+from sensgen.analysis.tables import column, per_point_distribution
 
 MIN_MODELS = 5  # fewer models than this: no verdict on a correlation
 SIGNIFICANCE = 0.05
@@ -119,35 +125,50 @@ def pair_claims(outcomes: pd.DataFrame, factor: str, other_label: str) -> list[C
     return claims
 
 
-def per_point_claims(distribution: pd.DataFrame) -> list[Claim]:
-    """Study 6 claims from `tables.per_point_distribution`'s frame."""
-    by = distribution.set_index("metric")
+def per_point_claims(summary: pd.DataFrame) -> list[Claim]:
+    """Study 6 claims from `tables.per_point_summary`'s frame (one row per model; module
+    docstring: the rule)."""
+    if "metric" in summary.columns:  # (before this version it took the distribution)
+        raise TypeError("per_point_claims takes per_point_summary's frame, one row per model")
+    by = per_point_distribution(summary).set_index("metric")
     claims = []
-    if "spearman_rho" in by.index and by.loc["spearman_rho", "models"] > 0:
+    if by.loc["spearman_rho", "models"] > 0:
         rho = by.loc["spearman_rho"]
+        holds, test = _models_above(column(summary, "spearman_rho"), 0.0)
         claims.append(
             Claim(
                 "Study 6",
                 "per test point, ‖J(x)‖ rises with the point's cross-entropy",
                 f"median within-model Spearman ρ = {signed(rho['median'])} over "
                 f"{_count(int(rho['models']), 'model')} (range {signed(rho['min'])} to "
-                f"{signed(rho['max'])})",
-                bool(rho["median"] > 0),
+                f"{signed(rho['max'])}); {test}",
+                holds,
             )
         )
-    if "auroc_error" in by.index and by.loc["auroc_error", "models"] > 0:
+    if by.loc["auroc_error", "models"] > 0:
         auroc = by.loc["auroc_error"]
-        baseline = by.loc["auroc_confidence", "median"] if "auroc_confidence" in by.index else None
-        extra = "" if baseline is None else f" (softmax-confidence baseline: {baseline:.3f})"
+        baseline = by.loc["auroc_confidence", "median"]
+        extra = "" if math.isnan(baseline) else f" (softmax-confidence baseline: {baseline:.3f})"
+        holds, test = _models_above(column(summary, "auroc_error"), 0.5)
         claims.append(
             Claim(
                 "Study 6",
                 "‖J(x)‖ flags misclassified test points better than chance (AUROC > 0.5)",
-                f"median AUROC = {auroc['median']:.3f}{extra}",
-                bool(auroc["median"] > 0.5),
+                f"median AUROC = {auroc['median']:.3f}{extra}; {test}",
+                holds,
             )
         )
     return claims
+
+
+def _models_above(values, level: float) -> tuple[bool | None, str]:
+    """Verdict and words of the sign test of the models' `values` against `level`."""
+    test = sign_test(np.full(len(values), level), values)
+    if test.n == 0:
+        return None, "no model off the line"
+    significant = test.p_value < SIGNIFICANCE and test.share != 0.5
+    words = f"{test.n_expected} of {_count(test.n, 'model')} above {level:g}, sign test p = "
+    return (bool(test.share > 0.5) if significant else None), words + f"{test.p_value:.2g}"
 
 
 def _rises(dataset: str, predictor: str, row: pd.Series) -> Claim:

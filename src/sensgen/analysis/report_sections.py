@@ -214,7 +214,7 @@ def per_point_section(points: pd.DataFrame, runs: pd.DataFrame, save: Save) -> S
     if summary.empty:
         return Section()
     distribution = tables.per_point_distribution(summary)
-    claims = per_point_claims(distribution)
+    claims = per_point_claims(summary)
     save("per_point_hexbin", jacobian_vs_loss(done))
     save("per_point_auroc", per_point_auroc(summary))
     parts = [
