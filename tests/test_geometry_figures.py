@@ -134,4 +134,33 @@ def test_the_fig3_claim_counts_the_planes_its_median_is_over():
     )
     (claim,) = geometry_claims(pd.DataFrame(), table, n_region_runs=2)
     assert "median over 6 plane(s) of 2 model(s): 2 at init, 0.5 after training" in claim.measured
+    assert "6 of 6 maps below 1 (sign test p = 0.031)" in claim.measured
+    assert "6 of 6 maps below their init ratio (sign test p = 0.031)" in claim.measured
     assert claim.holds is True
+
+
+def _boundary_table(init: list[float], trained: list[float]) -> pd.DataFrame:
+    rows = [
+        (f"run{i}", 0, stage, 1.0, 1.0, ratio)
+        for i, pair in enumerate(zip(init, trained, strict=True))
+        for stage, ratio in zip(("init", "trained"), pair, strict=True)
+    ]
+    return pd.DataFrame(
+        rows, columns=["run_id", "plane", "stage", "near_points", "elsewhere", "ratio"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("init", "trained", "holds"),
+    [
+        ([2.0] * 5, [0.5] * 5, None),  # 5 of 5 maps: p = 0.0625, no verdict on so few
+        ([2.0] * 6, [0.5] * 6, True),
+        ([2.0] * 6, [1.5] * 6, False),  # below init, but above 1 on every map
+        ([0.5] * 6, [0.8] * 6, False),  # below 1, but above init on every map
+        ([2.0] * 8, [0.5] * 4 + [1.5] * 4, None),  # half the maps on each side
+    ],
+)
+def test_the_fig3_claim_is_a_sign_test_over_the_maps(init, trained, holds):
+    # The median ratio alone decided: a 2-model study said "does not hold" on one number.
+    (claim,) = geometry_claims(pd.DataFrame(), _boundary_table(init, trained), len(init))
+    assert claim.holds is holds
