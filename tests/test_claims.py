@@ -170,6 +170,26 @@ def test_per_point_claims_count_the_models_on_each_side():
     assert below.holds is False and "0 of 8 models above 0" in below.measured
 
 
+def test_per_point_claims_judge_the_models_trained_on_true_labels():
+    # The quickstart: 16 true-label models at ρ ≈ +0.99, 12 random-label ones at ρ ≈ −0.2
+    # (their test loss is against labels they never learnt). Together: 16 of 28, p = 0.57.
+    summary = pd.DataFrame(
+        {
+            "spearman_rho": [0.99] * 16 + [-0.2] * 12,
+            "auroc_error": [0.9] * 16 + [0.5] * 12,
+            "random_labels": [0.0] * 16 + [1.0] * 12,
+        }
+    )
+    rho, auroc = per_point_claims(summary)
+    assert rho.holds is True and "16 of 16 models above 0" in rho.measured
+    assert "over 16 models trained on true labels (12 random-label models left out" in (
+        rho.measured
+    )
+    assert auroc.holds is True and "median AUROC = 0.900" in auroc.measured
+    mixed = per_point_claims(summary.drop(columns="random_labels"))
+    assert mixed[0].holds is None and "16 of 28 models above 0" in mixed[0].measured
+
+
 @pytest.mark.parametrize("n", [1, 5])
 def test_per_point_claims_give_no_verdict_on_five_models_or_fewer(n):
     # A sign test over n ≤ 5 models cannot reach p < 0.05 (two-sided, 5 of 5: 0.0625): a

@@ -24,8 +24,10 @@ can check them:
   CE) falls on (above 0), and their misclassification AUROC of ‖J(x)‖ (above 0.5); holds
   when the sign test over models gives p < 0.05 with most models above, does not hold
   when p < 0.05 with most below, else no verdict (5 models or fewer can never reach it:
-  one model's ρ over its test points says nothing of the next model's). The medians and
-  the confidence baseline's AUROC are reported beside them (no paper claim).
+  one model's ρ over its test points says nothing of the next model's). Only models
+  trained on true labels count: a random-label model's test loss is against labels it
+  never learnt (its ρ is negative: −0.2 in the quickstart). The medians and the
+  confidence baseline's AUROC are reported beside them (no paper claim).
 * Figs. 2 and 3 come from `sensgen.analysis.report_geometry`.
 
 Example:
@@ -127,9 +129,15 @@ def pair_claims(outcomes: pd.DataFrame, factor: str, other_label: str) -> list[C
 
 def per_point_claims(summary: pd.DataFrame) -> list[Claim]:
     """Study 6 claims from `tables.per_point_summary`'s frame (one row per model; module
-    docstring: the rule)."""
+    docstring: the rule). With a ``random_labels`` column, only its rows at 0 count."""
     if "metric" in summary.columns:  # (before this version it took the distribution)
         raise TypeError("per_point_claims takes per_point_summary's frame, one row per model")
+    left_out = ""
+    if "random_labels" in summary.columns:
+        random = column(summary, "random_labels") != 0
+        summary = summary.loc[~random]
+        left_out = f" trained on true labels ({_count(int(random.sum()), 'random-label model')} "
+        left_out += "left out: their test loss is against labels they never learnt)"
     by = per_point_distribution(summary).set_index("metric")
     claims = []
     if by.loc["spearman_rho", "models"] > 0:
@@ -140,8 +148,8 @@ def per_point_claims(summary: pd.DataFrame) -> list[Claim]:
                 "Study 6",
                 "per test point, ‖J(x)‖ rises with the point's cross-entropy",
                 f"median within-model Spearman ρ = {signed(rho['median'])} over "
-                f"{_count(int(rho['models']), 'model')} (range {signed(rho['min'])} to "
-                f"{signed(rho['max'])}); {test}",
+                f"{_count(int(rho['models']), 'model')}{left_out} (range "
+                f"{signed(rho['min'])} to {signed(rho['max'])}); {test}",
                 holds,
             )
         )

@@ -214,7 +214,7 @@ def per_point_section(points: pd.DataFrame, runs: pd.DataFrame, save: Save) -> S
     if summary.empty:
         return Section()
     distribution = tables.per_point_distribution(summary)
-    claims = per_point_claims(summary)
+    claims = per_point_claims(_with_label_noise(summary, runs))
     save("per_point_hexbin", jacobian_vs_loss(done))
     save("per_point_auroc", per_point_auroc(summary))
     parts = [
@@ -226,6 +226,15 @@ def per_point_section(points: pd.DataFrame, runs: pd.DataFrame, save: Save) -> S
         html_table(distribution, list(distribution.columns), {}, "per-point"),
     ]
     return Section(parts, claims, {"per_point": distribution})
+
+
+def _with_label_noise(summary: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """``summary`` with each model's ``random_labels`` from the runs frame (0 if absent), for
+    `per_point_claims`, which judges models trained on true labels only."""
+    if "random_labels" not in runs.columns:
+        return summary
+    noise = runs.set_index("run_id")["random_labels"]
+    return summary.assign(random_labels=summary["run_id"].map(noise).fillna(0.0))
 
 
 def measures_section(runs: pd.DataFrame, measures: pd.DataFrame) -> Section:
