@@ -560,3 +560,13 @@ def test_workers_are_spawned_deaf_to_a_terminal_s_ctrl_c(tmp_path, monkeypatch):
     assert len(seen["masks"]) == 2 and all(mask & sigint for mask in seen["masks"])
     assert seen["alive"] == [True, True]  # (SIGINT would have ended a pack with a traceback)
     assert signal.SIGINT not in seen["driver"]
+
+
+def test_spawning_without_signal_masks_goes_ahead(monkeypatch):
+    # Windows has no signal masks: the pool must still spawn there, deaf or not.
+    import sensgen.parallel as parallel
+
+    monkeypatch.delattr(signal, "pthread_sigmask")
+    with parallel._spawned_deaf_to_sigint():
+        spawned = True
+    assert spawned

@@ -76,8 +76,10 @@ def _spawned_deaf_to_sigint() -> Iterator[None]:
     meanwhile is not lost: it waits until the mask is restored, or another of the driver's
     threads takes it, and the main thread raises KeyboardInterrupt either way.
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield  # (only the main thread's mask matters: `submit` spawns from the caller)
+    if threading.current_thread() is not threading.main_thread() or not hasattr(
+        signal, "pthread_sigmask"
+    ):  # (only the caller's mask matters: `submit` spawns from it; Windows has no masks)
+        yield
         return
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
