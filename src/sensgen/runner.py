@@ -144,8 +144,7 @@ def run(
             "a new or empty --out directory."
         )
     if new:  # a missing dataset leaves no empty study directory behind
-        _preflight({s.dataset for s in specs})
-        _check_anchors(specs, study.measure)
+        _check_anchors(specs, study.measure, _preflight({s.dataset for s in specs}))
     with Store.open(out) as store, driver_lock(out, workers or 1) as record_workers:
         remove_dead_temporaries(out)
         stored = store.runs()  # as found: read once for the checks below
@@ -161,8 +160,8 @@ def run(
         # Fail fast on a missing or corrupt dataset, before any run is registered or trained;
         # only the runs not yet in a final status (or to train again) will need their data.
         if not new:
-            _preflight({s.dataset for s in specs if s.run_id not in finished})
-            _check_anchors([s for s in specs if s.run_id not in finished], study.measure)
+            todo = [s for s in specs if s.run_id not in finished]
+            _check_anchors(todo, study.measure, _preflight({s.dataset for s in todo}))
         requeue_damaged(store, damaged, console)
         retry_failed(store, failed, console)
         write_study_file(out, study)
@@ -298,31 +297,37 @@ def _pending_packs(store: Store, run_ids: set[str]) -> list[_PendingPack]:
     return packs
 
 
-def _preflight(datasets: set[str]) -> None:
-    """Load every dataset once before training, so a missing file fails fast (exit 2)."""
-    for name in sorted(datasets):
-        data.load(name, split="train")
-        data.load(name, split="test")
+def _preflight(datasets: set[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Load every dataset once before training, so a missing file fails fast (exit 2).
+    Returns each one's (train, test) labels, for `_check_anchors`."""
+    return {
+        name: (data.load(name, split="train").y, data.load(name, split="test").y)
+        for name in sorted(datasets)
+    }
 
 
-def _check_anchors(specs: Sequence[RunSpec], measure: Measurements) -> None:
+def _check_anchors(
+    specs: Sequence[RunSpec],
+    measure: Measurements,
+    labels: dict[str, tuple[torch.Tensor, torch.Tensor]],
+) -> None:
     """Refuse profile ellipses or region planes that a run's training subset cannot anchor
     (too few classes, or no class with three points), and transition ellipses that a
     dataset's test labels cannot (fewer than three classes: a registered two-class
     dataset), before anything is trained: measured after training, each such run failed
-    with its model lost, and every `run` retried it."""
+    with its model lost, and every `run` retried it. `labels`: `_preflight`'s."""
     if measure.transition_ellipses:
         for name in sorted({s.dataset for s in specs}):
             try:  # (the draw itself: its rule, not a copy of it)
-                ellipse_anchor_indices(data.load(name, split="test").y, 1, seed=MEASURE_SEED)
+                ellipse_anchor_indices(labels[name][1], 1, seed=MEASURE_SEED)
             except UserError as err:
                 raise UserError(f"Runs on {name!r}: {err} Nothing was trained.") from None
     if not (measure.profile_ellipses or measure.region_planes):
         return
     for name, size in sorted({(s.dataset, s.train_subset) for s in specs}, key=str):
-        train = data.load(name, split="train")
-        subset = training_subset(name, len(train), size)
-        problem = anchor_problem(train.y if subset is None else train.y[subset], measure)
+        y = labels[name][0]
+        subset = training_subset(name, len(y), size)
+        problem = anchor_problem(y if subset is None else y[subset], measure)
         if problem is not None:
             subset_text = "full" if size is None else size
             raise UserError(
