@@ -110,8 +110,7 @@ def pair_claims(outcomes: pd.DataFrame, factor: str, other_label: str) -> list[C
         if row.n == 0:
             holds, measured = None, "no pair with both values"
         else:
-            significant = row.p_value < SIGNIFICANCE and row.share != 0.5
-            holds = bool(row.share > 0.5) if significant else None
+            holds = sign_verdict(row.share, row.p_value)
             measured = (
                 f"{row.n_expected} of {row.n} pairs ({percent(row.share)}) have the higher "
                 f"{metric} with {row.other_role}; sign test p = {row.p_value:.2g}"
@@ -174,9 +173,16 @@ def _models_above(values, level: float) -> tuple[bool | None, str]:
     test = sign_test(np.full(len(values), level), values)
     if test.n == 0:
         return None, "no model off the line"
-    significant = test.p_value < SIGNIFICANCE and test.share != 0.5
     words = f"{test.n_expected} of {_count(test.n, 'model')} above {level:g}, sign test p = "
-    return (bool(test.share > 0.5) if significant else None), words + f"{test.p_value:.2g}"
+    return sign_verdict(test.share, test.p_value), words + f"{test.p_value:.2g}"
+
+
+def sign_verdict(share: float, p_value: float) -> bool | None:
+    """A sign test's verdict (`pairs.sign_test`): True when p < 0.05 with most on the
+    paper's side (``share`` > 1/2), False when most are on the other, else None (NaN when
+    nothing was tested: None)."""
+    significant = p_value < SIGNIFICANCE and share != 0.5
+    return bool(share > 0.5) if significant else None
 
 
 def _rises(dataset: str, predictor: str, row: pd.Series) -> Claim:

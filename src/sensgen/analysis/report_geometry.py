@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
-from sensgen.analysis.claims import SIGNIFICANCE, Claim
+from sensgen.analysis.claims import Claim, sign_verdict
 from sensgen.analysis.geometry_figures import (
     ANCHOR_ANGLES,
     boundary_table,
@@ -133,12 +133,7 @@ def _low_density_tests(table: pd.DataFrame) -> tuple[bool | None, str]:
         for t, what in zip(tests, ("below 1", "below their init ratio"), strict=True)
         if t.n
     )
-    verdicts = [
-        (bool(t.share > 0.5) if t.p_value < SIGNIFICANCE and t.share != 0.5 else None)
-        if t.n
-        else None
-        for t in tests
-    ]
+    verdicts = [sign_verdict(t.share, t.p_value) for t in tests]  # (n = 0: NaN, None)
     if False in verdicts:
         return False, words
     return (True if verdicts == [True, True] else None), words or "no map to test"
