@@ -478,10 +478,10 @@ def test_status_eta_ignores_failed_packs_and_counts_workers(tmp_path):
     assert study_status(tmp_path).workers is None
 
 
-def test_an_interrupted_driver_stops_its_workers_at_once(tmp_path, monkeypatch):
-    # `kill -INT` to the driver alone: leaving the pool waited for every pack in flight
-    # (here minutes of training) and then dropped their results. Now the workers stop at
-    # once, and their packs stay `running` for the next run to re-queue.
+def _interrupt_long_run(tmp_path, monkeypatch, inspect) -> tuple[Path, float]:
+    """Run a long study (2 packs of minutes each) with 2 workers, and interrupt its driver
+    (KeyboardInterrupt) 3 s into training, after `inspect(processes)` looks at the pool's
+    worker processes. Returns the study directory and the seconds the run took."""
     import sensgen.parallel as parallel
 
     pools = []
@@ -490,11 +490,9 @@ def test_an_interrupted_driver_stops_its_workers_at_once(tmp_path, monkeypatch):
         pools.append(real_pool(workers))
         return pools[-1]
 
-    workers = []
-
     def interrupted_wait(futures, return_when):
         time.sleep(3)  # the workers are training by now
-        workers.extend(pools[0]._processes.values())
+        inspect(list(pools[0]._processes.values()))
         raise KeyboardInterrupt
 
     real_pool = parallel.worker_pool
@@ -510,7 +508,16 @@ def test_an_interrupted_driver_stops_its_workers_at_once(tmp_path, monkeypatch):
     start = time.perf_counter()
     with pytest.raises(KeyboardInterrupt):
         run(study_module.load(path), out, workers=2, progress=False, report=False)
-    assert time.perf_counter() - start < 60  # (the packs alone would take many minutes)
+    return out, time.perf_counter() - start
+
+
+def test_an_interrupted_driver_stops_its_workers_at_once(tmp_path, monkeypatch):
+    # `kill -INT` to the driver alone: leaving the pool waited for every pack in flight
+    # (here minutes of training) and then dropped their results. Now the workers stop at
+    # once, and their packs stay `running` for the next run to re-queue.
+    workers = []
+    out, seconds = _interrupt_long_run(tmp_path, monkeypatch, workers.extend)
+    assert seconds < 60  # (the packs alone would take many minutes)
     assert len(workers) == 2 and not any(w.is_alive() for w in workers)
     assert set(open_results(out).runs()["status"]) == {"running"}
 
@@ -526,36 +533,17 @@ def test_workers_are_spawned_deaf_to_a_terminal_s_ctrl_c(tmp_path, monkeypatch):
     # printed its own KeyboardInterrupt traceback (or "Fatal Python error: init_import_site")
     # beside the driver's resume message. The workers now start with SIGINT blocked, and
     # the driver, which stops them, keeps its own mask.
-    import sensgen.parallel as parallel
+    seen = {}
 
-    pools, seen = [], {}
-
-    def recording_pool(workers):
-        pools.append(real_pool(workers))
-        return pools[-1]
-
-    def interrupted_wait(futures, return_when):
-        time.sleep(3)  # the workers are training by now
-        workers = [p.pid for p in pools[0]._processes.values()]
-        for pid in workers:
-            os.kill(pid, signal.SIGINT)  # a worker's share of a Ctrl-C
+    def signal_workers(processes):
+        for process in processes:
+            os.kill(process.pid, signal.SIGINT)  # a worker's share of a Ctrl-C
         time.sleep(1)
-        seen["masks"] = [_blocked_signals(pid) for pid in workers]
-        seen["alive"] = [p.is_alive() for p in pools[0]._processes.values()]
+        seen["masks"] = [_blocked_signals(process.pid) for process in processes]
+        seen["alive"] = [process.is_alive() for process in processes]
         seen["driver"] = signal.pthread_sigmask(signal.SIG_BLOCK, [])
-        raise KeyboardInterrupt
 
-    real_pool = parallel.worker_pool
-    monkeypatch.setattr(parallel, "worker_pool", recording_pool)
-    monkeypatch.setattr(parallel, "wait", interrupted_wait)
-    path = tmp_path / "long.toml"
-    path.write_text(
-        'name = "long"\n[base]\ndataset = "digits"\nmax_steps = 1000000\neval_every = 1000000\n'
-        "stop_at_fit = false\n[grid]\nwidth = [8, 16]\n",
-        encoding="utf-8",
-    )
-    with pytest.raises(KeyboardInterrupt):
-        run(study_module.load(path), tmp_path / "out", workers=2, progress=False, report=False)
+    _interrupt_long_run(tmp_path, monkeypatch, signal_workers)
     sigint = 1 << (signal.SIGINT - 1)
     assert len(seen["masks"]) == 2 and all(mask & sigint for mask in seen["masks"])
     assert seen["alive"] == [True, True]  # (SIGINT would have ended a pack with a traceback)

@@ -181,26 +181,28 @@ def test_a_failing_pack_is_recorded_and_the_sweep_goes_on(tiny, tmp_path, monkey
     assert after[done_before.index].equals(done_before)
 
 
-def test_a_failure_is_named_at_the_end_of_the_run(tiny, tmp_path, monkeypatch):
-    def out_of_memory(specs, **kwargs):
-        raise RuntimeError("can't allocate memory")
+def _output_when_every_pack_fails(tiny, tmp_path, monkeypatch, error: Exception) -> str:
+    """What `run` prints when every pack of the tiny study raises `error`."""
 
-    monkeypatch.setattr("sensgen.execute.execute_pack", out_of_memory)
+    def failing(specs, **kwargs):
+        raise error
+
+    monkeypatch.setattr("sensgen.execute.execute_pack", failing)
     console = Console(record=True, width=200)
     run(study_module.load(tiny), tmp_path / "o", progress=False, report=False, console=console)
-    text = console.export_text()
+    return console.export_text()
+
+
+def test_a_failure_is_named_at_the_end_of_the_run(tiny, tmp_path, monkeypatch):
+    error = RuntimeError("can't allocate memory")
+    text = _output_when_every_pack_fails(tiny, tmp_path, monkeypatch, error)
     assert "8 runs failed: RuntimeError: can't allocate memory" in text
     assert "`sensgen run` again trains them again" in text
 
 
 def test_a_failure_that_ends_in_a_full_stop_is_not_given_a_second(tiny, tmp_path, monkeypatch):
-    def refused(specs, **kwargs):
-        raise UserError("set measure.profile_ellipses = 0.")
-
-    monkeypatch.setattr("sensgen.execute.execute_pack", refused)
-    console = Console(record=True, width=200)
-    run(study_module.load(tiny), tmp_path / "o", progress=False, report=False, console=console)
-    text = " ".join(console.export_text().split())
+    error = UserError("set measure.profile_ellipses = 0.")
+    text = " ".join(_output_when_every_pack_fails(tiny, tmp_path, monkeypatch, error).split())
     assert "measure.profile_ellipses = 0. `sensgen run` again trains them again." in text
     assert ".." not in text
 
